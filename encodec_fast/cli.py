@@ -1,0 +1,145 @@
+"""The `encodec-fast` command, with upstream `encodec`'s interface.
+
+    encodec-fast [-b BW] [-f] [--hq] [--lm] [-r] INPUT [OUTPUT]
+
+`.ecdc` output compresses, `.ecdc` input decompresses, any other output (.wav, .flac) does a
+round trip. Extra options: --checkpoint PATH (your own weights), --repository DIR (official
+weights offline), --device. User errors print one line and exit with status 1.
+"""
+
+import argparse
+import sys
+import typing as tp
+from pathlib import Path
+
+SUFFIX = ".ecdc"
+AUDIO_OUT = (".wav", ".flac")
+
+
+class UserError(Exception):
+    """An error caused by the command line or the user's files: one line, exit status 1."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "encodec-fast",
+        description="High fidelity neural audio codec (fast EnCodec). If input is a .ecdc, decompresses it. "
+                    "Otherwise compresses it; if output is .wav (or .flac), does a compression/decompression cycle.")
+    parser.add_argument("input", type=Path, help="Input file: audio (wav, flac, ogg, mp3...) or .ecdc.")
+    parser.add_argument("output", type=Path, nargs="?", help="Output file, otherwise inferred from input file.")
+    parser.add_argument("-b", "--bandwidth", type=float, default=6, choices=[1.5, 3.0, 6.0, 12.0, 24.0],
+                        help="Target bandwidth (1.5, 3, 6, 12 or 24). 1.5 is not supported with --hq.")
+    parser.add_argument("-q", "--hq", action="store_true", help="Use HQ stereo model operating on 48 kHz audio.")
+    parser.add_argument("-l", "--lm", action="store_true",
+                        help="Use a language model to reduce the size (not implemented yet in encodec_fast).")
+    parser.add_argument("-f", "--force", action="store_true", help="Overwrite output file if it exists.")
+    parser.add_argument("-s", "--decompress_suffix", type=str, default="_decompressed",
+                        help="Suffix for the decompressed output file (if no output path specified)")
+    parser.add_argument("-r", "--rescale", action="store_true",
+                        help="Automatically rescale the output to avoid clipping.")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="State dict of a compatible model (e.g. your own training) instead of the official weights.")
+    parser.add_argument("--repository", type=Path,
+                        help="Folder holding the official checkpoint files (offline use).")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu).")
+    return parser
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if not output.parent.exists():
+        raise UserError(f"Output folder for {output} does not exist.")
+    if output.exists() and not force:
+        raise UserError(f"Output file {output} exists. Use -f / --force to overwrite.")
+
+
+def _check_clipping(wav, rescale: bool) -> None:
+    if rescale:
+        return
+    mx = wav.abs().max().item()
+    if mx > 0.99:
+        print(f"Clipping!! max scale {mx}, limit is 0.99. To avoid clipping, use the `-r` option to rescale "
+              "the output.", file=sys.stderr)
+
+
+def _load_model(name: str, args):
+    from .model import EncodecModel
+    factory = EncodecModel.encodec_model_48khz if name == "encodec_48khz" else EncodecModel.encodec_model_24khz
+    if args.checkpoint is not None:
+        model = factory(pretrained=False, checkpoint=args.checkpoint)
+    else:
+        model = factory(pretrained=True, repository=args.repository)
+    return model.to(args.device)
+
+
+def _decompress(data: bytes, args):
+    from . import ecdc
+    from .compress import _check_metadata, decompress
+    meta = ecdc.read_ecdc_header(ecdc.as_file(data))
+    name, _, _, _ = _check_metadata(meta)
+    model = _load_model(name, args)
+    return decompress(data, device=args.device, model=model)
+
+
+def run(args) -> None:
+    import torch
+
+    from .audio import convert_audio, read_audio, save_audio
+    from .compress import compress
+    from .cpu import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    if not args.input.exists():
+        raise UserError(f"Input file {args.input} does not exist.")
+    if args.input.suffix.lower() == SUFFIX:
+        if args.output is None:
+            args.output = args.input.with_name(args.input.stem + args.decompress_suffix).with_suffix(".wav")
+        elif args.output.suffix.lower() not in AUDIO_OUT:
+            raise UserError("Output extension must be .wav (or .flac)")
+        _check_output(args.output, args.force)
+        out, sample_rate = _decompress(args.input.read_bytes(), args)
+        _check_clipping(out, args.rescale)
+        save_audio(out, args.output, sample_rate, rescale=args.rescale)
+        return
+
+    if args.output is None:
+        args.output = args.input.with_suffix(SUFFIX)
+    elif args.output.suffix.lower() not in (SUFFIX,) + AUDIO_OUT:
+        raise UserError(f"Output extension must be .wav, .flac or {SUFFIX}")
+    _check_output(args.output, args.force)
+    if args.lm:
+        raise UserError("--lm: LM entropy coding is not implemented yet in encodec_fast; run without --lm")
+    name = "encodec_48khz" if args.hq else "encodec_24khz"
+    from .model import MODEL_CONFIGS
+    if args.bandwidth not in MODEL_CONFIGS[name]["target_bandwidths"]:
+        raise UserError(f"Bandwidth {args.bandwidth} is not supported by the model {name}")
+    wav, sample_rate = read_audio(args.input)
+    model = _load_model(name, args)
+    model.set_target_bandwidth(args.bandwidth)
+    wav = convert_audio(wav, sample_rate, model.sample_rate, model.channels).to(args.device)
+    if not torch.isfinite(wav).all():
+        raise UserError(f"{args.input} contains NaN or infinite samples")
+    compressed = compress(model, wav, use_lm=False)
+    if args.output.suffix.lower() == SUFFIX:
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_bytes(compressed)
+        tmp.replace(args.output)
+    else:
+        from .compress import decompress
+        out, out_rate = decompress(compressed, device=args.device, model=model)
+        _check_clipping(out, args.rescale)
+        save_audio(out, args.output, out_rate, rescale=args.rescale)
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    from .audio import AudioError
+    from .pretrained import CheckpointError
+    try:
+        run(args)
+    except (UserError, AudioError, CheckpointError, ValueError, EOFError, NotImplementedError) as err:
+        print(f"encodec-fast: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("encodec-fast: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,148 @@
+"""Compress audio to `.ecdc` bytes and back (upstream's `encodec.compress` API).
+
+Files without the LM are byte-identical to upstream's for the same model and input, and each side
+reads the other's. LM entropy coding (`use_lm=True`) is not implemented yet.
+"""
+
+import io
+import struct
+import typing as tp
+
+import numpy as np
+import torch
+
+from . import ecdc
+from .ecdc import EcdcFormatError
+from .model import MODEL_CONFIGS, EncodecModel, EncodedFrame
+
+MODELS: tp.Dict[str, tp.Callable[..., EncodecModel]] = {
+    "encodec_24khz": EncodecModel.encodec_model_24khz,
+    "encodec_48khz": EncodecModel.encodec_model_48khz,
+}
+
+_LM_NOT_READY = ("LM entropy coding (use_lm=True / --lm) is not implemented yet in encodec_fast; "
+                 "use use_lm=False (plain 10-bit codes, files 25-40% larger)")
+
+_pretrained_cache: tp.Dict[tp.Tuple[str, str], EncodecModel] = {}
+
+
+def _pretrained(name: str, device: tp.Union[str, torch.device]) -> EncodecModel:
+    """Official model `name` on `device`, loaded once per process."""
+    key = (name, str(torch.device(device)))
+    if key not in _pretrained_cache:
+        _pretrained_cache[key] = MODELS[name]().to(device)
+    return _pretrained_cache[key]
+
+
+def compress_to_file(model: EncodecModel, wav: torch.Tensor, fo: tp.IO[bytes], use_lm: bool = True) -> None:
+    """Compress `wav` [C, T] (at `model.sample_rate`, `model.channels`) into the file object `fo`.
+
+    `use_lm` defaults to True as upstream's; LM coding is not implemented yet and raises
+    NotImplementedError: pass use_lm=False.
+    """
+    if use_lm:
+        raise NotImplementedError(_LM_NOT_READY)
+    if not isinstance(wav, torch.Tensor) or wav.dim() != 2:
+        raise ValueError(f"Only single waveform can be encoded: expected [C, T], got "
+                         f"{tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__}")
+    if model.name not in MODELS:
+        raise ValueError(f"The provided model {model.name} is not supported (the .ecdc header must name one of "
+                         f"{sorted(MODELS)}; give models built from your own checkpoints that name).")
+    if not torch.isfinite(wav).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    frames = model.encode(wav[None])
+    metadata = {"m": model.name, "al": wav.shape[-1], "nc": frames[0][0].shape[1], "lm": use_lm}
+    ecdc.write_ecdc_header(fo, metadata)
+    for codes, scale in frames:
+        if scale is not None:
+            fo.write(struct.pack("!f", scale.cpu().item()))
+        fo.write(ecdc.pack_codes(codes[0].cpu().numpy(), model.bits_per_codebook))
+    fo.flush()
+
+
+def compress(model: EncodecModel, wav: torch.Tensor, use_lm: bool = False) -> bytes:
+    """Compress `wav` [C, T] to `.ecdc` bytes."""
+    fo = io.BytesIO()
+    compress_to_file(model, wav, fo, use_lm=use_lm)
+    return fo.getvalue()
+
+
+def _check_metadata(meta: tp.Dict[str, tp.Any]) -> tp.Tuple[str, int, int, bool]:
+    for key in ("m", "al", "nc", "lm"):
+        if key not in meta:
+            raise EcdcFormatError(f"corrupt .ecdc header: key {key!r} missing")
+    name, length, codebooks, use_lm = meta["m"], meta["al"], meta["nc"], meta["lm"]
+    if name not in MODELS:
+        raise EcdcFormatError(f"The audio was compressed with an unsupported model {name!r}.")
+    if type(length) is not int or length < 1:
+        raise EcdcFormatError(f"corrupt .ecdc header: audio length {length!r}")
+    if type(codebooks) is not int or codebooks < 1:
+        raise EcdcFormatError(f"corrupt .ecdc header: number of codebooks {codebooks!r}")
+    if not isinstance(use_lm, bool):
+        raise EcdcFormatError(f"corrupt .ecdc header: lm flag {use_lm!r}")
+    return name, length, codebooks, use_lm
+
+
+def _check_model(model: EncodecModel, name: str, codebooks: int) -> None:
+    cfg = MODEL_CONFIGS[name]
+    if (model.sample_rate, model.channels, model.segment) != (cfg["sample_rate"], cfg["channels"], cfg["segment"]):
+        raise ValueError(f"the file was made by {name} ({cfg['sample_rate']} Hz, {cfg['channels']} channel(s)); "
+                         f"the model given decodes {model.sample_rate} Hz, {model.channels} channel(s)")
+    if codebooks > model.quantizer.n_q:
+        raise EcdcFormatError(f"corrupt .ecdc header: {codebooks} codebooks, {name} has {model.quantizer.n_q}")
+
+
+def _segment_lengths(model: EncodecModel, length: int) -> tp.Iterator[int]:
+    seg = model.segment_length or length
+    stride = model.segment_stride or length
+    for offset in range(0, length, stride):
+        yield min(length - offset, seg)
+
+
+def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] = "cpu",
+                         model: tp.Optional[EncodecModel] = None) -> tp.Tuple[torch.Tensor, int]:
+    """Decode a `.ecdc` stream -> (wav [C, T], sample_rate).
+
+    `model`: decode with this model (e.g. one built from your own checkpoint) instead of the
+    official weights named in the header. Corrupt or truncated data raises ValueError or EOFError.
+    """
+    meta = ecdc.read_ecdc_header(fo)
+    name, length, codebooks, use_lm = _check_metadata(meta)
+    if use_lm:
+        raise NotImplementedError("this file was compressed with the LM: " + _LM_NOT_READY)
+    payload = fo.read()
+    model = model if model is not None else _pretrained(name, device)
+    _check_model(model, name, codebooks)
+    device = next(model.parameters()).device
+    bits = model.bits_per_codebook
+    scale_size = 4 if model.normalize else 0
+
+    frames: tp.List[EncodedFrame] = []
+    pos = 0
+    for seg_length in _segment_lengths(model, length):
+        # Frames per segment, in integers: ceil(L * frame_rate / sample_rate).
+        num_frames = -(-seg_length * model.frame_rate // model.sample_rate)
+        size = scale_size + ecdc.packed_size(codebooks * num_frames, bits)
+        if pos + size > len(payload):
+            raise EOFError(f"truncated .ecdc file: the header announces {length} samples, the data ends "
+                           f"after {len(frames)} segment(s)")
+        scale = None
+        if scale_size:
+            (value,) = struct.unpack("!f", payload[pos:pos + 4])
+            if not (np.isfinite(value) and value > 0):
+                raise EcdcFormatError(f"corrupt .ecdc file: segment scale {value}")
+            scale = torch.tensor([[value]], device=device)
+        codes = ecdc.unpack_codes(payload[pos + scale_size:pos + size], codebooks, num_frames, bits)
+        frames.append((torch.from_numpy(codes)[None].to(device), scale))
+        pos += size
+    with torch.no_grad():
+        wav = model.decode(frames)
+    return wav[0, :, :length], model.sample_rate
+
+
+def decompress(compressed: bytes, device: tp.Union[str, torch.device] = "cpu",
+               model: tp.Optional[EncodecModel] = None) -> tp.Tuple[torch.Tensor, int]:
+    """Decode `.ecdc` bytes -> (wav [C, T], sample_rate). See `decompress_from_file`."""
+    if not isinstance(compressed, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, got {type(compressed).__name__}")
+    return decompress_from_file(io.BytesIO(bytes(compressed)), device=device, model=model)

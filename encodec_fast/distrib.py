@@ -1,0 +1,47 @@
+"""torch.distributed helpers that are no-ops when not running distributed."""
+
+import typing as tp
+
+import torch
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def broadcast_tensors(tensors: tp.Iterable[torch.Tensor], src: int = 0) -> None:
+    """Broadcast the floating-point tensors from rank `src` (e.g. codebook buffers after init)."""
+    if not is_distributed():
+        return
+    tensors = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+    handles = [torch.distributed.broadcast(t.data, src=src, async_op=True) for t in tensors]
+    for h in handles:
+        h.wait()
+
+
+def sync_buffer(buffers: tp.Iterable[torch.Tensor], average: bool = True) -> None:
+    """Average (or broadcast from rank 0) floating-point buffers across workers."""
+    if not is_distributed():
+        return
+    buffers = [b for b in buffers if b.is_floating_point()]
+    if average:
+        handles = [torch.distributed.all_reduce(b.data, async_op=True) for b in buffers]
+    else:
+        handles = [torch.distributed.broadcast(b.data, src=0, async_op=True) for b in buffers]
+    for h in handles:
+        h.wait()
+    if average:
+        for b in buffers:
+            b.data /= world_size()

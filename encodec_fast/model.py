@@ -1,0 +1,370 @@
+"""EnCodec models: a drop-in for `encodec.EncodecModel`, with faster inference.
+
+Codes are bit-identical to upstream's for the same weights and input: every operation whose
+CPU result depends on the shape of the call (elementwise tails, the LSTM, small matrix products,
+long reductions) runs on exactly the tensors upstream would give it; only shape-independent
+operations (convolutions, GroupNorm) are batched across segments or clips. See
+`encodec_fast.modules.groups`.
+"""
+
+import math
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import modules as m
+from . import quantization as qt
+from .lm import LMModel
+from .pretrained import CHECKPOINTS, CheckpointError, get_checkpoint, load_state_dict_file
+from .modules.groups import Group, Groups
+
+EncodedFrame = tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]
+PathLike = tp.Union[str, Path]
+
+#: Audio samples (per channel, summed over the batch) that one encoder or decoder call processes
+#: at most when a model cuts its input into segments, by device type. On CPU, stacking segments
+#: buys little and large activations cost page faults (see `encodec_fast.cpu`); on GPUs it is
+#: what keeps the device busy.
+SEGMENT_BATCH_SAMPLES = {"cpu": 2 * 48_000, "cuda": 64 * 48_000}
+
+
+#: Stack segments / clips into one encoder call on CPU too. Off by default: on CPU it buys little,
+#: and running each segment or clip as its own call makes codes equal to upstream's by
+#: construction. With it on, convolutions run batched (see `encodec_fast.modules.groups`).
+BATCH_ON_CPU = False
+
+
+def _segment_budget(device: torch.device) -> int:
+    return SEGMENT_BATCH_SAMPLES.get(device.type, SEGMENT_BATCH_SAMPLES["cpu"])
+
+
+def _stack(device: torch.device) -> bool:
+    return device.type != "cpu" or BATCH_ON_CPU
+
+
+class EncodecModel(nn.Module):
+    """EnCodec on raw waveforms [B, C, T].
+
+    Args:
+        encoder, decoder, quantizer: the SEANet encoder/decoder and the residual quantizer.
+        target_bandwidths: supported bandwidths in kbps.
+        sample_rate, channels: of the audio the model takes.
+        normalize: divide each segment by its RMS (the scale is returned with the codes).
+        segment: segment duration in seconds for overlap-add, or None for one pass.
+        overlap: overlap between segments, as a fraction of the segment.
+        name: model name written in `.ecdc` files.
+    """
+
+    def __init__(self, encoder: m.SEANetEncoder, decoder: m.SEANetDecoder, quantizer: qt.ResidualVectorQuantizer,
+                 target_bandwidths: tp.List[float], sample_rate: int, channels: int, normalize: bool = False,
+                 segment: tp.Optional[float] = None, overlap: float = 0.01, name: str = "unset"):
+        super().__init__()
+        self.bandwidth: tp.Optional[float] = None
+        self.target_bandwidths = target_bandwidths
+        self.encoder = encoder
+        self.quantizer = quantizer
+        self.decoder = decoder
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.normalize = normalize
+        self.segment = segment
+        self.overlap = overlap
+        self.frame_rate = math.ceil(self.sample_rate / encoder.hop_length)
+        self.name = name
+        self.bits_per_codebook = int(math.log2(self.quantizer.bins))
+        if 2 ** self.bits_per_codebook != self.quantizer.bins:
+            raise ValueError("quantizer bins must be a power of 2.")
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def segment_length(self) -> tp.Optional[int]:
+        return None if self.segment is None else int(self.segment * self.sample_rate)
+
+    @property
+    def segment_stride(self) -> tp.Optional[int]:
+        length = self.segment_length
+        return None if length is None else max(1, int((1 - self.overlap) * length))
+
+    @property
+    def hop_length(self) -> int:
+        return self.encoder.hop_length
+
+    def set_target_bandwidth(self, bandwidth: float):
+        if bandwidth not in self.target_bandwidths:
+            raise ValueError(f"This model doesn't support the bandwidth {bandwidth}. "
+                             f"Select one of {self.target_bandwidths}.")
+        self.bandwidth = bandwidth
+
+    @property
+    def num_codebooks(self) -> int:
+        """Codebooks used at the current target bandwidth."""
+        return self.quantizer.get_num_quantizers_for_bandwidth(self.frame_rate, self.bandwidth)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def _check_audio(self, x: torch.Tensor, batched: bool) -> None:
+        want = "[B, C, T]" if batched else "[C, T]"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor {want}, got {type(x).__name__}")
+        if x.dim() != (3 if batched else 2):
+            raise ValueError(f"expected audio of shape {want}, got {tuple(x.shape)}")
+        if x.shape[-2] != self.channels:
+            raise ValueError(f"{self.name if self.name != 'unset' else 'this model'} takes {self.channels} "
+                             f"channel(s), got {x.shape[-2]}; use encodec_fast.convert_audio")
+        if x.shape[-1] == 0:
+            raise ValueError("cannot encode empty audio (0 samples)")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point audio, got {x.dtype}")
+
+    def _segments(self, length: int) -> tp.List[tp.Tuple[int, int]]:
+        """(offset, length) of each segment of an input of `length` samples."""
+        seg, stride = self.segment_length, self.segment_stride
+        if seg is None or stride is None:
+            return [(0, length)]
+        return [(offset, min(seg, length - offset)) for offset in range(0, length, stride)]
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Upstream's per-segment volume, on the segment exactly as upstream slices it: [B, 1, 1]."""
+        mono = x.mean(dim=1, keepdim=True)
+        return 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
+
+    def _encode_rows(self, x: torch.Tensor, groups: tp.Optional[Groups]) -> torch.Tensor:
+        """Encoder + quantizer on a stacked batch -> codes [N, K, T] (zeros past a group's frames).
+
+        The codebook search runs per group on that group's valid frames only: a matrix product's
+        bits can depend on its number of rows.
+        """
+        emb = self.encoder(x, groups)
+        if groups is None:
+            return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
+        codes = torch.zeros(emb.shape[0], self.num_codebooks, emb.shape[-1], dtype=torch.long, device=emb.device)
+        for g in groups:
+            frames = math.ceil(g.length / self.hop_length)
+            part = self.quantizer.encode(emb[g.start:g.stop, :, :frames], self.frame_rate, self.bandwidth)
+            codes[g.start:g.stop, :, :frames] = part.transpose(0, 1)
+        return codes
+
+    def encode(self, x: torch.Tensor) -> tp.List[EncodedFrame]:
+        """x [B, C, T] -> list of (codes [B, K, T_i] int64, scale [B, 1] or None), one per segment.
+
+        The segments of a 48 kHz input go through the encoder together (in batches bounded by
+        `SEGMENT_BATCH_SAMPLES`), with the same codes as upstream's one-by-one loop.
+        """
+        self._check_audio(x, batched=True)
+        B = x.shape[0]
+        with torch.no_grad():
+            segments = self._segments(x.shape[-1])
+            if len(segments) == 1 and not self.normalize:
+                return [(self._encode_rows(x, None), None)]
+            out: tp.List[tp.Optional[EncodedFrame]] = [None] * len(segments)
+            by_length: tp.Dict[int, tp.List[int]] = {}
+            for i, (_, n) in enumerate(segments):
+                by_length.setdefault(n, []).append(i)
+            for n, indices in by_length.items():
+                per_call = max(1, _segment_budget(x.device) // (B * n)) if _stack(x.device) else 1
+                for c in range(0, len(indices), per_call):
+                    chunk = indices[c:c + per_call]
+                    views = [x[:, :, segments[i][0]:segments[i][0] + n] for i in chunk]
+                    scales = [self._scale(v) if self.normalize else None for v in views]
+                    batch = torch.cat(views) if len(views) > 1 else views[0]
+                    if self.normalize:
+                        batch = batch / torch.cat(scales)  # type: ignore[arg-type]
+                    groups = Groups.by_rows(B, [n] * len(chunk)) if len(chunk) > 1 else None
+                    codes = self._encode_rows(batch, groups)
+                    for j, i in enumerate(chunk):
+                        scale = scales[j]
+                        out[i] = (codes[j * B:(j + 1) * B], None if scale is None else scale.view(-1, 1))
+            return tp.cast(tp.List[EncodedFrame], out)
+
+    def encode_batch(self, wavs: tp.Sequence[torch.Tensor], max_batch_samples: int = 24_000 * 120
+                     ) -> tp.List[tp.List[EncodedFrame]]:
+        """Encode clips of different lengths [C, T_i] together; item i equals `encode(wavs[i][None])`.
+
+        Why the codes are equal: the clips are stacked (zero-padded to a common length) and every
+        convolution's padding is rebuilt for each clip from that clip's own samples, with its own
+        extra padding at its own end, so each valid output reads exactly what it reads when the
+        clip runs alone (the 24 kHz model is causal, and the right edge is reflected per clip, so
+        the zeros after a short clip never reach its frames); convolutions give each batch row the
+        same bits whatever the batch holds. The operations whose CPU results depend on the call's
+        shape (ELU, LSTM, codebook search) run once per clip on that clip's own tensor.
+        Models with GroupNorm (48 kHz) only stack segments of equal length, since the norm's
+        statistics would otherwise see the padding.
+
+        `max_batch_samples` bounds the padded samples per encoder call.
+        """
+        for w in wavs:
+            self._check_audio(w, batched=False)
+        results: tp.List[tp.List[tp.Optional[EncodedFrame]]] = [
+            [None] * len(self._segments(w.shape[-1])) for w in wavs]
+        # (clip, segment index, offset, length) for every segment of every clip.
+        items = [(i, s, off, n) for i, w in enumerate(wavs) for s, (off, n) in enumerate(self._segments(w.shape[-1]))]
+        ragged = self.encoder.norm != "time_group_norm"
+        items.sort(key=lambda it: -it[3])
+        with torch.no_grad():
+            start = 0
+            while start < len(items):
+                longest = items[start][3]
+                stop = start + 1
+                while (stop < len(items) and (stop + 1 - start) * longest <= max_batch_samples
+                       and (ragged or items[stop][3] == longest) and _stack(wavs[0].device)):
+                    stop += 1
+                chunk = items[start:stop]
+                start = stop
+                views = [wavs[i][None, :, off:off + n] for i, _, off, n in chunk]
+                scales = [self._scale(v) if self.normalize else None for v in views]
+                batch = views[0].new_zeros(len(chunk), self.channels, longest)
+                for row, v in enumerate(views):
+                    batch[row, :, : v.shape[-1]] = v / scales[row] if self.normalize else v
+                groups = Groups([Group(row, row + 1, n) for row, (_, _, _, n) in enumerate(chunk)])
+                codes = self._encode_rows(batch, groups if len(chunk) > 1 else None)
+                for row, (i, s, _, n) in enumerate(chunk):
+                    frames = math.ceil(n / self.hop_length)
+                    scale = scales[row]
+                    results[i][s] = (codes[row:row + 1, :, :frames].clone(), None if scale is None else scale.view(-1, 1))
+        return tp.cast(tp.List[tp.List[EncodedFrame]], results)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _decode_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [N, K, T] -> audio [N, C, T * hop]."""
+        return self.decoder(self.quantizer.decode(codes.transpose(0, 1)))
+
+    def decode(self, encoded_frames: tp.List[EncodedFrame]) -> torch.Tensor:
+        """Frames from `encode` -> audio [B, C, T']; T' may exceed the input length (see `forward`)."""
+        if not encoded_frames:
+            raise ValueError("no frames to decode")
+        for codes, _ in encoded_frames:
+            if codes.dim() != 3:
+                raise ValueError(f"codes must be [B, K, T], got {tuple(codes.shape)}")
+            if codes.shape[1] > self.quantizer.n_q:
+                raise ValueError(f"{codes.shape[1]} codebooks given, the model has {self.quantizer.n_q}")
+        if self.segment_length is None:
+            if len(encoded_frames) != 1:
+                raise ValueError(f"this model decodes exactly one frame, got {len(encoded_frames)}")
+            return self._decode_frames(encoded_frames)[0]
+        return _linear_overlap_add(self._decode_frames(encoded_frames), self.segment_stride or 1)
+
+    def _decode_frames(self, frames: tp.List[EncodedFrame]) -> tp.List[torch.Tensor]:
+        """Decode each frame; frames with the same shape go through the decoder together."""
+        out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(frames)
+        by_shape: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
+        for i, (codes, _) in enumerate(frames):
+            by_shape.setdefault(tuple(codes.shape), []).append(i)
+        for (B, K, T), indices in by_shape.items():
+            per_call = max(1, _segment_budget(frames[0][0].device) // (B * T * self.hop_length))
+            for c in range(0, len(indices), per_call):
+                chunk = indices[c:c + per_call]
+                codes = torch.cat([frames[i][0] for i in chunk]) if len(chunk) > 1 else frames[chunk[0]][0]
+                audio = self._decode_rows(codes)
+                for j, i in enumerate(chunk):
+                    y = audio[j * B:(j + 1) * B]
+                    scale = frames[i][1]
+                    out[i] = y * scale.view(-1, 1, 1) if scale is not None else y
+        return tp.cast(tp.List[torch.Tensor], out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))[:, :, : x.shape[-1]]
+
+    # -- LM ------------------------------------------------------------------------------------
+    def get_lm_model(self, repository: tp.Optional[PathLike] = None, checkpoint: tp.Optional[PathLike] = None) -> LMModel:
+        """The entropy-coding LM for this model, with the official weights (or `checkpoint`)."""
+        device = next(self.parameters()).device
+        lm = LMModel(self.quantizer.n_q, self.quantizer.bins, num_layers=5, dim=200,
+                     past_context=int(3.5 * self.frame_rate)).to(device)
+        if checkpoint is not None:
+            state = load_state_dict_file(checkpoint)
+        else:
+            lm_name = {"encodec_24khz": "encodec_lm_24khz", "encodec_48khz": "encodec_lm_48khz"}.get(self.name)
+            if lm_name is None:
+                raise RuntimeError("No LM pre-trained for the current Encodec model.")
+            state = get_checkpoint(lm_name, repository)
+        _load_strict(lm, state, "LM checkpoint")
+        return lm.eval()
+
+    # -- construction --------------------------------------------------------------------------
+    @staticmethod
+    def _get_model(target_bandwidths: tp.List[float], sample_rate: int = 24_000, channels: int = 1,
+                   causal: bool = True, model_norm: str = "weight_norm", audio_normalize: bool = False,
+                   segment: tp.Optional[float] = None, name: str = "unset") -> "EncodecModel":
+        encoder = m.SEANetEncoder(channels=channels, norm=model_norm, causal=causal)
+        decoder = m.SEANetDecoder(channels=channels, norm=model_norm, causal=causal)
+        n_q = int(1000 * target_bandwidths[-1] // (math.ceil(sample_rate / encoder.hop_length) * 10))
+        quantizer = qt.ResidualVectorQuantizer(dimension=encoder.dimension, n_q=n_q, bins=1024)
+        return EncodecModel(encoder, decoder, quantizer, target_bandwidths, sample_rate, channels,
+                            normalize=audio_normalize, segment=segment, name=name)
+
+    @staticmethod
+    def _build(name: str, pretrained: bool, repository: tp.Optional[PathLike],
+               checkpoint: tp.Optional[PathLike]) -> "EncodecModel":
+        cfg = MODEL_CONFIGS[name]
+        if repository is not None and not pretrained:
+            raise ValueError("repository= only applies to pretrained=True")
+        loaded = pretrained or checkpoint is not None
+        model = EncodecModel._get_model(cfg["target_bandwidths"], cfg["sample_rate"], cfg["channels"],
+                                        causal=cfg["causal"], model_norm=cfg["norm"],
+                                        audio_normalize=cfg["normalize"], segment=cfg["segment"],
+                                        name=name if loaded else "unset")
+        if checkpoint is not None:
+            _load_strict(model, load_state_dict_file(checkpoint), f"checkpoint {checkpoint}")
+        elif pretrained:
+            _load_strict(model, get_checkpoint(name, repository), CHECKPOINTS[name])
+        return model.eval()
+
+    @staticmethod
+    def encodec_model_24khz(pretrained: bool = True, repository: tp.Optional[PathLike] = None,
+                            checkpoint: tp.Optional[PathLike] = None) -> "EncodecModel":
+        """The causal 24 kHz mono model (1.5, 3, 6, 12, 24 kbps).
+
+        pretrained: load the official weights (hash checked; see `encodec_fast.pretrained`).
+        repository: a folder holding the official file, for offline use.
+        checkpoint: any compatible state dict file instead (e.g. your own training), no hash check.
+        """
+        return EncodecModel._build("encodec_24khz", pretrained, repository, checkpoint)
+
+    @staticmethod
+    def encodec_model_48khz(pretrained: bool = True, repository: tp.Optional[PathLike] = None,
+                            checkpoint: tp.Optional[PathLike] = None) -> "EncodecModel":
+        """The non-causal 48 kHz stereo model (3, 6, 12, 24 kbps), 1 s segments with 1% overlap."""
+        return EncodecModel._build("encodec_48khz", pretrained, repository, checkpoint)
+
+
+MODEL_CONFIGS: tp.Dict[str, tp.Dict[str, tp.Any]] = {
+    "encodec_24khz": dict(target_bandwidths=[1.5, 3.0, 6, 12.0, 24.0], sample_rate=24_000, channels=1,
+                          causal=True, norm="weight_norm", normalize=False, segment=None),
+    "encodec_48khz": dict(target_bandwidths=[3.0, 6.0, 12.0, 24.0], sample_rate=48_000, channels=2,
+                          causal=False, norm="time_group_norm", normalize=True, segment=1.0),
+}
+
+encodec_model_24khz = EncodecModel.encodec_model_24khz
+encodec_model_48khz = EncodecModel.encodec_model_48khz
+
+
+def _load_strict(module: nn.Module, state: tp.Dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what} does not fit {type(module).__name__}: {err}") from err
+
+
+def _linear_overlap_add(frames: tp.List[torch.Tensor], stride: int) -> torch.Tensor:
+    """Overlap-add with triangular weights (peak mid-frame), normalised by the summed weights.
+
+    The weight triangle is sized from the first frame; a shorter last frame uses its start.
+    """
+    if not frames:
+        raise ValueError("no frames")
+    first = frames[0]
+    total = stride * (len(frames) - 1) + frames[-1].shape[-1]
+    t = torch.linspace(0, 1, first.shape[-1] + 2, device=first.device, dtype=first.dtype)[1:-1]
+    weight = 0.5 - (t - 0.5).abs()
+    sum_weight = torch.zeros(total, device=first.device, dtype=first.dtype)
+    out = torch.zeros(*first.shape[:-1], total, device=first.device, dtype=first.dtype)
+    offset = 0
+    for frame in frames:
+        n = frame.shape[-1]
+        out[..., offset:offset + n] += weight[:n] * frame
+        sum_weight[offset:offset + n] += weight[:n]
+        offset += stride
+    if not bool(sum_weight.min() > 0):
+        raise ValueError("overlap-add left a gap: frames too short for the stride")
+    return out / sum_weight

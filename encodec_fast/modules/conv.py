@@ -1,0 +1,263 @@
+"""Convolutions with EnCodec's padding rules and state-dict layout.
+
+`SConv1d` / `SConvTranspose1d` keep upstream's module tree (`conv.conv.*`, `conv.norm.*`,
+`convtr.convtr.*`) so that checkpoints load as they are. Weight norm keeps the old
+`weight_g` / `weight_v` parameters; for inference the effective weight is computed once with the
+same op upstream runs before every call (`torch._weight_norm`) and cached until a parameter
+changes.
+
+Padding (k kernel, s stride, d dilation, L input length, all dims [B, C, T]):
+- total fixed padding P = (k - 1) * d - (s - 1); extra right padding E = ceil(L / s) * s - L,
+  so a conv always yields ceil(L / s) frames;
+- causal: (P, E) on the left/right; non-causal: (P - P // 2, P // 2 + E);
+- reflect padding everywhere, with upstream's rule for inputs shorter than the padding.
+
+Every forward takes `groups`: rows of the batch that share a valid length (see `Groups`), which
+lets batches of segments or of clips of different lengths run through one convolution while
+each row is padded exactly as if it ran alone.
+"""
+
+import math
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .groups import Groups
+
+CONV_NORMALIZATIONS = frozenset(["none", "weight_norm", "time_group_norm"])
+
+
+def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "zero", value: float = 0.0):
+    """`F.pad` on the last dim that also reflect-pads inputs shorter than the padding.
+
+    For reflect mode with `length <= max(left, right)`, zeros are first appended so that the
+    reflection is defined, and removed afterwards (upstream's rule; the result has length
+    left + length + right).
+    """
+    left, right = paddings
+    if left < 0 or right < 0:
+        raise ValueError(f"negative padding {paddings}")
+    if mode != "reflect":
+        return F.pad(x, paddings, "constant" if mode == "zero" else mode, value)
+    length = x.shape[-1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = F.pad(x, (0, extra))
+    padded = F.pad(x, paddings, "reflect")
+    return padded[..., : padded.shape[-1] - extra]
+
+
+def reflect_pad_into(dst: torch.Tensor, src: torch.Tensor, left: int, right: int) -> None:
+    """Write `pad1d(src, (left, right), 'reflect')` into `dst[..., :left + L + right]`.
+
+    Same values as `pad1d` (it is a copy), without its intermediate tensors.
+    """
+    length = src.shape[-1]
+    if length <= max(left, right):
+        dst[..., : left + length + right].copy_(pad1d(src, (left, right), "reflect"))
+        return
+    dst[..., left : left + length].copy_(src)
+    if left:
+        dst[..., :left].copy_(src[..., 1 : left + 1].flip(-1))
+    if right:
+        dst[..., left + length : left + length + right].copy_(src[..., length - 1 - right : length - 1].flip(-1))
+
+
+def unpad1d(x: torch.Tensor, paddings: tp.Tuple[int, int]):
+    """Remove `paddings` (left, right) from the last dim."""
+    left, right = paddings
+    if left < 0 or right < 0 or left + right > x.shape[-1]:
+        raise ValueError(f"cannot remove padding {paddings} from length {x.shape[-1]}")
+    return x[..., left : x.shape[-1] - right]
+
+
+class _WeightNormMixin:
+    """Old-style weight norm (`weight_g`, `weight_v`, norm over all dims but 0).
+
+    Training (autograd recording and a parameter requiring grad) recomputes the weight on every
+    call, so gradients flow as in upstream. Otherwise the folded weight is cached and reused until
+    a parameter is modified in place (version counter), moved or re-created.
+    """
+
+    def _init_weight_norm(self):
+        weight = self._parameters.pop("weight")
+        self.weight_g = nn.Parameter(torch.norm_except_dim(weight.data, 2, 0))
+        self.weight_v = nn.Parameter(weight.data.clone())
+        self._folded: tp.Optional[torch.Tensor] = None
+        self._folded_key: tp.Any = None
+
+    def folded_weight(self) -> torch.Tensor:
+        g, v = self.weight_g, self.weight_v
+        if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
+            return torch._weight_norm(v, g, 0)
+        key = (g._version, v._version, g.data_ptr(), v.data_ptr(), g.dtype, v.dtype, g.device)
+        if self._folded_key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._folded = torch._weight_norm(v, g, 0)
+            self._folded_key = key
+        assert self._folded is not None
+        return self._folded
+
+    def __getattr__(self, name):
+        if name == "weight" and "weight_v" in self.__dict__.get("_parameters", {}):
+            return self.folded_weight()
+        return super().__getattr__(name)
+
+
+class WNConv1d(_WeightNormMixin, nn.Conv1d):
+    """`nn.Conv1d` with weight norm; `state_dict` holds `bias`, `weight_g`, `weight_v`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_weight_norm()
+
+
+class WNConvTranspose1d(_WeightNormMixin, nn.ConvTranspose1d):
+    """`nn.ConvTranspose1d` with weight norm (g has shape [in, 1, 1], as upstream)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_weight_norm()
+
+
+def _norm_module(channels: int, causal: bool, norm: str) -> nn.Module:
+    if norm not in CONV_NORMALIZATIONS:
+        raise ValueError(f"unsupported norm {norm!r}; one of {sorted(CONV_NORMALIZATIONS)}")
+    if norm == "time_group_norm":
+        if causal:
+            raise ValueError("GroupNorm doesn't support causal evaluation.")
+        return nn.GroupNorm(1, channels)
+    return nn.Identity()
+
+
+class NormConv1d(nn.Module):
+    """Conv1d (optionally weight-normed) followed by its norm module (Identity or GroupNorm)."""
+
+    def __init__(self, *args, causal: bool = False, norm: str = "none", **kwargs):
+        super().__init__()
+        conv_cls = WNConv1d if norm == "weight_norm" else nn.Conv1d
+        self.conv = conv_cls(*args, **kwargs)
+        self.norm = _norm_module(self.conv.out_channels, causal, norm)
+        self.norm_type = norm
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class NormConvTranspose1d(nn.Module):
+    """ConvTranspose1d (optionally weight-normed) followed by its norm module."""
+
+    def __init__(self, *args, causal: bool = False, norm: str = "none", **kwargs):
+        super().__init__()
+        conv_cls = WNConvTranspose1d if norm == "weight_norm" else nn.ConvTranspose1d
+        self.convtr = conv_cls(*args, **kwargs)
+        self.norm = _norm_module(self.convtr.out_channels, causal, norm)
+        self.norm_type = norm
+
+    def forward(self, x):
+        return self.norm(self.convtr(x))
+
+
+def elu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """ELU(alpha=1) as `nn.ELU`; in place only when the caller owns `x` and autograd is off."""
+    if inplace and not torch.is_grad_enabled():
+        return F.elu_(x)
+    return F.elu(x)
+
+
+class SConv1d(nn.Module):
+    """Conv1d with EnCodec's causal / non-causal reflect padding and normalization.
+
+    forward(x[B, C_in, T]) -> [B, C_out, ceil(T / stride)]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, causal: bool = False,
+                 norm: str = "none", pad_mode: str = "reflect"):
+        super().__init__()
+        self.conv = NormConv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation,
+                               groups=groups, bias=bias, causal=causal, norm=norm)
+        self.causal = causal
+        self.pad_mode = pad_mode
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.padding_total = (kernel_size - 1) * dilation - (stride - 1)
+
+    def paddings(self, length: int) -> tp.Tuple[int, int]:
+        """(left, right) padding for an input of `length` samples, extra padding included."""
+        p, s = self.padding_total, self.stride
+        extra = math.ceil(length / s) * s - length
+        if self.causal:
+            return p, extra
+        return p - p // 2, p // 2 + extra
+
+    def output_length(self, length: int) -> int:
+        return math.ceil(length / self.stride)
+
+    def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu_first: bool = False,
+                elu_inplace: bool = False) -> torch.Tensor:
+        """Optionally apply ELU to the input (upstream's preceding `nn.ELU`), pad, convolve, norm.
+
+        `elu_inplace` says the caller does not need `x` afterwards.
+        """
+        uniform = groups is None or groups.uniform(x)
+        if self.stride == 1 and self.padding_total == 0:
+            # No padding at all (kernel 1): padding rows never reach valid outputs.
+            if elu_first:
+                x = elu(x, elu_inplace) if uniform else groups.elu_(x if elu_inplace else x.clone())
+            return self.conv(x)
+        if uniform:
+            if elu_first:
+                x = elu(x, elu_inplace)
+            x = pad1d(x, self.paddings(x.shape[-1]), mode=self.pad_mode)
+            return self.conv(x)
+        if self.conv.conv.in_channels < 16:
+            # Measured on CPU (oneDNN): with 1-2 input channels a batch of 1 is computed
+            # differently from larger batches; run such (cheap) convolutions group by group.
+            outs = [self.forward(groups.slab(x, g), None, elu_first, False) for g in groups]
+            out = outs[0].new_zeros(x.shape[0], outs[0].shape[1], max(o.shape[-1] for o in outs))
+            for g, o in zip(groups, outs):
+                out[g.start:g.stop, :, : o.shape[-1]] = o
+            return out
+        out_len = max(self.output_length(g.length) for g in groups)
+        width = (out_len - 1) * self.stride + (self.kernel_size - 1) * self.dilation + 1
+        buf = x.new_zeros(x.shape[0], x.shape[1], width)
+        for g in groups:
+            slab = groups.slab(x, g, elu_first)
+            left, right = self.paddings(g.length)
+            if self.pad_mode == "reflect":
+                reflect_pad_into(buf[g.start:g.stop], slab, left, right)
+            else:
+                buf[g.start:g.stop, :, : left + g.length + right].copy_(pad1d(slab, (left, right), self.pad_mode))
+        return self.conv(buf)
+
+
+class SConvTranspose1d(nn.Module):
+    """ConvTranspose1d followed by norm, then trimming of the fixed padding (k - s).
+
+    forward(x[B, C_in, T]) -> [B, C_out, T * stride]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 causal: bool = False, norm: str = "none", trim_right_ratio: float = 1.0):
+        super().__init__()
+        self.convtr = NormConvTranspose1d(in_channels, out_channels, kernel_size, stride,
+                                          causal=causal, norm=norm)
+        self.causal = causal
+        self.trim_right_ratio = trim_right_ratio
+        if not (causal or trim_right_ratio == 1.0):
+            raise ValueError("`trim_right_ratio` != 1.0 only makes sense for causal convolutions")
+        if not 0.0 <= trim_right_ratio <= 1.0:
+            raise ValueError("trim_right_ratio must be in [0, 1]")
+        total = kernel_size - stride
+        if causal:
+            right = math.ceil(total * trim_right_ratio)
+            self.trim = (total - right, right)
+        else:
+            self.trim = (total - total // 2, total // 2)
+
+    def forward(self, x: torch.Tensor, elu_first: bool = False, elu_inplace: bool = False):
+        if elu_first:
+            x = elu(x, elu_inplace)
+        return unpad1d(self.convtr(x), self.trim)

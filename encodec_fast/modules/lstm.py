@@ -1,0 +1,41 @@
+"""LSTM over the time axis of a [B, C, T] tensor, with a skip connection."""
+
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .groups import Groups
+
+
+class SLSTM(nn.Module):
+    """`nn.LSTM(dim, dim, num_layers)` on [T, B, C], plus the input (skip), back to [B, C, T].
+
+    The ELU that follows the LSTM in SEANet can be applied here (`elu=True`) so that it runs on
+    the LSTM's own [T, B, C] memory layout, as upstream's `nn.ELU` does.
+    """
+
+    def __init__(self, dimension: int, num_layers: int = 2, skip: bool = True):
+        super().__init__()
+        self.skip = skip
+        self.lstm = nn.LSTM(dimension, dimension, num_layers)
+
+    def _run(self, x: torch.Tensor, elu: bool) -> torch.Tensor:
+        x = x.permute(2, 0, 1)
+        y, _ = self.lstm(x)
+        if self.skip:
+            y = y + x
+        y = y.permute(1, 2, 0)
+        if elu:
+            y = F.elu(y) if torch.is_grad_enabled() else F.elu_(y)
+        return y
+
+    def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu: bool = False) -> torch.Tensor:
+        if groups is None or groups.uniform(x):
+            return self._run(x, elu)
+        # The LSTM's results depend on the batch size: run each group as its own call.
+        out = x.new_zeros(x.shape)
+        for g in groups:
+            out[g.start:g.stop, :, : g.length] = self._run(groups.slab(x, g).contiguous(), elu)
+        return out

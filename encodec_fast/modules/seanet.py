@@ -1,0 +1,181 @@
+"""SEANet encoder and decoder (EnCodec's convolutional + LSTM auto-encoder).
+
+The module tree (`model.N...`) is upstream's, so checkpoints load unchanged. `forward` runs the
+same operations in the same order; it only skips copies: an ELU whose input is not needed again
+runs in place, the residual sum accumulates into the shortcut's output, and padding is written
+once. With autograd recording, everything runs out of place.
+"""
+
+import typing as tp
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conv import SConv1d, SConvTranspose1d, elu
+from .groups import Groups
+from .lstm import SLSTM
+
+
+class SEANetResnetBlock(nn.Module):
+    """y = shortcut(x) + conv_b(ELU(conv_a(ELU(x)))); conv_a has kernel 3, conv_b kernel 1."""
+
+    def __init__(self, dim: int, kernel_sizes: tp.Sequence[int] = (3, 1), dilations: tp.Sequence[int] = (1, 1),
+                 norm: str = "weight_norm", causal: bool = False, pad_mode: str = "reflect",
+                 compress: int = 2, true_skip: bool = True):
+        super().__init__()
+        if len(kernel_sizes) != len(dilations):
+            raise ValueError("Number of kernel sizes should match number of dilations")
+        hidden = dim // compress
+        block: tp.List[nn.Module] = []
+        for i, (kernel_size, dilation) in enumerate(zip(kernel_sizes, dilations)):
+            in_chs = dim if i == 0 else hidden
+            out_chs = dim if i == len(kernel_sizes) - 1 else hidden
+            block += [nn.ELU(alpha=1.0),
+                      SConv1d(in_chs, out_chs, kernel_size=kernel_size, dilation=dilation,
+                              norm=norm, causal=causal, pad_mode=pad_mode)]
+        self.block = nn.Sequential(*block)
+        self.shortcut: nn.Module = nn.Identity() if true_skip else SConv1d(
+            dim, dim, kernel_size=1, norm=norm, causal=causal, pad_mode=pad_mode)
+
+    def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
+        h = x
+        convs = [m for m in self.block if isinstance(m, SConv1d)]
+        for i, conv in enumerate(convs):
+            if i == 0 or groups is None or groups.uniform(h):
+                # x itself is needed by the shortcut: only later ELUs may run in place.
+                h = conv(h, groups, elu_first=True, elu_inplace=i > 0)
+            else:
+                h = conv(groups.elu_(h), groups)
+        skip = self.shortcut(x, groups) if isinstance(self.shortcut, SConv1d) else x
+        if torch.is_grad_enabled() or skip is x:
+            return skip + h
+        return skip.add_(h)
+
+
+def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
+    """Run a SEANet layer list as `nn.Sequential` would, folding each `nn.ELU` into its neighbour.
+
+    An ELU before a convolution runs on that convolution's input (in place: nothing else reads
+    it); an ELU after the LSTM runs inside `SLSTM`, on the LSTM's own memory layout.
+    """
+    pending_elu = False
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        i += 1
+        if isinstance(layer, nn.ELU):
+            if pending_elu:
+                x = elu(x, True)
+            pending_elu = True
+            continue
+        if pending_elu and not isinstance(layer, (SConv1d, SConvTranspose1d)):
+            x = elu(x, True) if groups is None else groups.elu_(x)
+        if isinstance(layer, SConv1d):
+            x = layer(x, groups, elu_first=pending_elu, elu_inplace=True)
+            if groups is not None:
+                groups = groups.map_lengths(layer.output_length)
+        elif isinstance(layer, SConvTranspose1d):
+            if groups is not None:
+                raise NotImplementedError("grouped batches are for the encoder only")
+            x = layer(x, elu_first=pending_elu, elu_inplace=True)
+        elif isinstance(layer, SLSTM):
+            then_elu = i < len(layers) and isinstance(layers[i], nn.ELU)
+            x = layer(x, groups, elu=then_elu)
+            if then_elu:
+                i += 1
+        elif isinstance(layer, SEANetResnetBlock):
+            x = layer(x, groups)
+        else:
+            x = layer(x)
+        pending_elu = False
+    if pending_elu:
+        x = elu(x, True) if groups is None else groups.elu_(x)
+    return x
+
+
+class SEANetEncoder(nn.Module):
+    """SEANet encoder: [B, channels, T] -> [B, dimension, ceil(T / hop_length)]."""
+
+    def __init__(self, channels: int = 1, dimension: int = 128, n_filters: int = 32, n_residual_layers: int = 1,
+                 ratios: tp.Sequence[int] = (8, 5, 4, 2), norm: str = "weight_norm", kernel_size: int = 7,
+                 last_kernel_size: int = 7, residual_kernel_size: int = 3, dilation_base: int = 2,
+                 causal: bool = False, pad_mode: str = "reflect", true_skip: bool = False, compress: int = 2,
+                 lstm: int = 2):
+        super().__init__()
+        self.channels = channels
+        self.dimension = dimension
+        self.n_filters = n_filters
+        self.ratios = list(reversed(ratios))
+        self.n_residual_layers = n_residual_layers
+        self.hop_length = int(np.prod(self.ratios))
+        self.causal = causal
+        self.norm = norm
+
+        mult = 1
+        model: tp.List[nn.Module] = [
+            SConv1d(channels, mult * n_filters, kernel_size, norm=norm, causal=causal, pad_mode=pad_mode)]
+        for ratio in self.ratios:
+            for j in range(n_residual_layers):
+                model += [SEANetResnetBlock(mult * n_filters, kernel_sizes=[residual_kernel_size, 1],
+                                            dilations=[dilation_base ** j, 1], norm=norm, causal=causal,
+                                            pad_mode=pad_mode, compress=compress, true_skip=true_skip)]
+            model += [nn.ELU(alpha=1.0),
+                      SConv1d(mult * n_filters, mult * n_filters * 2, kernel_size=ratio * 2, stride=ratio,
+                              norm=norm, causal=causal, pad_mode=pad_mode)]
+            mult *= 2
+        if lstm:
+            model += [SLSTM(mult * n_filters, num_layers=lstm)]
+        model += [nn.ELU(alpha=1.0),
+                  SConv1d(mult * n_filters, dimension, last_kernel_size, norm=norm, causal=causal,
+                          pad_mode=pad_mode)]
+        self.model = nn.Sequential(*model)
+
+    def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
+        """`groups` (rows sharing a valid length) lets one call encode what upstream runs in
+        several calls, with the same bits; see `encodec_fast.modules.groups`."""
+        if groups is not None and torch.is_grad_enabled():
+            raise RuntimeError("grouped encoding is for inference (no autograd)")
+        return run_layers(self.model, x, groups)
+
+
+class SEANetDecoder(nn.Module):
+    """SEANet decoder: [B, dimension, T] -> [B, channels, T * hop_length]."""
+
+    def __init__(self, channels: int = 1, dimension: int = 128, n_filters: int = 32, n_residual_layers: int = 1,
+                 ratios: tp.Sequence[int] = (8, 5, 4, 2), norm: str = "weight_norm", kernel_size: int = 7,
+                 last_kernel_size: int = 7, residual_kernel_size: int = 3, dilation_base: int = 2,
+                 causal: bool = False, pad_mode: str = "reflect", true_skip: bool = False, compress: int = 2,
+                 lstm: int = 2, trim_right_ratio: float = 1.0, final_activation: tp.Optional[str] = None):
+        super().__init__()
+        self.dimension = dimension
+        self.channels = channels
+        self.n_filters = n_filters
+        self.ratios = list(ratios)
+        self.n_residual_layers = n_residual_layers
+        self.hop_length = int(np.prod(self.ratios))
+        self.causal = causal
+        self.norm = norm
+
+        mult = int(2 ** len(self.ratios))
+        model: tp.List[nn.Module] = [
+            SConv1d(dimension, mult * n_filters, kernel_size, norm=norm, causal=causal, pad_mode=pad_mode)]
+        if lstm:
+            model += [SLSTM(mult * n_filters, num_layers=lstm)]
+        for ratio in self.ratios:
+            model += [nn.ELU(alpha=1.0),
+                      SConvTranspose1d(mult * n_filters, mult * n_filters // 2, kernel_size=ratio * 2,
+                                       stride=ratio, norm=norm, causal=causal, trim_right_ratio=trim_right_ratio)]
+            for j in range(n_residual_layers):
+                model += [SEANetResnetBlock(mult * n_filters // 2, kernel_sizes=[residual_kernel_size, 1],
+                                            dilations=[dilation_base ** j, 1], norm=norm, causal=causal,
+                                            pad_mode=pad_mode, compress=compress, true_skip=true_skip)]
+            mult //= 2
+        model += [nn.ELU(alpha=1.0),
+                  SConv1d(n_filters, channels, last_kernel_size, norm=norm, causal=causal, pad_mode=pad_mode)]
+        if final_activation is not None:
+            model += [getattr(nn, final_activation)()]
+        self.model = nn.Sequential(*model)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return run_layers(self.model, z)

@@ -1,0 +1,88 @@
+"""Test signals (never silence) and model pairs (upstream vs ours) with data-like codebooks."""
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+import encodec
+import encodec_fast
+
+
+def make_signal(sample_rate: int, num_samples: int, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """A speech/music-like test signal [C, T]: gliding harmonic tones with vibrato and syllable-like
+    envelopes, a few chords and filtered noise bursts, peak about 0.6."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_samples) / sample_rate
+    out = np.zeros((channels, num_samples))
+    for c in range(channels):
+        f0 = rng.uniform(90, 220) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.2, 1.5) * t))
+        f0 *= 1 + 0.01 * np.sin(2 * np.pi * 5.5 * t)
+        phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+        voice = sum(np.sin(h * phase + rng.uniform(0, 6)) / h ** 1.2 for h in range(1, 12)
+                    if h * f0.max() < sample_rate / 2)
+        envelope = np.clip(np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 6)), 0, None) ** 0.5
+        chord = sum(np.sin(2 * np.pi * f * t) for f in rng.choice([220, 277.2, 329.6, 440, 554.4], 3))
+        noise = np.convolve(rng.standard_normal(num_samples), np.ones(8) / 8)[:num_samples]
+        bursts = (rng.uniform(size=num_samples) < 0.0005).astype(float)
+        bursts = np.convolve(bursts, np.hanning(401))[:num_samples]
+        out[c] = 0.35 * voice * envelope + 0.08 * chord + 0.15 * noise * np.clip(bursts, 0, 1)
+    peak = np.abs(out).max()
+    out = out / peak * 0.6 if peak > 0 else out
+    return torch.from_numpy(out.astype(np.float32))
+
+
+def set_data_like_codebooks(model, seed: int = 0) -> None:
+    """Give an upstream model codebooks drawn from its own encoder's latents on test signals:
+    each stage's codebook is a scaled random sample of the residuals the earlier stages leave
+    (k-means-like spread; never zeros, which would make every code 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = torch.stack([make_signal(model.sample_rate, model.sample_rate, model.channels, seed=seed + i)
+                         for i in range(4)])
+        emb = model.encoder(x).transpose(1, 2).reshape(-1, model.quantizer.dimension)
+        residual = emb
+        for layer in model.quantizer.vq.layers:
+            cb = layer._codebook
+            k = cb.embed.shape[0]
+            idx = torch.randint(0, residual.shape[0], (k,), generator=gen)
+            scale = 0.6 + 0.8 * torch.rand(k, 1, generator=gen)
+            jitter = 0.05 * residual.std() * torch.randn(k, residual.shape[1], generator=gen)
+            embed = residual[idx] * scale + jitter
+            cb.embed.copy_(embed)
+            cb.embed_avg.copy_(embed)
+            cb.cluster_size.copy_(torch.rand(k, generator=gen) * 10 + 1)
+            cb.inited.fill_(1.0)
+            residual = residual - cb.decode(cb.encode(residual))
+
+
+def make_model_pair(name: str, seed: int = 0):
+    """(upstream model, our model), same weights; named as the official model so that
+    `.ecdc` files can be written."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        up = getattr(encodec.EncodecModel, f"encodec_model_{name.split('_')[1]}")(pretrained=False)
+    # Random (not freshly initialised) norm affine parameters, so that GroupNorm's are exercised.
+    with torch.no_grad():
+        for key, value in up.state_dict().items():
+            if key.endswith("norm.weight"):
+                value.copy_(1 + 0.1 * torch.randn_like(value))
+            elif key.endswith("norm.bias"):
+                value.copy_(0.1 * torch.randn_like(value))
+    set_data_like_codebooks(up, seed)
+    up.name = name
+    ours = getattr(encodec_fast.EncodecModel, f"encodec_model_{name.split('_')[1]}")(pretrained=False)
+    ours.load_state_dict(up.state_dict(), strict=True)
+    ours.name = name
+    return up.eval(), ours.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / max(float(b.norm()), 1e-20))
+
+
+def lengths_for(sample_rate: int) -> list:
+    """1 sample, shorter than a hop, not a multiple of the hop, and longer clips."""
+    return [1, 5, 319, 320, 321, 7 * 320 + 13, math.ceil(0.37 * sample_rate)]
