@@ -27,7 +27,12 @@ PathLike = tp.Union[str, Path]
 #: at most when a model cuts its input into segments, by device type. On CPU, stacking segments
 #: buys little and large activations cost page faults (see `encodec_fast.cpu`); on GPUs it is
 #: what keeps the device busy.
-SEGMENT_BATCH_SAMPLES = {"cpu": 2 * 48_000, "cuda": 64 * 48_000}
+SEGMENT_BATCH_SAMPLES = {"cpu": 48_000, "cuda": 64 * 48_000}
+
+
+#: Rows (segments x batch) that go through the decoder's frame-rate layers (first conv, LSTM) in
+#: one call, on any device.
+HEAD_BATCH_ROWS = 256
 
 
 #: Stack segments / clips into one encoder call on CPU too. Off by default: on CPU it buys little,
@@ -225,10 +230,6 @@ class EncodecModel(nn.Module):
         return tp.cast(tp.List[tp.List[EncodedFrame]], results)
 
     # -- decoding ------------------------------------------------------------------------------
-    def _decode_rows(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [N, K, T] -> audio [N, C, T * hop]."""
-        return self.decoder(self.quantizer.decode(codes.transpose(0, 1)))
-
     def decode(self, encoded_frames: tp.List[EncodedFrame]) -> torch.Tensor:
         """Frames from `encode` -> audio [B, C, T']; T' may exceed the input length (see `forward`)."""
         if not encoded_frames:
@@ -245,21 +246,30 @@ class EncodecModel(nn.Module):
         return _linear_overlap_add(self._decode_frames(encoded_frames), self.segment_stride or 1)
 
     def _decode_frames(self, frames: tp.List[EncodedFrame]) -> tp.List[torch.Tensor]:
-        """Decode each frame; frames with the same shape go through the decoder together."""
+        """Decode each frame, frames of the same shape together.
+
+        The frame-rate part of the decoder (dequantisation, first conv, LSTM) runs on up to
+        `HEAD_BATCH_ROWS` rows at once: its recurrent loop costs about the same for one segment
+        as for many. The upsampling part runs on `SEGMENT_BATCH_SAMPLES` at a time.
+        """
         out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(frames)
         by_shape: tp.Dict[tp.Tuple[int, ...], tp.List[int]] = {}
         for i, (codes, _) in enumerate(frames):
             by_shape.setdefault(tuple(codes.shape), []).append(i)
+        device = frames[0][0].device
         for (B, K, T), indices in by_shape.items():
-            per_call = max(1, _segment_budget(frames[0][0].device) // (B * T * self.hop_length))
-            for c in range(0, len(indices), per_call):
-                chunk = indices[c:c + per_call]
+            per_head = max(1, HEAD_BATCH_ROWS // B)
+            per_tail = max(1, _segment_budget(device) // (B * T * self.hop_length))
+            for c in range(0, len(indices), per_head):
+                chunk = indices[c:c + per_head]
                 codes = torch.cat([frames[i][0] for i in chunk]) if len(chunk) > 1 else frames[chunk[0]][0]
-                audio = self._decode_rows(codes)
-                for j, i in enumerate(chunk):
-                    y = audio[j * B:(j + 1) * B]
-                    scale = frames[i][1]
-                    out[i] = y * scale.view(-1, 1, 1) if scale is not None else y
+                hidden = self.decoder.forward_head(self.quantizer.decode(codes.transpose(0, 1)))
+                for t in range(0, len(chunk), per_tail):
+                    audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B])
+                    for j, i in enumerate(chunk[t:t + per_tail]):
+                        y = audio[j * B:(j + 1) * B]
+                        scale = frames[i][1]
+                        out[i] = y * scale.view(-1, 1, 1) if scale is not None else y
         return tp.cast(tp.List[torch.Tensor], out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -226,3 +226,21 @@ def test_stacked_encoding_on_cpu_equals_separate_calls(name, request, monkeypatc
     for a, b in zip(separate, stacked):
         assert_same_frames(a, b)
     assert_same_frames(full, full_stacked)
+
+
+@pytest.mark.parametrize("head_rows,tail_samples", [(1, 48_000), (4, 48_000), (4, 3 * 48_000), (256, 64 * 48_000)])
+def test_decode_chunking_matches_upstream(pair_48, monkeypatch, head_rows, tail_samples):
+    """Segments share decoder calls in chunks (frame-rate layers, then upsampling); any chunking
+    must decode as upstream's one-segment-at-a-time loop, including the shorter last segment."""
+    import encodec_fast.model as model_module
+    up, ours = pair_48
+    monkeypatch.setattr(model_module, "HEAD_BATCH_ROWS", head_rows)
+    monkeypatch.setitem(model_module.SEGMENT_BATCH_SAMPLES, "cpu", tail_samples)
+    up.set_target_bandwidth(12.0)
+    x = batch_signal(up, 2, 4 * 47520 + 1000, seed=5)
+    with torch.no_grad():
+        frames = up.encode(x)
+        ref = up.decode(frames)
+        out = ours.decode(frames)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= DECODE_RTOL

@@ -177,5 +177,25 @@ class SEANetDecoder(nn.Module):
             model += [getattr(nn, final_activation)()]
         self.model = nn.Sequential(*model)
 
+    @property
+    def head_size(self) -> int:
+        """Layers up to and including the LSTM: the part that runs at the frame rate."""
+        for i, layer in enumerate(self.model):
+            if isinstance(layer, SLSTM):
+                return i + 1
+        return 1
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, dimension, T] -> [B, mult * n_filters, T]: the frame-rate layers (conv, LSTM).
+
+        Small activations and a recurrent loop whose cost hardly grows with the batch: run it on
+        as many segments at once as possible."""
+        return run_layers(list(self.model)[:self.head_size], z)
+
+    def forward_tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The output of `forward_head` -> audio [B, channels, T * hop_length]: the upsampling
+        layers, whose activations are large (on CPU, few segments at a time keep them in cache)."""
+        return run_layers(list(self.model)[self.head_size:], h)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return run_layers(self.model, z)

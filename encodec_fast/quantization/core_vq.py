@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import ops
+
 
 def ema_inplace(moving_avg: torch.Tensor, new: torch.Tensor, decay: float) -> None:
     moving_avg.data.mul_(decay).add_(new, alpha=(1 - decay))
@@ -80,11 +82,19 @@ class EuclideanCodebook(nn.Module):
         self._norms_key: tp.Any = None
 
     # -- inference ---------------------------------------------------------------------------
+    def _set_embed(self, value: torch.Tensor) -> None:
+        # In place on the buffer itself (not `.data`), so that its version counter moves and the
+        # cached norms (here and in `ResidualVectorQuantization.stacked_codebooks`) follow.
+        with torch.no_grad():
+            self.embed.copy_(value)
+
     def embed_norms(self) -> torch.Tensor:
-        """||e||^2 as upstream computes it ([1, K], from `embed.t()`), cached per embed version."""
+        """||e||^2 as upstream computes it ([1, K], from `embed.t()`), cached per embed version in
+        eval mode (edits through `embed.data` do not move the version: after one, call
+        `load_state_dict` or change the buffer itself); recomputed on every call in training."""
         e = self.embed
         key = (e._version, e.data_ptr(), e.dtype, e.device)
-        if self._norms_key != key:
+        if self.training or self._norms_key != key:
             with torch.inference_mode(False), torch.no_grad():
                 self._norms = e.t().pow(2).sum(0, keepdim=True)
             self._norms_key = key
@@ -93,14 +103,7 @@ class EuclideanCodebook(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest codeword for each row of x [N, D] -> [N] int64 (ties: lowest index)."""
-        embed_t = self.embed.t()
-        norms = self.embed_norms() if not torch.is_grad_enabled() else embed_t.pow(2).sum(0, keepdim=True)
-        # Upstream: -((x^2).sum - (2x) @ E^T + ||e||^2), then argmax. Scaling by 2 is exact in
-        # binary floating point, so a - 2 * (x @ E^T) has the same bits as a - (2x) @ E^T.
-        dist = torch.mm(x, embed_t)
-        dist = torch.sub(x.pow(2).sum(1, keepdim=True), dist, alpha=2)
-        dist.add_(norms)
-        return dist.argmin(dim=-1)
+        return ops.nearest_code(x, self.embed, self.embed_norms())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> codes [...]."""
@@ -117,7 +120,7 @@ class EuclideanCodebook(nn.Module):
         if self.inited:
             return
         embed, cluster_size = kmeans(data, self.codebook_size, self.kmeans_iters)
-        self.embed.data.copy_(embed)
+        self._set_embed(embed)
         self.embed_avg.data.copy_(embed.clone())
         self.cluster_size.data.copy_(cluster_size)
         self.inited.data.copy_(torch.Tensor([True]))
@@ -136,26 +139,26 @@ class EuclideanCodebook(nn.Module):
         if not torch.any(expired):
             return
         samples = batch_samples.reshape(-1, batch_samples.shape[-1])
-        self.embed.data.copy_(torch.where(expired[:, None], sample_vectors(samples, self.codebook_size), self.embed))
+        self._set_embed(torch.where(expired[:, None], sample_vectors(samples, self.codebook_size), self.embed))
         from .. import distrib
         distrib.broadcast_tensors(self.buffers())
 
     def forward(self, x: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """x [..., D] -> (quantized [..., D], codes [...]); updates the EMA buffers in training."""
-        shape, dtype = x.shape, x.dtype
+        shape = x.shape
         flat = x.reshape(-1, shape[-1])
         self.init_embed_(flat)
-        embed_ind = self.quantize(flat)
-        onehot = F.one_hot(embed_ind, self.codebook_size).type(dtype)
+        with torch.no_grad():
+            embed_ind, quantize, counts, embed_sum = ops.vq_assign(flat, self.embed, self.embed_norms(),
+                                                                   stats=self.training)
         embed_ind = embed_ind.view(*shape[:-1])
-        quantize = self.decode(embed_ind)
+        quantize = quantize.view(*shape[:-1], -1)
         if self.training:
             self.expire_codes_(flat)
-            ema_inplace(self.cluster_size, onehot.sum(0), self.decay)
-            embed_sum = flat.t() @ onehot
-            ema_inplace(self.embed_avg, embed_sum.t(), self.decay)
+            ema_inplace(self.cluster_size, counts, self.decay)
+            ema_inplace(self.embed_avg, embed_sum, self.decay)
             cluster_size = laplace_smoothing(self.cluster_size, self.codebook_size, self.epsilon) * self.cluster_size.sum()
-            self.embed.data.copy_(self.embed_avg / cluster_size.unsqueeze(1))
+            self._set_embed(self.embed_avg / cluster_size.unsqueeze(1))
         return quantize, embed_ind
 
 
@@ -212,6 +215,7 @@ class ResidualVectorQuantization(nn.Module):
     def __init__(self, *, num_quantizers: int, **kwargs):
         super().__init__()
         self.layers = nn.ModuleList([VectorQuantization(**kwargs) for _ in range(num_quantizers)])
+        self._stacked: tp.Dict[int, tp.Any] = {}
 
     def forward(self, x: torch.Tensor, n_q: tp.Optional[int] = None):
         quantized_out: tp.Any = 0.0
@@ -226,30 +230,32 @@ class ResidualVectorQuantization(nn.Module):
         return quantized_out, torch.stack(indices), torch.stack(losses)
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:
-        """[B, D, T] -> codes [n_q, B, T].
+        """[B, D, T] -> codes [n_q, B, T] (`encodec_fast.ops.rvq_encode`).
 
-        `rows`: run the search on blocks of `rows` batch items, the call shapes of an upstream
-        batch of that size (a matrix product's bits can depend on its row count).
+        `rows`: on the reference path, run the search on blocks of `rows` batch items, the call
+        shapes of an upstream batch of that size (a matrix product's bits can depend on them).
         """
-        B, D, T = x.shape
         n_q = n_q or len(self.layers)
         layers = self.layers[:n_q]
         if any(not isinstance(layer.project_in, nn.Identity) for layer in layers):
             return self._encode_projected(x, n_q)
-        rows = rows or B
-        codes = torch.empty(n_q, B, T, dtype=torch.long, device=x.device)
-        for b0 in range(0, B, rows):
-            # [b, T, D] rows, one copy; each stage subtracts its codeword in place.
-            residual = x[b0:b0 + rows].transpose(1, 2).reshape(-1, D)
-            if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-                residual = residual.clone()  # a view of x (T == 1): never modify the input
-            for i, layer in enumerate(layers):
-                cb = layer._codebook
-                idx = cb.quantize(residual)
-                codes[i, b0:b0 + rows] = idx.view(-1, T)
-                if i + 1 < n_q:
-                    residual.sub_(F.embedding(idx, cb.embed))
-        return codes
+        books = [layer._codebook for layer in layers]
+        return ops.rvq_encode(x, [cb.embed for cb in books], [cb.embed_norms() for cb in books],
+                              stacked=lambda: self.stacked_codebooks(n_q), rows=rows)
+
+    def stacked_codebooks(self, n_q: tp.Optional[int] = None) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """The first n_q codebooks as one fp32 [n_q, K, D] tensor and their norms [n_q, K] (the
+        kernels' layout), cached until a codebook changes."""
+        books = [layer._codebook for layer in self.layers[:n_q or len(self.layers)]]
+        key = tuple((cb.embed._version, cb.embed.data_ptr(), cb.embed.device) for cb in books)
+        cached = self._stacked.get(len(books))
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                embeds = torch.stack([cb.embed.float() for cb in books]).contiguous()
+                norms = torch.stack([cb.embed_norms().reshape(-1).float() for cb in books]).contiguous()
+            cached = (key, embeds, norms)
+            self._stacked = {len(books): cached}
+        return cached[1], cached[2]
 
     def _encode_projected(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         residual, out = x, []
@@ -266,8 +272,11 @@ class ResidualVectorQuantization(nn.Module):
             raise ValueError(f"{K} codebooks given, the quantizer has {len(self.layers)}")
         if K == 0:
             raise ValueError("no codebooks to decode")
-        out = None
-        for i in range(K):
-            q = self.layers[i].decode(q_indices[i])
-            out = q.clone() if out is None else out.add_(q)
-        return out
+        layers = self.layers[:K]
+        if any(not isinstance(layer.project_out, nn.Identity) for layer in layers):
+            out = layers[0].decode(q_indices[0])
+            for i in range(1, K):
+                out = out + layers[i].decode(q_indices[i])
+            return out
+        return ops.rvq_decode(q_indices, [layer._codebook.embed for layer in layers],
+                              stacked=lambda: self.stacked_codebooks(K))

@@ -22,7 +22,7 @@ class QuantizedResult:
 class ResidualVectorQuantizer(nn.Module):
     """RVQ over `dimension`-dim latents with `n_q` codebooks of `bins` entries.
 
-    A bandwidth of `bw` kbps uses n_q = max(1, floor(bw / (log2(bins) * frame_rate / 1000)))
+    A bandwidth of `bw` kbps uses n_q = max(1, floor(bw / (log2(bins) * sample_rate / 1000)))
     codebooks; no bandwidth means all of them.
     """
 
@@ -40,28 +40,28 @@ class ResidualVectorQuantizer(nn.Module):
             dim=dimension, codebook_size=bins, num_quantizers=n_q, decay=decay, kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code)
 
-    def forward(self, x: torch.Tensor, frame_rate: int, bandwidth: tp.Optional[float] = None) -> QuantizedResult:
+    def forward(self, x: torch.Tensor, sample_rate: int, bandwidth: tp.Optional[float] = None) -> QuantizedResult:
         """Training/evaluation forward: x [B, D, T] -> QuantizedResult (codes [n_q, B, T])."""
-        bw_per_q = self.get_bandwidth_per_quantizer(frame_rate)
-        n_q = self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth)
+        bw_per_q = self.get_bandwidth_per_quantizer(sample_rate)
+        n_q = self.get_num_quantizers_for_bandwidth(sample_rate, bandwidth)
         quantized, codes, commit_loss = self.vq(x, n_q=n_q)
         bw = torch.tensor(n_q * bw_per_q).to(x)
         return QuantizedResult(quantized, codes, bw, penalty=torch.mean(commit_loss))
 
-    def get_num_quantizers_for_bandwidth(self, frame_rate: int, bandwidth: tp.Optional[float] = None) -> int:
+    def get_num_quantizers_for_bandwidth(self, sample_rate: int, bandwidth: tp.Optional[float] = None) -> int:
         n_q = self.n_q
         if bandwidth and bandwidth > 0.0:
-            n_q = int(max(1, math.floor(bandwidth / self.get_bandwidth_per_quantizer(frame_rate))))
+            n_q = int(max(1, math.floor(bandwidth / self.get_bandwidth_per_quantizer(sample_rate))))
         return n_q
 
-    def get_bandwidth_per_quantizer(self, frame_rate: int) -> float:
+    def get_bandwidth_per_quantizer(self, sample_rate: int) -> float:
         """kbps per codebook."""
-        return math.log2(self.bins) * frame_rate / 1000
+        return math.log2(self.bins) * sample_rate / 1000
 
-    def encode(self, x: torch.Tensor, frame_rate: int, bandwidth: tp.Optional[float] = None,
+    def encode(self, x: torch.Tensor, sample_rate: int, bandwidth: tp.Optional[float] = None,
                rows: tp.Optional[int] = None) -> torch.Tensor:
         """x [B, D, T] -> codes [n_q, B, T] int64."""
-        return self.vq.encode(x, n_q=self.get_num_quantizers_for_bandwidth(frame_rate, bandwidth), rows=rows)
+        return self.vq.encode(x, n_q=self.get_num_quantizers_for_bandwidth(sample_rate, bandwidth), rows=rows)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [K, B, T] -> quantized latents [B, D, T]."""

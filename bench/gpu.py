@@ -1,0 +1,470 @@
+"""GPU check and benchmark: every Triton kernel against its PyTorch path, on one CUDA device.
+
+    python bench/gpu.py [--quick] [--out bench/results]
+    python bench/gpu.py --smoke      # no GPU: tiny shapes on CPU in Triton's interpreter (plumbing only)
+
+1. Correctness on the GPU (the interpreter cannot see everything: TF32, real atomics, bf16):
+   RVQ encode codes against the exact-fp32 torch path (differences must be ties), decode
+   bit-exact, one training stage (codes, counts, sums), a quantizer training step against the
+   torch backend, and the 24 kHz model end to end.
+2. Timings with `triton.testing.do_bench` (median ms), each kernel beside its PyTorch path:
+   - RVQ encode and decode at batch 64 x 10 s of 24 kHz audio (48,000 frames, D=128, K=1024),
+     6 kbps (8 stages) and 24 kbps (32 stages); precisions ieee (exact fp32), tf32x3, tf32, with
+     their code agreement against exact fp32; FLOPs, bytes and the fraction of the roofline;
+   - a quantizer training step (forward + backward, EMA update) at batch 64 x 1 s, ours with
+     each backend and upstream `encodec.quantization.core_vq` when `encodec` is importable;
+   - whole-model 24 kHz encode and decode, seconds of audio per second: torch fp32, Triton fp32,
+     and bf16 autocast with its code agreement.
+3. JSON and a markdown table in `--out` (device, versions, date).
+
+On a machine without network, install `encodec` (optional) from carried wheels first. Nothing
+here asserts a speed: a kernel that loses is reported as losing.
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import typing as tp
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from encodec_fast import EncodecModel, ops  # noqa: E402
+from encodec_fast.ops import rvq  # noqa: E402
+from encodec_fast.quantization import ResidualVectorQuantizer  # noqa: E402
+
+# Dense peaks (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets, by device name.
+PEAKS = {
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "hbm_tbs": 2.0},
+    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 3.35},
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 4.8},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "hbm_tbs": 2.0},
+}
+
+
+def peaks_for(name: str) -> tp.Optional[dict]:
+    for key in sorted(PEAKS, key=len, reverse=True):
+        if key in name:
+            return PEAKS[key]
+    return None
+
+
+#: Sizes: the realistic ones, or tiny ones for --smoke (CPU, Triton interpreter, no timing value).
+SIZES = {"rvq": (64, 750), "train": (64, 75), "model": (64, 10.0), "big_checks": True}
+SMOKE_SIZES = {"rvq": (2, 40), "train": (2, 20), "model": (2, 0.5), "big_checks": False}
+SMOKE = False
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn: tp.Callable[[], tp.Any], quick: bool) -> float:
+    if SMOKE:  # do_bench needs a GPU driver
+        return 1e3 * timed_seconds(fn, 1)
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+
+
+def timed_seconds(fn: tp.Callable[[], tp.Any], reps: int) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_books(Q: int, K: int, D: int, seed: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([0.85 ** q for q in range(Q)]).view(Q, 1, 1)
+    return (torch.randn(Q, K, D, generator=g) * scales).to(device)
+
+
+def make_latents(books: torch.Tensor, B: int, T: int, seed: int) -> torch.Tensor:
+    Q, K, D = books.shape
+    g = torch.Generator(device=books.device).manual_seed(seed)
+    idx = torch.randint(0, K, (Q, B * T), generator=g, device=books.device)
+    x = sum(books[q][idx[q]] for q in range(Q))
+    x = x + 0.5 * float(books[-1].std()) * torch.randn(B * T, D, generator=g, device=books.device)
+    return x.view(B, T, D).transpose(1, 2).contiguous()
+
+
+class Precision:
+    """Set $ENCODEC_FAST_RVQ_PRECISION inside a block."""
+
+    def __init__(self, value: str):
+        self.value, self.old = value, None
+
+    def __enter__(self):
+        self.old = os.environ.get("ENCODEC_FAST_RVQ_PRECISION")
+        os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("ENCODEC_FAST_RVQ_PRECISION", None)
+        else:
+            os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.old
+
+
+# -- 1. correctness --------------------------------------------------------------------------------
+
+def check(name: str, results: list, fn: tp.Callable[[], tp.Optional[str]]) -> None:
+    try:
+        detail = fn() or ""
+        results.append({"check": name, "ok": True, "detail": detail})
+    except Exception as exc:  # report every failure, keep going
+        results.append({"check": name, "ok": False, "detail": f"{type(exc).__name__}: {exc}"})
+        traceback.print_exc()
+    print(("PASS " if results[-1]["ok"] else "FAIL ") + name, results[-1]["detail"], flush=True)
+
+
+def correctness(device: str) -> list:
+    out: list = []
+
+    def encode_case(B, D, T, K, Q):
+        def run():
+            books = make_books(Q, K, D, seed=B + D + T + K + Q, device=device)
+            x = make_latents(books, B, T, seed=T)
+            norms = [b.pow(2).sum(-1)[None] for b in books]
+            with ops.use_backend("torch"):
+                ref = rvq.rvq_encode(x, list(books), norms)
+            with ops.use_backend("triton"):
+                got = rvq.rvq_encode(x, list(books), norms)
+                strided = rvq.rvq_encode(x.transpose(1, 2).contiguous().transpose(1, 2), list(books), norms)
+            agreement = rvq.code_agreement(x, books, ref, got)
+            if agreement.non_ties or not torch.equal(got, strided):
+                raise AssertionError(str(agreement))
+            return f"{agreement.equal}/{agreement.rows} equal, {agreement.ties} ties"
+        return run
+
+    shapes = [(1, 128, 1, 1024, 3), (3, 8, 37, 16, 4), (1, 130, 50, 100, 2), (2, 256, 20, 4096, 1)]
+    if SIZES["big_checks"]:
+        shapes += [(4, 128, 750, 1024, 32), (2, 64, 333, 2048, 17)]
+    for shape in shapes:
+        check(f"rvq_encode B,D,T,K,Q={shape}", out, encode_case(*shape))
+
+    def decode_case():
+        books = make_books(32, 1024, 128, seed=1, device=device)
+        codes = torch.randint(0, 1024, (32, 3, 500 if SIZES["big_checks"] else 20), device=device)
+        with ops.use_backend("torch"):
+            ref = rvq.rvq_decode(codes, list(books))
+        with ops.use_backend("triton"):
+            got = rvq.rvq_decode(codes, list(books))
+        if not torch.equal(ref, got):
+            raise AssertionError(f"max diff {float((ref - got).abs().max())}")
+        return "bit-exact"
+    check("rvq_decode 32 x 1024 x 128", out, decode_case)
+
+    def assign_case():
+        books = make_books(1, 1024, 128, seed=2, device=device)
+        x = make_latents(books, 1, 5000 if SIZES["big_checks"] else 100, seed=2)[0].t()
+        norm = books[0].pow(2).sum(-1)
+        with ops.use_backend("torch"):
+            c, q, n, s = rvq.vq_assign(x, books[0], norm, stats=True)
+        with ops.use_backend("triton"):
+            kc, kq, kn, ks = rvq.vq_assign(x, books[0], norm, stats=True)
+        agreement = rvq.code_agreement(x.t()[None], books, c.view(1, 1, -1), kc.view(1, 1, -1))
+        if agreement.non_ties:
+            raise AssertionError(str(agreement))
+        if agreement.equal == agreement.rows:
+            if not (torch.equal(q, kq) and torch.equal(n, kn)):
+                raise AssertionError("codewords or counts differ")
+            torch.testing.assert_close(ks, s, rtol=1e-5, atol=1e-5)
+        return f"{agreement.equal}/{agreement.rows} equal"
+    check("vq_assign with EMA statistics", out, assign_case)
+
+    def training_case():
+        # No k-means here: with fewer frames than codewords it repeats frames, and repeated
+        # codewords are exact ties that either side may break.
+        torch.manual_seed(0)
+        ref_q = ResidualVectorQuantizer(dimension=128, n_q=8, bins=1024, kmeans_init=False).to(device)
+        ref_q.train()
+        fast_q = copy.deepcopy(ref_q)
+        g = torch.Generator(device=device).manual_seed(1)
+        for step in range(3):
+            x = torch.randn(*SIZES["train"][:1], 128, SIZES["train"][1], generator=g, device=device)
+            books = torch.stack([layer._codebook.embed.detach().clone() for layer in ref_q.vq.layers])
+            res = []
+            for backend, model in (("torch", ref_q), ("triton", fast_q)):
+                xin = x.clone().requires_grad_(True)
+                torch.manual_seed(100 + step)  # dead-code expiry draws random frames
+                with ops.use_backend(backend):
+                    r = model(xin, sample_rate=75)
+                (r.quantized.pow(2).mean() + r.penalty.sum()).backward()
+                res.append((r, xin.grad))
+            (a, ga), (b, gb) = res
+            if not torch.equal(a.codes, b.codes):
+                agreement = rvq.code_agreement(x, books, a.codes, b.codes)
+                if agreement.non_ties:
+                    raise AssertionError(f"step {step}: {agreement}")
+                return f"step {step}: {agreement.ties} ties (state diverges from there; not compared further)"
+            torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+            for (name, x1), (_, x2) in zip(ref_q.named_buffers(), fast_q.named_buffers()):
+                torch.testing.assert_close(x2, x1, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        return "3 steps: codes equal, gradients and EMA buffers close"
+    check("quantizer training step, triton vs torch", out, training_case)
+
+    def model_case():
+        model = random_model(device)
+        model.set_target_bandwidth(6.0)
+        x = test_audio(2, int(24000 * SIZES["model"][1]), device)
+        with torch.no_grad():
+            emb = model.encoder(x)
+            with ops.use_backend("torch"):
+                ref = model.encode(x)[0][0]
+                audio_ref = model.decode([(ref, None)])
+            with ops.use_backend("triton"):
+                got = model.encode(x)[0][0]
+                audio = model.decode([(ref, None)])
+        books, _ = model.quantizer.vq.stacked_codebooks(ref.shape[1])
+        agreement = rvq.code_agreement(emb, books, ref.transpose(0, 1), got.transpose(0, 1))
+        if agreement.non_ties:
+            raise AssertionError(str(agreement))
+        if not torch.equal(audio, audio_ref):
+            raise AssertionError("decoded audio differs")
+        return f"{agreement.equal}/{agreement.rows} frames equal, {agreement.ties} ties; audio bit-exact"
+    check("24 kHz model end to end, 6 kbps", out, model_case)
+    return out
+
+
+def random_model(device: str) -> EncodecModel:
+    """The 24 kHz model with random weights and codebooks spread like latents (never zeros)."""
+    torch.manual_seed(0)
+    model = EncodecModel.encodec_model_24khz(pretrained=False).to(device).eval()
+    with torch.no_grad():
+        emb = model.encoder(test_audio(4, 24000, device)).transpose(1, 2).reshape(-1, 128)
+        residual = emb
+        for layer in model.quantizer.vq.layers:
+            cb = layer._codebook
+            idx = torch.randint(0, residual.shape[0], (cb.embed.shape[0],), device=device)
+            cb.embed.copy_(residual[idx] * (0.6 + 0.8 * torch.rand(cb.embed.shape[0], 1, device=device)))
+            residual = residual - cb.decode(cb.encode(residual))
+    return model
+
+
+def test_audio(batch: int, length: int, device: str) -> torch.Tensor:
+    """Harmonic tones with vibrato and noise bursts (not silence) [batch, 1, length]."""
+    g = torch.Generator().manual_seed(batch * 7 + length)
+    t = torch.arange(length) / 24000
+    out = []
+    for _ in range(batch):
+        f0 = 100 + 120 * torch.rand(1, generator=g)
+        phase = 2 * math.pi * torch.cumsum(f0 * (1 + 0.2 * torch.sin(2 * math.pi * 0.7 * t)), 0) / 24000
+        voice = sum(torch.sin(h * phase) / h for h in range(1, 10))
+        noise = 0.05 * torch.randn(length, generator=g)
+        out.append(0.3 * voice * (0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t).clamp_min(0)) + noise)
+    return torch.stack(out)[:, None].to(device)
+
+
+# -- 2. timings ------------------------------------------------------------------------------------
+
+def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    rows = []
+    (B, T), D, K = SIZES["rvq"], 128, 1024  # 64 x 10 s at 75 frames/s
+    for Q, kbps in ((8, 6), (32, 24)):
+        books = make_books(Q, K, D, seed=Q, device=device)
+        x = make_latents(books, B, T, seed=Q)
+        embeds, norms = list(books), [b.pow(2).sum(-1)[None] for b in books]
+        N = B * T
+        with ops.use_backend("torch"):
+            ref = rvq.rvq_encode(x, embeds, norms)
+            torch_ms = bench_ms(lambda: rvq.rvq_encode(x, embeds, norms), quick)
+            codes = ref
+            torch_dec_ms = bench_ms(lambda: rvq.rvq_decode(codes, embeds), quick)
+        stacked = (books.contiguous(), torch.stack([n.view(-1) for n in norms]))
+        flops = 2.0 * N * K * D * Q
+        for precision in ("ieee", "tf32x3", "tf32"):
+            with ops.use_backend("triton"), Precision(precision):
+                got = rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)
+                ms = bench_ms(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked), quick)
+            agreement = rvq.code_agreement(x, books, ref, got)
+            peak = None if peaks is None else peaks["fp32" if precision == "ieee" else "tf32"]
+            rows.append({
+                "op": "rvq_encode", "kbps": kbps, "stages": Q, "frames": N, "precision": precision,
+                "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms,
+                "tflops": flops / ms / 1e9, "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak,
+                "frames_equal": agreement.equal / agreement.rows, "ties": agreement.ties,
+                "non_ties": agreement.non_ties})
+        with ops.use_backend("triton"):
+            ms = bench_ms(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked), quick)
+        nbytes = N * Q * 8 + N * D * 4  # codes read, output written (codebooks stay in L2)
+        rows.append({"op": "rvq_decode", "kbps": kbps, "stages": Q, "frames": N, "precision": "fp32",
+                     "torch_ms": torch_dec_ms, "triton_ms": ms, "speedup": torch_dec_ms / ms,
+                     "gbs": nbytes / ms / 1e6,
+                     "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def time_training(device: str, quick: bool) -> list:
+    rows = []
+    for n_q in (8, 32):
+        torch.manual_seed(0)
+        ours = ResidualVectorQuantizer(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
+        x = torch.randn(SIZES["train"][0], 128, SIZES["train"][1], device=device)
+
+        def step(model, backend=None):
+            xin = x.clone().requires_grad_(True)
+            if backend is None:
+                res = model(xin, sample_rate=75)
+                loss = res.quantized.pow(2).mean() + res.penalty.sum()
+            else:
+                with ops.use_backend(backend):
+                    res = model(xin, 75)
+                    loss = res.quantized.pow(2).mean() + res.penalty.sum()
+            loss.backward()
+
+        entry = {"op": "quantizer training step", "stages": n_q, "frames": x.shape[0] * x.shape[2]}
+        for backend in ("torch", "triton"):
+            model = copy.deepcopy(ours)
+            entry[f"ours_{backend}_ms"] = bench_ms(lambda: step(model, backend), quick)
+        try:
+            from encodec.quantization import ResidualVectorQuantizer as Upstream
+            upstream = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
+            upstream.load_state_dict(ours.state_dict())
+            entry["upstream_ms"] = bench_ms(lambda: step(upstream), quick)
+            entry["speedup_vs_upstream"] = entry["upstream_ms"] / entry["ours_triton_ms"]
+        except ImportError:
+            entry["upstream_ms"] = None
+            entry["note"] = "encodec not installed: no upstream timing"
+        entry["speedup_vs_torch_backend"] = entry["ours_torch_ms"] / entry["ours_triton_ms"]
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
+    return rows
+
+
+def time_model(device: str, quick: bool) -> list:
+    model = random_model(device)
+    batch, duration = SIZES["model"]
+    x = test_audio(batch, int(24000 * duration), device)
+    seconds = batch * duration
+    reps = 2 if quick else 5
+    rows = []
+    with torch.no_grad():
+        for kbps in (6.0, 24.0):
+            model.set_target_bandwidth(kbps)
+            with ops.use_backend("torch"):
+                ref = model.encode(x)
+            emb = model.encoder(x)
+            books, _ = model.quantizer.vq.stacked_codebooks(ref[0][0].shape[1])
+            entry: dict = {"op": f"24 kHz model, {batch} x {duration} s", "kbps": kbps}
+            for label, backend, dtype in (("torch_fp32", "torch", None), ("triton_fp32", "triton", None),
+                                          ("triton_bf16", "triton", torch.bfloat16)):
+                def enc():
+                    with ops.use_backend(backend), torch.autocast(device, dtype=dtype or torch.float32,
+                                                                  enabled=dtype is not None):
+                        return model.encode(x)
+
+                def dec(frames=ref):
+                    with ops.use_backend(backend), torch.autocast(device, dtype=dtype or torch.float32,
+                                                                  enabled=dtype is not None):
+                        return model.decode(frames)
+                codes = enc()[0][0]
+                entry[f"{label}_encode_audio_s_per_s"] = seconds / timed_seconds(enc, reps)
+                entry[f"{label}_decode_audio_s_per_s"] = seconds / timed_seconds(dec, reps)
+                entry[f"{label}_codes_equal_to_fp32"] = float((codes == ref[0][0]).float().mean())
+                if dtype is None:  # same latents: tell ties from disagreements
+                    agreement = rvq.code_agreement(emb, books, ref[0][0].transpose(0, 1), codes.transpose(0, 1))
+                    entry[f"{label}_frames_equal_ties_non_ties"] = [agreement.equal, agreement.ties,
+                                                                     agreement.non_ties]
+            entry["encode_speedup_triton_fp32"] = (entry["triton_fp32_encode_audio_s_per_s"]
+                                                   / entry["torch_fp32_encode_audio_s_per_s"])
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+    return rows
+
+
+# -- 3. report -------------------------------------------------------------------------------------
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU benchmark ({report['date']})", "",
+             f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}, "
+             f"CUDA {report['cuda']}; Python {report['python']}.", "",
+             "## Correctness on the GPU", "", "| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {c['check']} | {'pass' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in report["checks"]]
+    lines += ["", "## RVQ kernels (median ms, do_bench)", "",
+              "| op | kbps | precision | torch ms | triton ms | speed-up | TFLOP/s or GB/s | roofline | frames equal | ties | non-ties |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rvq"]:
+        rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbs']:.0f} GB/s"
+        roof = "-" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.0f}%"
+        lines.append(f"| {r['op']} | {r['kbps']} | {r['precision']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {rate} | {roof} | {r.get('frames_equal', 1.0):.4f} | "
+                     f"{r.get('ties', '-')} | {r.get('non_ties', '-')} |")
+    lines += ["", "## Quantizer training step (forward + backward + EMA, median ms)", "",
+              "| stages | upstream | ours torch | ours triton | vs upstream | vs torch backend |", "|---|---|---|---|---|---|"]
+    for r in report["training"]:
+        up = "-" if r["upstream_ms"] is None else f"{r['upstream_ms']:.2f}"
+        vs = "-" if r["upstream_ms"] is None else f"{r['speedup_vs_upstream']:.2f}x"
+        lines.append(f"| {r['stages']} | {up} | {r['ours_torch_ms']:.2f} | {r['ours_triton_ms']:.2f} | {vs} | "
+                     f"{r['speedup_vs_torch_backend']:.2f}x |")
+    lines += ["", "## Whole model (seconds of audio per second)", "",
+              "Frames: equal / ties / not ties, against torch fp32 on the same latents.", "",
+              "| model | kbps | mode | encode | decode | codes equal to fp32 | frames |", "|---|---|---|---|---|---|---|"]
+    for r in report["model"]:
+        for label in ("torch_fp32", "triton_fp32", "triton_bf16"):
+            frames = " / ".join(map(str, r.get(label + "_frames_equal_ties_non_ties", ["-"])))
+            lines.append(f"| {r['op']} | {r['kbps']} | {label} | {r[label + '_encode_audio_s_per_s']:.1f} | "
+                         f"{r[label + '_decode_audio_s_per_s']:.1f} | {r[label + '_codes_equal_to_fp32']:.4f} | "
+                         f"{frames} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--smoke", action="store_true",
+                        help="no GPU: tiny shapes on CPU under TRITON_INTERPRET=1, to check the script runs")
+    args = parser.parse_args()
+    global SMOKE, SIZES
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
+            return 2
+        SMOKE, SIZES = True, SMOKE_SIZES
+    elif not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA device (or --smoke)", file=sys.stderr)
+        return 2
+    import triton
+    torch.backends.cuda.matmul.allow_tf32 = False  # the torch path is exact fp32, as the reference
+    torch.backends.cudnn.allow_tf32 = False
+    device = "cpu" if SMOKE else "cuda"
+    name = "CPU (smoke run, Triton interpreter)" if SMOKE else torch.cuda.get_device_name()
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name,
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "host": platform.node(),
+    }
+    report["checks"] = correctness(device)
+    peaks = peaks_for(name)
+    report["peaks"] = peaks
+    report["rvq"] = time_rvq(device, args.quick, peaks)
+    report["training"] = time_training(device, args.quick)
+    report["model"] = time_model(device, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_{datetime.date.today().isoformat()}" + ("_smoke" if SMOKE else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if all(c["ok"] for c in report["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Fast ops: for each, a PyTorch reference and the dispatch to its kernel (see `backend`).
+
+Model code calls these functions only, never `encodec_fast.kernels` directly.
+"""
+
+from .backend import BackendError, requested_backend, select, triton_available, use_backend
+from .rvq import nearest_code, rvq_decode, rvq_encode, vq_assign
+
+__all__ = ["BackendError", "requested_backend", "select", "triton_available", "use_backend",
+           "nearest_code", "rvq_decode", "rvq_encode", "vq_assign"]

@@ -1,0 +1,24 @@
+"""The benchmark scripts run (their numbers are not checked: speed is measured, not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_smoke_run(tmp_path):
+    """bench/gpu.py --smoke: every correctness check of the GPU script passes on tiny shapes in
+    Triton's interpreter, and the report is written; keeps the script ready for a GPU session."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = list(tmp_path.glob("gpu_*_smoke.json"))
+    assert len(reports) == 1 and reports[0].with_suffix(".md").exists()
+    report = json.loads(reports[0].read_text())
+    assert report["checks"] and all(c["ok"] for c in report["checks"])
+    assert {r["op"] for r in report["rvq"]} == {"rvq_encode", "rvq_decode"}
+    assert len(report["training"]) == 2 and len(report["model"]) == 2
