@@ -1,6 +1,6 @@
 """Ours vs upstream encodec 0.1.1 on CPU, same weights and inputs, one run.
 
-    python bench/cpu_vs_upstream.py [--reps 3] [--out bench/results]
+    python bench/cpu_vs_upstream.py [--rounds 3] [--reps 2] [--out bench/results]
 
 Workloads: 24 kHz encode and decode of a batch of 8 x 5 s (6 kbps); 48 kHz encode and decode of
 1 x 10 s stereo (6 kbps). Each implementation runs in its own subprocess, with glibc's default
@@ -63,7 +63,8 @@ def worker(impl: str, tuned: bool, reps: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2, help="timed runs per worker, after a warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of workers")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "TUNED"))
     args = parser.parse_args()
@@ -72,16 +73,31 @@ def main():
         return
 
     import torch
-    results = {}
-    for impl in ("upstream", "ours"):
+    # Interleaved rounds: this VM's speed drifts by +-20% over minutes, so each implementation
+    # and allocator setting runs a few reps in every round, in alternating order, and the medians
+    # are taken over all rounds.
+    results: dict = {}
+    for rnd in range(args.rounds):
+        impls = ("upstream", "ours") if rnd % 2 == 0 else ("ours", "upstream")
         for tuned in (0, 1):
-            proc = subprocess.run([sys.executable, __file__, "--reps", str(args.reps), "--worker", impl, str(tuned)],
-                                  capture_output=True, text=True, cwd=ROOT,
-                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
-            if proc.returncode:
-                sys.exit(proc.stderr)
-            results[f"{impl}{'+tuned' if tuned else ''}"] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"done: {impl} tuned={tuned}", file=sys.stderr)
+            for impl in impls:
+                proc = subprocess.run([sys.executable, __file__, "--reps", str(args.reps), "--worker", impl, str(tuned)],
+                                      capture_output=True, text=True, cwd=ROOT,
+                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                if proc.returncode:
+                    sys.exit(proc.stderr)
+                run = json.loads(proc.stdout.strip().splitlines()[-1])
+                key = f"{impl}{'+tuned' if tuned else ''}"
+                for name, entry in run.items():
+                    acc = results.setdefault(key, {}).setdefault(name, {"audio_s": entry["audio_s"],
+                                                                        "encode_all": [], "decode_all": []})
+                    acc["encode_all"] += entry["encode_all"]
+                    acc["decode_all"] += entry["decode_all"]
+                print(f"round {rnd + 1}/{args.rounds}: {impl} tuned={tuned}", file=sys.stderr)
+    for per_impl in results.values():
+        for entry in per_impl.values():
+            entry["encode_s"] = statistics.median(entry["encode_all"])
+            entry["decode_s"] = statistics.median(entry["decode_all"])
 
     rows = []
     for name in WORKLOADS:
@@ -104,6 +120,7 @@ def main():
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
             platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "reps": args.reps,
+            "rounds": args.rounds,
             "workloads": {k: list(v) for k, v in WORKLOADS.items()}, "bandwidth_kbps": 6.0}
     try:
         meta["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if "model name" in ln)
@@ -115,7 +132,8 @@ def main():
     (args.out / f"{stem}.md").write_text(
         f"# CPU: encodec_fast vs encodec 0.1.1 ({meta['date']})\n\n"
         f"Machine: {meta.get('cpu_model', meta['machine'])}, {meta['cpu_count']} cores, torch {meta['torch']}, "
-        f"{meta['torch_threads']} threads. Medians of {args.reps} runs after a warm-up, 6 kbps, same random weights "
+        f"{meta['torch_threads']} threads. Medians of {args.rounds} interleaved rounds x {args.reps} runs (each after a "
+        f"warm-up), 6 kbps, same random weights "
         f"(data-like codebooks) and inputs. 'tuned' = glibc allocator keeps freed memory "
         f"(`encodec_fast.cpu.tune_cpu_allocator`, applied by the `encodec-fast` command).\n\n{table}\n")
 

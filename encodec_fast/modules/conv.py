@@ -24,29 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import ops
+from ..ops.conv import pad1d  # noqa: F401  (re-exported: upstream's modules.conv has it)
 from .groups import Groups
 
 CONV_NORMALIZATIONS = frozenset(["none", "weight_norm", "time_group_norm"])
-
-
-def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "zero", value: float = 0.0):
-    """`F.pad` on the last dim that also reflect-pads inputs shorter than the padding.
-
-    For reflect mode with `length <= max(left, right)`, zeros are first appended so that the
-    reflection is defined, and removed afterwards (upstream's rule; the result has length
-    left + length + right).
-    """
-    left, right = paddings
-    if left < 0 or right < 0:
-        raise ValueError(f"negative padding {paddings}")
-    if mode != "reflect":
-        return F.pad(x, paddings, "constant" if mode == "zero" else mode, value)
-    length = x.shape[-1]
-    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
-    if extra:
-        x = F.pad(x, (0, extra))
-    padded = F.pad(x, paddings, "reflect")
-    return padded[..., : padded.shape[-1] - extra]
 
 
 def reflect_pad_into(dst: torch.Tensor, src: torch.Tensor, left: int, right: int) -> None:
@@ -160,6 +142,11 @@ class NormConvTranspose1d(nn.Module):
         return self.norm(self.convtr(x))
 
 
+def _raw_weight(conv: nn.Module) -> torch.Tensor:
+    """The parameter that decides device and autograd (without computing a weight-normed weight)."""
+    return conv._parameters["weight_v"] if "weight_v" in conv._parameters else conv.weight
+
+
 def elu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
     """ELU(alpha=1) as `nn.ELU`; in place only when the caller owns `x` and autograd is off."""
     if inplace and not torch.is_grad_enabled():
@@ -196,12 +183,23 @@ class SConv1d(nn.Module):
         return math.ceil(length / self.stride)
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu_first: bool = False,
-                elu_inplace: bool = False) -> torch.Tensor:
-        """Optionally apply ELU to the input (upstream's preceding `nn.ELU`), pad, convolve, norm.
+                elu_inplace: bool = False, residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Optionally apply ELU to the input (upstream's preceding `nn.ELU`), pad, convolve, norm,
+        and add `residual` to the result.
 
-        `elu_inplace` says the caller does not need `x` afterwards.
+        `elu_inplace` says the caller does not need `x` afterwards. On the Triton backend the ELU,
+        padding, convolution and residual sum are one kernel (`encodec_fast.ops.conv1d`).
         """
         uniform = groups is None or groups.uniform(x)
+        conv = self.conv.conv
+        if uniform and ops.conv_backend(x, _raw_weight(conv)) == "triton":
+            fuse = residual is not None and isinstance(self.conv.norm, nn.Identity)
+            y = ops.conv1d(x, conv.weight, conv.bias, self.stride, self.dilation, self.paddings(x.shape[-1]),
+                           self.pad_mode, elu=elu_first, residual=residual if fuse else None)
+            y = self.conv.norm(y)
+            return y if fuse or residual is None else y + residual
+        if residual is not None:
+            return residual + self.forward(x, groups, elu_first, elu_inplace)
         if self.stride == 1 and self.padding_total == 0:
             # No padding at all (kernel 1): padding rows never reach valid outputs.
             if elu_first:
@@ -258,6 +256,16 @@ class SConvTranspose1d(nn.Module):
             self.trim = (total - total // 2, total // 2)
 
     def forward(self, x: torch.Tensor, elu_first: bool = False, elu_inplace: bool = False):
+        convtr = self.convtr.convtr
+        if ops.conv_backend(x, _raw_weight(convtr)) == "triton":
+            stride = convtr.stride[0]
+            full = (x.shape[-1] - 1) * stride + convtr.kernel_size[0]
+            if isinstance(self.convtr.norm, nn.Identity):  # trim inside the kernel
+                return ops.conv_transpose1d(x, convtr.weight, convtr.bias, stride, start=self.trim[0],
+                                            length=full - sum(self.trim), elu=elu_first)
+            # A norm sees the whole output: trim after it, as upstream.
+            y = ops.conv_transpose1d(x, convtr.weight, convtr.bias, stride, elu=elu_first)
+            return unpad1d(self.convtr.norm(y), self.trim)
         if elu_first:
             x = elu(x, elu_inplace)
         return unpad1d(self.convtr(x), self.trim)

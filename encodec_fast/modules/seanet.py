@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .conv import SConv1d, SConvTranspose1d, elu
+from .. import ops
+from .conv import SConv1d, SConvTranspose1d, _raw_weight, elu
 from .groups import Groups
 from .lstm import SLSTM
 
@@ -41,6 +42,12 @@ class SEANetResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
         h = x
         convs = [m for m in self.block if isinstance(m, SConv1d)]
+        if (groups is None or groups.uniform(x)) and ops.conv_backend(x, _raw_weight(convs[0].conv.conv)) == "triton":
+            # Kernels: the shortcut first, then the block, its last conv adding the shortcut.
+            skip = self.shortcut(x) if isinstance(self.shortcut, SConv1d) else x
+            for i, conv in enumerate(convs):
+                h = conv(h, elu_first=True, residual=skip if i == len(convs) - 1 else None)
+            return h
         for i, conv in enumerate(convs):
             if i == 0 or groups is None or groups.uniform(h):
                 # x itself is needed by the shortcut: only later ELUs may run in place.

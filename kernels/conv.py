@@ -1,0 +1,189 @@
+"""Triton kernels for SEANet's convolutions: ELU -> pad -> Conv1d (+ residual) and
+ELU -> ConvTranspose1d -> trim, each in one pass, as implicit matrix products.
+
+- `conv1d`: out[b, o, t] = bias[o] (+ res[b, o, t]) + sum_{i, k} W[o, i, k] * f(x)[b, i, t*s + k*d - left],
+  where f is ELU (optional) and the index outside [0, L) is mapped by the padding rule inside the
+  kernel (reflect with upstream's rule for inputs shorter than the padding, or zeros): no padded
+  copy and no separate ELU pass are written to memory.
+- `conv_transpose1d`: one output phase r (t' = j*s + r) per program, so every tap that reaches it
+  is k = r + s*m and reads input j - m: a dense matrix product per tap. Only the kept range
+  [start, start + length) of the full output is computed (upstream's trimming).
+
+Weights come pre-arranged as [K, C_out, C_in] (contiguous, fp32 or the input's dtype). The dot
+precision is a constexpr: 'ieee' (exact fp32 products), 'tf32x3' or 'tf32'; half inputs may
+multiply in their own dtype (HALF_DOT) with fp32 accumulation. The wrappers in
+`encodec_fast.ops.conv` validate arguments; call those.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _elu(v):
+    return tl.where(v > 0, v, tl.exp(v) - 1.0)
+
+
+@triton.jit
+def _source_index(i, L, L_ext, REFLECT: tl.constexpr):
+    """Index into x (or -1 for a zero) of padded position i - left = i (already shifted)."""
+    if REFLECT:
+        j = tl.where(i < 0, -i, i)
+        j = tl.where(j >= L_ext, 2 * (L_ext - 1) - j, j)
+    else:
+        j = i
+    return tl.where((j >= 0) & (j < L), j, -1)
+
+
+@triton.jit
+def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
+                   C_in, C_out, L, L_ext, T_out, left, stride, dilation,
+                   sx_b, sx_c, sx_t, sr_b, sr_c, sr_t, so_b, so_c, so_t,
+                   K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
+                   ELU: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o = pid_o * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    t_ok = t < T_out
+    o_ok = o < C_out
+    ci = tl.arange(0, BLOCK_CI)
+    acc = tl.zeros([BLOCK_CO, BLOCK_T], tl.float32)
+    x_b = x_ptr + b * sx_b
+    for k in tl.static_range(K):
+        src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
+        src_ok = t_ok & (src >= 0)
+        for c0 in range(0, C_in, BLOCK_CI):
+            c = c0 + ci
+            c_ok = c < C_in
+            xv = tl.load(x_b + c[:, None].to(tl.int64) * sx_c + src[None, :].to(tl.int64) * sx_t,
+                         mask=c_ok[:, None] & src_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + (k * C_out + o[:, None]) * C_in + c[None, :],
+                         mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+            if ELU:
+                xv = _elu(xv.to(tl.float32)).to(xv.dtype)
+            if HALF_DOT:
+                acc += tl.dot(wv.to(xv.dtype), xv, out_dtype=tl.float32)
+            else:
+                acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+    mask = o_ok[:, None] & t_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + b * sr_b + o[:, None].to(tl.int64) * sr_c + t[None, :].to(tl.int64) * sr_t,
+                       mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * so_b + o[:, None].to(tl.int64) * so_c + t[None, :].to(tl.int64) * so_t,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_transpose1d_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                             C_in, C_out, L, start, length, j0, n_j,
+                             sx_b, sx_c, sx_t, so_b, so_c, so_t,
+                             K: tl.constexpr, S: tl.constexpr,
+                             BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_J: tl.constexpr,
+                             ELU: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    r = pid % S                      # output phase
+    j = j0 + (pid // S) * BLOCK_J + tl.arange(0, BLOCK_J)
+    o = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    b = tl.program_id(2).to(tl.int64)
+    tp = j * S + r                   # position in the full (untrimmed) output
+    keep = (tp >= start) & (tp < start + length) & (j < j0 + n_j)
+    o_ok = o < C_out
+    ci = tl.arange(0, BLOCK_CI)
+    acc = tl.zeros([BLOCK_CO, BLOCK_J], tl.float32)
+    x_b = x_ptr + b * sx_b
+    for m in tl.static_range((K + S - 1) // S):
+        k = r + m * S
+        src = j - m
+        src_ok = keep & (src >= 0) & (src < L) & (k < K)
+        for c0 in range(0, C_in, BLOCK_CI):
+            c = c0 + ci
+            c_ok = c < C_in
+            xv = tl.load(x_b + c[:, None].to(tl.int64) * sx_c + src[None, :].to(tl.int64) * sx_t,
+                         mask=c_ok[:, None] & src_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + (k * C_out + o[:, None]) * C_in + c[None, :],
+                         mask=o_ok[:, None] & c_ok[None, :] & (k < K), other=0.0)
+            if ELU:
+                xv = _elu(xv.to(tl.float32)).to(xv.dtype)
+            if HALF_DOT:
+                acc += tl.dot(wv.to(xv.dtype), xv, out_dtype=tl.float32)
+            else:
+                acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+    pos = (tp - start).to(tl.int64)
+    tl.store(out_ptr + b * so_b + o[:, None].to(tl.int64) * so_c + pos[None, :] * so_t,
+             acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & keep[None, :])
+
+
+# -- launch wrappers -------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _blocks(C_in: int, C_out: int, T: int):
+    if _interpreting():  # each program costs milliseconds whatever its size: few, large ones
+        return (min(256, max(16, triton.next_power_of_2(C_out))), min(128, max(16, triton.next_power_of_2(C_in))),
+                min(1024, max(16, triton.next_power_of_2(T))), 4)
+    block_co = min(64, max(16, triton.next_power_of_2(C_out)))
+    block_ci = min(32, max(16, triton.next_power_of_2(C_in)))
+    block_t = 128 if T >= 128 else max(16, triton.next_power_of_2(T))
+    return block_co, block_ci, block_t, 4
+
+
+def _half_dot(x: torch.Tensor) -> bool:
+    # The interpreter cannot multiply bf16 (numpy has none): compute those in fp32 there.
+    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _interpreting())
+
+
+def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype):
+    """x [B, C_in, L]; weight_kco [K, C_out, C_in]; returns [B, C_out, T_out]."""
+    B, C_in, L = x.shape
+    K, C_out, _ = weight_kco.shape
+    padded = left + L + right
+    T_out = (padded - (K - 1) * dilation - 1) // stride + 1
+    out = torch.empty(B, C_out, T_out, device=x.device, dtype=out_dtype)
+    if T_out <= 0 or B == 0:
+        return out
+    # Upstream's reflect rule for short inputs: zeros appended up to max(left, right) + 1 first.
+    L_ext = max(L, max(left, right) + 1) if reflect else L
+    bco, bci, bt, warps = _blocks(C_in, C_out, T_out)
+    grid = (triton.cdiv(T_out, bt), triton.cdiv(C_out, bco), B)
+    res = residual if residual is not None else out
+    _conv1d_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, res, out,
+                         C_in, C_out, L, L_ext, T_out, left, stride, dilation,
+                         *x.stride(), *res.stride(), *out.stride(),
+                         K=K, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_T=bt, ELU=elu, REFLECT=reflect,
+                         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HALF_DOT=_half_dot(x),
+                         PRECISION=precision, num_warps=warps)
+    return out
+
+
+def conv_transpose1d(x, weight_kco, bias, stride, start, length, elu, precision, out_dtype):
+    """x [B, C_in, L]; weight_kco [K, C_out, C_in]; returns the full transposed convolution's
+    output [B, C_out, (L - 1) * stride + K] restricted to [start, start + length)."""
+    B, C_in, L = x.shape
+    K, C_out, _ = weight_kco.shape
+    out = torch.empty(B, C_out, length, device=x.device, dtype=out_dtype)
+    if length <= 0 or B == 0:
+        return out
+    j0 = start // stride
+    n_j = (start + length - 1) // stride - j0 + 1
+    bco, bci, bj, warps = _blocks(C_in, C_out, n_j)
+    grid = (triton.cdiv(n_j, bj) * stride, triton.cdiv(C_out, bco), B)
+    _conv_transpose1d_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, out,
+                                   C_in, C_out, L, start, length, j0, n_j,
+                                   *x.stride(), *out.stride(),
+                                   K=K, S=stride, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_J=bj, ELU=elu,
+                                   HAS_BIAS=bias is not None, HALF_DOT=_half_dot(x), PRECISION=precision,
+                                   num_warps=warps)
+    return out

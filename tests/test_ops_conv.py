@@ -1,0 +1,208 @@
+"""Fused convolution ops: the Triton kernels (interpreted on CPU without a GPU) against the
+PyTorch references, over SEANet's layer shapes, padding rules, edge lengths and dtypes."""
+
+import pytest
+import torch
+
+from encodec_fast import ops
+from encodec_fast.ops import conv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Per dtype: tolerance relative to the output's largest magnitude. fp32 products are exact and
+# only the summation order differs; half inputs are rounded before the product.
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+def assert_close_rel(got, ref, dtype):
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    scale = float(ref.float().abs().max())
+    err = float((got.float() - ref.float()).abs().max())
+    assert err <= RTOL[dtype] * max(scale, 1e-6), f"max error {err:.3e} for scale {scale:.3e}"
+
+
+def paddings(k, s, d, L, causal):
+    import math
+    p = (k - 1) * d - (s - 1)
+    extra = math.ceil(L / s) * s - L
+    return (p, extra) if causal else (p - p // 2, p // 2 + extra)
+
+
+# (C_in, C_out, K, stride, dilation): every convolution kind in SEANet's encoder and decoder.
+LAYERS = [
+    (1, 32, 7, 1, 1),     # first conv, mono
+    (2, 32, 7, 1, 1),     # first conv, stereo
+    (32, 16, 3, 1, 1),    # residual block, dilated k=3 (dilation 1)
+    (64, 32, 3, 1, 2),    # residual block, dilation 2
+    (16, 32, 1, 1, 1),    # residual block k=1
+    (32, 64, 4, 2, 1),    # down-sampling, stride 2
+    (64, 128, 8, 4, 1),   # stride 4
+    (128, 256, 10, 5, 1),  # stride 5
+    (256, 512, 16, 8, 1),  # stride 8
+    (32, 1, 7, 1, 1),     # last decoder conv, mono
+    (512, 128, 7, 1, 1),  # bottleneck conv
+]
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[f"{c[0]}to{c[1]}k{c[2]}s{c[3]}d{c[4]}" for c in LAYERS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_conv1d_layers(layer, causal):
+    C_in, C_out, K, s, d = layer
+    L = 61 if s == 1 else 8 * s + 3  # not a multiple of the stride or of any block
+    x = rand(2, C_in, L, seed=C_in + K)
+    w = rand(C_out, C_in, K, seed=C_out) / (C_in * K) ** 0.5
+    b = rand(C_out, seed=K)
+    pads = paddings(K, s, d, L, causal)
+    for elu in (False, True):
+        ref = conv.conv1d_torch(x, w, b, s, d, pads, "reflect", elu)
+        with ops.use_backend("triton"):
+            got = conv.conv1d(x, w, b, s, d, pads, "reflect", elu)
+        assert_close_rel(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4, 6, 7])
+@pytest.mark.parametrize("pad_mode", ["reflect", "zero"])
+def test_conv1d_inputs_shorter_than_the_padding(L, pad_mode):
+    """Upstream's reflect rule for short inputs (zeros appended, reflected, removed) in the kernel."""
+    x = rand(1, 16, L, seed=L)
+    w = rand(16, 16, 7, seed=1) / 10
+    for pads in [(3, 3), (6, 0), (4, 2), (1, 5)]:  # padded length >= the kernel's 7
+        ref = conv.conv1d_torch(x, w, None, 1, 1, pads, pad_mode)
+        with ops.use_backend("triton"):
+            got = conv.conv1d(x, w, None, 1, 1, pads, pad_mode)
+        assert_close_rel(got, ref, torch.float32)
+
+
+def test_conv1d_residual_bias_free_and_strided_input():
+    base = rand(3, 40, 32, seed=4)
+    x = base.transpose(1, 2)  # [3, 32, 40], non-contiguous
+    w = rand(32, 32, 1, seed=5) / 6
+    res = rand(3, 40, 32, seed=6).transpose(1, 2)
+    ref = conv.conv1d_torch(x, w, None, elu=True, residual=res)
+    with ops.use_backend("triton"):
+        got = conv.conv1d(x, w, None, elu=True, residual=res)
+        with pytest.raises(ValueError, match="residual"):
+            conv.conv1d(x, w, None, residual=res[:, :, :-1])
+    assert_close_rel(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv1d_half(dtype):
+    x = rand(2, 32, 50, seed=7, dtype=dtype)
+    w = rand(64, 32, 4, seed=8, dtype=dtype) / 11
+    b = rand(64, seed=9, dtype=dtype)
+    pads = paddings(4, 2, 1, 50, False)
+    ref = conv.conv1d_torch(x.float(), w.float(), b.float(), 2, 1, pads, "reflect", True).to(dtype)
+    with ops.use_backend("triton"):
+        got = conv.conv1d(x, w, b, 2, 1, pads, "reflect", True)
+    assert_close_rel(got, ref, dtype)
+
+
+# (C_in, C_out, stride): the decoder's up-sampling layers (kernel = 2 * stride).
+UPSAMPLE = [(64, 32, 2), (128, 64, 4), (40, 20, 5), (64, 32, 8), (16, 1, 3)]
+
+
+@pytest.mark.parametrize("layer", UPSAMPLE, ids=[f"{c[0]}to{c[1]}s{c[2]}" for c in UPSAMPLE])
+@pytest.mark.parametrize("trim", ["full", "noncausal", "causal", "causal_half"])
+def test_conv_transpose1d(layer, trim):
+    C_in, C_out, s = layer
+    K = 2 * s
+    L = 13
+    x = rand(2, C_in, L, seed=s)
+    w = rand(C_in, C_out, K, seed=C_out) / (C_in * 2) ** 0.5
+    b = rand(C_out, seed=3)
+    full = (L - 1) * s + K
+    total = K - s
+    start, length = {"full": (0, full), "noncausal": (total - total // 2, full - total),
+                     "causal": (0, full - total), "causal_half": (total - (total + 1) // 2, full - total)}[trim]
+    for elu in (False, True):
+        ref = conv.conv_transpose1d_torch(x, w, b, s, start, length, elu)
+        with ops.use_backend("triton"):
+            got = conv.conv_transpose1d(x, w, b, s, start, length, elu)
+        assert_close_rel(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_transpose1d_half_and_single_frame(dtype):
+    for L in (1, 9):
+        x = rand(1, 32, L, seed=L, dtype=dtype)
+        w = rand(32, 16, 8, seed=2, dtype=dtype) / 8
+        ref = conv.conv_transpose1d_torch(x.float(), w.float(), None, 4, 2, (L - 1) * 4 + 4, True).to(dtype)
+        with ops.use_backend("triton"):
+            got = conv.conv_transpose1d(x, w, None, 4, 2, (L - 1) * 4 + 4, True)
+        assert_close_rel(got, ref, dtype)
+
+
+def test_conv_ops_validate_and_fall_back():
+    x = rand(1, 8, 20)
+    w = rand(4, 8, 3)
+    with ops.use_backend("triton"):
+        with pytest.raises(ValueError, match="does not fit"):
+            conv.conv1d(x, rand(4, 5, 3), None)
+        with pytest.raises(ValueError, match="cannot keep"):
+            conv.conv_transpose1d(x, rand(8, 4, 4), None, 2, start=3, length=100)
+        # Autograd through the input or weight: the reference runs (the kernels have no backward).
+        xg = x.clone().requires_grad_(True)
+        assert ops.conv_backend(xg, w) == "torch"
+        y = conv.conv1d(xg, w, None, paddings=(1, 1))
+        y.sum().backward()
+        assert xg.grad is not None and xg.grad.shape == x.shape
+        with torch.no_grad():
+            assert ops.conv_backend(xg, w) == "triton"
+        # A padding mode the kernel does not implement: the reference.
+        ref = conv.conv1d_torch(x, w, None, paddings=(2, 2), pad_mode="replicate")
+        assert torch.equal(conv.conv1d(x, w, None, paddings=(2, 2), pad_mode="replicate"), ref)
+
+
+def test_arranged_weight_cache_follows_in_place_updates():
+    x = rand(1, 8, 20)
+    w = rand(4, 8, 3)
+    with ops.use_backend("triton"):
+        first = conv.conv1d(x, w, None, paddings=(1, 1))
+        with torch.no_grad():
+            w.mul_(2)
+        second = conv.conv1d(x, w, None, paddings=(1, 1))
+    assert_close_rel(second, 2 * first, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["24khz", "48khz"])
+def test_models_with_triton_convolutions(name, request):
+    """Every convolution of both models through the kernels (ELU, padding, residual fused).
+
+    Latents and audio stay within fp32 summation-order differences of the reference. Codes: the
+    codes are exactly the quantizer's codes for the kernels' latents (ties excepted); against the
+    reference's codes they differ where those 1e-6 differences move a latent across a boundary
+    between codewords (any difference then runs through the later stages of that frame), which
+    with these test codebooks is a few percent of codes."""
+    from encodec_fast.ops import rvq
+    from helpers import make_signal
+    _, model = request.getfixturevalue(f"pair_{name[:2]}")
+    model.set_target_bandwidth(6.0)
+    sr = model.sample_rate
+    x = torch.stack([make_signal(sr, sr // 5 + 77, model.channels, seed=s) for s in (3, 4)]).to(DEVICE)
+    with torch.no_grad():
+        frames_ref = model.encode(x)
+        audio_ref = model.decode(frames_ref)
+        with ops.use_backend("triton"):
+            frames = model.encode(x)
+            audio = model.decode(frames_ref)
+            with ops.use_backend("torch"):
+                emb_ref = model.encoder(x)
+            emb = model.encoder(x)
+    assert_close_rel(emb, emb_ref, torch.float32)
+    assert_close_rel(audio, audio_ref, torch.float32)
+    if model.segment_length is None:  # one frame: its codes come from `emb`
+        codes = frames[0][0].transpose(0, 1)
+        with torch.no_grad():
+            own = model.quantizer.encode(emb, model.frame_rate, 6.0)
+        books, _ = model.quantizer.vq.stacked_codebooks(codes.shape[0])
+        result = rvq.code_agreement(emb, books, own, codes)
+        assert result.non_ties == 0, result
+    codes_ref = torch.cat([c for c, _ in frames_ref], -1)
+    codes = torch.cat([c for c, _ in frames], -1)
+    agree = float((codes == codes_ref).float().mean())
+    assert agree >= 0.9, f"only {agree:.4f} of the codes agree"
