@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["encodec_fast", "encodec_fast.modules", "encodec_fast.ops", "encodec_fast.quantization",
-              "encodec_fast.kernels"],
+              "encodec_fast.train", "encodec_fast.kernels"],
     package_dir={"encodec_fast.kernels": "kernels"},
     install_requires=[
         # Kept compatible with torch 2.11 / torchaudio 2.11 / triton 3.6 (the GPU image's versions).

@@ -39,6 +39,27 @@ def _source_index(i, L, L_ext, REFLECT: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_tap(acc, x_b, src, src_ok, w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
+                    BLOCK_CI: tl.constexpr, ELU: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[o, t] += sum_i W[k, o, i] * f(x[i, src[t]]) over all input channels (zero where not src_ok)."""
+    ci = tl.arange(0, BLOCK_CI)
+    for c0 in range(0, C_in, BLOCK_CI):
+        c = c0 + ci
+        c_ok = c < C_in
+        xv = tl.load(x_b + c[:, None].to(tl.int64) * sx_c + src[None, :].to(tl.int64) * sx_t,
+                     mask=c_ok[:, None] & src_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + (k * C_out + o[:, None]) * C_in + c[None, :],
+                     mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+        if ELU:
+            xv = _elu(xv.to(tl.float32)).to(xv.dtype)
+        if HALF_DOT:
+            acc += tl.dot(wv.to(xv.dtype), xv, out_dtype=tl.float32)
+        else:
+            acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
                    C_in, C_out, L, L_ext, T_out, left, stride, dilation,
                    sx_b, sx_c, sx_t, sr_b, sr_c, sr_t, so_b, so_c, so_t,
@@ -52,25 +73,12 @@ def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
     o = pid_o * BLOCK_CO + tl.arange(0, BLOCK_CO)
     t_ok = t < T_out
     o_ok = o < C_out
-    ci = tl.arange(0, BLOCK_CI)
     acc = tl.zeros([BLOCK_CO, BLOCK_T], tl.float32)
     x_b = x_ptr + b * sx_b
     for k in tl.static_range(K):
         src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
-        src_ok = t_ok & (src >= 0)
-        for c0 in range(0, C_in, BLOCK_CI):
-            c = c0 + ci
-            c_ok = c < C_in
-            xv = tl.load(x_b + c[:, None].to(tl.int64) * sx_c + src[None, :].to(tl.int64) * sx_t,
-                         mask=c_ok[:, None] & src_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + (k * C_out + o[:, None]) * C_in + c[None, :],
-                         mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-            if ELU:
-                xv = _elu(xv.to(tl.float32)).to(xv.dtype)
-            if HALF_DOT:
-                acc += tl.dot(wv.to(xv.dtype), xv, out_dtype=tl.float32)
-            else:
-                acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision=PRECISION)
+        acc = _accumulate_tap(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
+                              BLOCK_CI, ELU, HALF_DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     mask = o_ok[:, None] & t_ok[None, :]
@@ -97,26 +105,16 @@ def _conv_transpose1d_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     tp = j * S + r                   # position in the full (untrimmed) output
     keep = (tp >= start) & (tp < start + length) & (j < j0 + n_j)
     o_ok = o < C_out
-    ci = tl.arange(0, BLOCK_CI)
     acc = tl.zeros([BLOCK_CO, BLOCK_J], tl.float32)
     x_b = x_ptr + b * sx_b
     for m in tl.static_range((K + S - 1) // S):
         k = r + m * S
         src = j - m
+        # A tap past the kernel (k >= K, when K is not a multiple of S) reads no input, so its
+        # weights (masked to the clamped index) never count.
         src_ok = keep & (src >= 0) & (src < L) & (k < K)
-        for c0 in range(0, C_in, BLOCK_CI):
-            c = c0 + ci
-            c_ok = c < C_in
-            xv = tl.load(x_b + c[:, None].to(tl.int64) * sx_c + src[None, :].to(tl.int64) * sx_t,
-                         mask=c_ok[:, None] & src_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + (k * C_out + o[:, None]) * C_in + c[None, :],
-                         mask=o_ok[:, None] & c_ok[None, :] & (k < K), other=0.0)
-            if ELU:
-                xv = _elu(xv.to(tl.float32)).to(xv.dtype)
-            if HALF_DOT:
-                acc += tl.dot(wv.to(xv.dtype), xv, out_dtype=tl.float32)
-            else:
-                acc += tl.dot(wv.to(tl.float32), xv.to(tl.float32), input_precision=PRECISION)
+        acc = _accumulate_tap(acc, x_b, src, src_ok, w_ptr, tl.minimum(k, K - 1), o, o_ok, C_in, C_out,
+                              sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     pos = (tp - start).to(tl.int64)

@@ -113,7 +113,6 @@ def test_corrupt_files_raise_value_error(good_file, pair_48, pair_24):
     bad = [b"RIFF" + good_file[4:], good_file[:4] + b"\x01" + good_file[5:],
            good_file[:5] + struct.pack("!I", 10 ** 9) + good_file[9:]]
     meta_len = struct.unpack("!I", good_file[5:9])[0]
-    meta = good_file[9:9 + meta_len]
     for new_meta in [b"{not json", b"[1, 2]", b'{"m": "encodec_48khz", "al": -5, "nc": 4, "lm": false}',
                      b'{"m": "other", "al": 5, "nc": 4, "lm": false}',
                      b'{"m": "encodec_48khz", "al": 5, "nc": 99, "lm": false}',

@@ -28,6 +28,14 @@ def _check(name: str) -> str:
     return name
 
 
+def env_choice(name: str, choices: tp.Sequence[str], default: str) -> str:
+    """$name lower-cased, checked against `choices` (empty or unset: `default`)."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
 def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else $ENCODEC_FAST_BACKEND, else auto."""
     forced = _override.get()

@@ -13,23 +13,19 @@ their own dtype with fp32 accumulation.
 """
 
 import collections
-import os
 import typing as tp
 
 import torch
 from torch.nn import functional as F
 
-from .backend import select
+from .backend import env_choice, select
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 KERNEL_PAD_MODES = ("reflect", "zero", "constant")
 
 
 def conv_precision() -> str:
-    value = os.environ.get("ENCODEC_FAST_CONV_PRECISION", "ieee").strip().lower() or "ieee"
-    if value not in PRECISIONS:
-        raise ValueError(f"ENCODEC_FAST_CONV_PRECISION={value!r}; choose one of {', '.join(PRECISIONS)}")
-    return value
+    return env_choice("ENCODEC_FAST_CONV_PRECISION", PRECISIONS, "ieee")
 
 
 # -- references ------------------------------------------------------------------------------------

@@ -13,23 +13,19 @@ two codewords are tied within fp32 rounding (a different summation order may pic
 agreement is measured in bench/gpu.py.
 """
 
-import os
 import typing as tp
 
 import torch
 from torch.nn import functional as F
 
-from .backend import select
+from .backend import env_choice, select
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def rvq_precision() -> str:
     """The `tl.dot` precision of the RVQ kernels: $ENCODEC_FAST_RVQ_PRECISION, default 'ieee'."""
-    value = os.environ.get("ENCODEC_FAST_RVQ_PRECISION", "ieee").strip().lower() or "ieee"
-    if value not in PRECISIONS:
-        raise ValueError(f"ENCODEC_FAST_RVQ_PRECISION={value!r}; choose one of {', '.join(PRECISIONS)}")
-    return value
+    return env_choice("ENCODEC_FAST_RVQ_PRECISION", PRECISIONS, "ieee")
 
 
 # -- references ------------------------------------------------------------------------------------

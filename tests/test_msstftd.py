@@ -1,0 +1,62 @@
+"""MS-STFT discriminator against upstream encodec 0.1.1's `msstftd`: state dicts, outputs, gradients."""
+
+import pytest
+import torch
+
+from encodec import msstftd as upstream
+from encodec_fast.train import MultiScaleSTFTDiscriminator
+from helpers import make_signal
+
+
+def pair(channels: int, seed: int = 0):
+    torch.manual_seed(seed)
+    up = upstream.MultiScaleSTFTDiscriminator(filters=8, in_channels=channels)
+    ours = MultiScaleSTFTDiscriminator(filters=8, in_channels=channels)
+    with torch.no_grad():  # weights that are not the default init, on both sides
+        for p in up.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours.load_state_dict(up.state_dict(), strict=True)
+    return up, ours
+
+
+def test_state_dicts_cross_both_ways():
+    up, ours = pair(1)
+    assert list(up.state_dict()) == list(ours.state_dict())
+    assert "discriminators.0.convs.0.conv.weight" in ours.state_dict()       # no weight norm on the first conv
+    assert "discriminators.0.convs.1.conv.weight_g" in ours.state_dict()
+    assert "discriminators.2.spec_transform.window" in ours.state_dict()
+    fresh_up = upstream.MultiScaleSTFTDiscriminator(filters=8)
+    fresh_up.load_state_dict(ours.state_dict(), strict=True)
+    for (k, a), (_, b) in zip(fresh_up.state_dict().items(), up.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_outputs_and_gradients_match_upstream(channels):
+    up, ours = pair(channels, seed=channels)
+    x = torch.stack([make_signal(24000, 9000, channels, seed=s) for s in (1, 2)])
+    outs = []
+    for model in (up, ours):
+        xin = x.clone().requires_grad_(True)
+        logits, fmaps = model(xin)
+        loss = sum(lg.pow(2).mean() for lg in logits) + sum(f.abs().mean() for fm in fmaps for f in fm)
+        loss.backward()
+        outs.append((logits, fmaps, xin.grad, [p.grad for p in model.parameters()]))
+    (ul, uf, ug, upg), (ol, of, og, opg) = outs
+    assert len(ol) == 3 and all(len(fm) == 5 for fm in of)
+    for a, b in zip(ul, ol):
+        assert a.shape == b.shape and torch.equal(a, b)
+    for fa, fb in zip(uf, of):
+        for a, b in zip(fa, fb):
+            assert torch.equal(a, b)
+    torch.testing.assert_close(og, ug, rtol=1e-6, atol=1e-9)
+    for a, b in zip(upg, opg):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
+def test_bad_inputs():
+    _, ours = pair(1)
+    with pytest.raises(ValueError, match=r"\[B, 1, T\]"):
+        ours(torch.randn(1, 2, 4000))
+    with pytest.raises(ValueError, match="shorter than the STFT window"):
+        ours(torch.randn(1, 1, 1000))
