@@ -22,4 +22,5 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert report["checks"] and all(c["ok"] for c in report["checks"])
     assert {r["op"] for r in report["rvq"]} == {"rvq_encode", "rvq_decode"}
     assert len(report["training"]) == 2 and len(report["model"]) == 1
+    assert len(report["stft"]) == 4
     assert len(report["conv"]) == 26 and all(r["rel_err"] < 2e-2 for r in report["conv"])

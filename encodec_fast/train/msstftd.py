@@ -14,6 +14,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from .. import ops
+
 FeatureMaps = tp.List[torch.Tensor]
 
 
@@ -73,8 +75,8 @@ class DiscriminatorSTFT(nn.Module):
 
     def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, T] -> [B, 2C, frames, n_fft // 2 + 1]: real parts of every channel, then imaginary."""
-        z = self.spec_transform(x)  # complex [B, C, freq, frames]
-        return torch.cat([z.real, z.imag], dim=1).transpose(2, 3)
+        return ops.spectrogram(x, self.spec_transform.window, self.n_fft, self.hop_length, self.win_length,
+                               self.normalized)
 
     def forward(self, x: torch.Tensor) -> tp.Tuple[torch.Tensor, FeatureMaps]:
         if x.dim() != 3 or x.shape[1] != self.in_channels:
