@@ -11,6 +11,8 @@
    - RVQ encode and decode at batch 64 x 10 s of 24 kHz audio (48,000 frames, D=128, K=1024),
      6 kbps (8 stages) and 24 kbps (32 stages); precisions ieee (exact fp32), tf32x3, tf32, with
      their code agreement against exact fp32; FLOPs, bytes and the fraction of the roofline;
+   - the MS-STFT discriminator: spectrogram front end, each Conv2d + LeakyReLU layer (fused
+     kernel vs cuDNN, forward and forward + backward, fp32 and bf16), the whole discriminator;
    - a quantizer training step (forward + backward, EMA update) at batch 64 x 1 s, ours with
      each backend and upstream `encodec.quantization.core_vq` when `encodec` is importable;
    - whole-model 24 kHz encode and decode, seconds of audio per second: torch fp32, Triton fp32,
@@ -421,11 +423,65 @@ def time_stft(device: str, quick: bool) -> list:
         with ops.use_backend(backend):
             logits, fmaps = disc(x)
         (sum(lg.mean() for lg in logits) + sum(f.mean() for fm in fmaps for f in fm)).backward()
-    entry = {"op": "MS-STFT discriminator fwd+bwd (filters=32)", "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
+    entry = {"op": "MS-STFT discriminator fwd+bwd (filters=32; triton: spectrogram kernel + fused Conv2d)", "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
              "triton_ms": bench_ms(lambda: disc_step("triton"), quick), "rel_err": None}
     entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
     rows.append(entry)
     print(json.dumps(entry), flush=True)
+    return rows
+
+
+def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """The discriminator's Conv2d + LeakyReLU layers (n_fft=1024 scale, filters=32, a training
+    batch): cuDNN conv + LeakyReLU against the fused kernel, forward alone and forward + backward
+    (the kernel's backward is torch's), fp32 and bf16. The shapes are read off the module."""
+    from encodec_fast.ops import conv
+    from encodec_fast.train.msstftd import DiscriminatorSTFT
+    batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (1, 0.1)
+    torch.manual_seed(0)
+    disc = DiscriminatorSTFT(filters=32 if SIZES["big_checks"] else 8).to(device)
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0].detach())))
+             for m in list(disc.convs) + [disc.conv_post]]
+    with torch.no_grad():
+        disc(torch.randn(batch, 1, int(24000 * seconds), device=device))
+    for h in hooks:
+        h.remove()
+    rows = []
+    for i, (module, x) in enumerate(seen):
+        c = module.conv
+        slope = None if module is disc.conv_post else 0.2
+        w = module.weight().detach()
+        cfg = (c.stride, c.dilation, c.padding, slope)
+        B, C_in, H, W = x.shape
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, wd, bd = x.to(dtype), w.to(dtype), c.bias.detach().to(dtype)
+            def fwd(backend):
+                with torch.no_grad(), ops.use_backend(backend):
+                    return conv.conv2d_leaky_relu(xd, wd, bd, *cfg)
+
+            def fwd_bwd(backend):
+                xin, win = xd.clone().requires_grad_(True), wd.clone().requires_grad_(True)
+                with ops.use_backend(backend):
+                    y = conv.conv2d_leaky_relu(xin, win, bd, *cfg)
+                y.backward(torch.ones_like(y))
+            ref, got = fwd("torch"), fwd("triton")
+            err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+            flops = 2.0 * B * ref.shape[2] * ref.shape[3] * C_in * ref.shape[1] * c.kernel_size[0] * c.kernel_size[1]
+            entry = {"op": f"conv2d{'+lrelu' if slope else ''} #{i}", "dtype": str(dtype).replace("torch.", ""),
+                     "shape": [B, C_in, H, W], "out_channels": ref.shape[1], "kernel": list(c.kernel_size),
+                     "stride": list(c.stride), "dilation": list(c.dilation), "rel_err": err,
+                     "torch_fwd_ms": bench_ms(lambda: fwd("torch"), quick),
+                     "triton_fwd_ms": bench_ms(lambda: fwd("triton"), quick),
+                     "torch_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("torch"), quick),
+                     "triton_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("triton"), quick)}
+            entry["fwd_speedup"] = entry["torch_fwd_ms"] / entry["triton_fwd_ms"]
+            entry["fwd_bwd_speedup"] = entry["torch_fwd_bwd_ms"] / entry["triton_fwd_bwd_ms"]
+            entry["triton_fwd_tflops"] = flops / entry["triton_fwd_ms"] / 1e9
+            peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
+            entry["roofline_fraction"] = None if peak is None else entry["triton_fwd_tflops"] / peak
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
     return rows
 
 
@@ -526,6 +582,15 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|"]
     for r in report.get("stft", []):
         lines.append(f"| {r['op']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.2f}x |")
+    lines += ["", "## Discriminator Conv2d + LeakyReLU: cuDNN + LeakyReLU vs the fused kernel (median ms)", "",
+              "| layer | dtype | input | torch fwd | triton fwd | speed-up | torch fwd+bwd | triton fwd+bwd | speed-up | "
+              "TFLOP/s | roofline | max rel. error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("conv2d", []):
+        roof = "-" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.0f}%"
+        lines.append(f"| {r['op']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {r['torch_fwd_ms']:.3f} | "
+                     f"{r['triton_fwd_ms']:.3f} | {r['fwd_speedup']:.2f}x | {r['torch_fwd_bwd_ms']:.3f} | "
+                     f"{r['triton_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']:.2f}x | {r['triton_fwd_tflops']:.1f} | "
+                     f"{roof} | {r['rel_err']:.1e} |")
     lines += ["", "## Quantizer training step (forward + backward + EMA, median ms)", "",
               "| stages | upstream | ours torch | ours triton | vs upstream | vs torch backend |", "|---|---|---|---|---|---|"]
     for r in report["training"]:
@@ -540,6 +605,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['op']} | {r['kbps']} | {label} | {r[label + '_encode_audio_s_per_s']:.1f} | "
                          f"{r[label + '_decode_audio_s_per_s']:.1f} | {r[label + '_codes_equal_to_fp32']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def error_checks(rows: list) -> list:
+    """A check per timed convolution: its output within 1e-5 (fp32) or 2e-2 (bf16) of torch's."""
+    checks = []
+    for r in rows:
+        limit = 1e-5 if r["dtype"] == "float32" else 2e-2
+        checks.append({"check": f"{r['op']} {r['dtype']} vs torch", "ok": r["rel_err"] <= limit,
+                       "detail": f"max rel. error {r['rel_err']:.1e} (limit {limit:.0e})"})
+    return checks
 
 
 def main() -> int:
@@ -580,16 +655,16 @@ def main() -> int:
     report["rvq"] = time_rvq(device, args.quick, peaks)
     stage("convolution timings")
     report["conv"] = time_convs(device, args.quick, peaks)
-    for r in report["conv"]:
-        limit = 1e-5 if r["dtype"] == "float32" else 2e-2
-        report["checks"].append({"check": f"{r['op']} {r['dtype']} vs torch", "ok": r["rel_err"] <= limit,
-                                 "detail": f"max rel. error {r['rel_err']:.1e} (limit {limit:.0e})"})
+    report["checks"] += error_checks(report["conv"])
     stage("discriminator timings")
     report["stft"] = time_stft(device, args.quick)
     for r in report["stft"]:
         if r["rel_err"] is not None:
             report["checks"].append({"check": f"{r['op']} vs torch", "ok": r["rel_err"] <= 1e-5,
                                      "detail": f"max rel. error {r['rel_err']:.1e} (limit 1e-05)"})
+    stage("discriminator conv2d timings")
+    report["conv2d"] = time_conv2d(device, args.quick, peaks)
+    report["checks"] += error_checks(report["conv2d"])
     stage("training-step timings")
     report["training"] = time_training(device, args.quick)
     stage("whole-model timings")

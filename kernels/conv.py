@@ -8,6 +8,9 @@ ELU -> ConvTranspose1d -> trim, each in one pass, as implicit matrix products.
 - `conv_transpose1d`: one output phase r (t' = j*s + r) per program, so every tap that reaches it
   is k = r + s*m and reads input j - m: a dense matrix product per tap. Only the kept range
   [start, start + length) of the full output is computed (upstream's trimming).
+- `conv2d_leaky_relu`: the MS-STFT discriminator's Conv2d (zero padding, stride, dilation) with
+  bias and LeakyReLU applied before the single store; each (kh, kw) tap is one dense product over
+  the input channels, reusing the 1-d tap loop along the frequency axis.
 
 Weights come pre-arranged as [K, C_out, C_in] (contiguous, fp32 or the input's dtype). The dot
 precision is a constexpr: 'ieee' (exact fp32 products), 'tf32x3' or 'tf32'; half inputs may
@@ -122,6 +125,44 @@ def _conv_transpose1d_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
              acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & keep[None, :])
 
 
+@triton.jit
+def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                              C_in, C_out, H, W, H_out, W_out,
+                              sh, sw, dh, dw, ph, pw, slope,
+                              sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
+                              KH: tl.constexpr, KW: tl.constexpr,
+                              BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    # A block of output positions of the flattened (H_out, W_out) plane: rows of any width fill it.
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    b = tl.program_id(2).to(tl.int64)
+    p_ok = p < H_out * W_out
+    h = p // W_out
+    w_out = p % W_out
+    o_ok = o < C_out
+    acc = tl.zeros([BLOCK_CO, BLOCK_P], tl.float32)
+    x_b = x_ptr + b * sx_b
+    for kh in tl.static_range(KH):
+        h_in = h * sh + kh * dh - ph
+        row_ok = p_ok & (h_in >= 0) & (h_in < H)
+        for kw in tl.static_range(KW):
+            w_in = w_out * sw + kw * dw - pw
+            src_ok = row_ok & (w_in >= 0) & (w_in < W)
+            # The tap loop reads x_b + c * sx_c + src: src is the element offset of (h_in, w_in).
+            src = h_in.to(tl.int64) * sx_h + w_in.to(tl.int64) * sx_w
+            acc = _accumulate_tap(acc, x_b, src, src_ok, w_ptr, kh * KW + kw, o, o_ok, C_in, C_out, sx_c, 1,
+                                  BLOCK_CI, False, HALF_DOT, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+    if ACTIVATE:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    off = h.to(tl.int64) * so_h + w_out.to(tl.int64) * so_w
+    tl.store(out_ptr + b * so_b + o[:, None].to(tl.int64) * so_c + off[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
+
+
 # -- launch wrappers -------------------------------------------------------------------------------
 
 def _interpreting() -> bool:
@@ -184,4 +225,30 @@ def conv_transpose1d(x, weight_kco, bias, stride, start, length, elu, precision,
                                    K=K, S=stride, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_J=bj, ELU=elu,
                                    HAS_BIAS=bias is not None, HALF_DOT=_half_dot(x), PRECISION=precision,
                                    num_warps=warps)
+    return out
+
+
+def conv2d_leaky_relu(x, weight_kco, KH, KW, bias, stride, dilation, padding, slope, precision, out_dtype):
+    """x [B, C_in, H, W]; weight_kco [KH*KW, C_out, C_in] (tap kh*KW + kw); zero padding (ph, pw).
+    Returns leaky_relu(conv2d(x) + bias, slope) [B, C_out, H_out, W_out] (slope None: no activation)."""
+    B, C_in, H, W = x.shape
+    _, C_out, _ = weight_kco.shape
+    (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
+    H_out = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    W_out = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    out = torch.empty(B, C_out, max(H_out, 0), max(W_out, 0), device=x.device, dtype=out_dtype)
+    if H_out <= 0 or W_out <= 0 or B == 0:
+        return out
+    P = H_out * W_out
+    bco, bci, bp, warps = _blocks(C_in, C_out, P)
+    if _interpreting():
+        bp = min(4096, max(16, triton.next_power_of_2(P)))
+    grid = (triton.cdiv(P, bp), triton.cdiv(C_out, bco), B)
+    _conv2d_leaky_relu_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, out,
+                                    C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
+                                    0.0 if slope is None else float(slope),
+                                    *x.stride(), *out.stride(),
+                                    KH=KH, KW=KW, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp,
+                                    HAS_BIAS=bias is not None, ACTIVATE=slope is not None,
+                                    HALF_DOT=_half_dot(x), PRECISION=precision, num_warps=warps)
     return out

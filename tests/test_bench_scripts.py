@@ -24,3 +24,4 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert len(report["training"]) == 2 and len(report["model"]) == 1
     assert len(report["stft"]) == 4
     assert len(report["conv"]) == 26 and all(r["rel_err"] < 2e-2 for r in report["conv"])
+    assert len(report["conv2d"]) == 12 and all(r["rel_err"] < 2e-2 for r in report["conv2d"])

@@ -206,3 +206,116 @@ def test_models_with_triton_convolutions(name, request):
     codes = torch.cat([c for c, _ in frames], -1)
     agree = float((codes == codes_ref).float().mean())
     assert agree >= 0.9, f"only {agree:.4f} of the codes agree"
+
+
+# -- the discriminator's Conv2d + LeakyReLU ----------------------------------------------------------
+
+# (C_in, C_out, kernel, stride, dilation): every Conv2d of an MS-STFT discriminator scale.
+LAYERS_2D = [
+    (2, 8, (3, 9), (1, 1), (1, 1)),    # first conv on [real, imag]
+    (8, 8, (3, 9), (1, 2), (1, 1)),    # strided along frequency
+    (8, 8, (3, 9), (1, 2), (2, 1)),    # dilated along time
+    (8, 16, (3, 9), (1, 2), (4, 1)),
+    (16, 8, (3, 3), (1, 1), (1, 1)),   # square conv
+    (8, 1, (3, 3), (1, 1), (1, 1)),    # conv_post (no activation)
+]
+
+
+def pad2d(kernel, dilation):
+    return ((kernel[0] - 1) * dilation[0]) // 2, ((kernel[1] - 1) * dilation[1]) // 2
+
+
+@pytest.mark.parametrize("layer", LAYERS_2D, ids=[f"{c[0]}to{c[1]}k{c[2][1]}s{c[3][1]}d{c[4][0]}" for c in LAYERS_2D])
+@pytest.mark.parametrize("slope", [0.2, None])
+def test_conv2d_leaky_relu_layers(layer, slope):
+    C_in, C_out, k, s, d = layer
+    x = rand(2, C_in, 6, 37, seed=C_in + k[1])  # frames and bins: no multiple of any block
+    w = rand(C_out, C_in, *k, seed=C_out) / (C_in * k[0] * k[1]) ** 0.5
+    b = rand(C_out, seed=3)
+    ref = conv.conv2d_leaky_relu_torch(x, w, b, s, d, pad2d(k, d), slope)
+    with ops.use_backend("triton"):
+        got = conv.conv2d_leaky_relu(x, w, b, s, d, pad2d(k, d), slope)
+    assert_close_rel(got, ref, torch.float32)
+    if slope is not None:
+        assert (got < 0).any() and (got > 0).any()  # both sides of the activation are exercised
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 2, 3, 5), (3, 8, 2, 9), (1, 8, 9, 2)])
+def test_conv2d_edge_sizes_and_non_contiguous_input(shape):
+    """Inputs smaller than the kernel (all taps but the centre fall in the zero padding), batch 1,
+    and a transposed (non-contiguous) view as the spectrogram layout can give."""
+    B, C_in, H, W = shape
+    x = rand(B, C_in, W, H, seed=H * W).transpose(2, 3)
+    assert not x.is_contiguous() or min(H, W) == 1
+    w = rand(8, C_in, 3, 9, seed=1)
+    for stride, dilation in (((1, 1), (1, 1)), ((1, 2), (4, 1))):
+        padding = pad2d((3, 9), dilation)
+        ref = conv.conv2d_leaky_relu_torch(x, w, None, stride, dilation, padding, 0.2)
+        with ops.use_backend("triton"):
+            got = conv.conv2d_leaky_relu(x, w, None, stride, dilation, padding, 0.2)
+        assert_close_rel(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv2d_half_dtypes(dtype):
+    x = rand(2, 8, 5, 40, seed=4, dtype=dtype)
+    w = rand(8, 8, 3, 9, seed=5, dtype=dtype) / 16
+    b = rand(8, seed=6, dtype=dtype)
+    ref = conv.conv2d_leaky_relu_torch(x.float(), w.float(), b.float(), (1, 2), (2, 1), (2, 4), 0.2).to(dtype)
+    with ops.use_backend("triton"):
+        got = conv.conv2d_leaky_relu(x, w, b, (1, 2), (2, 1), (2, 4), 0.2)
+    assert_close_rel(got, ref, dtype)
+
+
+@pytest.mark.parametrize("slope", [0.2, 0.0, None])
+def test_conv2d_gradients_match_the_reference(slope):
+    """The kernel's forward with torch's backward: input, weight and bias gradients equal the
+    reference's (the activation's mask comes from the saved output, which has the
+    pre-activation's sign for any slope >= 0)."""
+    x = rand(2, 8, 5, 23, seed=7)
+    w = rand(8, 8, 3, 9, seed=8) / 16
+    b = rand(8, seed=9)
+    grad_out = rand(2, 8, 5, 12, seed=10)
+    grads = []
+    for backend in ("torch", "triton"):
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        with ops.use_backend(backend):
+            y = conv.conv2d_leaky_relu(xs, ws, bs, (1, 2), (2, 1), (2, 4), slope)
+        y.backward(grad_out)
+        grads.append((y.detach(), xs.grad, ws.grad, bs.grad))
+    for ref, got in zip(*grads):
+        assert_close_rel(got, ref, torch.float32)
+
+
+def test_conv2d_dispatch_rules():
+    x = rand(1, 8, 4, 20)
+    w = rand(8, 8, 3, 3)
+    assert conv.conv2d_backend(x, w) == "torch"  # auto: cuDNN (CPU here) until measured slower
+    with ops.use_backend("auto"):
+        assert conv.conv2d_backend(x, w) == "torch"
+    with ops.use_backend("triton"):
+        assert conv.conv2d_backend(x, w) == "triton"
+        with pytest.raises(ValueError, match="does not fit"):
+            conv.conv2d_leaky_relu(x, rand(8, 5, 3, 3), None)
+        with pytest.raises(ValueError, match="bad stride"):
+            conv.conv2d_leaky_relu(x, w, None, stride=(0, 1))
+        # A negative slope flips the output's sign, so the kernel path does not take it.
+        ref = conv.conv2d_leaky_relu_torch(x, w, None, (1, 1), (1, 1), (1, 1), -0.5)
+        assert torch.equal(conv.conv2d_leaky_relu(x, w, None, padding=(1, 1), negative_slope=-0.5), ref)
+
+
+def test_weight_cache_never_serves_a_freed_weight():
+    """Temporary weights (e.g. weight norm recomputed every step) come and go, and the allocator
+    hands a new one the old one's memory: the arrangement cache must not return the old values.
+    Each step here builds a new tensor on the same memory (what the allocator does when it
+    reuses a block), at the same version count, with new values."""
+    x = rand(1, 8, 4, 20)
+    memory = torch.empty(8 * 8 * 3 * 3, device=DEVICE).untyped_storage()
+    with ops.use_backend("triton"):
+        for step in range(4):
+            w = torch.empty(0, device=DEVICE).set_(memory, 0, (8, 8, 3, 3))
+            with torch.no_grad():
+                w.copy_(rand(8, 8, 3, 3, seed=100 + step))
+            ref = conv.conv2d_leaky_relu_torch(x, w, None, (1, 1), (1, 1), (1, 1), 0.2)
+            assert_close_rel(conv.conv2d_leaky_relu(x, w, None, padding=(1, 1)), ref, torch.float32)
+            del w

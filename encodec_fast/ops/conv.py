@@ -1,11 +1,14 @@
-"""SEANet convolution ops: PyTorch references and the dispatch to `kernels/conv.py`.
+"""Convolution ops (SEANet's and the discriminator's): PyTorch references and the dispatch to
+`kernels/conv.py`.
 
 - `conv1d`: optional ELU on the input, EnCodec's padding (reflect with upstream's rule for short
   inputs, or zeros), Conv1d, optional residual added to the output;
 - `conv_transpose1d`: optional ELU, ConvTranspose1d, keep `[start, start + length)` of the output
-  (upstream's trimming).
+  (upstream's trimming);
+- `conv2d_leaky_relu`: Conv2d + bias + LeakyReLU for the MS-STFT discriminator (kernel forward,
+  torch backward; in `auto` mode cuDNN runs until the kernel is measured faster).
 
-The kernels run inference only (no backward): with autograd recording through the input or the
+The 1-d kernels run inference only (no backward): with autograd recording through the input or the
 weight, the reference runs. Their fp32 products are exact (`ENCODEC_FAST_CONV_PRECISION=ieee`,
 the default) but sum in another order than cuDNN or oneDNN, so outputs match the reference to
 about 1e-6 relative, not bit for bit; `tf32x3` and `tf32` are opt-in. Half inputs multiply in
@@ -14,11 +17,12 @@ their own dtype with fp32 accumulation.
 
 import collections
 import typing as tp
+import weakref
 
 import torch
 from torch.nn import functional as F
 
-from .backend import env_choice, select
+from .backend import env_choice, requested_backend, select
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 KERNEL_PAD_MODES = ("reflect", "zero", "constant")
@@ -69,22 +73,42 @@ def conv_transpose1d_torch(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optio
     return y[..., start:] if length is None else y[..., start:start + length]
 
 
+def conv2d_leaky_relu_torch(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],
+                            stride: tp.Tuple[int, int] = (1, 1), dilation: tp.Tuple[int, int] = (1, 1),
+                            padding: tp.Tuple[int, int] = (0, 0),
+                            negative_slope: tp.Optional[float] = 0.2) -> torch.Tensor:
+    """[B, C_in, H, W] -> [B, C_out, H', W']: leaky_relu(conv2d(x) + bias) (no activation if the
+    slope is None), zero padding."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    return y if negative_slope is None else F.leaky_relu(y, negative_slope)
+
+
 # -- dispatch --------------------------------------------------------------------------------------
 
-_ARRANGED: "collections.OrderedDict[tp.Any, torch.Tensor]" = collections.OrderedDict()
+_ARRANGED: "collections.OrderedDict[tp.Any, tp.Tuple[weakref.ref, torch.Tensor, int]]" = collections.OrderedDict()
 
 
-def _arranged(weight: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as [K, C_out, C_in] contiguous in `dtype`, cached while the weight is unchanged."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, transposed, dtype)
+def _arranged(weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as [taps, C_out, C_in] contiguous in `dtype`, cached while the weight is unchanged.
+
+    layout: 'conv' ([C_out, C_in, K]), 'transposed' ([C_in, C_out, K]) or 'conv2d'
+    ([C_out, C_in, KH, KW], tap kh * KW + kw). An entry holds a weak reference to its weight and
+    is used only for that very tensor at the same version: a new tensor that happens to reuse a
+    freed one's memory is never served the old arrangement."""
+    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device, layout, dtype)
     hit = _ARRANGED.get(key)
-    if hit is not None:
+    if hit is not None and hit[0]() is weight and hit[2] == weight._version:
         _ARRANGED.move_to_end(key)
-        return hit
+        return hit[1]
     with torch.no_grad():
-        w = weight.permute(2, 1, 0) if transposed else weight.permute(2, 0, 1)  # -> [K, C_out, C_in]
+        if layout == "conv2d":
+            w = weight.permute(2, 3, 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
+        else:
+            w = weight.permute(2, 1, 0) if layout == "transposed" else weight.permute(2, 0, 1)
         w = w.to(dtype).contiguous()
-    _ARRANGED[key] = w
+    _ARRANGED[key] = (weakref.ref(weight), w, weight._version)
+    for stale in [k for k, v in _ARRANGED.items() if v[0]() is None]:
+        del _ARRANGED[stale]
     while len(_ARRANGED) > 512:
         _ARRANGED.popitem(last=False)
     return w
@@ -130,7 +154,7 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor
         raise ValueError(f"residual {tuple(residual.shape)} does not fit the output {(x.shape[0], weight.shape[0], T)}")
     dtype = _compute_dtype(x)
     x = x.to(dtype)
-    return _kernels().conv1d(x, _arranged(weight, False, dtype), bias, stride, dilation, left, right,
+    return _kernels().conv1d(x, _arranged(weight, "conv", dtype), bias, stride, dilation, left, right,
                              pad_mode == "reflect", elu, residual, conv_precision(), dtype)
 
 
@@ -151,5 +175,64 @@ def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[to
         return conv_transpose1d_torch(x, weight, bias, stride, start, length, elu)
     dtype = _compute_dtype(x)
     x = x.to(dtype)
-    return _kernels().conv_transpose1d(x, _arranged(weight, True, dtype), bias, stride, start, length, elu,
+    return _kernels().conv_transpose1d(x, _arranged(weight, "transposed", dtype), bias, stride, start, length, elu,
                                        conv_precision(), dtype)
+
+
+class _Conv2dLeakyReLU(torch.autograd.Function):
+    """Forward: the fused kernel. Backward: the activation's derivative from the saved output
+    (its sign is the pre-activation's for a slope >= 0, so the pre-activation is never stored),
+    then torch's convolution gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, dilation, padding, slope, dtype):
+        KH, KW = weight.shape[-2:]
+        y = _kernels().conv2d_leaky_relu(x.to(dtype), _arranged(weight, "conv2d", dtype), KH, KW, bias, stride,
+                                         dilation, padding, slope, conv_precision(), dtype)
+        ctx.save_for_backward(x, weight, y)
+        ctx.conf = (stride, dilation, padding, slope, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        stride, dilation, padding, slope, bias_dtype = ctx.conf
+        g = grad if slope is None else torch.where(y > 0, grad, grad * slope)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight.to(g.dtype), g, stride, padding, dilation).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.nn.grad.conv2d_weight(x.to(g.dtype), weight.shape, g, stride, padding,
+                                                 dilation).to(weight.dtype)
+        if bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 2, 3), dtype=torch.float32).to(bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def conv2d_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """'triton' only where asked for: in `auto` mode cuDNN runs, because the fused kernel has not
+    been measured faster on a GPU yet (`bench/gpu.py` times both)."""
+    if requested_backend() != "triton":
+        return "torch"
+    return select(x, weight)
+
+
+def conv2d_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],
+                      stride: tp.Tuple[int, int] = (1, 1), dilation: tp.Tuple[int, int] = (1, 1),
+                      padding: tp.Tuple[int, int] = (0, 0), negative_slope: tp.Optional[float] = 0.2) -> torch.Tensor:
+    """Conv2d (zero padding, groups 1) + bias + LeakyReLU, one kernel on the Triton backend, with
+    autograd (the backward runs torch's convolution gradients).
+
+    x [B, C_in, H, W], weight [C_out, C_in, KH, KW], pairs for stride/dilation/padding ->
+    [B, C_out, H', W']. negative_slope None: no activation (the discriminator's last conv);
+    a negative slope runs the reference.
+    """
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    stride, dilation, padding = (tuple(int(v) for v in p) for p in (stride, dilation, padding))
+    if min(stride + dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d: bad stride {stride}, dilation {dilation} or padding {padding}")
+    if conv2d_backend(x, weight) != "triton" or (negative_slope is not None and negative_slope < 0):
+        return conv2d_leaky_relu_torch(x, weight, bias, stride, dilation, padding, negative_slope)
+    dtype = _compute_dtype(x)
+    return _Conv2dLeakyReLU.apply(x, weight, bias, stride, dilation, padding, negative_slope, dtype)

@@ -3,7 +3,9 @@
 
 Each scale: complex STFT of the waveform (Hann window, no centering, normalised by the window's
 L2 norm), real and imaginary parts as channels [B, 2C, frames, freq], then five Conv2d +
-LeakyReLU(0.2) layers (the feature maps) and a final Conv2d (the logits). As upstream, the first
+LeakyReLU(0.2) layers (the feature maps) and a final Conv2d (the logits). Each Conv2d + LeakyReLU
+is one op (`ops.conv2d_leaky_relu`: cuDNN + LeakyReLU by default, the fused Triton kernel on the
+triton backend). As upstream, the first
 conv carries no weight norm and the others do (`weight_g`/`weight_v` keys).
 """
 
@@ -13,6 +15,8 @@ import warnings
 import torch
 import torchaudio
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import ops
 
@@ -38,8 +42,22 @@ class NormConv2d(nn.Module):
         self.conv = conv
         self.norm = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+    def weight(self) -> torch.Tensor:
+        """The convolution's effective weight (recomputed from `weight_g`/`weight_v` under weight norm,
+        as the module's own forward would)."""
+        for hook in self.conv._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                return hook.compute_weight(self.conv)
+        return self.conv.weight
+
+    def forward(self, x: torch.Tensor, negative_slope: tp.Optional[float] = None) -> torch.Tensor:
+        """conv(x), followed by LeakyReLU(negative_slope) unless it is None; one fused op."""
+        conv = self.conv
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            y = conv(x)
+            return y if negative_slope is None else F.leaky_relu(y, negative_slope)
+        return ops.conv2d_leaky_relu(x, self.weight(), conv.bias, conv.stride, conv.dilation, conv.padding,
+                                     negative_slope)
 
 
 class DiscriminatorSTFT(nn.Module):
@@ -85,8 +103,10 @@ class DiscriminatorSTFT(nn.Module):
             raise ValueError(f"audio of {x.shape[-1]} samples is shorter than the STFT window ({self.win_length})")
         z = self.spectrogram(x)
         fmap = []
+        act = self.activation
+        slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else None
         for layer in self.convs:
-            z = self.activation(layer(z))
+            z = layer(z, slope) if slope is not None else act(layer(z))
             fmap.append(z)
         return self.conv_post(z), fmap
 
