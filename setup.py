@@ -1,12 +1,24 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 here = Path(__file__).parent
 version = {}
 for line in (here / "encodec_fast" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
+
+# The arithmetic coder (C++, plain CPython API: no torch or pybind11 at build time). Optional: if
+# it does not compile, the package still installs and the Python reference coder runs instead
+# (encodec_fast.ops.arith warns once). -ffp-contract=off and no -ffast-math keep the CDF's float32
+# arithmetic identical to torch's on CPU.
+arith = Extension(
+    "encodec_fast.kernels._arith",
+    sources=["kernels/arith/arith.cpp"],
+    extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"],
+    language="c++",
+    optional=True,
+)
 
 setup(
     name="encodec_fast",
@@ -31,6 +43,9 @@ setup(
         # bring triton already, this names it for other builds.
         "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1",
                  "triton>=3.2,<3.7; sys_platform == 'linux'"],
+        # bench/coder.py compares the coder with constriction's (speed only: other bytes).
+        "bench": ["constriction>=0.4"],
     },
+    ext_modules=[arith],
     entry_points={"console_scripts": ["encodec-fast=encodec_fast.cli:main"]},
 )
