@@ -1,27 +1,31 @@
 """Compress audio to `.ecdc` bytes and back (upstream's `encodec.compress` API).
 
 Files without the LM are byte-identical to upstream's for the same model and input, and each side
-reads the other's. LM entropy coding (`use_lm=True`) is not implemented yet.
+reads the other's. LM-coded files (`use_lm=True`): the same payload bytes as upstream's for the
+same LM weights (the LM runs on the CPU in float32 on one thread, as upstream's own tests run it:
+see `lm.lm_threads`), plus, unless `checksum=False`, one extra header key `"crc"` (CRC-32 of the
+codes), which upstream's reader ignores and ours checks: a decode whose LM probabilities differ
+from the encoder's then raises instead of returning wrong audio. With `checksum=False` the whole
+file is byte-identical to upstream's.
 """
 
 import io
 import struct
 import typing as tp
+import zlib
 
 import numpy as np
 import torch
 
-from . import ecdc
+from . import ecdc, entropy
 from .ecdc import EcdcFormatError
+from .lm import LMModel, LMStream, lm_threads
 from .model import MODEL_CONFIGS, EncodecModel, EncodedFrame
 
 MODELS: tp.Dict[str, tp.Callable[..., EncodecModel]] = {
     "encodec_24khz": EncodecModel.encodec_model_24khz,
     "encodec_48khz": EncodecModel.encodec_model_48khz,
 }
-
-_LM_NOT_READY = ("LM entropy coding (use_lm=True / --lm) is not implemented yet in encodec_fast; "
-                 "use use_lm=False (plain 10-bit codes, files 25-40% larger)")
 
 _pretrained_cache: tp.Dict[tp.Tuple[str, str], EncodecModel] = {}
 
@@ -34,14 +38,48 @@ def _pretrained(name: str, device: tp.Union[str, torch.device]) -> EncodecModel:
     return _pretrained_cache[key]
 
 
-def compress_to_file(model: EncodecModel, wav: torch.Tensor, fo: tp.IO[bytes], use_lm: bool = True) -> None:
+def codes_crc(frames: tp.Sequence[torch.Tensor], crc: int = 0) -> int:
+    """CRC-32 of the codes of every segment ([K, T] each, as little-endian int16, in order)."""
+    for codes in frames:
+        crc = zlib.crc32(np.ascontiguousarray(codes.cpu().numpy().astype("<i2")).tobytes(), crc)
+    return crc
+
+
+def _lm_encode_segment(lm: LMModel, codes: torch.Tensor) -> bytes:
+    """codes [K, T] -> the arithmetic-coded bytes of one segment: the LM predicts frame t from
+    frames < t (a fresh LM state per segment, frame -1 fed as zeros), one CDF per code."""
+    K, T = codes.shape
+    stream = LMStream(lm)
+    pdfs = torch.empty(T, K, lm.card)
+    inputs = torch.zeros(1, K, 1, dtype=torch.long)
+    for t in range(T):
+        pdfs[t] = stream.step(inputs)[0, :, :, 0].t()
+        inputs = 1 + codes[None, :, t:t + 1]
+    return entropy.encode_symbols(pdfs.view(T * K, lm.card), codes.t().reshape(-1))
+
+
+def _lm_decode_segment(lm: LMModel, data: bytes, offset: int, K: int, T: int) -> tp.Tuple[torch.Tensor, int]:
+    """The [K, T] codes coded in `data` from `offset` -> (codes, offset after the segment)."""
+    stream = LMStream(lm)
+    decoder = entropy.SymbolDecoder(data, offset)
+    codes = torch.empty(K, T, dtype=torch.long)
+    inputs = torch.zeros(1, K, 1, dtype=torch.long)
+    for t in range(T):
+        try:
+            codes[:, t] = decoder.pull(stream.step(inputs)[0, :, :, 0].t())
+        except EOFError:
+            raise EOFError("The stream ended sooner than expected (truncated LM-coded .ecdc data).") from None
+        inputs = 1 + codes[None, :, t:t + 1]
+    return codes, decoder.offset
+
+
+def compress_to_file(model: EncodecModel, wav: torch.Tensor, fo: tp.IO[bytes], use_lm: bool = True,
+                     checksum: bool = True) -> None:
     """Compress `wav` [C, T] (at `model.sample_rate`, `model.channels`) into the file object `fo`.
 
-    `use_lm` defaults to True as upstream's; LM coding is not implemented yet and raises
-    NotImplementedError: pass use_lm=False.
+    `use_lm` defaults to True as upstream's. `checksum` (LM files only): add the "crc" header key
+    (see the module docstring); False writes exactly upstream's bytes.
     """
-    if use_lm:
-        raise NotImplementedError(_LM_NOT_READY)
     if not isinstance(wav, torch.Tensor) or wav.dim() != 2:
         raise ValueError(f"Only single waveform can be encoded: expected [C, T], got "
                          f"{tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__}")
@@ -50,20 +88,27 @@ def compress_to_file(model: EncodecModel, wav: torch.Tensor, fo: tp.IO[bytes], u
                          f"{sorted(MODELS)}; give models built from your own checkpoints that name).")
     if not torch.isfinite(wav).all():
         raise ValueError("audio contains NaN or infinite samples")
+    lm = model.get_lm_model().cpu() if use_lm else None
     frames = model.encode(wav[None])
     metadata = {"m": model.name, "al": wav.shape[-1], "nc": frames[0][0].shape[1], "lm": use_lm}
+    if use_lm and checksum:
+        metadata["crc"] = codes_crc([codes[0] for codes, _ in frames])
     ecdc.write_ecdc_header(fo, metadata)
     for codes, scale in frames:
         if scale is not None:
             fo.write(struct.pack("!f", scale.cpu().item()))
-        fo.write(ecdc.pack_codes(codes[0].cpu().numpy(), model.bits_per_codebook))
+        if lm is None:
+            fo.write(ecdc.pack_codes(codes[0].cpu().numpy(), model.bits_per_codebook))
+        else:
+            with lm_threads(1):
+                fo.write(_lm_encode_segment(lm, codes[0].cpu()))
     fo.flush()
 
 
-def compress(model: EncodecModel, wav: torch.Tensor, use_lm: bool = False) -> bytes:
-    """Compress `wav` [C, T] to `.ecdc` bytes."""
+def compress(model: EncodecModel, wav: torch.Tensor, use_lm: bool = False, checksum: bool = True) -> bytes:
+    """Compress `wav` [C, T] to `.ecdc` bytes (`checksum`: see `compress_to_file`)."""
     fo = io.BytesIO()
-    compress_to_file(model, wav, fo, use_lm=use_lm)
+    compress_to_file(model, wav, fo, use_lm=use_lm, checksum=checksum)
     return fo.getvalue()
 
 
@@ -108,11 +153,13 @@ def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] =
     """
     meta = ecdc.read_ecdc_header(fo)
     name, length, codebooks, use_lm = _check_metadata(meta)
-    if use_lm:
-        raise NotImplementedError("this file was compressed with the LM: " + _LM_NOT_READY)
+    crc = meta.get("crc")
+    if crc is not None and (type(crc) is not int or not 0 <= crc < 2 ** 32):
+        raise EcdcFormatError(f"corrupt .ecdc header: crc {crc!r}")
     payload = fo.read()
     model = model if model is not None else _pretrained(name, device)
     _check_model(model, name, codebooks)
+    lm = model.get_lm_model().cpu() if use_lm else None
     device = next(model.parameters()).device
     bits = model.bits_per_codebook
     scale_size = 4 if model.normalize else 0
@@ -122,7 +169,7 @@ def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] =
     for seg_length in _segment_lengths(model, length):
         # Frames per segment, in integers: ceil(L * frame_rate / sample_rate).
         num_frames = -(-seg_length * model.frame_rate // model.sample_rate)
-        size = scale_size + ecdc.packed_size(codebooks * num_frames, bits)
+        size = scale_size + (0 if lm is not None else ecdc.packed_size(codebooks * num_frames, bits))
         if pos + size > len(payload):
             raise EOFError(f"truncated .ecdc file: the header announces {length} samples, the data ends "
                            f"after {len(frames)} segment(s)")
@@ -132,9 +179,20 @@ def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] =
             if not (np.isfinite(value) and value > 0):
                 raise EcdcFormatError(f"corrupt .ecdc file: segment scale {value}")
             scale = torch.tensor([[value]], device=device)
-        codes = ecdc.unpack_codes(payload[pos + scale_size:pos + size], codebooks, num_frames, bits)
-        frames.append((torch.from_numpy(codes)[None].to(device), scale))
-        pos += size
+        if lm is None:
+            codes = torch.from_numpy(ecdc.unpack_codes(payload[pos + scale_size:pos + size], codebooks, num_frames,
+                                                       bits))
+            pos += size
+        else:
+            with lm_threads(1):
+                try:
+                    codes, pos = _lm_decode_segment(lm, payload, pos + scale_size, codebooks, num_frames)
+                except entropy.CorruptStreamError as exc:
+                    raise EcdcFormatError(f"corrupt LM-coded .ecdc data in segment {len(frames)}: {exc}") from None
+        frames.append((codes[None].to(device), scale))
+    if crc is not None and codes_crc([codes[0] for codes, _ in frames]) != crc:
+        raise EcdcFormatError("the decoded codes do not match the file's checksum: the data is corrupt, or the LM "
+                              "ran with other weights or numerics than the encoder's")
     with torch.no_grad():
         wav = model.decode(frames)
     return wav[0, :, :length], model.sample_rate

@@ -1,14 +1,15 @@
-"""The entropy-coding language model (architecture and checkpoint loading).
-
-Coding with it (`compress(..., use_lm=True)`) is not implemented yet.
+"""The entropy-coding language model: architecture, checkpoint loading, and `LMStream`, the
+frame-by-frame run with a key/value cache that LM-mode `.ecdc` coding uses.
 """
 
+import contextlib
 import typing as tp
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .modules.transformer import StreamingTransformerEncoder
+from .modules.transformer import StreamingTransformerEncoder, create_sin_embedding
 
 
 class LMModel(nn.Module):
@@ -31,7 +32,103 @@ class LMModel(nn.Module):
         B, K, T = indices.shape
         if K > self.n_q:
             raise ValueError(f"{K} codebooks given, the LM has {self.n_q}")
-        x = sum([self.emb[k](indices[:, k]) for k in range(K)])
-        out, states, offset = self.transformer(x, states, offset)
+        out, states, offset = self.transformer(self._embed(indices), states, offset)
+        return self._probabilities(out, K), states, offset
+
+    def _embed(self, indices: torch.Tensor) -> torch.Tensor:
+        return sum([self.emb[k](indices[:, k]) for k in range(indices.shape[1])])
+
+    def _probabilities(self, out: torch.Tensor, K: int) -> torch.Tensor:
         logits = torch.stack([self.linears[k](out) for k in range(K)], dim=1).permute(0, 3, 1, 2)
-        return torch.softmax(logits, dim=1), states, offset
+        return torch.softmax(logits, dim=1)
+
+
+@contextlib.contextmanager
+def lm_threads(n: int = 1) -> tp.Iterator[None]:
+    """Run the LM's CPU ops on `n` threads inside the block.
+
+    The LM's float32 outputs feed the CDFs, and CPU attention gives other bits on another thread
+    count (measured on torch 2.11): LM-mode files are written and read with one fixed count, so
+    they decode on any machine setting (upstream's own test and benchmark also use one thread)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class LMStream:
+    """The LM run one frame at a time with a key/value cache.
+
+    `step(indices [B, K, 1])` -> probabilities [B, card, K, 1], the same bits as calling
+    `lm(indices, states, offset)` one frame at a time (upstream's way, which projects the keys
+    and values of the whole past window again at every step; tests compare the two over more
+    than a full window). Per layer it keeps the window of layer inputs and their key/value
+    projections, and projects only the newest row: in a block of the last `exact_rows` rows, so
+    that the matrix product runs with the same row count class as upstream's full-window product
+    (CPU GEMMs give other bits for very few rows, measured for 1-3 rows; blocks of 16 or more
+    rows gave each row the same bits whatever the row count). While the window is shorter than
+    `exact_rows` the whole window is projected, as upstream does.
+    """
+
+    def __init__(self, lm: LMModel, exact_rows: int = 32):
+        self.lm = lm
+        self.exact_rows = exact_rows
+        tr = lm.transformer
+        self.past_context = tr.past_context
+        self.offset = 0
+        self._inputs: tp.List[tp.Optional[torch.Tensor]] = [None] * len(tr.layers)
+        self._kv: tp.List[tp.Optional[torch.Tensor]] = [None] * len(tr.layers)
+
+    @torch.no_grad()
+    def step(self, indices: torch.Tensor) -> torch.Tensor:
+        B, K, T = indices.shape
+        if T != 1:
+            raise ValueError("LMStream.step takes one frame at a time")
+        tr = self.lm.transformer
+        x = self.lm._embed(indices)
+        positions = torch.arange(1, device=x.device).view(1, -1, 1) + self.offset
+        x = tr.norm_in(x) + create_sin_embedding(positions, x.shape[-1], max_period=tr.max_period)
+        for i, layer in enumerate(tr.layers):
+            x = self._layer(i, layer, x)
+        self.offset += 1
+        return self.lm._probabilities(x, K)
+
+    def _layer(self, i: int, layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+        if layer.norm_first:
+            x = x + self._attend(i, layer, layer.norm1(x))
+            return x + layer._ff_block(layer.norm2(x))
+        x = layer.norm1(x + self._attend(i, layer, x))
+        return layer.norm2(x + layer._ff_block(x))
+
+    def _attend(self, i: int, layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of x [B, 1, E] over the window (torch's MultiheadAttention computation,
+        keys and values from the cache)."""
+        mha = layer.self_attn
+        B, _, E = x.shape
+        heads = mha.num_heads
+        hd = E // heads
+        prev = self._inputs[i] if self._inputs[i] is not None else torch.zeros_like(x)  # the zero start state
+        keys = torch.cat([prev, x], dim=1)  # [B, S, E]: the window of layer inputs, newest last
+        S = keys.shape[1]
+        w_q, w_kv = mha.in_proj_weight.split([E, 2 * E])
+        b_q, b_kv = mha.in_proj_bias.split([E, 2 * E])
+        cached = self._kv[i]
+        if S <= self.exact_rows or cached is None or cached.shape[0] != S - 1:
+            kv = F.linear(keys.transpose(1, 0), w_kv, b_kv)  # [S, B, 2E], every row
+        else:
+            newest = F.linear(keys[:, -self.exact_rows:].transpose(1, 0), w_kv, b_kv)[-1:]
+            kv = torch.cat([cached, newest], dim=0)
+        self._inputs[i] = keys[:, -self.past_context:]
+        self._kv[i] = kv[-self.past_context:]
+        kv2 = kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        q = F.linear(x.transpose(1, 0), w_q, b_q)  # [1, B, E]
+        q = q.view(1, B * heads, hd).transpose(0, 1).view(B, heads, 1, hd)
+        k = kv2[0].view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
+        v = kv2[1].view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
+        mask = torch.zeros(1, S, dtype=x.dtype, device=x.device).unsqueeze(0).unsqueeze(0)  # nothing masked
+        out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
+        out = out.permute(2, 0, 1, 3).contiguous().view(B, E)
+        out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(1, B, E)
+        return layer.dropout1(out.transpose(1, 0))

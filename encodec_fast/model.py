@@ -277,7 +277,12 @@ class EncodecModel(nn.Module):
 
     # -- LM ------------------------------------------------------------------------------------
     def get_lm_model(self, repository: tp.Optional[PathLike] = None, checkpoint: tp.Optional[PathLike] = None) -> LMModel:
-        """The entropy-coding LM for this model, with the official weights (or `checkpoint`)."""
+        """The entropy-coding LM for this model, with the official weights (or `checkpoint`).
+
+        Defaults: the attributes `lm_checkpoint` and `lm_repository` (None unless set; the
+        command sets them from --lm-checkpoint and --repository)."""
+        checkpoint = checkpoint if checkpoint is not None else getattr(self, "lm_checkpoint", None)
+        repository = repository if repository is not None else getattr(self, "lm_repository", None)
         device = next(self.parameters()).device
         lm = LMModel(self.quantizer.n_q, self.quantizer.bins, num_layers=5, dim=200,
                      past_context=int(3.5 * self.frame_rate)).to(device)

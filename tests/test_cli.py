@@ -78,11 +78,12 @@ def test_user_errors(speech, checkpoint_24, tmp_path):
     assert run(speech, good, "--checkpoint", checkpoint_24).returncode == 0
     truncated.write_bytes(good.read_bytes()[:-10])
     one_line_error(run(truncated, "--checkpoint", checkpoint_24), "truncated")
-    one_line_error(run(speech, tmp_path / "lm.ecdc", "--lm", "--checkpoint", checkpoint_24), "lm")
     # official weights unavailable offline
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {"TORCH_HOME": str(tmp_path / "th"), "ENCODEC_FAST_ROOT_URL": empty.as_uri()}
+    one_line_error(run(speech, tmp_path / "lm.ecdc", "--lm", "--checkpoint", checkpoint_24, env=env),
+                   "encodec_lm_24khz-1608e3c0.th")
     one_line_error(run(speech, tmp_path / "o.ecdc", env=env), "encodec_24khz-d7cc33bc.th")
     one_line_error(run(speech, tmp_path / "o.ecdc", "--repository", empty), "repository")
 
