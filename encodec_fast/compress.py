@@ -49,13 +49,9 @@ def _lm_encode_segment(lm: LMModel, codes: torch.Tensor) -> bytes:
     """codes [K, T] -> the arithmetic-coded bytes of one segment: the LM predicts frame t from
     frames < t (a fresh LM state per segment, frame -1 fed as zeros), one CDF per code."""
     K, T = codes.shape
-    stream = LMStream(lm)
-    pdfs = torch.empty(T, K, lm.card)
-    inputs = torch.zeros(1, K, 1, dtype=torch.long)
-    for t in range(T):
-        pdfs[t] = stream.step(inputs)[0, :, :, 0].t()
-        inputs = 1 + codes[None, :, t:t + 1]
-    return entropy.encode_symbols(pdfs.view(T * K, lm.card), codes.t().reshape(-1))
+    probabilities = LMStream(lm).run_known(codes[None])  # [T, 1, card, K], as the decoder's steps give
+    pdfs = probabilities[:, 0].transpose(1, 2).reshape(T * K, lm.card)
+    return entropy.encode_symbols(pdfs, codes.t().reshape(-1))
 
 
 def _lm_decode_segment(lm: LMModel, data: bytes, offset: int, K: int, T: int) -> tp.Tuple[torch.Tensor, int]:

@@ -78,8 +78,10 @@ class LMStream:
         tr = lm.transformer
         self.past_context = tr.past_context
         self.offset = 0
-        self._inputs: tp.List[tp.Optional[torch.Tensor]] = [None] * len(tr.layers)
-        self._kv: tp.List[tp.Optional[torch.Tensor]] = [None] * len(tr.layers)
+        n = len(tr.layers)
+        self._inputs: tp.List[tp.Optional[torch.Tensor]] = [None] * n  # per layer: [B, cap, E] window inputs
+        self._kv: tp.List[tp.Optional[torch.Tensor]] = [None] * n      # per layer: [2, cap, B, E] keys, values
+        self._start, self._rows = [0] * n, [0] * n                     # the window: rows start .. start+rows-1
 
     @torch.no_grad()
     def step(self, indices: torch.Tensor) -> torch.Tensor:
@@ -95,12 +97,60 @@ class LMStream:
         self.offset += 1
         return self.lm._probabilities(x, K)
 
+    @torch.no_grad()
+    def run_known(self, codes: torch.Tensor) -> torch.Tensor:
+        """The probabilities of every frame of codes [B, K, T] given the frames before it ->
+        [T, B, card, K], bit-identical to T calls of `step` (frame t fed 1 + codes of frame t-1,
+        frame 0 fed zeros), for an encoder, which knows all frames in advance.
+
+        Every operation is called with exactly the arguments `step` gives it, so the bits are the
+        same; only the order changes: layer by layer over all frames, then head by head, so that
+        one layer's weights serve all frames while they are in cache (frame by frame, each step
+        streams all the LM's weights from memory)."""
+        B, K, T = codes.shape
+        tr = self.lm.transformer
+        xs = []
+        for t in range(T):
+            indices = torch.zeros_like(codes[:, :, :1]) if t == 0 else 1 + codes[:, :, t - 1:t]
+            x = self.lm._embed(indices)
+            positions = torch.arange(1, device=x.device).view(1, -1, 1) + (self.offset + t)
+            xs.append(tr.norm_in(x) + create_sin_embedding(positions, x.shape[-1], max_period=tr.max_period))
+        for i, layer in enumerate(tr.layers):
+            xs = [self._layer(i, layer, x) for x in xs]
+        self.offset += T
+        heads = [[self.lm.linears[k](x) for x in xs] for k in range(K)]
+        out = torch.empty(T, B, self.lm.card, K)
+        for t in range(T):
+            logits = torch.stack([heads[k][t] for k in range(K)], dim=1).permute(0, 3, 1, 2)
+            out[t] = torch.softmax(logits, dim=1)[..., 0]
+        return out
+
     def _layer(self, i: int, layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
         if layer.norm_first:
             x = x + self._attend(i, layer, layer.norm1(x))
             return x + layer._ff_block(layer.norm2(x))
         x = layer.norm1(x + self._attend(i, layer, x))
         return layer.norm2(x + layer._ff_block(x))
+
+    def _window(self, i: int, x: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Append layer input x [B, 1, E] to layer i's window. Returns the window's inputs
+        [B, S, E] and its key and value buffers [cap, B, E] and the window's first row. Rows live
+        in preallocated buffers (twice the window), compacted when full: no per-step copy of the
+        whole window."""
+        B, _, E = x.shape
+        if self._inputs[i] is None:
+            cap = 2 * (self.past_context + 1)
+            self._inputs[i] = torch.zeros(B, cap, E, dtype=x.dtype, device=x.device)  # row 0: the zero start state
+            self._kv[i] = torch.empty(2, cap, B, E, dtype=x.dtype, device=x.device)
+            self._start[i], self._rows[i] = 0, 1
+        inputs, kv = self._inputs[i], self._kv[i]
+        start, rows = self._start[i], self._rows[i]
+        if start + rows + 1 > inputs.shape[1]:
+            inputs[:, :rows] = inputs[:, start:start + rows].clone()
+            kv[:, :rows] = kv[:, start:start + rows].clone()
+            start = 0
+        inputs[:, start + rows] = x[:, 0]
+        return inputs[:, start:start + rows + 1], inputs, kv, start
 
     def _attend(self, i: int, layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
         """Self-attention of x [B, 1, E] over the window (torch's MultiheadAttention computation,
@@ -109,24 +159,26 @@ class LMStream:
         B, _, E = x.shape
         heads = mha.num_heads
         hd = E // heads
-        prev = self._inputs[i] if self._inputs[i] is not None else torch.zeros_like(x)  # the zero start state
-        keys = torch.cat([prev, x], dim=1)  # [B, S, E]: the window of layer inputs, newest last
+        keys, inputs, kv, start = self._window(i, x)
         S = keys.shape[1]
         w_q, w_kv = mha.in_proj_weight.split([E, 2 * E])
         b_q, b_kv = mha.in_proj_bias.split([E, 2 * E])
-        cached = self._kv[i]
-        if S <= self.exact_rows or cached is None or cached.shape[0] != S - 1:
-            kv = F.linear(keys.transpose(1, 0), w_kv, b_kv)  # [S, B, 2E], every row
-        else:
-            newest = F.linear(keys[:, -self.exact_rows:].transpose(1, 0), w_kv, b_kv)[-1:]
-            kv = torch.cat([cached, newest], dim=0)
-        self._inputs[i] = keys[:, -self.past_context:]
-        self._kv[i] = kv[-self.past_context:]
-        kv2 = kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        if S <= self.exact_rows:  # the whole window, as upstream
+            rows = F.linear(keys.transpose(1, 0), w_kv, b_kv)  # [S, B, 2E]
+            kv[0, start:start + S] = rows[..., :E]
+            kv[1, start:start + S] = rows[..., E:]
+        else:  # the newest row, in a block of exact_rows rows
+            block = inputs[:, start + S - self.exact_rows:start + S]
+            newest = F.linear(block.transpose(1, 0), w_kv, b_kv)[-1]
+            kv[0, start + S - 1] = newest[..., :E]
+            kv[1, start + S - 1] = newest[..., E:]
+        k_rows, v_rows = kv[0, start:start + S], kv[1, start:start + S]  # [S, B, E], contiguous
+        kept = min(S, self.past_context)
+        self._start[i], self._rows[i] = start + S - kept, kept
         q = F.linear(x.transpose(1, 0), w_q, b_q)  # [1, B, E]
         q = q.view(1, B * heads, hd).transpose(0, 1).view(B, heads, 1, hd)
-        k = kv2[0].view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
-        v = kv2[1].view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
+        k = k_rows.view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
+        v = v_rows.view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
         mask = torch.zeros(1, S, dtype=x.dtype, device=x.device).unsqueeze(0).unsqueeze(0)  # nothing masked
         out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
         out = out.permute(2, 0, 1, 3).contiguous().view(B, E)

@@ -1,0 +1,110 @@
+"""LM-mode `.ecdc` compress and decompress, ours vs upstream encodec 0.1.1, on CPU in one run.
+
+    python bench/lm_coding.py [--seconds 10] [--bandwidth 6] [--out bench/results]
+
+The 24 kHz model and its LM with random weights (the official ones need a download; the LM's
+heads scaled so that its distributions are peaked, like a trained LM's), the same weights on
+both sides, 10 s of a synthetic voice-like signal. Upstream runs twice: with the process's
+default thread count (as its command runs) and with one thread (as its tests run; the only
+setting where its LM files come out the same on every machine setting). Ours always runs the LM
+on one thread. Checks: our file's payload equals upstream's one-thread file, and each side
+decodes the other's.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import platform
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import encodec_fast  # noqa: E402
+from encodec_fast.lm import lm_threads  # noqa: E402
+
+
+def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--bandwidth", type=float, default=6.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    from helpers import make_model_pair, make_signal
+    from test_lm_coding import lm_pair
+    upc = importlib.import_module("encodec.compress")
+
+    up, ours = make_model_pair("encodec_24khz", seed=1)
+    up_lm, our_lm = lm_pair(32, 262, seed=5)
+    up.get_lm_model = lambda: up_lm
+    ours.get_lm_model = lambda *a, **k: our_lm
+    upc.MODELS["encodec_24khz"] = lambda: up
+    up.set_target_bandwidth(args.bandwidth)
+    ours.set_target_bandwidth(args.bandwidth)
+    wav = make_signal(24000, int(24000 * args.seconds), 1, seed=3)
+    default_threads = torch.get_num_threads()
+    rows: tp.Dict[str, float] = {}
+
+    t, ours_file = timed(lambda: encodec_fast.compress(ours, wav, use_lm=True))
+    rows["ours compress"] = t
+    t, _ = timed(lambda: encodec_fast.decompress(ours_file, model=ours))
+    rows["ours decompress"] = t
+    t, up_file = timed(lambda: upc.compress(up, wav, use_lm=True))
+    rows[f"upstream compress ({default_threads} threads, default)"] = t
+    t, _ = timed(lambda: upc.decompress(up_file))
+    rows[f"upstream decompress ({default_threads} threads, default)"] = t
+    with lm_threads(1):
+        t, up_file1 = timed(lambda: upc.compress(up, wav, use_lm=True))
+        rows["upstream compress (1 thread)"] = t
+        t, _ = timed(lambda: upc.decompress(up_file1))
+        rows["upstream decompress (1 thread)"] = t
+        ours_plain1 = encodec_fast.compress(ours, wav, use_lm=True, checksum=False)
+        same_bytes = ours_plain1 == up_file1
+        up_reads_ours, _ = upc.decompress(ours_file)
+    ours_reads_up, _ = encodec_fast.decompress(up_file1, model=ours)
+    plain_size = len(encodec_fast.compress(ours, wav))
+    ratios = {k.replace("upstream ", "vs upstream "): v / rows["ours " + k.split()[1]]
+              for k, v in rows.items() if k.startswith("upstream")}
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+              "torch": torch.__version__, "threads": default_threads, "seconds_of_audio": args.seconds,
+              "bandwidth_kbps": args.bandwidth, "seconds": rows, "speedups": ratios,
+              "ours_equals_upstream_1_thread_without_crc": same_bytes, "lm_file_bytes": len(ours_file),
+              "plain_file_bytes": plain_size}
+    try:
+        report["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    lines = [f"# LM-mode .ecdc, ours vs upstream ({report['date'][:10]})", "",
+             f"CPU: {report.get('cpu', '?')}, {default_threads} threads by default; torch {torch.__version__}; "
+             f"{args.seconds:g} s at 24 kHz, {args.bandwidth:g} kbps, random model and LM weights (same on both "
+             "sides). `python bench/lm_coding.py`", "", "| run | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
+    lines += ["", "| ours faster than | × |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ratios.items()]
+    lines += ["", f"- our payload equals upstream's one-thread file (checksum off): {same_bytes}",
+              f"- LM file {len(ours_file)} bytes, plain file {plain_size} bytes (a random LM predicts badly: "
+              "no size gain is expected from it)"]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"lm_coding_{datetime.date.today().isoformat()}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text(md)
+    assert same_bytes and up_reads_ours.shape == ours_reads_up.shape
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
