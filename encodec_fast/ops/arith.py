@@ -34,6 +34,8 @@ TOTAL_RANGE_BITS = 24
 ROUNDOFF = 1e-8
 MIN_RANGE = 2
 MAX_PENDING_BITS = 61  # upstream asserts it after every symbol
+CDF_TOO_LARGE = ("the quantized CDF exceeds 2**total_range_bits at this symbol (the probabilities sum past 1): no "
+                 "decoder could read the stream back (upstream's coder fails here or writes such a stream); refusing")
 
 Table = tp.Union[torch.Tensor, np.ndarray]
 
@@ -92,6 +94,10 @@ class PythonEncoder:
         self.bits: tp.List[int] = []
 
     def push(self, lo: int, hi: int) -> None:
+        if hi <= lo:
+            raise ValueError("empty symbol interval in the CDF")
+        if hi > 1 << self.range_bits:  # the interval would reach past the range: undecodable
+            raise ValueError(CDF_TOO_LARGE)
         while self.high - self.low + 1 < (1 << self.range_bits):
             self.low, self.high, self.max_bit = 2 * self.low, 2 * self.high + 1, self.max_bit + 1
         width = self.high - self.low + 1
@@ -101,8 +107,7 @@ class PythonEncoder:
             raise ValueError("symbol interval vanished (CDF gap smaller than its minimum range)")
         self.low, self.high = self.low + first, self.low + last
         if self.high >> (self.max_bit + 1):
-            raise ValueError("the quantized CDF exceeds 2**total_range_bits here (the probabilities sum past "
-                             "1); upstream's coder fails on this input too")
+            raise ValueError(CDF_TOO_LARGE)
         while self.max_bit >= 0 and (self.low >> self.max_bit) == (self.high >> self.max_bit):
             bit = self.low >> self.max_bit
             self.bits.append(bit)
@@ -162,7 +167,7 @@ class PythonDecoder:
             raise CorruptStreamError(f"corrupt arithmetic-coded stream: no symbol matches the data at byte "
                                      f"{self.offset} (or the distributions differ from the encoder's)")
         self.low, self.high = first, last
-        if self.high >> (self.max_bit + 1):
+        if cdf[mid] > 1 << self.range_bits or self.high >> (self.max_bit + 1):
             raise CorruptStreamError("corrupt arithmetic-coded stream: a state the encoder refuses")
         while self.max_bit >= 0 and (self.low >> self.max_bit) == (self.high >> self.max_bit):
             drop = (self.low >> self.max_bit) << self.max_bit

@@ -31,8 +31,8 @@ typedef unsigned __int128 u128;
 constexpr int kMaxBit = 61;       // upstream's bound on pending bits after a symbol
 constexpr int kMaxRangeBits = 30;  // upstream asserts total_range_bits <= 30
 const char* kCdfTooLarge =
-    "the quantized CDF exceeds 2**total_range_bits here (the probabilities sum past 1); upstream's coder "
-    "fails on this input too";
+    "the quantized CDF exceeds 2**total_range_bits at this symbol (the probabilities sum past 1): no decoder "
+    "could read the stream back (upstream's coder fails here or writes such a stream); refusing";
 
 // ---------------------------------------------------------------------------------------------
 // CDF construction
@@ -120,6 +120,21 @@ struct BitReader {
 // ---------------------------------------------------------------------------------------------
 // Coder
 
+// Remove the leading bits that low and high share (they can no longer change); `seen(bit, drop)`
+// gets each, most significant first, with the amount removed from the state.
+template <typename Seen>
+inline void drop_common_prefix(u128& low, u128& high, int& max_bit, Seen seen) {
+    while (max_bit >= 0) {
+        const u128 bit = low >> max_bit;
+        if (bit != (high >> max_bit)) break;
+        const u128 drop = bit << max_bit;
+        low -= drop;
+        high -= drop;
+        --max_bit;
+        seen(bit, drop);
+    }
+}
+
 struct Encoder {
     int range_bits;
     u128 low = 0, high = 0;
@@ -137,6 +152,9 @@ struct Encoder {
             ++max_bit;
         }
         if (hi_excl <= lo) return "empty symbol interval in the CDF";
+        // Past 2^B the symbol's interval reaches beyond the current range, and the state leaves
+        // the invariant the decoder relies on.
+        if (hi_excl > (static_cast<uint64_t>(1) << range_bits)) return kCdfTooLarge;
         const uint64_t d = static_cast<uint64_t>(high - low + 1);  // < 2^(B+1)
         const uint64_t el = (lo * d + (static_cast<uint64_t>(1) << range_bits) - 1) >> range_bits;
         const uint64_t eh = ((hi_excl - 1) * d) >> range_bits;
@@ -146,15 +164,7 @@ struct Encoder {
         // A cdf total above 2^B (float32 pdfs that sum past 1) can push high out of the state's
         // bits; upstream's coder stops there with an assertion, so no file can hold this.
         if (high >> (max_bit + 1)) return kCdfTooLarge;
-        while (max_bit >= 0) {
-            const u128 b = low >> max_bit;
-            if (b != (high >> max_bit)) break;
-            const u128 drop = b << max_bit;
-            low -= drop;
-            high -= drop;
-            --max_bit;
-            out.push(static_cast<unsigned>(b));
-        }
+        drop_common_prefix(low, high, max_bit, [this](u128 bit, u128) { out.push(static_cast<unsigned>(bit)); });
         if (max_bit > kMaxBit) return "arithmetic coder overflow (more than 61 pending bits), as upstream";
         return nullptr;
     }
@@ -206,21 +216,14 @@ struct Decoder {
         uint64_t rl, rh;
         if (!locate(target, &s, &rl, &rh)) return kCorrupt;
         if (rh > (static_cast<uint64_t>(1) << (range_bits + 1)) || rl >= rh) return kBadCdf;
+        if (rh > (static_cast<uint64_t>(1) << range_bits)) return kCorrupt;  // the encoder refuses such symbols
         const uint64_t el = (rl * d + (static_cast<uint64_t>(1) << range_bits) - 1) >> range_bits;
         const uint64_t eh = ((rh - 1) * d) >> range_bits;
         if (c < el || c > eh) return kCorrupt;  // in a gap between two symbols' intervals
         high = low + eh;
         low = low + el;
         if (high >> (max_bit + 1)) return kCorrupt;  // the encoder refuses this state
-        while (max_bit >= 0) {
-            const u128 b = low >> max_bit;
-            if (b != (high >> max_bit)) break;
-            const u128 drop = b << max_bit;
-            low -= drop;
-            high -= drop;
-            current -= drop;
-            --max_bit;
-        }
+        drop_common_prefix(low, high, max_bit, [this](u128, u128 drop) { current -= drop; });
         if (max_bit > kMaxBit) return kCorrupt;  // no valid encoder state gets here
         *symbol = s;
         return kPulled;
@@ -462,15 +465,11 @@ PyObject* py_encode(PyObject*, PyObject* args) {
                 bad_pdf = true;
                 break;
             }
-            if (hi > (static_cast<uint64_t>(1) << (range_bits + 1))) {
-                error = "the probabilities sum to far more than 1";
-                break;
-            }
         } else {
             const int64_t* cdf = table.ptr<int64_t>() + t * n;
             lo = s ? static_cast<uint64_t>(cdf[s - 1]) : 0;
             hi = static_cast<uint64_t>(cdf[s]);
-            if (cdf[s] < 0 || (s && cdf[s - 1] < 0) || hi > (static_cast<uint64_t>(1) << (range_bits + 1))) {
+            if (cdf[s] < 0 || (s && cdf[s - 1] < 0)) {
                 error = "CDF values must lie in [0, 2**total_range_bits]";
                 break;
             }
