@@ -1,6 +1,6 @@
 """LM-mode `.ecdc` compress and decompress, ours vs upstream encodec 0.1.1, on CPU in one run.
 
-    python bench/lm_coding.py [--seconds 10] [--bandwidth 6] [--out bench/results]
+    python bench/lm_coding.py [--model 24khz|48khz] [--seconds 10] [--bandwidth 6] [--out bench/results]
 
 The 24 kHz model and its LM with random weights (the official ones need a download; the LM's
 heads scaled so that its distributions are peaked, like a trained LM's), the same weights on
@@ -16,6 +16,7 @@ import datetime
 import importlib
 import json
 import platform
+import statistics
 import sys
 import time
 import typing as tp
@@ -41,46 +42,55 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--bandwidth", type=float, default=6.0)
+    parser.add_argument("--model", choices=["24khz", "48khz"], default="24khz")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     from helpers import make_model_pair, make_signal
     from test_lm_coding import lm_pair
     upc = importlib.import_module("encodec.compress")
 
-    up, ours = make_model_pair("encodec_24khz", seed=1)
-    up_lm, our_lm = lm_pair(32, 262, seed=5)
+    name = f"encodec_{args.model}"
+    up, ours = make_model_pair(name, seed=1)
+    up_lm, our_lm = lm_pair(32, 262, seed=5) if args.model == "24khz" else lm_pair(16, 525, seed=6)
     up.get_lm_model = lambda: up_lm
     ours.get_lm_model = lambda *a, **k: our_lm
-    upc.MODELS["encodec_24khz"] = lambda: up
+    upc.MODELS[name] = lambda: up
     up.set_target_bandwidth(args.bandwidth)
     ours.set_target_bandwidth(args.bandwidth)
-    wav = make_signal(24000, int(24000 * args.seconds), 1, seed=3)
+    wav = make_signal(ours.sample_rate, int(ours.sample_rate * args.seconds), ours.channels, seed=3)
     default_threads = torch.get_num_threads()
-    rows: tp.Dict[str, float] = {}
+    times: tp.Dict[str, tp.List[float]] = {}
 
-    t, ours_file = timed(lambda: encodec_fast.compress(ours, wav, use_lm=True))
-    rows["ours compress"] = t
-    t, _ = timed(lambda: encodec_fast.decompress(ours_file, model=ours))
-    rows["ours decompress"] = t
-    t, up_file = timed(lambda: upc.compress(up, wav, use_lm=True))
-    rows[f"upstream compress ({default_threads} threads, default)"] = t
-    t, _ = timed(lambda: upc.decompress(up_file))
-    rows[f"upstream decompress ({default_threads} threads, default)"] = t
+    def record(name: str, fn: tp.Callable[[], tp.Any]) -> tp.Any:
+        seconds, out = timed(fn)
+        times.setdefault(name, []).append(seconds)
+        return out
+
+    up_default = f"({default_threads} threads, default)"
+    for rnd in range(args.rounds):  # interleaved: this VM's speed drifts between runs
+        order = ("ours", "upstream") if rnd % 2 == 0 else ("upstream", "ours")
+        for who in order:
+            if who == "ours":
+                ours_file = record("ours compress", lambda: encodec_fast.compress(ours, wav, use_lm=True))
+                record("ours decompress", lambda: encodec_fast.decompress(ours_file, model=ours))
+            else:
+                up_file = record(f"upstream compress {up_default}", lambda: upc.compress(up, wav, use_lm=True))
+                record(f"upstream decompress {up_default}", lambda: upc.decompress(up_file))
+                with lm_threads(1):
+                    up_file1 = record("upstream compress (1 thread)", lambda: upc.compress(up, wav, use_lm=True))
+                    record("upstream decompress (1 thread)", lambda: upc.decompress(up_file1))
+    rows = {k: statistics.median(v) for k, v in times.items()}
     with lm_threads(1):
-        t, up_file1 = timed(lambda: upc.compress(up, wav, use_lm=True))
-        rows["upstream compress (1 thread)"] = t
-        t, _ = timed(lambda: upc.decompress(up_file1))
-        rows["upstream decompress (1 thread)"] = t
-        ours_plain1 = encodec_fast.compress(ours, wav, use_lm=True, checksum=False)
-        same_bytes = ours_plain1 == up_file1
+        same_bytes = encodec_fast.compress(ours, wav, use_lm=True, checksum=False) == up_file1
         up_reads_ours, _ = upc.decompress(ours_file)
     ours_reads_up, _ = encodec_fast.decompress(up_file1, model=ours)
     plain_size = len(encodec_fast.compress(ours, wav))
     ratios = {k.replace("upstream ", "vs upstream "): v / rows["ours " + k.split()[1]]
               for k, v in rows.items() if k.startswith("upstream")}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "torch": torch.__version__, "threads": default_threads, "seconds_of_audio": args.seconds,
-              "bandwidth_kbps": args.bandwidth, "seconds": rows, "speedups": ratios,
+              "torch": torch.__version__, "threads": default_threads, "model": name, "seconds_of_audio": args.seconds,
+              "bandwidth_kbps": args.bandwidth, "rounds": args.rounds, "seconds": rows, "all_runs": times, "speedups": ratios,
               "ours_equals_upstream_1_thread_without_crc": same_bytes, "lm_file_bytes": len(ours_file),
               "plain_file_bytes": plain_size}
     try:
@@ -89,8 +99,9 @@ def main() -> int:
         pass
     lines = [f"# LM-mode .ecdc, ours vs upstream ({report['date'][:10]})", "",
              f"CPU: {report.get('cpu', '?')}, {default_threads} threads by default; torch {torch.__version__}; "
-             f"{args.seconds:g} s at 24 kHz, {args.bandwidth:g} kbps, random model and LM weights (same on both "
-             "sides). `python bench/lm_coding.py`", "", "| run | seconds |", "|---|---|"]
+             f"{args.seconds:g} s, {name}, {args.bandwidth:g} kbps, random model and LM weights (same on both "
+             f"sides); medians of {args.rounds} interleaved rounds. `python bench/lm_coding.py --model {args.model}`", "",
+             "| run | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
     lines += ["", "| ours faster than | × |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ratios.items()]
     lines += ["", f"- our payload equals upstream's one-thread file (checksum off): {same_bytes}",
@@ -99,7 +110,7 @@ def main() -> int:
     md = "\n".join(lines) + "\n"
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"lm_coding_{datetime.date.today().isoformat()}"
+    stem = f"lm_coding_{args.model}_{datetime.date.today().isoformat()}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(md)
     assert same_bytes and up_reads_ours.shape == ours_reads_up.shape
