@@ -126,11 +126,22 @@ class LMStream:
         return out
 
     def _layer(self, i: int, layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+        norm1, norm2, ff = layer.norm1, layer.norm2, layer._ff_block
+        if not layer.training and callable(layer.activation) and not isinstance(layer.activation, nn.Module):
+            # The same operations without the module-call overhead (dropout is the identity here).
+            def norm1(v, n=layer.norm1):
+                return F.layer_norm(v, n.normalized_shape, n.weight, n.bias, n.eps)
+
+            def norm2(v, n=layer.norm2):
+                return F.layer_norm(v, n.normalized_shape, n.weight, n.bias, n.eps)
+
+            def ff(v, a=layer.linear1, b=layer.linear2, act=layer.activation):
+                return F.linear(act(F.linear(v, a.weight, a.bias)), b.weight, b.bias)
         if layer.norm_first:
-            x = x + self._attend(i, layer, layer.norm1(x))
-            return x + layer._ff_block(layer.norm2(x))
-        x = layer.norm1(x + self._attend(i, layer, x))
-        return layer.norm2(x + layer._ff_block(x))
+            x = x + self._attend(i, layer, norm1(x))
+            return x + ff(norm2(x))
+        x = norm1(x + self._attend(i, layer, x))
+        return norm2(x + ff(x))
 
     def _window(self, i: int, x: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Append layer input x [B, 1, E] to layer i's window. Returns the window's inputs
@@ -183,4 +194,5 @@ class LMStream:
         out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
         out = out.permute(2, 0, 1, 3).contiguous().view(B, E)
         out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(1, B, E)
-        return layer.dropout1(out.transpose(1, 0))
+        out = out.transpose(1, 0)
+        return out if not layer.training else layer.dropout1(out)
