@@ -104,6 +104,20 @@ def test_cached_lm_step_equals_upstream_step_bit_for_bit(lms_24):
             inputs = 1 + codes[:, :, t:t + 1]
 
 
+def test_encoder_order_gives_the_decoder_steps_bits():
+    """`run_known` (the encoder's layer-by-layer order over known frames) against `step` (the
+    decoder's frame-by-frame order): the same probabilities, bit for bit, past a full window."""
+    _, ours = lm_pair(16, 40, seed=9)  # a short window (40) so that it slides within 60 frames
+    codes = torch.randint(0, 1024, (1, 6, 60), generator=torch.Generator().manual_seed(1))
+    with lm_threads(1):
+        known = LMStream(ours).run_known(codes)
+        stream = LMStream(ours)
+        inputs = torch.zeros(1, 6, 1, dtype=torch.long)
+        for t in range(codes.shape[-1]):
+            assert torch.equal(stream.step(inputs)[..., 0], known[t]), f"frame {t}"
+            inputs = 1 + codes[:, :, t:t + 1]
+
+
 def test_files_decode_on_another_thread_count(pair_24, lms_24, monkeypatch):
     """The LM always runs on one thread: a file written with the process on 2 threads decodes
     with the process on 1 and the other way round, the checksum confirming the codes. (The

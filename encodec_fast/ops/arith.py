@@ -128,7 +128,7 @@ class PythonDecoder:
     the data ends first; `offset` is the position after the bytes read so far."""
 
     def __init__(self, data: bytes, offset: int = 0, total_range_bits: int = TOTAL_RANGE_BITS):
-        self.data, self.range_bits = bytes(data), total_range_bits
+        self.data, self.range_bits = (data if isinstance(data, bytes) else bytes(data)), total_range_bits
         if not 0 <= offset <= len(self.data):
             raise ValueError("offset outside the data")
         self.bit = 8 * offset
@@ -282,7 +282,7 @@ class Decoder:
                  total_range_bits: int = TOTAL_RANGE_BITS, roundoff: float = ROUNDOFF, min_range: int = MIN_RANGE):
         self.range_bits, self.roundoff, self.min_range = total_range_bits, roundoff, min_range
         self._cpp = coder_backend() == "cpp" and _roundoff_for_cpp(roundoff)
-        data = bytes(data)
+        data = data if isinstance(data, bytes) else bytes(data)  # no copy per segment of a long file
         if self._cpp:
             if not 0 <= offset <= len(data):
                 raise ValueError("offset outside the data")
