@@ -17,11 +17,8 @@ Every byte stream is checked: ours equal upstream's on the shared rows, every de
 """
 
 import argparse
-import datetime
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from encodec_fast import entropy  # noqa: E402
 from encodec_fast.ops import arith  # noqa: E402
+from report import machine, save  # noqa: E402
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
@@ -147,16 +145,10 @@ def main() -> int:
             med["constriction encode (same quantized distributions)"] / med["ours (C++) encode, from pdfs"])
         ratios["decode vs constriction (ours with CDF construction)"] = (
             med["constriction decode (same quantized distributions)"] / med["ours (C++) decode, from pdfs"])
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
-              platform.machine(), "host": platform.node(), "python": platform.python_version(),
-              "torch": torch.__version__, "symbols": T, "alphabet": N, "upstream_symbols": U, "rounds": args.rounds,
+    report = {**machine(), "symbols": T, "alphabet": N, "upstream_symbols": U, "rounds": args.rounds,
               "us_per_symbol": {k: 1e6 * v for k, v in med.items()}, "ratios": ratios, "checks": checks}
-    try:
-        report["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     lines = [f"# Arithmetic coder throughput ({report['date'][:10]})", "",
-             f"CPU: {report.get('cpu', report['machine'])}, {torch.get_num_threads()} torch threads; torch "
+             f"CPU: {report['cpu']}, {report['torch_threads']} torch threads; torch "
              f"{torch.__version__}; {T} symbols, alphabet {N} (upstream and the Python reference: first {U}); "
              f"medians of {args.rounds} interleaved rounds. `python bench/coder.py`", "",
              "| coder | µs / symbol | symbols / s |", "|---|---|---|"]
@@ -165,10 +157,7 @@ def main() -> int:
     lines += [""] + [f"- {c}" for c in checks]
     md = "\n".join(lines) + "\n"
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"coder_{datetime.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"{stem}.md").write_text(md)
+    save(args.out, "coder", report, md)
     return 0
 
 

@@ -10,10 +10,8 @@ what the allocator setting gains. Prints medians, ratios and x real time; writes
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -72,7 +70,6 @@ def main():
         print(json.dumps(worker(args.worker[0], args.worker[1] == "1", args.reps)))
         return
 
-    import torch
     # Interleaved rounds: this VM's speed drifts by +-20% over minutes, so each implementation
     # and allocator setting runs a few reps in every round, in alternating order, and the medians
     # are taken over all rounds.
@@ -117,25 +114,16 @@ def main():
                      f"{r[7]:.2f}x | {r[8]:.1f}x |")
     table = "\n".join(lines)
     print(table)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
-            platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "reps": args.reps,
-            "rounds": args.rounds,
+    from report import machine, save
+    meta = {**machine(), "reps": args.reps, "rounds": args.rounds,
             "workloads": {k: list(v) for k, v in WORKLOADS.items()}, "bandwidth_kbps": 6.0}
-    try:
-        meta["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if "model name" in ln)
-    except (OSError, StopIteration):
-        pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu_vs_upstream_{datetime.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    (args.out / f"{stem}.md").write_text(
-        f"# CPU: encodec_fast vs encodec 0.1.1 ({meta['date']})\n\n"
-        f"Machine: {meta.get('cpu_model', meta['machine'])}, {meta['cpu_count']} cores, torch {meta['torch']}, "
-        f"{meta['torch_threads']} threads. Medians of {args.rounds} interleaved rounds x {args.reps} runs (each after a "
-        f"warm-up), 6 kbps, same random weights "
-        f"(data-like codebooks) and inputs. 'tuned' = glibc allocator keeps freed memory "
-        f"(`encodec_fast.cpu.tune_cpu_allocator`, applied by the `encodec-fast` command).\n\n{table}\n")
+    save(args.out, "cpu_vs_upstream", {"meta": meta, "results": results},
+         f"# CPU: encodec_fast vs encodec 0.1.1 ({meta['date']})\n\n"
+         f"Machine: {meta['cpu']}, {meta['cpu_count']} cores, torch {meta['torch']}, "
+         f"{meta['torch_threads']} threads. Medians of {args.rounds} interleaved rounds x {args.reps} runs (each after a "
+         f"warm-up), 6 kbps, same random weights "
+         f"(data-like codebooks) and inputs. 'tuned' = glibc allocator keeps freed memory "
+         f"(`encodec_fast.cpu.tune_cpu_allocator`, applied by the `encodec-fast` command).\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ decodes the other's.
 """
 
 import argparse
-import datetime
 import importlib
-import json
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import encodec_fast  # noqa: E402
 from encodec_fast.lm import lm_threads  # noqa: E402
+from report import machine, save  # noqa: E402
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
@@ -88,17 +86,12 @@ def main() -> int:
     plain_size = len(encodec_fast.compress(ours, wav))
     ratios = {k.replace("upstream ", "vs upstream "): v / rows["ours " + k.split()[1]]
               for k, v in rows.items() if k.startswith("upstream")}
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "torch": torch.__version__, "threads": default_threads, "model": name, "seconds_of_audio": args.seconds,
-              "bandwidth_kbps": args.bandwidth, "rounds": args.rounds, "seconds": rows, "all_runs": times, "speedups": ratios,
-              "ours_equals_upstream_1_thread_without_crc": same_bytes, "lm_file_bytes": len(ours_file),
-              "plain_file_bytes": plain_size}
-    try:
-        report["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+    report = {**machine(), "threads": default_threads, "model": name, "seconds_of_audio": args.seconds,
+              "bandwidth_kbps": args.bandwidth, "rounds": args.rounds, "seconds": rows, "all_runs": times,
+              "speedups": ratios, "ours_equals_upstream_1_thread_without_crc": same_bytes,
+              "lm_file_bytes": len(ours_file), "plain_file_bytes": plain_size}
     lines = [f"# LM-mode .ecdc, ours vs upstream ({report['date'][:10]})", "",
-             f"CPU: {report.get('cpu', '?')}, {default_threads} threads by default; torch {torch.__version__}; "
+             f"CPU: {report['cpu']}, {default_threads} threads by default; torch {torch.__version__}; "
              f"{args.seconds:g} s, {name}, {args.bandwidth:g} kbps, random model and LM weights (same on both "
              f"sides); medians of {args.rounds} interleaved rounds. `python bench/lm_coding.py --model {args.model}`", "",
              "| run | seconds |", "|---|---|"]
@@ -109,10 +102,7 @@ def main() -> int:
               "no size gain is expected from it)"]
     md = "\n".join(lines) + "\n"
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"lm_coding_{args.model}_{datetime.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"{stem}.md").write_text(md)
+    save(args.out, f"lm_coding_{args.model}", report, md)
     assert same_bytes and up_reads_ours.shape == ours_reads_up.shape
     return 0
 

@@ -163,6 +163,7 @@ def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] =
 
     frames: tp.List[EncodedFrame] = []
     pos = 0
+    crc_of_codes = 0
     for seg_length in _segment_lengths(model, length):
         # Frames per segment, in integers: ceil(L * frame_rate / sample_rate).
         num_frames = -(-seg_length * model.frame_rate // model.sample_rate)
@@ -186,8 +187,10 @@ def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] =
                     codes, pos = _lm_decode_segment(lm, payload, pos + scale_size, codebooks, num_frames)
                 except entropy.CorruptStreamError as exc:
                     raise EcdcFormatError(f"corrupt LM-coded .ecdc data in segment {len(frames)}: {exc}") from None
+        if crc is not None:
+            crc_of_codes = codes_crc([codes], crc_of_codes)
         frames.append((codes[None].to(device), scale))
-    if crc is not None and codes_crc([codes[0] for codes, _ in frames]) != crc:
+    if crc is not None and crc_of_codes != crc:
         raise EcdcFormatError("the decoded codes do not match the file's checksum: the data is corrupt, or the LM "
                               "ran with other weights or numerics than the encoder's")
     with torch.no_grad():

@@ -39,8 +39,12 @@ class LMModel(nn.Module):
         return sum([self.emb[k](indices[:, k]) for k in range(indices.shape[1])])
 
     def _probabilities(self, out: torch.Tensor, K: int) -> torch.Tensor:
-        logits = torch.stack([self.linears[k](out) for k in range(K)], dim=1).permute(0, 3, 1, 2)
-        return torch.softmax(logits, dim=1)
+        return self._softmax([self.linears[k](out) for k in range(K)])
+
+    @staticmethod
+    def _softmax(heads: tp.List[torch.Tensor]) -> torch.Tensor:
+        """The K heads' logits [B, T, card] each -> probabilities [B, card, K, T]."""
+        return torch.softmax(torch.stack(heads, dim=1).permute(0, 3, 1, 2), dim=1)
 
 
 @contextlib.contextmanager
@@ -82,17 +86,15 @@ class LMStream:
         self._inputs: tp.List[tp.Optional[torch.Tensor]] = [None] * n  # per layer: [B, cap, E] window inputs
         self._kv: tp.List[tp.Optional[torch.Tensor]] = [None] * n      # per layer: [2, cap, B, E] keys, values
         self._start, self._rows = [0] * n, [0] * n                     # the window: rows start .. start+rows-1
+        self._blocks = [self._plain_ops(layer) for layer in tr.layers]
 
     @torch.no_grad()
     def step(self, indices: torch.Tensor) -> torch.Tensor:
         B, K, T = indices.shape
         if T != 1:
             raise ValueError("LMStream.step takes one frame at a time")
-        tr = self.lm.transformer
-        x = self.lm._embed(indices)
-        positions = torch.arange(1, device=x.device).view(1, -1, 1) + self.offset
-        x = tr.norm_in(x) + create_sin_embedding(positions, x.shape[-1], max_period=tr.max_period)
-        for i, layer in enumerate(tr.layers):
+        x = self._input(indices, self.offset)
+        for i, layer in enumerate(self.lm.transformer.layers):
             x = self._layer(i, layer, x)
         self.offset += 1
         return self.lm._probabilities(x, K)
@@ -108,35 +110,40 @@ class LMStream:
         one layer's weights serve all frames while they are in cache (frame by frame, each step
         streams all the LM's weights from memory)."""
         B, K, T = codes.shape
-        tr = self.lm.transformer
-        xs = []
-        for t in range(T):
-            indices = torch.zeros_like(codes[:, :, :1]) if t == 0 else 1 + codes[:, :, t - 1:t]
-            x = self.lm._embed(indices)
-            positions = torch.arange(1, device=x.device).view(1, -1, 1) + (self.offset + t)
-            xs.append(tr.norm_in(x) + create_sin_embedding(positions, x.shape[-1], max_period=tr.max_period))
-        for i, layer in enumerate(tr.layers):
+        xs = [self._input(torch.zeros_like(codes[:, :, :1]) if t == 0 else 1 + codes[:, :, t - 1:t], self.offset + t)
+              for t in range(T)]
+        for i, layer in enumerate(self.lm.transformer.layers):
             xs = [self._layer(i, layer, x) for x in xs]
         self.offset += T
         heads = [[self.lm.linears[k](x) for x in xs] for k in range(K)]
         out = torch.empty(T, B, self.lm.card, K)
         for t in range(T):
-            logits = torch.stack([heads[k][t] for k in range(K)], dim=1).permute(0, 3, 1, 2)
-            out[t] = torch.softmax(logits, dim=1)[..., 0]
+            out[t] = self.lm._softmax([heads[k][t] for k in range(K)])[..., 0]
         return out
 
+    def _input(self, indices: torch.Tensor, position: int) -> torch.Tensor:
+        """The first layer's input for one frame: summed embeddings, input norm, position."""
+        tr = self.lm.transformer
+        x = self.lm._embed(indices)
+        positions = torch.arange(1, device=x.device).view(1, -1, 1) + position
+        return tr.norm_in(x) + create_sin_embedding(positions, x.shape[-1], max_period=tr.max_period)
+
+    @staticmethod
+    def _plain_ops(layer: nn.TransformerEncoderLayer):
+        """(norm1, norm2, feed-forward) of a layer: in eval mode with a function activation, the
+        same operations without the module-call overhead (dropout is then the identity)."""
+        if layer.training or isinstance(layer.activation, nn.Module) or not callable(layer.activation):
+            return layer.norm1, layer.norm2, layer._ff_block
+
+        def norm(n: nn.LayerNorm) -> tp.Callable[[torch.Tensor], torch.Tensor]:
+            return lambda v: F.layer_norm(v, n.normalized_shape, n.weight, n.bias, n.eps)
+
+        a, b, act = layer.linear1, layer.linear2, layer.activation
+        return norm(layer.norm1), norm(layer.norm2), lambda v: F.linear(act(F.linear(v, a.weight, a.bias)), b.weight,
+                                                                        b.bias)
+
     def _layer(self, i: int, layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
-        norm1, norm2, ff = layer.norm1, layer.norm2, layer._ff_block
-        if not layer.training and callable(layer.activation) and not isinstance(layer.activation, nn.Module):
-            # The same operations without the module-call overhead (dropout is the identity here).
-            def norm1(v, n=layer.norm1):
-                return F.layer_norm(v, n.normalized_shape, n.weight, n.bias, n.eps)
-
-            def norm2(v, n=layer.norm2):
-                return F.layer_norm(v, n.normalized_shape, n.weight, n.bias, n.eps)
-
-            def ff(v, a=layer.linear1, b=layer.linear2, act=layer.activation):
-                return F.linear(act(F.linear(v, a.weight, a.bias)), b.weight, b.bias)
+        norm1, norm2, ff = self._blocks[i]
         if layer.norm_first:
             x = x + self._attend(i, layer, norm1(x))
             return x + ff(norm2(x))

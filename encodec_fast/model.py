@@ -78,6 +78,9 @@ class EncodecModel(nn.Module):
         self.overlap = overlap
         self.frame_rate = math.ceil(self.sample_rate / encoder.hop_length)
         self.name = name
+        #: Where `get_lm_model()` takes the LM from when not told (None: the official weights).
+        self.lm_checkpoint: tp.Optional[PathLike] = None
+        self.lm_repository: tp.Optional[PathLike] = None
         self.bits_per_codebook = int(math.log2(self.quantizer.bins))
         if 2 ** self.bits_per_codebook != self.quantizer.bins:
             raise ValueError("quantizer bins must be a power of 2.")
@@ -279,10 +282,10 @@ class EncodecModel(nn.Module):
     def get_lm_model(self, repository: tp.Optional[PathLike] = None, checkpoint: tp.Optional[PathLike] = None) -> LMModel:
         """The entropy-coding LM for this model, with the official weights (or `checkpoint`).
 
-        Defaults: the attributes `lm_checkpoint` and `lm_repository` (None unless set; the
-        command sets them from --lm-checkpoint and --repository)."""
-        checkpoint = checkpoint if checkpoint is not None else getattr(self, "lm_checkpoint", None)
-        repository = repository if repository is not None else getattr(self, "lm_repository", None)
+        Defaults: the attributes `lm_checkpoint` and `lm_repository` (the command sets them from
+        --lm-checkpoint and --repository)."""
+        checkpoint = checkpoint if checkpoint is not None else self.lm_checkpoint
+        repository = repository if repository is not None else self.lm_repository
         device = next(self.parameters()).device
         lm = LMModel(self.quantizer.n_q, self.quantizer.bins, num_layers=5, dim=200,
                      past_context=int(3.5 * self.frame_rate)).to(device)

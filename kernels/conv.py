@@ -18,11 +18,12 @@ multiply in their own dtype (HALF_DOT) with fp32 accumulation. The wrappers in
 `encodec_fast.ops.conv` validate arguments; call those.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..ops.backend import interpreting
 
 
 @triton.jit
@@ -165,12 +166,8 @@ def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
 
 # -- launch wrappers -------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _blocks(C_in: int, C_out: int, T: int):
-    if _interpreting():  # each program costs milliseconds whatever its size: few, large ones
+    if interpreting():  # each program costs milliseconds whatever its size: few, large ones
         return (min(256, max(16, triton.next_power_of_2(C_out))), min(128, max(16, triton.next_power_of_2(C_in))),
                 min(1024, max(16, triton.next_power_of_2(T))), 4)
     block_co = min(64, max(16, triton.next_power_of_2(C_out)))
@@ -181,7 +178,7 @@ def _blocks(C_in: int, C_out: int, T: int):
 
 def _half_dot(x: torch.Tensor) -> bool:
     # The interpreter cannot multiply bf16 (numpy has none): compute those in fp32 there.
-    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _interpreting())
+    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not interpreting())
 
 
 def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype):
@@ -241,7 +238,7 @@ def conv2d_leaky_relu(x, weight_kco, KH, KW, bias, stride, dilation, padding, sl
         return out
     P = H_out * W_out
     bco, bci, bp, warps = _blocks(C_in, C_out, P)
-    if _interpreting():
+    if interpreting():
         bp = min(4096, max(16, triton.next_power_of_2(P)))
     grid = (triton.cdiv(P, bp), triton.cdiv(C_out, bco), B)
     _conv2d_leaky_relu_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, out,

@@ -13,11 +13,11 @@ Inputs may be fp32, fp16 or bf16 (upcast to fp32 on load) and strided. The launc
 tensors already validated by `encodec_fast.ops.rvq`; call that module, not these functions.
 """
 
-import os
-
+import torch
 import triton
 import triton.language as tl
-import torch
+
+from ..ops.backend import interpreting
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _config(N: int, D: int, K: int):
     """(BLOCK_N, BLOCK_K, num_warps): fixed choices (autotuning does not run in the interpreter,
     where each loop iteration costs milliseconds whatever its size, so blocks are large there)."""
     block_d = _block_d(D)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         block_n, block_k = 128, 256
     else:
         block_n = 64 if block_d <= 128 else 32

@@ -6,11 +6,12 @@ real and imaginary parts as channels, time before frequency, divided by the wind
 division); `scaled_copy` does it in one, and its transpose (the backward) in one.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..ops.backend import interpreting
 
 
 @triton.jit
@@ -39,8 +40,7 @@ def scaled_copy(src: torch.Tensor, scale: float) -> torch.Tensor:
     numel = dst.numel()
     if numel == 0:
         return dst
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    block = 1 << 16 if interpreting else 1024
+    block = 1 << 16 if interpreting() else 1024
     _scaled_copy_kernel[(triton.cdiv(numel, block),)](src, dst, float(scale), numel, *src.shape[1:], *src.stride(),
                                                       BLOCK=block, num_warps=4)
     return dst

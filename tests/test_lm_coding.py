@@ -189,7 +189,7 @@ def test_codes_crc_is_order_and_value_sensitive():
 
 def test_command_lm_round_trip(tmp_path, checkpoint_24, lms_24):
     """encodec-fast --lm with a local LM checkpoint: compress, then decompress the LM file."""
-    from test_cli import run, speech  # noqa: F401  (the helpers of the command tests)
+    from test_cli import run  # the command tests' subprocess helper
     from encodec_fast import audio
     lm_path = tmp_path / "lm.th"
     torch.save(lms_24[1].state_dict(), lm_path)

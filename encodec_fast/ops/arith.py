@@ -284,8 +284,6 @@ class Decoder:
         self._cpp = coder_backend() == "cpp" and _roundoff_for_cpp(roundoff)
         data = data if isinstance(data, bytes) else bytes(data)  # no copy per segment of a long file
         if self._cpp:
-            if not 0 <= offset <= len(data):
-                raise ValueError("offset outside the data")
             self._state = _extension().decoder_new(data, offset, total_range_bits)
         else:
             self._state = PythonDecoder(data, offset, total_range_bits)
@@ -297,16 +295,15 @@ class Decoder:
     def _pull_rows(self, table: Table) -> torch.Tensor:
         arr, is_pdf = _table(table)
         T, N = arr.shape
-        _check_params(N, self.range_bits, self.min_range)
         out = np.empty(T, dtype=np.int64)
-        if self._cpp:
+        if self._cpp:  # checks its arguments as _check_params does
+            ext = _extension()
             try:
-                done = _extension().decoder_pull(self._state, arr, N, out, self.roundoff, self.min_range, is_pdf)
-            except ValueError as exc:
-                if str(exc).startswith("corrupt"):
-                    raise CorruptStreamError(str(exc)) from None
-                raise
+                done = ext.decoder_pull(self._state, arr, N, out, self.roundoff, self.min_range, is_pdf)
+            except ext.CorruptStream as exc:
+                raise CorruptStreamError(str(exc)) from None
         else:
+            _check_params(N, self.range_bits, self.min_range)
             cdfs = build_cdfs_torch(arr, self.range_bits, self.roundoff, self.min_range).tolist() if is_pdf \
                 else arr.tolist()
             done = 0

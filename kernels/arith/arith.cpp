@@ -43,18 +43,25 @@ struct CdfParams {
     int64_t min_range;
 };
 
+// float32(M), M = 2^B - min_range * n (upstream computes it in doubles, then torch rounds it).
+inline float range_scale(const CdfParams& prm, int64_t n) {
+    const double total = std::ldexp(1.0, prm.range_bits);
+    return static_cast<float>((1.0 - static_cast<double>(prm.min_range) * n / total) * total);
+}
+
+// floor(p / r) * r for p in [0, 1] (truncation is floor there; trunc(x) is exact in float32).
+inline float rounded(float p, float r) { return static_cast<float>(static_cast<int32_t>(p / r)) * r; }
+
 // ranges[i] = floor(float32(M) * q_i) + min_range for one pdf row; returns false on a probability
 // outside [0, 1] (or NaN). Every value is clamped into [0, 1] before use, so the float -> int
-// conversions below are defined whatever the input; for those values truncation is floor (all
-// are >= 0 and < 2^31), and trunc(x) is exact in float32 (x < 2^24, or x already an integer).
+// conversions below are defined whatever the input (all values >= 0 and < 2^31).
 // Written so that compilers vectorise it (SSE2 and, where the CPU has it, AVX2); the operations
 // and their order are the scalar IEEE ones, so every clone gives the same bits.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 bool row_ranges(const float* pdf, int64_t n, const CdfParams& prm, int32_t* ranges) {
-    const double total = std::ldexp(1.0, prm.range_bits);
-    const float m = static_cast<float>((1.0 - static_cast<double>(prm.min_range) * n / total) * total);
+    const float m = range_scale(prm, n);
     const float r = prm.roundoff;
     const int32_t add = static_cast<int32_t>(prm.min_range);
     int32_t bad = 0;
@@ -64,8 +71,7 @@ bool row_ranges(const float* pdf, int64_t n, const CdfParams& prm, int32_t* rang
             bad |= !((p >= 0.0f) & (p <= 1.0f));
             float pc = p > 0.0f ? p : 0.0f;
             pc = pc < 1.0f ? pc : 1.0f;
-            const float q = static_cast<float>(static_cast<int32_t>(pc / r)) * r;
-            ranges[i] = static_cast<int32_t>(m * q) + add;
+            ranges[i] = static_cast<int32_t>(m * rounded(pc, r)) + add;
         }
     } else {
         for (int64_t i = 0; i < n; ++i) {
@@ -303,15 +309,11 @@ bool row_valid(const float* pdf, int64_t n) {
 __attribute__((target_clones("avx2", "default")))
 #endif
 int64_t ranges_sum(const float* pdf, int64_t n, int64_t count, const CdfParams& prm) {
-    const double total = std::ldexp(1.0, prm.range_bits);
-    const float m = static_cast<float>((1.0 - static_cast<double>(prm.min_range) * n / total) * total);
+    const float m = range_scale(prm, n);
     const float r = prm.roundoff;
     int64_t acc = 0;
     if (r != 0.0f) {
-        for (int64_t i = 0; i < count; ++i) {
-            const float q = static_cast<float>(static_cast<int32_t>(pdf[i] / r)) * r;
-            acc += static_cast<int32_t>(m * q);
-        }
+        for (int64_t i = 0; i < count; ++i) acc += static_cast<int32_t>(m * rounded(pdf[i], r));
     } else {
         for (int64_t i = 0; i < count; ++i) acc += static_cast<int32_t>(m * pdf[i]);
     }
@@ -492,6 +494,7 @@ PyObject* py_encode(PyObject*, PyObject* args) {
 // -- streaming decoder: a capsule around Decoder + the data buffer --------------------------------
 
 const char* kCapsule = "encodec_fast.arith.Decoder";
+PyObject* g_corrupt = nullptr;  // CorruptStream, a ValueError: data no encoder could have written
 
 struct DecoderBox {
     Decoder dec;
@@ -591,7 +594,7 @@ PyObject* py_decoder_pull(PyObject*, PyObject* args) {
         return nullptr;
     }
     if (status == kCorrupt) {
-        PyErr_Format(PyExc_ValueError,
+        PyErr_Format(g_corrupt,
                      "corrupt arithmetic-coded stream: no symbol matches the data at byte %lld "
                      "(or the distributions differ from the encoder's)",
                      (long long)dec.in.offset());
@@ -623,4 +626,19 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_arith",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__arith(void) { return PyModule_Create(&kModule); }
+PyMODINIT_FUNC PyInit__arith(void) {
+    PyObject* module = PyModule_Create(&kModule);
+    if (!module) return nullptr;
+    g_corrupt = PyErr_NewException("encodec_fast.kernels._arith.CorruptStream", PyExc_ValueError, nullptr);
+    if (!g_corrupt) {
+        Py_DECREF(module);
+        return nullptr;
+    }
+    Py_INCREF(g_corrupt);  // the module's reference (PyModule_AddObject steals one on success)
+    if (PyModule_AddObject(module, "CorruptStream", g_corrupt) < 0) {
+        Py_DECREF(g_corrupt);
+        Py_DECREF(module);
+        return nullptr;
+    }
+    return module;
+}

@@ -1,0 +1,33 @@
+"""What every benchmark script records about the machine, and how it saves its results."""
+
+import datetime
+import json
+import os
+import platform
+import typing as tp
+from pathlib import Path
+
+import torch
+
+
+def machine() -> tp.Dict[str, tp.Any]:
+    """Date, host, CPU, core and torch thread counts, Python and torch versions."""
+    info: tp.Dict[str, tp.Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        info["cpu"] = info["machine"]
+    return info
+
+
+def save(out: Path, name: str, report: tp.Any, markdown: str) -> Path:
+    """Write `out/<name>_<date>.json` and `.md`; returns the path without suffix."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}_{datetime.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown)
+    return stem
