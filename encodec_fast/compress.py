@@ -10,6 +10,7 @@ file is byte-identical to upstream's.
 """
 
 import io
+import math
 import struct
 import typing as tp
 import zlib
@@ -45,28 +46,55 @@ def codes_crc(frames: tp.Sequence[torch.Tensor], crc: int = 0) -> int:
     return crc
 
 
+LM_CHUNK_FRAMES = 256  # frames per LM call when encoding: bounded memory for any length
+
+
 def _lm_encode_segment(lm: LMModel, codes: torch.Tensor) -> bytes:
     """codes [K, T] -> the arithmetic-coded bytes of one segment: the LM predicts frame t from
-    frames < t (a fresh LM state per segment, frame -1 fed as zeros), one CDF per code."""
+    frames < t (a fresh LM state per segment, frame -1 fed as zeros), one CDF per code. Frames go
+    through the LM in chunks (bit-identical to the decoder's steps: `LMStream.run_inputs`) and
+    into one streaming encoder, so memory does not grow with the segment's length."""
     K, T = codes.shape
-    probabilities = LMStream(lm).run_known(codes[None])  # [T, 1, card, K], as the decoder's steps give
-    pdfs = probabilities[:, 0].transpose(1, 2).reshape(T * K, lm.card)
-    return entropy.encode_symbols(pdfs, codes.t().reshape(-1))
+    inputs = torch.cat([torch.zeros_like(codes[:, :1]), 1 + codes[:, :-1]], dim=1)[None]
+    stream, encoder = LMStream(lm), entropy.SymbolEncoder()
+    for start in range(0, T, LM_CHUNK_FRAMES):
+        end = min(T, start + LM_CHUNK_FRAMES)
+        probabilities = stream.run_inputs(inputs[..., start:end])  # [c, 1, card, K]
+        pdfs = probabilities[:, 0].transpose(1, 2).reshape(-1, lm.card)
+        encoder.push(pdfs, codes[:, start:end].t().reshape(-1))
+    return encoder.finish()
 
 
 def _lm_decode_segment(lm: LMModel, data: bytes, offset: int, K: int, T: int) -> tp.Tuple[torch.Tensor, int]:
-    """The [K, T] codes coded in `data` from `offset` -> (codes, offset after the segment)."""
+    """The [K, T] codes coded in `data` from `offset` -> (codes, offset after the segment).
+    Memory grows with the frames actually decoded, not with the T the header claims."""
     stream = LMStream(lm)
     decoder = entropy.SymbolDecoder(data, offset)
-    codes = torch.empty(K, T, dtype=torch.long)
+    frames: tp.List[torch.Tensor] = []
     inputs = torch.zeros(1, K, 1, dtype=torch.long)
-    for t in range(T):
+    for _ in range(T):
         try:
-            codes[:, t] = decoder.pull(stream.step(inputs)[0, :, :, 0].t())
+            codes = decoder.pull(stream.step(inputs)[0, :, :, 0].t())
         except EOFError:
             raise EOFError("The stream ended sooner than expected (truncated LM-coded .ecdc data).") from None
-        inputs = 1 + codes[None, :, t:t + 1]
-    return codes, decoder.offset
+        frames.append(codes)
+        inputs = 1 + codes.view(1, K, 1)
+    return (torch.stack(frames, dim=1) if frames else torch.empty(K, 0, dtype=torch.long)), decoder.offset
+
+
+def _check_lm_payload_size(symbols: int, card: int, payload_bytes: int, segments: int) -> None:
+    """An LM-coded payload cannot hold more symbols than its bits allow: each symbol's interval
+    is at most 2**24 - (card - 1) * min_range wide, so it costs at least -log2 of that fraction
+    of the range (1.8e-4 bits for 1024 codes). A header announcing far more audio (twice the
+    bound, plus 64 bits of slack per segment) is corrupt; without this check the decoder would run
+    the LM for as long as near-certain predictions keep the stream from ending."""
+    fraction = 1 - (card - 1) * entropy.MIN_RANGE / 2 ** entropy.TOTAL_RANGE_BITS
+    if fraction <= 0:
+        return
+    min_bits = -math.log2(fraction)
+    if symbols * min_bits / 2 > 8 * payload_bytes + 64 * segments:
+        raise EcdcFormatError(f"corrupt .ecdc header: {symbols} LM-coded codes announced, {payload_bytes} bytes of "
+                              f"data can hold at most {int(2 * (8 * payload_bytes + 64 * segments) / min_bits)}")
 
 
 def compress_to_file(model: EncodecModel, wav: torch.Tensor, fo: tp.IO[bytes], use_lm: bool = True,
@@ -161,6 +189,10 @@ def decompress_from_file(fo: tp.IO[bytes], device: tp.Union[str, torch.device] =
     bits = model.bits_per_codebook
     scale_size = 4 if model.normalize else 0
 
+    if lm is not None:
+        # At least this many codes (segments overlap), in at most this many segments:
+        symbols = codebooks * -(-length * model.frame_rate // model.sample_rate)
+        _check_lm_payload_size(symbols, lm.card, len(payload), -(-length // (model.segment_stride or length)))
     frames: tp.List[EncodedFrame] = []
     pos = 0
     crc_of_codes = 0

@@ -5,6 +5,8 @@ reference when it is not built): bytes identical to upstream encodec 0.1.1's cod
     symbols = decode_symbols(pdfs, data)          # the same pdfs -> the same symbols
     dec = SymbolDecoder(data)                     # streaming: one distribution at a time
     s = dec.pull(pdf)                             # pdf [N] -> int (None at the end of the data)
+    enc = SymbolEncoder()                         # streaming: rows in pieces, bounded memory
+    enc.push(pdfs, symbols); data = enc.finish()  # the bytes of one encode_symbols of all rows
 
 Each distribution is quantized with upstream's `build_stable_quantized_cdf` arithmetic
 (`build_cdfs`, vectorised over [T, N]); integer tables are taken as quantized CDFs as they are.
@@ -13,10 +15,11 @@ Decoding needs bit-identical pdfs: build them on the CPU in float32 from the sam
 
 import typing as tp
 
-from .ops.arith import (MIN_RANGE, ROUNDOFF, TOTAL_RANGE_BITS, CorruptStreamError, Decoder, build_cdfs,
+from .ops.arith import (MIN_RANGE, ROUNDOFF, TOTAL_RANGE_BITS, CorruptStreamError, Decoder, Encoder, build_cdfs,
                         coder_backend, cpp_available, decode, encode)
 
 SymbolDecoder = Decoder
+SymbolEncoder = Encoder
 
 
 def encode_symbols(pdfs, symbols, total_range_bits: int = TOTAL_RANGE_BITS, roundoff: float = ROUNDOFF,
@@ -35,5 +38,5 @@ def decode_symbols(pdfs, data: tp.Union[bytes, bytearray, memoryview], offset: i
     return (symbols, end) if return_offset else symbols
 
 
-__all__ = ["CorruptStreamError", "SymbolDecoder", "build_cdfs", "coder_backend", "cpp_available",
-           "decode_symbols", "encode_symbols"]
+__all__ = ["MIN_RANGE", "TOTAL_RANGE_BITS", "CorruptStreamError", "SymbolDecoder", "SymbolEncoder", "build_cdfs",
+           "coder_backend", "cpp_available", "decode_symbols", "encode_symbols"]

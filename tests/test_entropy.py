@@ -166,6 +166,47 @@ def test_streams_back_to_back_and_streaming_pull(coder):
     assert entropy.SymbolDecoder(data, offset).pull(parts[0][0][0]) is None  # nothing left
 
 
+def test_streaming_encoder_in_pieces_gives_one_streams_bytes(coder):
+    """`SymbolEncoder.push` in pieces (empty ones, single rows, pdfs and int CDF tables mixed)
+    writes the bytes of one `encode_symbols` of all rows, which are upstream's."""
+    p = torch.cat([pdfs_of("peaked", 300, 1024, seed=11), pdfs_of("near_zero", 100, 1024, seed=12)])
+    symbols = symbols_of(p, seed=13, off_distribution=False)
+    symbols[::7] = torch.randint(0, 1024, symbols[::7].shape, generator=torch.Generator().manual_seed(14))
+    whole = entropy.encode_symbols(p, symbols)
+    assert whole == upstream_bytes(p, symbols)
+    g = torch.Generator().manual_seed(15)
+    for trial in range(3):
+        cuts = sorted(torch.randint(0, len(p) + 1, (6,), generator=g).tolist()) + [len(p)]
+        enc, start = entropy.SymbolEncoder(), 0
+        for i, end in enumerate([0, 1] + cuts):
+            end = max(end, start)
+            rows = p[start:end] if i % 2 else entropy.build_cdfs(p[start:end])
+            enc.push(rows, symbols[start:end])
+            start = end
+        assert enc.finish() == whole, trial
+
+
+def test_streaming_encoder_refuses_use_after_failure_or_finish(coder):
+    p = torch.tensor([[0.9999999, 1e-7, 1e-7]] * 4)
+    enc = entropy.SymbolEncoder()
+    enc.push(p[:2], [0, 1])
+    with pytest.raises(ValueError, match="refusing"):
+        enc.push(p[2:], [2, 2])
+    with pytest.raises(RuntimeError, match="failed"):
+        enc.push(p[:1], [0])
+    with pytest.raises(RuntimeError, match="failed"):
+        enc.finish()
+    enc = entropy.SymbolEncoder()
+    with pytest.raises(ValueError, match="symbols"):
+        enc.push(p[:2], [0])  # a count mismatch is caught before anything is pushed
+    enc.push(p[:2], [0, 1])
+    assert enc.finish() == entropy.encode_symbols(p[:2], [0, 1])
+    with pytest.raises(RuntimeError, match="finished"):
+        enc.finish()
+    with pytest.raises(RuntimeError, match="finished"):
+        enc.push(p[:1], [0])
+
+
 def test_empty_streams(coder):
     p = torch.empty(0, 16)
     assert entropy.encode_symbols(p, torch.empty(0, dtype=torch.long)) == upstream_bytes(p, torch.empty(0)) == b""

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import encodec
 import encodec_fast
@@ -104,18 +105,58 @@ def test_cached_lm_step_equals_upstream_step_bit_for_bit(lms_24):
             inputs = 1 + codes[:, :, t:t + 1]
 
 
-def test_encoder_order_gives_the_decoder_steps_bits():
-    """`run_known` (the encoder's layer-by-layer order over known frames) against `step` (the
-    decoder's frame-by-frame order): the same probabilities, bit for bit, past a full window."""
-    _, ours = lm_pair(16, 40, seed=9)  # a short window (40) so that it slides within 60 frames
-    codes = torch.randint(0, 1024, (1, 6, 60), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("K,chunks,norm_first,past", [(6, [60], False, 40), (1, [1, 2, 31, 1, 40, 15], False, 40),
+                                                      (2, [33, 1, 1, 50], False, 40), (32, [90], False, 40),
+                                                      (8, [45, 45], True, 40), (3, [10, 40], False, 20)])
+def test_encoder_order_gives_the_decoder_steps_bits(K, chunks, norm_first, past):
+    """`run_known` / `run_inputs` (the encoder's order: layer by layer over chunks of known
+    frames, row-wise products batched) against `step` (the decoder's frame-by-frame order): the
+    same probabilities, bit for bit, past a full window, for chunks of any size (a chunk of one
+    frame included), every codebook count, a pre-norm variant of the layers, and a window (20)
+    shorter than the block of exact rows (32), where every frame projects its whole window."""
+    torch.manual_seed(9)
+    ours = encodec_fast.LMModel(32, 1024, num_layers=5, dim=200, past_context=past,
+                                  norm_first=norm_first).eval()
+    T = sum(chunks)  # a short window so that it slides within T frames
+    codes = torch.randint(0, 1024, (1, K, T), generator=torch.Generator().manual_seed(K))
+    inputs = torch.cat([torch.zeros_like(codes[..., :1]), 1 + codes[..., :-1]], dim=2)
     with lm_threads(1):
-        known = LMStream(ours).run_known(codes)
+        known = LMStream(ours)
+        parts, start = [], 0
+        for c in chunks:
+            parts.append(known.run_inputs(inputs[..., start:start + c]))
+            start += c
+        got = torch.cat(parts)
+        assert torch.equal(got, LMStream(ours).run_known(codes))
         stream = LMStream(ours)
-        inputs = torch.zeros(1, 6, 1, dtype=torch.long)
+        for t in range(T):
+            assert torch.equal(stream.step(inputs[..., t:t + 1])[..., 0], got[t]), f"frame {t}"
+
+
+def test_encoder_falls_back_to_steps_where_batched_products_differ(monkeypatch):
+    """On a machine whose batched products give other bits (simulated: rows of several frames in
+    one product), the check fails once, warns, and the encoder runs `step`, projecting every
+    window whole as upstream does: the same bits as upstream's LM."""
+    lm_module = importlib.import_module("encodec_fast.lm")
+    monkeypatch.setattr(lm_module, "_rowwise_linear", lambda x, w, b: F.linear(x, w, b))
+    monkeypatch.setattr(lm_module, "_product_checks", {})
+    torch.manual_seed(3)
+    up = encodec.model.LMModel(4, 1024, num_layers=2, dim=200, past_context=40).eval()
+    ours = encodec_fast.LMModel(4, 1024, num_layers=2, dim=200, past_context=40).eval()
+    ours.load_state_dict(up.state_dict())
+    codes = torch.randint(0, 1024, (1, 4, 50), generator=torch.Generator().manual_seed(2))
+    with lm_threads(1), torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="frame by frame"):
+            stream = LMStream(ours)
+        assert stream.exact_rows == 41
+        got = stream.run_known(codes)
+        states, offset = None, 0
+        inputs = torch.zeros(1, 4, 1, dtype=torch.long)
         for t in range(codes.shape[-1]):
-            assert torch.equal(stream.step(inputs)[..., 0], known[t]), f"frame {t}"
+            ref, states, offset = up(inputs, states, offset)
+            assert torch.equal(ref[..., 0], got[t]), f"frame {t}"
             inputs = 1 + codes[:, :, t:t + 1]
+    assert list(lm_module._product_checks.values()) == [False]
 
 
 def test_files_decode_on_another_thread_count(pair_24, lms_24, monkeypatch):
@@ -177,6 +218,17 @@ def test_truncated_and_corrupt_lm_files(pair_24, lms_24, monkeypatch):
     ecdc.write_ecdc_header(header, meta)
     with pytest.raises(ValueError, match="crc"):
         encodec_fast.decompress(header.getvalue() + payload, model=ours)
+    # A header announcing absurdly more audio than the payload can hold: refused before decoding
+    # (no LM run until the data ends, no allocation for 2**40 samples); a merely longer one runs
+    # out of data.
+    for length, error, match in ((2 ** 40, ValueError, "can hold at most"), (10 ** 11, ValueError, "can hold at most"),
+                                 (24000, EOFError, "sooner than expected")):
+        meta, payload = split_header(data)
+        meta["al"] = length
+        header = io.BytesIO()
+        ecdc.write_ecdc_header(header, meta)
+        with pytest.raises(error, match=match):
+            encodec_fast.decompress(header.getvalue() + payload, model=ours)
 
 
 def test_codes_crc_is_order_and_value_sensitive():

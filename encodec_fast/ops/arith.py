@@ -247,23 +247,54 @@ def build_cdfs(pdfs: Table, total_range_bits: int = TOTAL_RANGE_BITS, roundoff: 
     return out
 
 
+class Encoder:
+    """Streaming encoder (C++ or the Python reference): `push(table, symbols)` any number of
+    times ([T, N] pdfs or int64 quantized CDFs, one symbol per row), then `finish()` -> the bytes,
+    the same as one `encode` of all rows. A failed push leaves the encoder unusable."""
+
+    def __init__(self, total_range_bits: int = TOTAL_RANGE_BITS, roundoff: float = ROUNDOFF,
+                 min_range: int = MIN_RANGE):
+        self.range_bits, self.roundoff, self.min_range = total_range_bits, roundoff, min_range
+        self._cpp = coder_backend() == "cpp" and _roundoff_for_cpp(roundoff)
+        self._state: tp.Any = _extension().encoder_new(total_range_bits) if self._cpp \
+            else PythonEncoder(total_range_bits)
+        self._closed: tp.Optional[str] = None
+
+    def push(self, table: Table, symbols: Table) -> None:
+        if self._closed:
+            raise RuntimeError(self._closed)
+        arr, is_pdf = _table(table)
+        T, N = arr.shape
+        syms = torch.as_tensor(symbols).detach().cpu().to(torch.int64).reshape(-1).contiguous().numpy()
+        _check_params(N, self.range_bits, self.min_range)
+        if syms.shape[0] != T:
+            raise ValueError(f"{syms.shape[0]} symbols for {T} distributions")
+        if T and (syms.min() < 0 or syms.max() >= N):
+            raise ValueError(f"symbols must lie in [0, {N})")
+        try:
+            if self._cpp:
+                _extension().encoder_push(self._state, arr, syms, N, self.roundoff, self.min_range, is_pdf)
+                return
+            cdfs = build_cdfs_torch(arr, self.range_bits, self.roundoff, self.min_range).tolist() if is_pdf \
+                else arr.tolist()
+            for cdf, s in zip(cdfs, syms.tolist()):
+                self._state.push(cdf[s - 1] if s else 0, cdf[s])
+        except ValueError:
+            self._closed = "the encoder failed on an earlier symbol"
+            raise
+
+    def finish(self) -> bytes:
+        if self._closed:
+            raise RuntimeError(self._closed)
+        self._closed = "the encoder has finished its stream"
+        return _extension().encoder_finish(self._state) if self._cpp else self._state.finish()
+
+
 def encode(table: Table, symbols: Table, total_range_bits: int = TOTAL_RANGE_BITS, roundoff: float = ROUNDOFF,
            min_range: int = MIN_RANGE) -> bytes:
     """One symbol per row of `table` ([T, N] pdfs, or int64 quantized CDFs) -> the coded bytes."""
-    arr, is_pdf = _table(table)
-    T, N = arr.shape
-    syms = torch.as_tensor(symbols).detach().cpu().to(torch.int64).reshape(-1).contiguous().numpy()
-    _check_params(N, total_range_bits, min_range)
-    if syms.shape[0] != T:
-        raise ValueError(f"{syms.shape[0]} symbols for {T} distributions")
-    if T and (syms.min() < 0 or syms.max() >= N):
-        raise ValueError(f"symbols must lie in [0, {N})")
-    if coder_backend() == "cpp" and _roundoff_for_cpp(roundoff):
-        return _extension().encode(arr, syms, N, total_range_bits, roundoff, min_range, is_pdf)
-    cdfs = build_cdfs_torch(arr, total_range_bits, roundoff, min_range).tolist() if is_pdf else arr.tolist()
-    enc = PythonEncoder(total_range_bits)
-    for cdf, s in zip(cdfs, syms.tolist()):
-        enc.push(cdf[s - 1] if s else 0, cdf[s])
+    enc = Encoder(total_range_bits, roundoff, min_range)
+    enc.push(table, symbols)
     return enc.finish()
 
 
@@ -336,5 +367,5 @@ def decode(table: Table, data: tp.Union[bytes, bytearray, memoryview], offset: i
     return symbols, dec.offset
 
 
-__all__ = ["CorruptStreamError", "Decoder", "PythonDecoder", "PythonEncoder", "build_cdfs", "build_cdfs_torch",
+__all__ = ["CorruptStreamError", "Decoder", "Encoder", "PythonDecoder", "PythonEncoder", "build_cdfs", "build_cdfs_torch",
            "coder_backend", "cpp_available", "decode", "encode"]

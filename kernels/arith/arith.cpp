@@ -435,26 +435,22 @@ bool check_symbols(const Buffer& symbols, int64_t rows, int64_t n) {
 
 // encode(table, symbols int64[T], N, range_bits, roundoff, min_range, from_pdfs) -> bytes
 // table: float32 pdfs [T*N] (from_pdfs) or int64 cdfs [T*N].
-PyObject* py_encode(PyObject*, PyObject* args) {
-    PyObject *table_obj, *sym_obj;
-    long long n, min_range;
-    int range_bits, from_pdfs;
-    float roundoff;
-    if (!PyArg_ParseTuple(args, "OOLifLp", &table_obj, &sym_obj, &n, &range_bits, &roundoff, &min_range, &from_pdfs))
-        return nullptr;
-    if (!check_params(range_bits, min_range, n, roundoff)) return nullptr;
+// Push one symbol per row of `table` (pdfs when from_pdfs, else int64 cdfs) into `enc`.
+// Returns false with a Python error set; rows before the failing one stay pushed.
+bool push_rows(Encoder& enc, PyObject* table_obj, PyObject* sym_obj, int64_t n, float roundoff, int64_t min_range,
+               bool from_pdfs) {
+    if (!check_params(enc.range_bits, min_range, n, roundoff)) return false;
     Buffer table, symbols;
     if (!table.get(table_obj, from_pdfs ? 'f' : 'q', false, from_pdfs ? "pdfs" : "cdfs") ||
         !symbols.get(sym_obj, 'q', false, "symbols"))
-        return nullptr;
+        return false;
     if (table.count() % n != 0) {
         PyErr_SetString(PyExc_ValueError, "the table must hold T rows of N values");
-        return nullptr;
+        return false;
     }
     const int64_t rows = table.count() / n;
-    if (!check_symbols(symbols, rows, n)) return nullptr;
-    const CdfParams prm{range_bits, roundoff, min_range};
-    Encoder enc(range_bits);
+    if (!check_symbols(symbols, rows, n)) return false;
+    const CdfParams prm{enc.range_bits, roundoff, min_range};
     const char* error = nullptr;
     bool bad_pdf = false;
     Py_BEGIN_ALLOW_THREADS
@@ -478,17 +474,101 @@ PyObject* py_encode(PyObject*, PyObject* args) {
         }
         error = enc.push(lo, hi);
     }
-    if (!error && !bad_pdf) enc.finish();
     Py_END_ALLOW_THREADS
-    if (bad_pdf) {
-        PyErr_SetString(PyExc_ValueError, kBadPdf);
-        return nullptr;
-    }
+    if (bad_pdf) error = kBadPdf;
     if (error) {
         PyErr_SetString(PyExc_ValueError, error);
+        return false;
+    }
+    return true;
+}
+
+PyObject* finished_bytes(Encoder& enc) {
+    enc.finish();
+    return PyBytes_FromStringAndSize(enc.out.bytes.data(), static_cast<Py_ssize_t>(enc.out.bytes.size()));
+}
+
+bool check_range_bits(int range_bits) {
+    if (range_bits < 1 || range_bits > kMaxRangeBits) {
+        PyErr_Format(PyExc_ValueError, "total_range_bits must be in [1, %d]", kMaxRangeBits);
+        return false;
+    }
+    return true;
+}
+
+// encode(table, symbols, N, range_bits, roundoff, min_range, from_pdfs) -> bytes
+PyObject* py_encode(PyObject*, PyObject* args) {
+    PyObject *table_obj, *sym_obj;
+    long long n, min_range;
+    int range_bits, from_pdfs;
+    float roundoff;
+    if (!PyArg_ParseTuple(args, "OOLifLp", &table_obj, &sym_obj, &n, &range_bits, &roundoff, &min_range, &from_pdfs))
+        return nullptr;
+    if (!check_range_bits(range_bits)) return nullptr;
+    Encoder enc(range_bits);
+    if (!push_rows(enc, table_obj, sym_obj, n, roundoff, min_range, from_pdfs)) return nullptr;
+    return finished_bytes(enc);
+}
+
+// -- streaming encoder: a capsule around Encoder ---------------------------------------------------
+
+const char* kEncoderCapsule = "encodec_fast.arith.Encoder";
+
+struct EncoderBox {
+    Encoder enc;
+    bool failed = false, finished = false;
+    explicit EncoderBox(int bits) : enc(bits) {}
+};
+
+void encoder_free(PyObject* capsule) {
+    delete static_cast<EncoderBox*>(PyCapsule_GetPointer(capsule, kEncoderCapsule));
+}
+
+EncoderBox* usable_encoder(PyObject* capsule) {
+    auto* box = static_cast<EncoderBox*>(PyCapsule_GetPointer(capsule, kEncoderCapsule));
+    if (!box) return nullptr;
+    if (box->finished || box->failed) {
+        PyErr_SetString(PyExc_RuntimeError, box->finished ? "the encoder has finished its stream"
+                                                          : "the encoder failed on an earlier symbol");
         return nullptr;
     }
-    return PyBytes_FromStringAndSize(enc.out.bytes.data(), static_cast<Py_ssize_t>(enc.out.bytes.size()));
+    return box;
+}
+
+// encoder_new(range_bits) -> capsule
+PyObject* py_encoder_new(PyObject*, PyObject* args) {
+    int range_bits;
+    if (!PyArg_ParseTuple(args, "i", &range_bits) || !check_range_bits(range_bits)) return nullptr;
+    auto* box = new EncoderBox(range_bits);
+    PyObject* capsule = PyCapsule_New(box, kEncoderCapsule, encoder_free);
+    if (!capsule) delete box;
+    return capsule;
+}
+
+// encoder_push(capsule, table, symbols, N, roundoff, min_range, from_pdfs) -> None
+// A failure leaves the encoder unusable (the rows before the failing one were pushed).
+PyObject* py_encoder_push(PyObject*, PyObject* args) {
+    PyObject *capsule, *table_obj, *sym_obj;
+    long long n, min_range;
+    int from_pdfs;
+    float roundoff;
+    if (!PyArg_ParseTuple(args, "OOOLfLp", &capsule, &table_obj, &sym_obj, &n, &roundoff, &min_range, &from_pdfs))
+        return nullptr;
+    EncoderBox* box = usable_encoder(capsule);
+    if (!box) return nullptr;
+    if (!push_rows(box->enc, table_obj, sym_obj, n, roundoff, min_range, from_pdfs)) {
+        box->failed = true;
+        return nullptr;
+    }
+    Py_RETURN_NONE;
+}
+
+// encoder_finish(capsule) -> the whole stream's bytes (flushed); the encoder is then closed
+PyObject* py_encoder_finish(PyObject*, PyObject* capsule) {
+    EncoderBox* box = usable_encoder(capsule);
+    if (!box) return nullptr;
+    box->finished = true;
+    return finished_bytes(box->enc);
 }
 
 // -- streaming decoder: a capsule around Decoder + the data buffer --------------------------------
@@ -516,10 +596,7 @@ PyObject* py_decoder_new(PyObject*, PyObject* args) {
     long long offset;
     int range_bits;
     if (!PyArg_ParseTuple(args, "OLi", &data_obj, &offset, &range_bits)) return nullptr;
-    if (range_bits < 1 || range_bits > kMaxRangeBits) {
-        PyErr_Format(PyExc_ValueError, "total_range_bits must be in [1, %d]", kMaxRangeBits);
-        return nullptr;
-    }
+    if (!check_range_bits(range_bits)) return nullptr;
     auto* box = new DecoderBox(range_bits);
     if (PyObject_GetBuffer(data_obj, &box->data, PyBUF_C_CONTIGUOUS) != 0) {
         delete box;
@@ -613,6 +690,10 @@ PyObject* py_decoder_offset(PyObject*, PyObject* capsule) {
 PyMethodDef kMethods[] = {
     {"build_cdfs", py_build_cdfs, METH_VARARGS, "build_cdfs(pdfs, out, N, range_bits, roundoff, min_range)"},
     {"encode", py_encode, METH_VARARGS, "encode(table, symbols, N, range_bits, roundoff, min_range, from_pdfs) -> bytes"},
+    {"encoder_new", py_encoder_new, METH_VARARGS, "encoder_new(range_bits) -> encoder"},
+    {"encoder_push", py_encoder_push, METH_VARARGS,
+     "encoder_push(encoder, table, symbols, N, roundoff, min_range, from_pdfs) -> None"},
+    {"encoder_finish", py_encoder_finish, METH_O, "encoder_finish(encoder) -> bytes"},
     {"decoder_new", py_decoder_new, METH_VARARGS, "decoder_new(data, offset, range_bits) -> decoder"},
     {"decoder_pull", py_decoder_pull, METH_VARARGS,
      "decoder_pull(decoder, table, N, out, roundoff, min_range, from_pdfs) -> number decoded"},
