@@ -28,7 +28,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["encodec_fast", "encodec_fast.modules", "encodec_fast.ops", "encodec_fast.quantization",
-              "encodec_fast.train", "encodec_fast.kernels"],
+              "encodec_fast.train", "encodec_fast.tokenize", "encodec_fast.kernels"],
     package_dir={"encodec_fast.kernels": "kernels"},
     install_requires=[
         # Kept compatible with torch 2.11 / torchaudio 2.11 / triton 3.6 (the GPU image's versions).
@@ -37,11 +37,14 @@ setup(
         # triton 3.6's interpreter breaks with numpy >= 2.4.
         "numpy<2.4",
         "soundfile>=0.12",
+        # Parquet shards of `encodec-fast tokenize`.
+        "pyarrow>=14",
     ],
     extras_require={
         # The tests run the Triton kernels in Triton's interpreter (CPU); torch's Linux wheels
         # bring triton already, this names it for other builds.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1",
+        # duckdb and datasets: the tests read tokenize's shards with them.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "duckdb>=1.0", "datasets>=2.14",
                  "triton>=3.2,<3.7; sys_platform == 'linux'"],
         # bench/coder.py compares the coder with constriction's (speed only: other bytes).
         "bench": ["constriction>=0.4"],

@@ -1,6 +1,7 @@
 """The `encodec-fast` command, with upstream `encodec`'s interface.
 
     encodec-fast [-b BW] [-f] [--hq] [--lm] [-r] INPUT [OUTPUT]
+    encodec-fast tokenize INPUT... -o OUT_DIR [--model 24khz|48khz] [-b BW] [--shard i/n] ...
 
 `.ecdc` output compresses, `.ecdc` input decompresses, any other output (.wav, .flac) does a
 round trip. Extra options: --checkpoint PATH (your own weights), --repository DIR (official
@@ -132,7 +133,63 @@ def run(args) -> None:
         save_audio(out, args.output, out_rate, rescale=args.rescale)
 
 
+def tokenize_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "encodec-fast tokenize",
+        description="Turn audio files into EnCodec codes: Parquet shards in OUT_DIR (one row per input), resumable: "
+                    "run the same command again after a crash to finish the rest. Exit status: 0, or the number of "
+                    "failed inputs, this run's and earlier runs' (at most 100; see OUT_DIR/_errors.jsonl); 101 when "
+                    "the job itself cannot run.")
+    parser.add_argument("inputs", nargs="+", help="Audio files, directories (searched recursively), glob patterns, "
+                                                  "or manifests (.txt: a path per line; .jsonl/.csv/.tsv: path, "
+                                                  "optional id, start, end in seconds).")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="Output directory.")
+    parser.add_argument("--model", choices=["24khz", "48khz"], default="24khz")
+    parser.add_argument("-b", "--bandwidth", type=float, default=6.0, help="kbps (default 6).")
+    parser.add_argument("--checkpoint", type=Path, help="State dict of a compatible model instead of the official one.")
+    parser.add_argument("--repository", type=Path, help="Folder holding the official checkpoint (offline use).")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+    parser.add_argument("--batch-seconds", type=float, default=120.0,
+                        help="Audio per encoder call, padding included (default 120).")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="Decoding/resampling processes (default: CPU count - 1, at most 8; 0: in-process).")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/n: this process takes the inputs whose id hashes to i of n (for SLURM arrays or "
+                             "torchrun without Ray); all shards may share one OUT_DIR.")
+    parser.add_argument("--rows-per-shard", type=int, default=1000, help="Rows per Parquet file (default 1000).")
+    parser.add_argument("--overwrite", action="store_true", help="Delete earlier output in OUT_DIR and start over.")
+    parser.add_argument("--quiet", action="store_true", help="No progress line and no summary.")
+    return parser
+
+
+def tokenize_main(argv: tp.Sequence[str]) -> int:
+    args = tokenize_parser().parse_args(argv)
+    import torch
+
+    from .pretrained import CheckpointError
+    from .tokenize import tokenize
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        summary = tokenize(args.inputs, args.out, model=args.model, bandwidth=args.bandwidth,
+                           checkpoint=args.checkpoint, repository=args.repository, device=device,
+                           batch_seconds=args.batch_seconds, workers=args.workers, shard=args.shard,
+                           overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard)
+    except (ValueError, CheckpointError, OSError) as err:
+        print(f"encodec-fast tokenize: error: {err}", file=sys.stderr)
+        return 101
+    except KeyboardInterrupt:
+        print("encodec-fast tokenize: interrupted (finished shards are kept; run the command again to resume)",
+              file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(summary.line(), file=sys.stderr)
+    return min(summary.failed + summary.failed_before, 100)
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tokenize"]:
+        return tokenize_main(argv[1:])
     args = get_parser().parse_args(argv)
     from .audio import AudioError
     from .pretrained import CheckpointError

@@ -1,9 +1,12 @@
-"""Offline demo of the main job: compress and decompress a clip with the `encodec-fast` command.
+"""Offline demo of the main jobs: tokenize a small corpus, and compress and decompress a clip,
+with the `encodec-fast` command.
 
     python -m encodec_fast.demo [OUT_DIR] [--official]
 
-Writes OUT_DIR/demo.wav (a generated 5 s speech-like clip), compresses it to demo.ecdc at 6 kbps
-and decodes it to demo_decompressed.wav, through the command's own code. Without --official it
+Writes OUT_DIR/corpus/ (12 generated clips: 16-48 kHz, mono and stereo, wav and flac) and
+tokenizes it into OUT_DIR/codes/ (Parquet shards); writes OUT_DIR/demo.wav (a generated 5 s
+speech-like clip), compresses it to demo.ecdc at 6 kbps and decodes it to demo_decompressed.wav,
+through the command's own code. Without --official it
 uses a randomly initialised 24 kHz model saved to OUT_DIR/random_24khz.th (the official weights
 need a download), so the decoded audio is not meaningful; the sizes and speeds are real.
 """
@@ -20,13 +23,13 @@ from .audio import save_audio
 from .model import EncodecModel
 
 
-def _clip(sample_rate: int, seconds: float) -> torch.Tensor:
+def _clip(sample_rate: int, seconds: float, seed: int = 0) -> torch.Tensor:
     t = torch.arange(int(sample_rate * seconds)) / sample_rate
-    f0 = 140 * (1 + 0.2 * torch.sin(2 * math.pi * 0.7 * t))
+    f0 = (140 + 15 * seed) * (1 + 0.2 * torch.sin(2 * math.pi * 0.7 * t))
     phase = 2 * math.pi * torch.cumsum(f0, 0) / sample_rate
     voice = sum(torch.sin(h * phase) / h for h in range(1, 10))
     envelope = torch.sin(2 * math.pi * 3 * t).clamp(min=0).sqrt()
-    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     return (0.3 * voice * envelope + noise)[None]
 
 
@@ -49,6 +52,16 @@ def main() -> int:
         torch.save(model.state_dict(), ckpt)
         extra = ["--checkpoint", str(ckpt)]
         print(f"random weights ({ckpt}); pass --official to download the real ones")
+    corpus = args.out_dir / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(12):
+        rate, channels = (16000, 22050, 44100, 48000)[i % 4], 1 + i % 2
+        clip = _clip(rate, 1.0 + 0.5 * i, seed=i)
+        save_audio(clip.expand(channels, -1), corpus / f"clip{i:02d}.{'flac' if i % 3 else 'wav'}", rate)
+    status = cli.main(["tokenize", str(corpus), "-o", str(args.out_dir / "codes"), "-b", "6", "--overwrite",
+                       "--workers", "1", *extra])
+    if status:
+        return status
     ecdc_path = args.out_dir / "demo.ecdc"
     t0 = time.perf_counter()
     status = cli.main([str(wav_path), str(ecdc_path), "-f", "-b", "6", *extra])

@@ -1,0 +1,114 @@
+"""Audio corpora -> RVQ codes in Parquet shards, resumable (`encodec-fast tokenize`).
+
+    from encodec_fast.tokenize import tokenize, read_codes, CodesDataset
+    summary = tokenize(["corpus/"], "codes/", model="24khz", bandwidth=6.0)
+    for row in read_codes("codes/"): row["id"], row["codes"]   # int16 [K, T]
+
+Inputs, ids and `--shard`: `sources`; output layout and resume: `sink`; the engine: `local`.
+"""
+
+import dataclasses
+import os
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..model import MODEL_CONFIGS, EncodecModel
+from .local import Progress, run_local
+from .reader import CodesDataset, read_codes
+from .sink import ShardSink, read_errors, state_dict_sha256
+from .sources import Item, Problem, list_items, parse_shard
+
+MODEL_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz"}
+
+
+@dataclasses.dataclass
+class Summary:
+    total: int            # items of this shard (including those done by an earlier run)
+    skipped: int          # done by an earlier run
+    tokenized: int        # this run
+    failed: int           # this run
+    failed_before: int    # recorded by an earlier run (in errors.jsonl)
+    audio_seconds: float  # tokenized by this run
+    wall_seconds: float
+    out_dir: str
+
+    def line(self) -> str:
+        return (f"{self.tokenized} tokenized, {self.failed} failed, {self.skipped} done before "
+                f"({self.failed_before} of them failed), of {self.total}; "
+                f"{self.audio_seconds / 3600:.3f} h of audio in {self.wall_seconds:.1f} s "
+                f"({self.audio_seconds / max(self.wall_seconds, 1e-9):.1f}x real time) -> {self.out_dir}")
+
+
+def _model(model: tp.Union[str, EncodecModel], checkpoint, repository) -> EncodecModel:
+    if isinstance(model, EncodecModel):
+        return model
+    name = MODEL_NAMES.get(model, model)
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {model!r}: choose 24khz or 48khz")
+    factory = EncodecModel.encodec_model_48khz if name == "encodec_48khz" else EncodecModel.encodec_model_24khz
+    if checkpoint is not None:
+        return factory(pretrained=False, checkpoint=checkpoint)
+    return factory(pretrained=True, repository=repository)
+
+
+def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Path],
+             model: tp.Union[str, EncodecModel] = "24khz", bandwidth: float = 6.0,
+             checkpoint: tp.Optional[tp.Union[str, Path]] = None, repository: tp.Optional[tp.Union[str, Path]] = None,
+             device: tp.Union[str, torch.device] = "cpu", batch_seconds: float = 120.0,
+             workers: tp.Optional[int] = None, shard: tp.Union[str, tp.Tuple[int, int]] = (0, 1),
+             overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000) -> Summary:
+    """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
+
+    model: "24khz", "48khz", or an EncodecModel (e.g. your own); checkpoint / repository as for
+    the models' constructors. batch_seconds: audio per encoder call (padded). workers: decoding
+    processes (default: CPU count - 1, at most 8). shard: this job's part (i, n) or "i/n".
+    Failed inputs are recorded in OUT_DIR/_errors.jsonl and counted in the summary; they do not
+    stop the job. A job killed at any point and run again with the same arguments finishes the
+    remaining items; `overwrite` starts over.
+    """
+    start = time.perf_counter()
+    shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
+    shard = parse_shard(f"{shard[0]}/{shard[1]}")
+    if not inputs:
+        raise ValueError("no inputs given")
+    if batch_seconds <= 0:
+        raise ValueError("batch_seconds must be positive")
+    device = torch.device(device)
+    net = _model(model, checkpoint, repository).to(device).eval()
+    if bandwidth not in net.target_bandwidths:
+        raise ValueError(f"bandwidth {bandwidth} is not supported by {net.name} (choose from {net.target_bandwidths})")
+    net.set_target_bandwidth(bandwidth)
+    if workers is None:
+        workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+    config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,
+              "codebooks": net.num_codebooks, "checkpoint_sha256": state_dict_sha256(net.state_dict()),
+              "encodec_fast_version": __version__}
+    sink = ShardSink(out_dir, config, shard=shard, overwrite=overwrite, rows_per_shard=rows_per_shard)
+    items, problems = list_items(inputs, shard)
+    todo = [it for it in items if it.id not in sink.done]
+    ours = {it.id for it in items} | {p.id for p in problems}
+    failed_before = sum(e["id"] in ours for e in read_errors(out_dir))
+    new_problems = [p for p in problems if p.id not in sink.done]
+    progress = Progress(len(items) + len(problems), len(items) + len(problems) - len(todo) - len(new_problems), quiet)
+    committed = False
+    try:
+        for p in new_problems:
+            sink.add_error(p.id, p.path, p.error)
+            progress.update(failed=1)
+        run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress)
+        sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed}})
+        committed = True
+    finally:
+        if not committed:
+            sink.commit()  # keep what is finished (Ctrl-C, an error); SIGKILL loses only the open shard
+        progress.finish()
+    return Summary(total=progress.total, skipped=progress.skipped, tokenized=progress.done, failed=progress.failed,
+                   failed_before=failed_before,
+                   audio_seconds=progress.seconds, wall_seconds=time.perf_counter() - start, out_dir=str(out_dir))
+
+
+__all__ = ["CodesDataset", "Item", "Problem", "Summary", "list_items", "read_codes", "tokenize"]

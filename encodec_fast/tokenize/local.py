@@ -1,0 +1,184 @@
+"""The local engine: DataLoader workers decode and resample, the main thread encodes length-sorted
+batches, a writer thread turns codes into rows and commits shards."""
+
+import queue
+import sys
+import threading
+import time
+import typing as tp
+
+import numpy as np
+import torch
+
+from ..model import EncodecModel
+from .loading import ItemAudio, Loaded, worker_init
+from .sink import ShardSink
+from .sources import Item
+
+
+def _identity(x: tp.Any) -> tp.Any:
+    return x
+
+
+def _pin(loaded: Loaded) -> Loaded:
+    if loaded.wav is not None:
+        loaded.wav = loaded.wav.pin_memory()
+    return loaded
+
+
+class Progress:
+    """A status line on stderr: files, audio hours, x real time, failures; redrawn at most twice a
+    second on a terminal, a new line every 30 s otherwise (logs)."""
+
+    def __init__(self, total: int, skipped: int, quiet: bool):
+        self.total, self.skipped, self.quiet = total, skipped, quiet
+        self.tty = sys.stderr.isatty()
+        self.done = self.failed = 0
+        self.seconds = 0.0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int = 0, failed: int = 0, seconds: float = 0.0) -> None:
+        self.done += done
+        self.failed += failed
+        self.seconds += seconds
+        now = time.perf_counter()
+        if not self.quiet and now - self.last >= (0.5 if self.tty else 30.0):
+            self.last = now
+            print("\r" + self.line() if self.tty else self.line(), end="" if self.tty else "\n", file=sys.stderr,
+                  flush=True)
+
+    def line(self) -> str:
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        return (f"{self.skipped + self.done + self.failed}/{self.total} files ({self.skipped} done before), "
+                f"{self.seconds / 3600:.3f} h of audio, {self.seconds / wall:.1f}x real time, {self.failed} failed")
+
+    def finish(self) -> None:
+        if not self.quiet and self.tty:
+            print("\r" + self.line(), file=sys.stderr, flush=True)
+
+
+def _batches(pool: tp.List[Loaded], budget: int) -> tp.Iterator[tp.List[Loaded]]:
+    """Length-sorted batches whose padded size (count x longest) stays within `budget` samples;
+    an item longer than the budget goes alone."""
+    pool = sorted(pool, key=lambda l: -l.wav.shape[-1])
+    start = 0
+    while start < len(pool):
+        longest = pool[start].wav.shape[-1]
+        stop = start + 1
+        while stop < len(pool) and (stop + 1 - start) * longest <= budget:
+            stop += 1
+        yield pool[start:stop]
+        start = stop
+
+
+class _Writer(threading.Thread):
+    """Takes (items, loaded, frames, event) from a queue: waits for the copies, builds rows, commits."""
+
+    def __init__(self, sink: ShardSink, model: EncodecModel, bandwidth: float):
+        super().__init__(daemon=True)
+        self.sink, self.bandwidth = sink, bandwidth
+        self.sample_rate, self.segmented = model.sample_rate, model.segment is not None
+        self.jobs: "queue.Queue[tp.Any]" = queue.Queue(maxsize=8)
+        self.failure: tp.Optional[BaseException] = None
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.failure is not None:
+                continue
+            try:
+                self._write(*job)
+            except BaseException as exc:  # reported to the main thread by put/close
+                self.failure = exc
+
+    def put(self, job: tp.Any) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def _write(self, kind: str, payload: tp.Any) -> None:
+        if kind == "error":
+            item, error = payload
+            self.sink.add_error(item.id, item.path, error)
+            return
+        items, loaded, frames, event = payload
+        if event is not None:
+            event.synchronize()
+        for item, l, segments in zip(items, loaded, frames):
+            codes = np.concatenate([c[0].numpy() for c, _ in segments], axis=-1).astype(np.int16)
+            self.sink.add({
+                "id": item.id, "path": item.path, "start": item.start, "end": item.end,
+                "sample_rate": self.sample_rate, "source_sample_rate": l.source_rate,
+                "source_channels": l.source_channels, "num_samples": l.wav.shape[-1], "frames": codes.shape[1],
+                "codebooks": codes.shape[0], "bandwidth": self.bandwidth,
+                "scales": [float(s.reshape(-1)[0]) for _, s in segments] if self.segmented else None,
+                "segment_frames": [int(c.shape[-1]) for c, _ in segments] if self.segmented else None,
+                "codes": codes,
+            })
+
+
+def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool):
+    wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
+    with torch.no_grad():
+        return model.encode_batch(wavs, max_batch_samples=budget)
+
+
+def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
+              device: torch.device, batch_seconds: float, workers: int, progress: Progress,
+              pool_batches: int = 4) -> None:
+    """Tokenize `items` (none of them done yet) into `sink`."""
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        ItemAudio(items, model.sample_rate, model.channels), batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_identity, worker_init_fn=worker_init if workers else None,
+        prefetch_factor=4 if workers else None, persistent_workers=False)
+    budget = max(1, int(batch_seconds * model.sample_rate))
+    writer = _Writer(sink, model, bandwidth)
+    writer.start()
+    pool: tp.List[Loaded] = []
+    pooled = 0
+
+    def encode(pool: tp.List[Loaded]) -> None:
+        for batch in _batches(pool, budget):
+            try:
+                frames = _encode(model, batch, device, budget, cuda)
+            except (RuntimeError, ValueError) as exc:  # out of memory, or an input the model refuses
+                if len(batch) > 1:
+                    for one in batch:  # retry alone: only the culprit fails
+                        encode([one])
+                    continue
+                writer.put(("error", (items[batch[0].index], f"encoding failed: {exc}")))
+                progress.update(failed=1)
+                continue
+            frames = [[(c.to("cpu", non_blocking=True), s.cpu() if s is not None else None) for c, s in f]
+                      for f in frames]
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
+            writer.put(("rows", ([items[l.index] for l in batch], batch, frames, event)))
+            progress.update(done=len(batch), seconds=sum(l.wav.shape[-1] for l in batch) / model.sample_rate)
+
+    try:
+        for loaded in loader:
+            if loaded.wav is None:
+                writer.put(("error", (items[loaded.index], loaded.error)))
+                progress.update(failed=1)
+                continue
+            pool.append(loaded)
+            pooled += loaded.wav.shape[-1]
+            if pooled >= pool_batches * budget:
+                encode(pool)
+                pool, pooled = [], 0
+        if pool:
+            encode(pool)
+    finally:
+        writer.close()

@@ -1,0 +1,256 @@
+"""`encodec-fast tokenize`: inputs, codes against upstream's per-file encode, bad inputs, resume
+after SIGKILL, output readable by pyarrow / DuckDB / Hugging Face datasets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+import encodec
+from encodec_fast.cli import main as cli_main
+from encodec_fast.tokenize import CodesDataset, list_items, read_codes, tokenize
+from encodec_fast.tokenize.sources import parse_shard
+from helpers import make_signal
+
+RATES = [16000, 22050, 44100, 48000]
+
+
+def write_clip(path: Path, sr: int, seconds: float, channels: int, seed: int, subtype=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), make_signal(sr, int(sr * seconds), channels, seed=seed).numpy().T, sr, subtype=subtype)
+    return path
+
+
+def make_corpus(root: Path, n: int, seconds=(0.3, 1.2)) -> list:
+    """n real-signal clips of mixed rates, channels, formats and lengths, some in subfolders."""
+    paths = []
+    for i in range(n):
+        sr, ch = RATES[i % 4], 1 + (i // 2) % 2
+        length = seconds[0] + (seconds[1] - seconds[0]) * ((i * 7) % n) / max(n - 1, 1)
+        ext = "flac" if i % 3 == 0 else "wav"
+        paths.append(write_clip(root / ("sub" if i % 2 else "") / f"clip{i:03d}.{ext}", sr, length, ch, seed=i))
+    return paths
+
+
+def upstream_codes(up, path: Path, start=None, end=None):
+    """Upstream's per-file loop: load, convert_audio, encode -> [(codes [K, T], scale)]."""
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    if start is not None or end is not None:
+        data = data[int(round((start or 0) * sr)):None if end is None else int(round(end * sr))]
+    wav = encodec.utils.convert_audio(torch.from_numpy(data.T.copy()), sr, up.sample_rate, up.channels)
+    with torch.no_grad():
+        return [(c[0].numpy(), s) for c, s in up.encode(wav[None])]
+
+
+def test_inputs_directories_globs_manifests_and_shards(tmp_path):
+    paths = make_corpus(tmp_path / "corpus", 6)
+    (tmp_path / "corpus" / "notes.txt.bak").write_text("not audio")
+    items, problems = list_items([tmp_path / "corpus"])
+    assert [it.id for it in items] == sorted(p.relative_to(tmp_path / "corpus").as_posix() for p in paths)
+    assert not problems
+    items, _ = list_items([str(tmp_path / "corpus" / "sub" / "*.wav")])
+    assert {Path(it.path) for it in items} == {p for p in paths if p.parent.name == "sub" and p.suffix == ".wav"}
+    (tmp_path / "list.txt").write_text(f"# comment\n{paths[0]}\n\ncorpus/{paths[1].relative_to(tmp_path / 'corpus')}\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": str(paths[2]), "id": "a", "start": 0.1, "end": 0.2}) + "\n"
+                                      + json.dumps({"path": str(paths[3])}) + "\n" + "[1, 2]\n"
+                                      + json.dumps({"path": str(paths[4]), "start": 0.5, "end": 0.1}) + "\n")
+    (tmp_path / "m.csv").write_text(f"path,id,start\n{paths[5]},b,0.05\n{paths[5]},,\n")
+    items, problems = list_items([tmp_path / "list.txt", tmp_path / "m.jsonl", tmp_path / "m.csv",
+                                  tmp_path / "nothing*.wav"])
+    by_id = {it.id: it for it in items}
+    assert Path(by_id[str(paths[0])].path) == paths[0]
+    assert Path(by_id[f"corpus/{paths[1].relative_to(tmp_path / 'corpus')}"].path) == paths[1]
+    assert (by_id["a"].start, by_id["a"].end) == (0.1, 0.2) and by_id["b"].start == 0.05
+    assert str(paths[5]) in by_id and by_id[str(paths[5])].start is None
+    reasons = sorted(p.error.split(":")[0] for p in problems)
+    assert reasons == ["bad manifest line", "bad manifest line", "no such file or directory, and no audio file "
+                       "matches it as a pattern"], problems
+    # Shards partition the items, whatever else the inputs hold.
+    everything, _ = list_items([tmp_path / "corpus"])
+    parts = [list_items([tmp_path / "corpus"], (i, 3))[0] for i in range(3)]
+    assert sorted(it.id for part in parts for it in part) == [it.id for it in everything]
+    assert len({it.id for part in parts for it in part}) == len(everything)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+
+
+def test_codes_equal_upstreams_per_file_encode_24khz(tmp_path, pair_24):
+    up, ours = pair_24
+    up.set_target_bandwidth(6.0)
+    paths = make_corpus(tmp_path / "corpus", 8)
+    manifest = tmp_path / "spans.jsonl"
+    manifest.write_text(json.dumps({"path": str(paths[3]), "id": "span", "start": 0.1, "end": 0.45}) + "\n")
+    summary = tokenize([tmp_path / "corpus", manifest], tmp_path / "out", model=ours, bandwidth=6.0, workers=2,
+                       rows_per_shard=3, quiet=True)
+    assert (summary.tokenized, summary.failed, summary.skipped) == (9, 0, 0)
+    rows = {r["id"]: r for r in read_codes(tmp_path / "out")}
+    assert len(rows) == 9
+    for p in paths:
+        row = rows[p.relative_to(tmp_path / "corpus").as_posix()]
+        (ref, _), = upstream_codes(up, p)
+        assert row["codes"].dtype == np.int16 and np.array_equal(row["codes"], ref), p
+        info = sf.info(str(p))
+        assert (row["source_sample_rate"], row["source_channels"]) == (info.samplerate, info.channels)
+        assert row["frames"] == ref.shape[1] and row["codebooks"] == 8 and row["sample_rate"] == 24000
+        assert row["num_samples"] == int(np.ceil(info.frames * 24000 / info.samplerate)) or info.samplerate == 24000
+        assert row["scales"] is None and row["bandwidth"] == 6.0
+    (ref, _), = upstream_codes(up, paths[3], 0.1, 0.45)
+    assert np.array_equal(rows["span"]["codes"], ref) and rows["span"]["start"] == 0.1
+    manifest_json = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest_json["items"] == 9 and manifest_json["failed"] == 0 and manifest_json["model"] == "encodec_24khz"
+    assert len(manifest_json["checkpoint_sha256"]) == 64 and manifest_json["codebooks"] == 8
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 3
+
+
+def test_codes_scales_and_segments_equal_upstream_48khz(tmp_path, pair_48):
+    up, ours = pair_48
+    up.set_target_bandwidth(3.0)
+    paths = [write_clip(tmp_path / "c" / "a.wav", 44100, 2.3, 2, seed=1),
+             write_clip(tmp_path / "c" / "b.flac", 16000, 0.6, 1, seed=2)]
+    summary = tokenize([tmp_path / "c"], tmp_path / "out", model=ours, bandwidth=3.0, workers=0, quiet=True)
+    assert summary.tokenized == 2
+    rows = {r["id"]: r for r in read_codes(tmp_path / "out")}
+    for p in paths:
+        ref = upstream_codes(up, p)
+        row = rows[p.name]
+        assert row["segment_frames"] == [c.shape[1] for c, _ in ref]
+        assert np.array_equal(row["codes"], np.concatenate([c for c, _ in ref], axis=1))
+        np.testing.assert_allclose(row["scales"], [float(s) for _, s in ref], rtol=1e-6)
+
+
+def write_bad_inputs(root: Path) -> dict:
+    """Each kind of bad input -> the words its error must contain."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
+    (root / "empty.wav").write_bytes(b"")
+    good = write_clip(root / "truncated.wav", 16000, 1.0, 1, seed=3).read_bytes()
+    (root / "truncated.wav").write_bytes(good[:30])
+    sf.write(str(root / "zero.wav"), np.zeros((0, 1), np.float32), 16000)
+    nan = make_signal(16000, 8000, 1, seed=4).numpy().T.copy()
+    nan[100] = np.nan
+    sf.write(str(root / "nan.wav"), nan, 16000, subtype="FLOAT")
+    inf = make_signal(16000, 8000, 1, seed=5).numpy().T.copy()
+    inf[7] = np.inf
+    sf.write(str(root / "inf.wav"), inf, 16000, subtype="FLOAT")
+    write_clip(root / "slow.wav", 200, 3.0, 1, seed=6)
+    return {"garbage.wav": "unreadable", "empty.wav": "unreadable", "truncated.wav": "unreadable",
+            "zero.wav": "no samples", "nan.wav": "NaN or infinite", "inf.wav": "NaN or infinite",
+            "slow.wav": "sample rate"}
+
+
+def test_bad_inputs_are_recorded_and_never_stop_the_job(tmp_path, pair_48, checkpoint_48):
+    expected = write_bad_inputs(tmp_path / "in")
+    write_clip(tmp_path / "in" / "six.wav", 48000, 0.5, 6, seed=7)  # many channels: the stereo model refuses
+    write_clip(tmp_path / "in" / "odd.wav", 11025, 0.7, 2, seed=8)  # an odd rate is fine
+    write_clip(tmp_path / "in" / "ok.flac", 48000, 0.4, 1, seed=9)
+    expected["six.wav"] = "6 channels"
+    gone = write_clip(tmp_path / "gone.wav", 16000, 0.5, 1, seed=10)
+    (tmp_path / "list.txt").write_text(f"{gone}\n")
+    gone.unlink()  # listed, then deleted before it is read
+    rc = cli_main(["tokenize", str(tmp_path / "in"), str(tmp_path / "list.txt"), "-o", str(tmp_path / "out"),
+                   "--model", "48khz", "-b", "6", "--checkpoint", str(checkpoint_48), "--workers", "2",
+                   "--device", "cpu", "--quiet"])
+    errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "_errors.jsonl").read_text().splitlines())}
+    expected[str(gone)] = "no such file"
+    assert rc == len(expected) == len(errors)
+    for name, words in expected.items():
+        assert words in errors[name], (name, errors[name])
+    assert sorted(r["id"] for r in read_codes(tmp_path / "out", columns=["id"])) == ["odd.wav", "ok.flac"]
+    # A second run has nothing left to do and reports the earlier failures in its exit status.
+    assert cli_main(["tokenize", str(tmp_path / "in"), str(tmp_path / "list.txt"), "-o", str(tmp_path / "out"),
+                     "--model", "48khz", "-b", "6", "--checkpoint", str(checkpoint_48), "--quiet"]) == len(expected)
+    assert len((tmp_path / "out" / "_errors.jsonl").read_text().splitlines()) == len(expected)
+
+
+def test_job_errors_and_overwrite(tmp_path, checkpoint_24, capsys):
+    write_clip(tmp_path / "in" / "a.wav", 24000, 0.5, 1, seed=1)
+    args = ["tokenize", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint_24),
+            "--workers", "0", "--device", "cpu"]
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 tokenized, 0 failed" in err and "x real time" in err
+    assert cli_main(args + ["-b", "12"]) == 101  # another setting into the same directory
+    assert "bandwidth" in capsys.readouterr().err
+    assert cli_main(args + ["-b", "12", "--overwrite", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    (row,) = read_codes(tmp_path / "out")
+    assert row["codebooks"] == 16 and row["bandwidth"] == 12.0
+    assert cli_main(args + ["-b", "7"]) == 101
+    assert cli_main(["tokenize", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"), "--checkpoint",
+                     str(checkpoint_24), "--quiet"]) == 1  # one input that is not there: one failure
+
+
+def test_resume_after_sigkill_gives_every_item_exactly_once(tmp_path, checkpoint_24):
+    """A subprocess is killed (SIGKILL) twice while it writes shards, then run to the end: every
+    input appears exactly once across the shards, no temporary file is left, codes as a clean run."""
+    make_corpus(tmp_path / "in", 36, seconds=(0.8, 2.0))
+    write_bad_inputs(tmp_path / "in" / "bad")
+    args = [sys.executable, "-m", "encodec_fast", "tokenize", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+            "--checkpoint", str(checkpoint_24), "--workers", "1", "--batch-seconds", "1", "--rows-per-shard", "2",
+            "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for wanted in (2, 6):
+        proc = subprocess.Popen(args, env=env)
+        deadline = time.time() + 300
+        while len(list((tmp_path / "out").glob("part-*.parquet"))) < wanted and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills == 2, "the job finished before it could be killed: make the corpus longer"
+    assert subprocess.run(args, env=env).returncode == 7  # the 7 bad inputs
+    out = tmp_path / "out"
+    ids = [r["id"] for r in read_codes(out, columns=["id"])]
+    assert len(ids) == len(set(ids)) == 36
+    errors = [json.loads(line)["id"] for line in (out / "_errors.jsonl").read_text().splitlines()]
+    assert len(errors) == len(set(errors)) == 7
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    clean = tmp_path / "clean"
+    subprocess.run(args[:6] + [str(clean)] + args[7:], env=env, check=False)
+    got = {r["id"]: r["codes"] for r in read_codes(out)}
+    for row in read_codes(clean):
+        assert np.array_equal(got[row["id"]], row["codes"]), row["id"]
+
+
+def test_output_reads_in_pyarrow_duckdb_datasets_and_codes_dataset(tmp_path, pair_24):
+    _, ours = pair_24
+    make_corpus(tmp_path / "in", 5)
+    tokenize([tmp_path / "in"], tmp_path / "out", model=ours, bandwidth=1.5, workers=0, rows_per_shard=2, quiet=True)
+    rows = {r["id"]: r for r in read_codes(tmp_path / "out")}
+    table = pq.read_table(tmp_path / "out")  # the directory as one dataset
+    assert table.num_rows == 5 and str(table.schema.field("codes").type) == "list<element: list<element: int16>>"
+    import duckdb
+    con = duckdb.connect()
+    got = con.execute(f"select id, frames, codes from read_parquet('{tmp_path / 'out'}/part-*.parquet') "
+                      "order by id").fetchall()
+    assert [g[0] for g in got] == sorted(rows)
+    for item_id, frames, codes in got:
+        assert frames == rows[item_id]["frames"] and np.array_equal(np.array(codes), rows[item_id]["codes"])
+    import datasets
+    ds = datasets.load_dataset(str(tmp_path / "out"), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 5
+    for rec in ds:
+        assert np.array_equal(np.array(rec["codes"]), rows[rec["id"]]["codes"])
+    cd = CodesDataset(tmp_path / "out")
+    assert len(cd) == 5
+    seen = {cd[i]["id"]: cd[i]["codes"] for i in range(len(cd))}
+    assert cd[-1]["id"] == cd[4]["id"]
+    for item_id, codes in seen.items():
+        assert codes.dtype == torch.int64 and np.array_equal(codes.numpy(), rows[item_id]["codes"])
+    loader = torch.utils.data.DataLoader(cd, batch_size=None, num_workers=2)
+    assert sorted(r["id"] for r in loader) == sorted(rows)
+    with pytest.raises(IndexError):
+        cd[5]
