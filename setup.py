@@ -43,8 +43,10 @@ setup(
     extras_require={
         # The tests run the Triton kernels in Triton's interpreter (CPU); torch's Linux wheels
         # bring triton already, this names it for other builds.
-        # duckdb and datasets: the tests read tokenize's shards with them.
+        # duckdb and datasets: the tests read tokenize's shards with them; transformers: the
+        # tokenize benchmark compares with its EncodecModel (a smoke run is a test).
         "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "duckdb>=1.0", "datasets>=2.14",
+                 "transformers>=4.40",
                  "triton>=3.2,<3.7; sys_platform == 'linux'"],
         # bench/coder.py compares the coder with constriction's (speed only: other bytes).
         "bench": ["constriction>=0.4"],

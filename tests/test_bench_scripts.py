@@ -25,3 +25,15 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert len(report["stft"]) == 4
     assert len(report["conv"]) == 26 and all(r["rel_err"] < 2e-2 for r in report["conv"])
     assert len(report["conv2d"]) == 12 and all(r["rel_err"] < 2e-2 for r in report["conv2d"])
+
+
+def test_tokenize_corpus_benchmark_smoke_run(tmp_path):
+    """bench/tokenize_corpus.py --smoke: a few clips through ours, upstream's loop and
+    transformers (weights converted to its layout); our codes equal upstream's."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tokenize_corpus.py"), "--smoke", "--workers", "1",
+                           "--corpus", str(tmp_path / "corpus"), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| ours |" in proc.stdout and "| transformers |" in proc.stdout
+    assert "| 100.0000% |" in proc.stdout.split("| ours |")[1].splitlines()[0]

@@ -17,6 +17,7 @@ import torch
 
 from .. import __version__
 from ..model import MODEL_CONFIGS, EncodecModel
+from ..streaming import DEFAULT_CHUNK_SECONDS
 from .local import Progress, run_local
 from .reader import CodesDataset, read_codes
 from .sink import ShardSink, read_errors, state_dict_sha256
@@ -60,7 +61,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
              checkpoint: tp.Optional[tp.Union[str, Path]] = None, repository: tp.Optional[tp.Union[str, Path]] = None,
              device: tp.Union[str, torch.device] = "cpu", batch_seconds: float = 120.0,
              workers: tp.Optional[int] = None, shard: tp.Union[str, tp.Tuple[int, int]] = (0, 1),
-             overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000) -> Summary:
+             overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000,
+             chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> Summary:
     """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
 
     model: "24khz", "48khz", or an EncodecModel (e.g. your own); checkpoint / repository as for
@@ -68,15 +70,16 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     processes (default: CPU count - 1, at most 8). shard: this job's part (i, n) or "i/n".
     Failed inputs are recorded in OUT_DIR/_errors.jsonl and counted in the summary; they do not
     stop the job. A job killed at any point and run again with the same arguments finishes the
-    remaining items; `overwrite` starts over.
+    remaining items; `overwrite` starts over. Inputs longer than 2 x `chunk_seconds` are encoded
+    chunk by chunk (`encodec_fast.streaming.encode_long`: bounded memory, the whole-file codes).
     """
     start = time.perf_counter()
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     shard = parse_shard(f"{shard[0]}/{shard[1]}")
     if not inputs:
         raise ValueError("no inputs given")
-    if batch_seconds <= 0:
-        raise ValueError("batch_seconds must be positive")
+    if batch_seconds <= 0 or chunk_seconds <= 0:
+        raise ValueError("batch_seconds and chunk_seconds must be positive")
     device = torch.device(device)
     net = _model(model, checkpoint, repository).to(device).eval()
     if bandwidth not in net.target_bandwidths:
@@ -99,7 +102,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         for p in new_problems:
             sink.add_error(p.id, p.path, p.error)
             progress.update(failed=1)
-        run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress)
+        run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, chunk_seconds)
         sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed}})
         committed = True
     finally:

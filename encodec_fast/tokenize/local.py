@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..model import EncodecModel
+from ..streaming import DEFAULT_CHUNK_SECONDS, encode_long
 from .loading import ItemAudio, Loaded, worker_init
 from .sink import ShardSink
 from .sources import Item
@@ -125,21 +126,24 @@ class _Writer(threading.Thread):
             })
 
 
-def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool):
+def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool,
+            chunk_seconds: float):
     wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
     with torch.no_grad():
+        if len(wavs) == 1 and wavs[0].shape[-1] > 2 * chunk_seconds * model.sample_rate:
+            return [encode_long(model, wavs[0][None], chunk_seconds)]  # bounded memory, the same codes
         return model.encode_batch(wavs, max_batch_samples=budget)
 
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
-              pool_batches: int = 4) -> None:
+              chunk_seconds: float = DEFAULT_CHUNK_SECONDS, pool_batches: int = 4) -> None:
     """Tokenize `items` (none of them done yet) into `sink`."""
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         ItemAudio(items, model.sample_rate, model.channels), batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity, worker_init_fn=worker_init if workers else None,
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=2 if workers else None, persistent_workers=False)
     budget = max(1, int(batch_seconds * model.sample_rate))
     writer = _Writer(sink, model, bandwidth)
     writer.start()
@@ -149,7 +153,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
     def encode(pool: tp.List[Loaded]) -> None:
         for batch in _batches(pool, budget):
             try:
-                frames = _encode(model, batch, device, budget, cuda)
+                frames = _encode(model, batch, device, budget, cuda, chunk_seconds)
             except (RuntimeError, ValueError) as exc:  # out of memory, or an input the model refuses
                 if len(batch) > 1:
                     for one in batch:  # retry alone: only the culprit fails

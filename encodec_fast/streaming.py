@@ -1,0 +1,171 @@
+"""Encoding long audio in bounded memory with the whole-file codes.
+
+`encode_long(model, x)` returns what `model.encode(x)` returns, for inputs of any length, holding
+one chunk's activations at a time:
+- causal models without segments (24 kHz): the SEANet encoder runs chunk by chunk, each
+  convolution keeping the input samples its next outputs need (its left context, the stride's
+  remainder) and the LSTM its state, with the file's own left padding at the first chunk and
+  right padding at the last. Each layer then computes the same values from the same samples as
+  over the whole file; the codebook search runs on each chunk's frames.
+- models with segments (48 kHz): `encode` already runs segment by segment; audio is passed in
+  slices of whole segments.
+
+Exactness: on CPU, tested bit for bit against `encode` of the whole file
+(tests/test_streaming.py). It rests on CPU convolution and LSTM results not depending on the
+call's length, which holds for long calls (measured: oneDNN picks another algorithm for the
+1-channel first convolution below about 24,000 output samples); hence chunks are long (60 s by
+default) and the last one is merged into its predecessor when shorter. On CUDA the convolutions
+are cuDNN's, whose algorithm may change with the length: codes may differ at near-ties.
+"""
+
+import math
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .modules.conv import SConv1d, pad1d
+from .modules.lstm import SLSTM
+from .modules.seanet import SEANetEncoder, SEANetResnetBlock
+
+DEFAULT_CHUNK_SECONDS = 60.0
+
+
+class _Conv:
+    """One SConv1d over consecutive chunks: keeps the padded input its next outputs need."""
+
+    def __init__(self, conv: SConv1d, elu_first: bool, total: int, owns_input: bool = True):
+        if not conv.causal:
+            raise ValueError("streaming needs a causal encoder")
+        self.conv, self.elu_first, self.total = conv, elu_first, total  # total: the layer's input length
+        self.owns_input = owns_input  # the ELU may overwrite the chunk it is given
+        self.buf: tp.Optional[torch.Tensor] = None
+        self.span = (conv.kernel_size - 1) * conv.dilation + 1
+        self.seen = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.elu_first:
+            x = F.elu_(x) if self.owns_input else F.elu(x)
+        first = self.buf is None
+        self.seen += x.shape[-1]
+        last = self.seen == self.total
+        if first:
+            # The file's own left padding (reflection of its first samples), as the whole call pads.
+            x = pad1d(x, (self.conv.padding_total, 0), mode=self.conv.pad_mode)
+            buf = x
+        else:
+            buf = torch.cat([self.buf, x], dim=-1)
+        if last:
+            s = self.conv.stride
+            buf = pad1d(buf, (0, math.ceil(self.total / s) * s - self.total), mode=self.conv.pad_mode)
+        s = self.conv.stride
+        n_out = (buf.shape[-1] - self.span) // s + 1 if buf.shape[-1] >= self.span else 0
+        y = self.conv.conv(buf[..., :(n_out - 1) * s + self.span]) if n_out else buf.new_zeros(
+            buf.shape[0], self.conv.conv.conv.out_channels, 0)
+        self.buf = buf[..., n_out * s:].clone()  # a copy: a view would keep the whole chunk alive
+        return y
+
+
+class _Block:
+    def __init__(self, block: SEANetResnetBlock, total: int):
+        convs = [m for m in block.block if isinstance(m, SConv1d)]
+        self.convs = [_Conv(c, True, total, owns_input=i > 0) for i, c in enumerate(convs)]  # x: for the shortcut
+        self.shortcut = _Conv(block.shortcut, False, total) if isinstance(block.shortcut, SConv1d) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for conv in self.convs:
+            h = conv(h)
+        skip = self.shortcut(x) if self.shortcut is not None else x
+        return skip + h
+
+
+class _LSTM:
+    def __init__(self, lstm: SLSTM, then_elu: bool):
+        self.lstm, self.then_elu = lstm, then_elu
+        self.state: tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(2, 0, 1)
+        y, self.state = self.lstm.lstm(x, self.state)
+        if self.lstm.skip:
+            y = y + x
+        y = y.permute(1, 2, 0)
+        return F.elu_(y) if self.then_elu else y
+
+
+class StreamingEncoder:
+    """A causal SEANet encoder fed consecutive chunks of one input of `total` samples:
+    the frames of each chunk, in order; together, `encoder(whole input)`."""
+
+    def __init__(self, encoder: SEANetEncoder, total: int):
+        self.stages: tp.List[tp.Callable[[torch.Tensor], torch.Tensor]] = []
+        layers = list(encoder.model)
+        length, pending_elu, i = total, False, 0
+        while i < len(layers):
+            layer = layers[i]
+            i += 1
+            if isinstance(layer, nn.ELU):
+                if pending_elu:
+                    self.stages.append(F.elu_)
+                pending_elu = True
+                continue
+            if pending_elu and not isinstance(layer, SConv1d):
+                self.stages.append(F.elu_)
+            if isinstance(layer, SConv1d):
+                self.stages.append(_Conv(layer, pending_elu, length))
+                length = layer.output_length(length)
+            elif isinstance(layer, SEANetResnetBlock):
+                self.stages.append(_Block(layer, length))
+            elif isinstance(layer, SLSTM):
+                then_elu = i < len(layers) and isinstance(layers[i], nn.ELU)
+                self.stages.append(_LSTM(layer, then_elu))
+                i += then_elu
+            else:
+                raise ValueError(f"cannot stream through {type(layer).__name__}")
+            pending_elu = False
+        if pending_elu:
+            self.stages.append(F.elu_)
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.clone()  # the stages write into their input
+        for stage in self.stages:
+            chunk = stage(chunk)
+        return chunk
+
+
+def chunk_bounds(length: int, chunk: int) -> tp.List[tp.Tuple[int, int]]:
+    """[start, stop) of consecutive chunks of `chunk` samples; the last one merged into its
+    predecessor when shorter than `chunk` (so every call is long)."""
+    bounds = [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < chunk:
+        bounds[-2:] = [(bounds[-2][0], length)]
+    return bounds
+
+
+def encode_long(model, x: torch.Tensor, chunk_seconds: float = DEFAULT_CHUNK_SECONDS):
+    """`model.encode(x)` (x [B, C, T]) holding one chunk's activations at a time (module docstring)."""
+    model._check_audio(x, batched=True)
+    chunk = max(1, int(chunk_seconds * model.sample_rate))
+    length = x.shape[-1]
+    if model.segment_length is not None:
+        # Slices of whole segments: segment i starts at i * stride, as in the whole call.
+        stride, seg = model.segment_stride, model.segment_length
+        per_slice = max(1, chunk // stride)
+        starts = list(range(0, length, stride))
+        frames = []
+        for first in range(0, len(starts), per_slice):
+            idx = starts[first:first + per_slice]
+            part = model.encode(x[..., idx[0]:min(length, idx[-1] + seg)])
+            frames += part[:len(idx)]
+        return frames
+    if length < 2 * chunk or model.normalize or not model.encoder.causal:
+        return model.encode(x)
+    streamer = StreamingEncoder(model.encoder, length)
+    codes = []
+    with torch.no_grad():
+        for a, b in chunk_bounds(length, chunk):
+            emb = streamer(x[..., a:b])
+            codes.append(model.quantizer.encode(emb, model.frame_rate, model.bandwidth).transpose(0, 1))
+    return [(torch.cat(codes, dim=-1), None)]
