@@ -44,12 +44,15 @@ setup(
         # The tests run the Triton kernels in Triton's interpreter (CPU); torch's Linux wheels
         # bring triton already, this names it for other builds.
         # duckdb and datasets: the tests read tokenize's shards with them; transformers: the
-        # tokenize benchmark compares with its EncodecModel (a smoke run is a test).
+        # tokenize benchmark compares with its EncodecModel (a smoke run is a test); ray: the
+        # tests run `--engine ray` on a local instance.
         "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "duckdb>=1.0", "datasets>=2.14",
-                 "transformers>=4.40",
+                 "transformers>=4.40", "ray[data]>=2.9",
                  "triton>=3.2,<3.7; sys_platform == 'linux'"],
         # bench/coder.py compares the coder with constriction's (speed only: other bytes).
         "bench": ["constriction>=0.4"],
+        # --engine ray without the test extra.
+        "ray": ["ray[data]>=2.9"],
     },
     ext_modules=[arith],
     entry_points={"console_scripts": ["encodec-fast=encodec_fast.cli:main"]},

@@ -10,7 +10,7 @@ music (notes with harmonics and envelopes), and speech over music; never silence
 the 24 kHz one with random weights (the official ones need a download), the same for all three,
 converted to transformers' layout for it. Each implementation runs in its own process (peak
 memory is that process's maximum RSS):
-- ours: `encodec_fast.tokenize.tokenize` (DataLoader workers, Parquet shards);
+- ours: the `encodec-fast tokenize` command (DataLoader workers, Parquet shards);
 - upstream: for each file, read (soundfile), `encodec.utils.convert_audio`, `model.encode`,
   `torch.save` the codes;
 - transformers: read and convert each file the same way, then `EncodecModel.encode` on padded
@@ -67,9 +67,8 @@ def _speech(seconds: float, rng: np.random.Generator, workdir: Path) -> tp.Tuple
     return np.concatenate(parts)[: int(seconds * 22050)], 22050
 
 
-def _music(seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:
-    """Notes (a random melody over a pentatonic scale, harmonics, attack/decay) plus a bass."""
-    n = int(seconds * sr)
+def _music(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """n samples of notes (a random melody over a pentatonic scale, harmonics, attack/decay) and a bass."""
     out = np.zeros(n, np.float64)
     t_note = 0
     scale = 220 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)
@@ -103,14 +102,13 @@ def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[P
         sr, channels = RATES[i % 4], 1 + (i // 4) % 2
         kind = ("speech", "music", "mix")[i % 3] if have_espeak else "music"
         if kind == "music":
-            data = np.stack([_music(seconds, sr, rng) for _ in range(channels)])
+            data = np.stack([_music(int(seconds * sr), sr, rng) for _ in range(channels)])
         else:
             speech, ssr = _speech(seconds, rng, root)
             speech = torchaudio.functional.resample(torch.from_numpy(speech), ssr, sr).numpy()
             data = np.stack([speech] * channels) * (1.0 if channels == 1 else np.array([[1.0], [0.7]]))
             if kind == "mix":
-                data = 0.8 * data + 0.25 * np.stack([_music(data.shape[1] / sr, sr, rng)[: data.shape[1]]
-                                                     for _ in range(channels)])
+                data = 0.8 * data + 0.25 * np.stack([_music(data.shape[1], sr, rng) for _ in range(channels)])
         path = root / f"{kind}" / f"clip{i:04d}_{sr}_{channels}ch.{'flac' if i % 2 else 'wav'}"
         path.parent.mkdir(exist_ok=True)
         sf.write(str(path), data.T.astype(np.float32), sr)
@@ -118,11 +116,6 @@ def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[P
     (root / "speech.wav").unlink(missing_ok=True)
     done.write_text(json.dumps({"clips": clips}))
     return sorted(paths)
-
-
-def _model(checkpoint: Path):
-    import encodec_fast
-    return encodec_fast.EncodecModel.encodec_model_24khz(pretrained=False, checkpoint=checkpoint)
 
 
 def to_transformers(state: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
@@ -139,10 +132,12 @@ def to_transformers(state: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
 
 
 def run_ours(corpus: Path, out: Path, checkpoint: Path, device: str, workers: int) -> tp.Dict[str, tp.Any]:
-    from encodec_fast.tokenize import tokenize
-    summary = tokenize([corpus], out, model=_model(checkpoint), bandwidth=6.0, device=device, workers=workers,
-                       overwrite=True, quiet=True)
-    return {"items": summary.tokenized, "failed": summary.failed}
+    """The command as users run it (`encodec-fast tokenize`)."""
+    from encodec_fast import cli
+    status = cli.main(["tokenize", str(corpus), "-o", str(out), "--checkpoint", str(checkpoint), "-b", "6",
+                       "--device", device, "--workers", str(workers), "--overwrite", "--quiet"])
+    from encodec_fast.tokenize import read_codes
+    return {"items": sum(1 for _ in read_codes(out, columns=["id"])), "failed": status}
 
 
 def _read(path: Path, model_sr: int, channels: int):

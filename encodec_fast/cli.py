@@ -157,6 +157,11 @@ def tokenize_parser() -> argparse.ArgumentParser:
                         help="i/n: this process takes the inputs whose id hashes to i of n (for SLURM arrays or "
                              "torchrun without Ray); all shards may share one OUT_DIR.")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="Rows per Parquet file (default 1000).")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local (default): worker processes on this machine; ray: Ray Data (pip install ray[data]).")
+    parser.add_argument("--ray-address", default=None,
+                        help="With --engine ray: the cluster to join (e.g. auto, ray://host:10001); default: "
+                             "start a local Ray instance.")
     parser.add_argument("--overwrite", action="store_true", help="Delete earlier output in OUT_DIR and start over.")
     parser.add_argument("--quiet", action="store_true", help="No progress line and no summary.")
     return parser
@@ -166,15 +171,19 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
     args = tokenize_parser().parse_args(argv)
     import torch
 
+    from .cpu import tune_cpu_allocator
     from .pretrained import CheckpointError
     from .tokenize import tokenize
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        tune_cpu_allocator()  # as the compress command: freed activations are reused, not page-faulted again
     try:
         summary = tokenize(args.inputs, args.out, model=args.model, bandwidth=args.bandwidth,
                            checkpoint=args.checkpoint, repository=args.repository, device=device,
                            batch_seconds=args.batch_seconds, workers=args.workers, shard=args.shard,
-                           overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard)
-    except (ValueError, CheckpointError, OSError) as err:
+                           overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard,
+                           engine=args.engine, ray_address=args.ray_address)
+    except (ValueError, CheckpointError, OSError, ImportError) as err:
         print(f"encodec-fast tokenize: error: {err}", file=sys.stderr)
         return 101
     except KeyboardInterrupt:

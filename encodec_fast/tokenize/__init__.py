@@ -62,7 +62,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
              device: tp.Union[str, torch.device] = "cpu", batch_seconds: float = 120.0,
              workers: tp.Optional[int] = None, shard: tp.Union[str, tp.Tuple[int, int]] = (0, 1),
              overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000,
-             chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> Summary:
+             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, engine: str = "local",
+             ray_address: tp.Optional[str] = None) -> Summary:
     """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
 
     model: "24khz", "48khz", or an EncodecModel (e.g. your own); checkpoint / repository as for
@@ -72,12 +73,17 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     stop the job. A job killed at any point and run again with the same arguments finishes the
     remaining items; `overwrite` starts over. Inputs longer than 2 x `chunk_seconds` are encoded
     chunk by chunk (`encodec_fast.streaming.encode_long`: bounded memory, the whole-file codes).
+    engine: "local" (DataLoader workers, this process encodes) or "ray" (Ray Data: decoding
+    tasks and encoder actors on a cluster at `ray_address`, or a local Ray instance); the same
+    output and resume either way.
     """
     start = time.perf_counter()
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     shard = parse_shard(f"{shard[0]}/{shard[1]}")
     if not inputs:
         raise ValueError("no inputs given")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be local or ray, got {engine!r}")
     if batch_seconds <= 0 or chunk_seconds <= 0:
         raise ValueError("batch_seconds and chunk_seconds must be positive")
     device = torch.device(device)
@@ -102,7 +108,12 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         for p in new_problems:
             sink.add_error(p.id, p.path, p.error)
             progress.update(failed=1)
-        run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, chunk_seconds)
+        if engine == "ray":
+            from .ray_engine import run_ray
+            run_ray(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, chunk_seconds,
+                    address=ray_address)
+        else:
+            run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, chunk_seconds)
         sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed}})
         committed = True
     finally:

@@ -114,25 +114,41 @@ class _Writer(threading.Thread):
         if event is not None:
             event.synchronize()
         for item, l, segments in zip(items, loaded, frames):
-            codes = np.concatenate([c[0].numpy() for c, _ in segments], axis=-1).astype(np.int16)
-            self.sink.add({
-                "id": item.id, "path": item.path, "start": item.start, "end": item.end,
-                "sample_rate": self.sample_rate, "source_sample_rate": l.source_rate,
-                "source_channels": l.source_channels, "num_samples": l.wav.shape[-1], "frames": codes.shape[1],
-                "codebooks": codes.shape[0], "bandwidth": self.bandwidth,
-                "scales": [float(s.reshape(-1)[0]) for _, s in segments] if self.segmented else None,
-                "segment_frames": [int(c.shape[-1]) for c, _ in segments] if self.segmented else None,
-                "codes": codes,
-            })
+            self.sink.add(make_row(item, l.source_rate, l.source_channels, l.wav.shape[-1], segment_arrays(segments),
+                                   self.sample_rate, self.bandwidth, self.segmented))
+
+
+def segment_arrays(segments) -> tp.Tuple[np.ndarray, tp.List[float], tp.List[int]]:
+    """One item's [(codes [1, K, T_i], scale or None)] on CPU -> (codes int16 [K, sum T_i], scales, frames per segment)."""
+    codes = np.concatenate([c[0].numpy() for c, _ in segments], axis=-1).astype(np.int16)
+    scales = [float(s.reshape(-1)[0]) for _, s in segments if s is not None]
+    return codes, scales, [int(c.shape[-1]) for c, _ in segments]
+
+
+def make_row(item: Item, source_rate: int, source_channels: int, num_samples: int,
+             arrays: tp.Tuple[np.ndarray, tp.List[float], tp.List[int]], sample_rate: int, bandwidth: float,
+             segmented: bool) -> tp.Dict[str, tp.Any]:
+    codes, scales, segment_frames = arrays
+    return {"id": item.id, "path": item.path, "start": item.start, "end": item.end, "sample_rate": sample_rate,
+            "source_sample_rate": source_rate, "source_channels": source_channels, "num_samples": num_samples,
+            "frames": codes.shape[1], "codebooks": codes.shape[0], "bandwidth": bandwidth,
+            "scales": scales if segmented else None, "segment_frames": segment_frames if segmented else None,
+            "codes": codes}
+
+
+def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, chunk_seconds: float):
+    """Clips [C, T_i] on the model's device -> per clip [(codes [1, K, T], scale)], as `encode`
+    gives them; a clip longer than 2 x chunk_seconds alone goes through `encode_long`."""
+    with torch.no_grad():
+        if len(wavs) == 1 and wavs[0].shape[-1] > 2 * chunk_seconds * model.sample_rate:
+            return [encode_long(model, wavs[0][None], chunk_seconds)]  # bounded memory, the same codes
+        return model.encode_batch(wavs, max_batch_samples=budget)
 
 
 def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool,
             chunk_seconds: float):
     wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
-    with torch.no_grad():
-        if len(wavs) == 1 and wavs[0].shape[-1] > 2 * chunk_seconds * model.sample_rate:
-            return [encode_long(model, wavs[0][None], chunk_seconds)]  # bounded memory, the same codes
-        return model.encode_batch(wavs, max_batch_samples=budget)
+    return encode_wavs(model, wavs, budget, chunk_seconds)
 
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
