@@ -186,6 +186,9 @@ def test_job_errors_and_overwrite(tmp_path, checkpoint_24, capsys):
     (row,) = read_codes(tmp_path / "out")
     assert row["codebooks"] == 16 and row["bandwidth"] == 12.0
     assert cli_main(args + ["-b", "7"]) == 101
+    if not torch.cuda.is_available():
+        assert cli_main(args[:-2] + ["--device", "cuda"]) == 101
+        assert "no CUDA GPU" in capsys.readouterr().err
     assert cli_main(["tokenize", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"), "--checkpoint",
                      str(checkpoint_24), "--quiet"]) == 1  # one input that is not there: one failure
 

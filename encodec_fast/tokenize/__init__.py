@@ -87,6 +87,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     if batch_seconds <= 0 or chunk_seconds <= 0:
         raise ValueError("batch_seconds and chunk_seconds must be positive")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu)")
     net = _model(model, checkpoint, repository).to(device).eval()
     if bandwidth not in net.target_bandwidths:
         raise ValueError(f"bandwidth {bandwidth} is not supported by {net.name} (choose from {net.target_bandwidths})")
