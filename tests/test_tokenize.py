@@ -257,3 +257,19 @@ def test_output_reads_in_pyarrow_duckdb_datasets_and_codes_dataset(tmp_path, pai
     assert sorted(r["id"] for r in loader) == sorted(rows)
     with pytest.raises(IndexError):
         cd[5]
+
+
+def test_shards_share_one_output_directory(tmp_path, pair_24):
+    """Two `--shard i/2` jobs into one directory: every item once, each shard's files apart, and
+    the manifest written by the last one to end covers both."""
+    _, ours = pair_24
+    make_corpus(tmp_path / "in", 10)
+    s0 = tokenize([tmp_path / "in"], tmp_path / "out", model=ours, bandwidth=6.0, workers=0, shard="0/2", quiet=True)
+    s1 = tokenize([tmp_path / "in"], tmp_path / "out", model=ours, bandwidth=6.0, workers=0, shard=(1, 2), quiet=True)
+    assert s0.tokenized + s1.tokenized == 10 and s0.tokenized and s1.tokenized
+    ids = [r["id"] for r in read_codes(tmp_path / "out", columns=["id"])]
+    assert len(ids) == len(set(ids)) == 10
+    assert {p.name.split("-")[1] for p in (tmp_path / "out").glob("part-*.parquet")} == {"s0of2", "s1of2"}
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["items"] == 10
+    again = tokenize([tmp_path / "in"], tmp_path / "out", model=ours, bandwidth=6.0, workers=0, shard="1/2", quiet=True)
+    assert (again.tokenized, again.skipped) == (0, s1.tokenized)
