@@ -45,14 +45,8 @@ def main() -> int:
             return model.encode(w[None])[0][0]
 
     def stacked(flag):
-        model_module.BATCH_ON_CPU = flag
-        out, i, budget = [], 0, 120 * 24000
-        while i < len(wavs):
-            j = i + 1
-            while j < len(wavs) and (j + 1 - i) * wavs[i].shape[-1] <= budget:
-                j += 1
-            out += [f[0][0] for f in model.encode_batch(wavs[i:j], max_batch_samples=budget)]
-            i = j
+        model_module.BATCH_ON_CPU = flag  # encode_batch cuts length-sorted batches of at most 120 s itself
+        out = [f[0][0] for f in model.encode_batch(wavs, max_batch_samples=120 * 24000)]
         model_module.BATCH_ON_CPU = False
         return out
 

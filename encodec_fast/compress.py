@@ -55,7 +55,7 @@ def _lm_encode_segment(lm: LMModel, codes: torch.Tensor) -> bytes:
     through the LM in chunks (bit-identical to the decoder's steps: `LMStream.run_inputs`) and
     into one streaming encoder, so memory does not grow with the segment's length."""
     K, T = codes.shape
-    inputs = torch.cat([torch.zeros_like(codes[:, :1]), 1 + codes[:, :-1]], dim=1)[None]
+    inputs = LMStream.inputs_of(codes[None])
     stream, encoder = LMStream(lm), entropy.SymbolEncoder()
     for start in range(0, T, LM_CHUNK_FRAMES):
         end = min(T, start + LM_CHUNK_FRAMES)

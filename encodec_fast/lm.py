@@ -112,7 +112,12 @@ class LMStream:
         """The probabilities of every frame of codes [B, K, T] given the frames before it ->
         [T, B, card, K], bit-identical to T calls of `step` on a fresh stream (frame t fed
         1 + codes of frame t-1, frame 0 fed zeros), for an encoder, which knows all frames."""
-        return self.run_inputs(torch.cat([torch.zeros_like(codes[:, :, :1]), 1 + codes[:, :, :-1]], dim=2))
+        return self.run_inputs(self.inputs_of(codes))
+
+    @staticmethod
+    def inputs_of(codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, T] -> what each frame is fed: zeros for frame 0, 1 + codes of frame t-1."""
+        return torch.cat([torch.zeros_like(codes[:, :, :1]), 1 + codes[:, :, :-1]], dim=2)
 
     @torch.no_grad()
     def run_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -140,14 +145,18 @@ class LMStream:
         return min(frame + 1, self.past_context) + 1
 
     def _batchable(self) -> bool:
-        """Whether `_run_frames` applies: every layer in eval mode with a function activation,
-        and this machine's products give the bits `_run_frames` relies on (`batched_products_exact`)."""
-        return self._products_exact and all(
-            not layer.training and not isinstance(layer.activation, nn.Module) and callable(layer.activation)
-            for layer in self.lm.transformer.layers)
+        """Whether `_run_frames` applies: every layer plain (`_is_plain`), and this machine's
+        products give the bits `_run_frames` relies on (`batched_products_exact`)."""
+        return self._products_exact and all(map(self._is_plain, self.lm.transformer.layers))
+
+    @staticmethod
+    def _is_plain(layer: nn.TransformerEncoderLayer) -> bool:
+        """In eval mode with a function activation: dropout is the identity and the activation
+        can be called on any tensor."""
+        return not layer.training and not isinstance(layer.activation, nn.Module) and callable(layer.activation)
 
     def _run_frames(self, inputs: torch.Tensor) -> torch.Tensor:
-        """inputs [B, K, c] (every frame with a window longer than exact_rows) -> [c, B, card, K]."""
+        """inputs [B, K, c] -> [c, B, card, K] (see `run_inputs`)."""
         B, K, c = inputs.shape
         lm, tr = self.lm, self.lm.transformer
         positions = torch.arange(c, device=inputs.device).view(1, -1, 1) + self.offset
@@ -180,7 +189,6 @@ class LMStream:
         mha = layer.self_attn
         c, B, E = x.shape
         heads = mha.num_heads
-        hd = E // heads
         w_q, w_kv = mha.in_proj_weight.split([E, 2 * E])
         b_q, b_kv = mha.in_proj_bias.split([E, 2 * E])
         inputs, kv = self._buffers(i, B, x)
@@ -202,12 +210,7 @@ class LMStream:
                 first = rows + early - (self.exact_rows - 1)
                 new = F.linear(window[:, first:].transpose(1, 0), w_kv, b_kv)[self.exact_rows - 1:]  # [c - j, B, 2E]
                 keys, values = torch.cat([keys, new[..., :E]]), torch.cat([values, new[..., E:]])
-            qj = q[j].view(1, B * heads, hd).transpose(0, 1).view(B, heads, 1, hd)
-            k = keys[end - S - base:end - base].view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
-            v = values[end - S - base:end - base].view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
-            mask = torch.zeros(1, S, dtype=x.dtype, device=x.device).unsqueeze(0).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qj, k, v, mask, 0.0, False)
-            out[j] = o.permute(2, 0, 1, 3).contiguous().view(B, E)
+            out[j] = _attention(q[j], keys[end - S - base:end - base], values[end - S - base:end - base], heads)
         end = rows + c
         kept = min(sizes[-1], self.past_context)
         inputs[:, :kept] = window[:, end - kept:end]
@@ -215,7 +218,6 @@ class LMStream:
         kv[1, :kept] = values[end - kept - base:end - base]
         self._start[i], self._rows[i] = 0, kept
         return _rowwise_linear(out, mha.out_proj.weight, mha.out_proj.bias)
-
 
     def _input(self, indices: torch.Tensor, position: int) -> torch.Tensor:
         """The first layer's input for one frame: summed embeddings, input norm, position."""
@@ -228,7 +230,7 @@ class LMStream:
     def _plain_ops(layer: nn.TransformerEncoderLayer):
         """(norm1, norm2, feed-forward) of a layer: in eval mode with a function activation, the
         same operations without the module-call overhead (dropout is then the identity)."""
-        if layer.training or isinstance(layer.activation, nn.Module) or not callable(layer.activation):
+        if not LMStream._is_plain(layer):
             return layer.norm1, layer.norm2, layer._ff_block
 
         def norm(n: nn.LayerNorm) -> tp.Callable[[torch.Tensor], torch.Tensor]:
@@ -278,8 +280,6 @@ class LMStream:
         keys and values from the cache)."""
         mha = layer.self_attn
         B, _, E = x.shape
-        heads = mha.num_heads
-        hd = E // heads
         keys, inputs, kv, start = self._window(i, x)
         S = keys.shape[1]
         w_q, w_kv = mha.in_proj_weight.split([E, 2 * E])
@@ -296,16 +296,23 @@ class LMStream:
         k_rows, v_rows = kv[0, start:start + S], kv[1, start:start + S]  # [S, B, E], contiguous
         kept = min(S, self.past_context)
         self._start[i], self._rows[i] = start + S - kept, kept
-        q = F.linear(x.transpose(1, 0), w_q, b_q)  # [1, B, E]
-        q = q.view(1, B * heads, hd).transpose(0, 1).view(B, heads, 1, hd)
-        k = k_rows.view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
-        v = v_rows.view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
-        mask = torch.zeros(1, S, dtype=x.dtype, device=x.device).unsqueeze(0).unsqueeze(0)  # nothing masked
-        out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
-        out = out.permute(2, 0, 1, 3).contiguous().view(B, E)
+        out = _attention(F.linear(x.transpose(1, 0), w_q, b_q), k_rows, v_rows, mha.num_heads)
         out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(1, B, E)
         out = out.transpose(1, 0)
         return out if not layer.training else layer.dropout1(out)
+
+
+def _attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """One frame's attention as torch's MultiheadAttention computes it (the same calls, so the
+    same bits): the query row [.., B, E] (contiguous) over keys and values [S, B, E] -> [B, E]."""
+    S, B, E = k_rows.shape
+    hd = E // heads
+    q = q.reshape(1, B * heads, hd).transpose(0, 1).view(B, heads, 1, hd)
+    k = k_rows.view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
+    v = v_rows.view(S, B * heads, hd).transpose(0, 1).view(B, heads, S, hd)
+    mask = torch.zeros(1, S, dtype=q.dtype, device=q.device).unsqueeze(0).unsqueeze(0)  # nothing masked
+    out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
+    return out.permute(2, 0, 1, 3).contiguous().view(B, E)
 
 
 _product_checks: tp.Dict[tp.Tuple[tp.Any, ...], bool] = {}

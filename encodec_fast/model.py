@@ -49,6 +49,24 @@ def _stack(device: torch.device) -> bool:
     return device.type != "cpu" or BATCH_ON_CPU
 
 
+def length_batches(lengths: tp.Sequence[int], budget: int, equal_only: bool = False) -> tp.List[tp.List[int]]:
+    """Indices of `lengths`, longest first, cut into consecutive batches whose padded size
+    (count x longest) stays within `budget`; an item longer than the budget goes alone.
+    `equal_only`: only items of equal length share a batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: tp.List[tp.List[int]] = []
+    start = 0
+    while start < len(order):
+        longest = lengths[order[start]]
+        stop = start + 1
+        while (stop < len(order) and (stop + 1 - start) * longest <= budget
+               and (not equal_only or lengths[order[stop]] == longest)):
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
 class EncodecModel(nn.Module):
     """EnCodec on raw waveforms [B, C, T].
 
@@ -208,17 +226,11 @@ class EncodecModel(nn.Module):
         # (clip, segment index, offset, length) for every segment of every clip.
         items = [(i, s, off, n) for i, w in enumerate(wavs) for s, (off, n) in enumerate(self._segments(w.shape[-1]))]
         ragged = self.encoder.norm != "time_group_norm"
-        items.sort(key=lambda it: -it[3])
+        budget = max_batch_samples if _stack(wavs[0].device) else 0  # 0: one segment per call
         with torch.no_grad():
-            start = 0
-            while start < len(items):
-                longest = items[start][3]
-                stop = start + 1
-                while (stop < len(items) and (stop + 1 - start) * longest <= max_batch_samples
-                       and (ragged or items[stop][3] == longest) and _stack(wavs[0].device)):
-                    stop += 1
-                chunk = items[start:stop]
-                start = stop
+            for batch_items in length_batches([it[3] for it in items], budget, equal_only=not ragged):
+                chunk = [items[k] for k in batch_items]
+                longest = chunk[0][3]
                 views = [wavs[i][None, :, off:off + n] for i, _, off, n in chunk]
                 scales = [self._scale(v) if self.normalize else None for v in views]
                 batch = views[0].new_zeros(len(chunk), self.channels, longest)

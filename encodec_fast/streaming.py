@@ -18,16 +18,14 @@ default) and the last one is merged into its predecessor when shorter. On CUDA t
 are cuDNN's, whose algorithm may change with the length: codes may differ at near-ties.
 """
 
-import math
 import typing as tp
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from .modules.conv import SConv1d, pad1d
 from .modules.lstm import SLSTM
-from .modules.seanet import SEANetEncoder, SEANetResnetBlock
+from .modules.seanet import SEANetEncoder, SEANetResnetBlock, elu_plan
 
 DEFAULT_CHUNK_SECONDS = 60.0
 
@@ -47,20 +45,13 @@ class _Conv:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.elu_first:
             x = F.elu_(x) if self.owns_input else F.elu(x)
-        first = self.buf is None
         self.seen += x.shape[-1]
-        last = self.seen == self.total
-        if first:
-            # The file's own left padding (reflection of its first samples), as the whole call pads.
-            x = pad1d(x, (self.conv.padding_total, 0), mode=self.conv.pad_mode)
-            buf = x
-        else:
-            buf = torch.cat([self.buf, x], dim=-1)
-        if last:
-            s = self.conv.stride
-            buf = pad1d(buf, (0, math.ceil(self.total / s) * s - self.total), mode=self.conv.pad_mode)
+        left, right = self.conv.paddings(self.total)  # the whole input's padding: left at its start, right at its end
+        buf = pad1d(x, (left, 0), mode=self.conv.pad_mode) if self.buf is None else torch.cat([self.buf, x], dim=-1)
+        if self.seen == self.total:
+            buf = pad1d(buf, (0, right), mode=self.conv.pad_mode)
         s = self.conv.stride
-        n_out = (buf.shape[-1] - self.span) // s + 1 if buf.shape[-1] >= self.span else 0
+        n_out = max(0, (buf.shape[-1] - self.span) // s + 1)
         y = self.conv.conv(buf[..., :(n_out - 1) * s + self.span]) if n_out else buf.new_zeros(
             buf.shape[0], self.conv.conv.conv.out_channels, 0)
         self.buf = buf[..., n_out * s:].clone()  # a copy: a view would keep the whole chunk alive
@@ -87,12 +78,8 @@ class _LSTM:
         self.state: tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(2, 0, 1)
-        y, self.state = self.lstm.lstm(x, self.state)
-        if self.lstm.skip:
-            y = y + x
-        y = y.permute(1, 2, 0)
-        return F.elu_(y) if self.then_elu else y
+        y, self.state = self.lstm.run(x, self.then_elu, self.state)
+        return y
 
 
 class StreamingEncoder:
@@ -101,32 +88,19 @@ class StreamingEncoder:
 
     def __init__(self, encoder: SEANetEncoder, total: int):
         self.stages: tp.List[tp.Callable[[torch.Tensor], torch.Tensor]] = []
-        layers = list(encoder.model)
-        length, pending_elu, i = total, False, 0
-        while i < len(layers):
-            layer = layers[i]
-            i += 1
-            if isinstance(layer, nn.ELU):
-                if pending_elu:
-                    self.stages.append(F.elu_)
-                pending_elu = True
-                continue
-            if pending_elu and not isinstance(layer, SConv1d):
+        length = total
+        for layer, with_elu in elu_plan(list(encoder.model)):
+            if layer is None:
                 self.stages.append(F.elu_)
-            if isinstance(layer, SConv1d):
-                self.stages.append(_Conv(layer, pending_elu, length))
+            elif isinstance(layer, SConv1d):
+                self.stages.append(_Conv(layer, with_elu, length))
                 length = layer.output_length(length)
             elif isinstance(layer, SEANetResnetBlock):
                 self.stages.append(_Block(layer, length))
             elif isinstance(layer, SLSTM):
-                then_elu = i < len(layers) and isinstance(layers[i], nn.ELU)
-                self.stages.append(_LSTM(layer, then_elu))
-                i += then_elu
+                self.stages.append(_LSTM(layer, with_elu))
             else:
                 raise ValueError(f"cannot stream through {type(layer).__name__}")
-            pending_elu = False
-        if pending_elu:
-            self.stages.append(F.elu_)
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
         chunk = chunk.clone()  # the stages write into their input

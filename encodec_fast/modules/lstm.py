@@ -21,15 +21,21 @@ class SLSTM(nn.Module):
         self.skip = skip
         self.lstm = nn.LSTM(dimension, dimension, num_layers)
 
-    def _run(self, x: torch.Tensor, elu: bool) -> torch.Tensor:
+    def run(self, x: torch.Tensor, elu: bool, state: tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]] = None
+            ) -> tp.Tuple[torch.Tensor, tp.Tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, C, T] -> (output [B, C, T], the LSTM's (h, c) after it); `state` continues an
+        earlier call (streaming), None starts from zeros."""
         x = x.permute(2, 0, 1)
-        y, _ = self.lstm(x)
+        y, state = self.lstm(x, state)
         if self.skip:
             y = y + x
         y = y.permute(1, 2, 0)
         if elu:
             y = F.elu(y) if torch.is_grad_enabled() else F.elu_(y)
-        return y
+        return y, state
+
+    def _run(self, x: torch.Tensor, elu: bool) -> torch.Tensor:
+        return self.run(x, elu)[0]
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu: bool = False) -> torch.Tensor:
         if groups is None or groups.uniform(x):

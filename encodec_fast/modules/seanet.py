@@ -60,12 +60,11 @@ class SEANetResnetBlock(nn.Module):
         return skip.add_(h)
 
 
-def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
-    """Run a SEANet layer list as `nn.Sequential` would, folding each `nn.ELU` into its neighbour.
-
-    An ELU before a convolution runs on that convolution's input (in place: nothing else reads
-    it); an ELU after the LSTM runs inside `SLSTM`, on the LSTM's own memory layout.
-    """
+def elu_plan(layers: tp.Sequence[nn.Module]) -> tp.List[tp.Tuple[tp.Optional[nn.Module], bool]]:
+    """A SEANet layer list as (layer, elu) steps, each `nn.ELU` folded into a neighbour: for a
+    convolution, `elu` means ELU on its input; for an `SLSTM`, ELU on its output; (None, True)
+    is an ELU that has no neighbour to fold into. Other layers come with False."""
+    plan: tp.List[tp.Tuple[tp.Optional[nn.Module], bool]] = []
     pending_elu = False
     i = 0
     while i < len(layers):
@@ -73,31 +72,47 @@ def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optio
         i += 1
         if isinstance(layer, nn.ELU):
             if pending_elu:
-                x = elu(x, True)
+                plan.append((None, True))
             pending_elu = True
             continue
-        if pending_elu and not isinstance(layer, (SConv1d, SConvTranspose1d)):
+        if isinstance(layer, (SConv1d, SConvTranspose1d)):
+            plan.append((layer, pending_elu))
+        else:
+            if pending_elu:
+                plan.append((None, True))
+            then_elu = isinstance(layer, SLSTM) and i < len(layers) and isinstance(layers[i], nn.ELU)
+            plan.append((layer, then_elu))
+            i += then_elu
+        pending_elu = False
+    if pending_elu:
+        plan.append((None, True))
+    return plan
+
+
+def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
+    """Run a SEANet layer list as `nn.Sequential` would, folding each `nn.ELU` into its neighbour
+    (`elu_plan`).
+
+    An ELU before a convolution runs on that convolution's input (in place: nothing else reads
+    it); an ELU after the LSTM runs inside `SLSTM`, on the LSTM's own memory layout.
+    """
+    for layer, with_elu in elu_plan(layers):
+        if layer is None:
             x = elu(x, True) if groups is None else groups.elu_(x)
-        if isinstance(layer, SConv1d):
-            x = layer(x, groups, elu_first=pending_elu, elu_inplace=True)
+        elif isinstance(layer, SConv1d):
+            x = layer(x, groups, elu_first=with_elu, elu_inplace=True)
             if groups is not None:
                 groups = groups.map_lengths(layer.output_length)
         elif isinstance(layer, SConvTranspose1d):
             if groups is not None:
                 raise NotImplementedError("grouped batches are for the encoder only")
-            x = layer(x, elu_first=pending_elu, elu_inplace=True)
+            x = layer(x, elu_first=with_elu, elu_inplace=True)
         elif isinstance(layer, SLSTM):
-            then_elu = i < len(layers) and isinstance(layers[i], nn.ELU)
-            x = layer(x, groups, elu=then_elu)
-            if then_elu:
-                i += 1
+            x = layer(x, groups, elu=with_elu)
         elif isinstance(layer, SEANetResnetBlock):
             x = layer(x, groups)
         else:
             x = layer(x)
-        pending_elu = False
-    if pending_elu:
-        x = elu(x, True) if groups is None else groups.elu_(x)
     return x
 
 

@@ -20,7 +20,7 @@ from ..model import MODEL_CONFIGS, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS
 from .local import Progress, run_local
 from .reader import CodesDataset, read_codes
-from .sink import ShardSink, read_errors, state_dict_sha256
+from .sink import ShardSink, state_dict_sha256
 from .sources import Item, Problem, list_items, parse_shard
 
 MODEL_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz"}
@@ -78,8 +78,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     output and resume either way.
     """
     start = time.perf_counter()
-    shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
-    shard = parse_shard(f"{shard[0]}/{shard[1]}")
+    shard = parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")
     if not inputs:
         raise ValueError("no inputs given")
     if engine not in ("local", "ray"):
@@ -102,7 +101,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     items, problems = list_items(inputs, shard)
     todo = [it for it in items if it.id not in sink.done]
     ours = {it.id for it in items} | {p.id for p in problems}
-    failed_before = sum(e["id"] in ours for e in read_errors(out_dir))
+    failed_before = len(ours & sink.failed_before)
     new_problems = [p for p in problems if p.id not in sink.done]
     progress = Progress(len(items) + len(problems), len(items) + len(problems) - len(todo) - len(new_problems), quiet)
     committed = False

@@ -56,6 +56,15 @@ def load_item(item: Item, sample_rate: int, channels: int) -> tp.Tuple[torch.Ten
     return convert_audio(wav, rate, sample_rate, channels).contiguous(), rate, n_channels
 
 
+def load_or_error(index: int, item: Item, sample_rate: int, channels: int) -> Loaded:
+    """`load_item` as a `Loaded`: the audio, or the reason it cannot be tokenized (never raises for a bad input)."""
+    try:
+        wav, rate, n = load_item(item, sample_rate, channels)
+        return Loaded(index, wav, rate, n)
+    except (ValueError, OSError, MemoryError) as exc:
+        return Loaded(index, None, error=str(exc) or type(exc).__name__)
+
+
 class ItemAudio(torch.utils.data.Dataset):
     """Map-style dataset over items: index -> `Loaded` (never raises for a bad input)."""
 
@@ -66,11 +75,7 @@ class ItemAudio(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Loaded:
-        try:
-            wav, rate, n = load_item(self.items[index], self.sample_rate, self.channels)
-            return Loaded(index, wav, rate, n)
-        except (ValueError, OSError, MemoryError) as exc:
-            return Loaded(index, None, error=str(exc) or type(exc).__name__)
+        return load_or_error(index, self.items[index], self.sample_rate, self.channels)
 
 
 def worker_init(_: int) -> None:

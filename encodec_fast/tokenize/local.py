@@ -10,7 +10,7 @@ import typing as tp
 import numpy as np
 import torch
 
-from ..model import EncodecModel
+from ..model import EncodecModel, length_batches
 from ..streaming import DEFAULT_CHUNK_SECONDS, encode_long
 from .loading import ItemAudio, Loaded, worker_init
 from .sink import ShardSink
@@ -59,17 +59,9 @@ class Progress:
 
 
 def _batches(pool: tp.List[Loaded], budget: int) -> tp.Iterator[tp.List[Loaded]]:
-    """Length-sorted batches whose padded size (count x longest) stays within `budget` samples;
-    an item longer than the budget goes alone."""
-    pool = sorted(pool, key=lambda l: -l.wav.shape[-1])
-    start = 0
-    while start < len(pool):
-        longest = pool[start].wav.shape[-1]
-        stop = start + 1
-        while stop < len(pool) and (stop + 1 - start) * longest <= budget:
-            stop += 1
-        yield pool[start:stop]
-        start = stop
+    """Length-sorted batches whose padded size (count x longest) stays within `budget` samples."""
+    for batch in length_batches([l.wav.shape[-1] for l in pool], budget):
+        yield [pool[i] for i in batch]
 
 
 class _Writer(threading.Thread):
@@ -138,11 +130,20 @@ def make_row(item: Item, source_rate: int, source_channels: int, num_samples: in
 
 def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, chunk_seconds: float):
     """Clips [C, T_i] on the model's device -> per clip [(codes [1, K, T], scale)], as `encode`
-    gives them; a clip longer than 2 x chunk_seconds alone goes through `encode_long`."""
+    gives them: clips longer than 2 x chunk_seconds one by one through `encode_long` (bounded
+    memory, the same codes), the others together through `encode_batch`."""
+    out: tp.List[tp.Any] = [None] * len(wavs)
+    short = []
     with torch.no_grad():
-        if len(wavs) == 1 and wavs[0].shape[-1] > 2 * chunk_seconds * model.sample_rate:
-            return [encode_long(model, wavs[0][None], chunk_seconds)]  # bounded memory, the same codes
-        return model.encode_batch(wavs, max_batch_samples=budget)
+        for i, wav in enumerate(wavs):
+            if wav.shape[-1] > 2 * chunk_seconds * model.sample_rate:
+                out[i] = encode_long(model, wav[None], chunk_seconds)
+            else:
+                short.append(i)
+        if short:
+            for i, frames in zip(short, model.encode_batch([wavs[i] for i in short], max_batch_samples=budget)):
+                out[i] = frames
+    return out
 
 
 def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool,

@@ -14,23 +14,18 @@ import numpy as np
 import torch
 
 from ..model import EncodecModel
-from .loading import load_item
+from .loading import load_or_error
 from .local import Progress, encode_wavs, make_row, segment_arrays
 from .sink import ShardSink
 from .sources import Item
 
 
 def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int) -> tp.Dict[str, tp.Any]:
-    item = Item(row["id"], row["path"], row["start"], row["end"])
-    out = {"index": row["index"], "error": "", "source_rate": 0, "source_channels": 0,
-           "wav": np.zeros((channels, 0), np.float32)}
-    try:
-        torch.set_num_threads(1)
-        wav, rate, n = load_item(item, sample_rate, channels)
-        out.update(wav=wav.numpy(), source_rate=rate, source_channels=n)
-    except (ValueError, OSError, MemoryError) as exc:
-        out["error"] = str(exc) or type(exc).__name__
-    return out
+    torch.set_num_threads(1)
+    loaded = load_or_error(row["index"], Item(row["id"], row["path"], row["start"], row["end"]), sample_rate, channels)
+    wav = loaded.wav.numpy() if loaded.wav is not None else np.zeros((channels, 0), np.float32)
+    return {"index": row["index"], "error": loaded.error, "source_rate": loaded.source_rate,
+            "source_channels": loaded.source_channels, "wav": wav}
 
 
 class _Encoder:
@@ -49,16 +44,20 @@ class _Encoder:
                                              "source_rate": list(batch["source_rate"]),
                                              "source_channels": list(batch["source_channels"])}
         good = [i for i in range(n) if not batch["error"][i]]
-        for i in good:  # one clip per call (encode_batch's stacking is exact; on CPU it runs clip by clip)
-            wav = torch.from_numpy(np.asarray(batch["wav"][i], dtype=np.float32)).to(self.device)
-            try:
-                (segments,) = encode_wavs(self.model, [wav], self.budget, self.chunk_seconds)
-            except (RuntimeError, ValueError) as exc:
-                out["error"][i] = f"encoding failed: {exc}"
-                continue
+        wavs = {i: torch.from_numpy(np.asarray(batch["wav"][i], dtype=np.float32)).to(self.device) for i in good}
+        try:
+            encoded = dict(zip(good, encode_wavs(self.model, [wavs[i] for i in good], self.budget, self.chunk_seconds)))
+        except (RuntimeError, ValueError):  # out of memory, or an input the model refuses: find which, alone
+            encoded = {}
+            for i in good:
+                try:
+                    (encoded[i],) = encode_wavs(self.model, [wavs[i]], self.budget, self.chunk_seconds)
+                except (RuntimeError, ValueError) as exc:
+                    out["error"][i] = f"encoding failed: {exc}"
+        for i, segments in encoded.items():
             cpu = [(c.cpu(), None if s is None else s.cpu()) for c, s in segments]
             out["codes"][i], out["scales"][i], out["segment_frames"][i] = segment_arrays(cpu)
-            out["num_samples"][i] = int(wav.shape[-1])
+            out["num_samples"][i] = int(wavs[i].shape[-1])
         return out
 
 

@@ -114,13 +114,13 @@ class ShardSink:
         stale = [*self.out.glob(f".part-{self.tag}-*.tmp"), *self.out.glob(f"_errors/.part-{self.tag}-*.tmp")]
         for path in stale:
             path.unlink()  # left by a killed run of this shard
-        self.done: tp.Set[str] = set(done_ids(self.out))
+        self.failed_before = {e["id"] for e in read_errors(self.out)}  # failed in committed error files
+        self.done: tp.Set[str] = set(shard_ids(self.out)) | self.failed_before
         existing = [int(p.stem.rsplit("-", 1)[1]) for p in self.out.glob(f"part-{self.tag}-*.parquet")]
         existing += [int(p.stem.rsplit("-", 1)[1]) for p in self.out.glob(f"_errors/part-{self.tag}-*.jsonl")]
         self.seq = max(existing, default=-1) + 1
         self.rows: tp.List[tp.Dict[str, tp.Any]] = []
         self.errors: tp.List[tp.Dict[str, str]] = []
-        self.committed_rows = self.committed_errors = 0
 
     def _remove_outputs(self) -> None:
         for p in [*self.out.glob("part-*.parquet"), *self.out.glob(".part-*.tmp"), *self.out.glob("_errors/*"),
@@ -169,8 +169,6 @@ class ShardSink:
             _fsync_replace(tmp, self.out / f"{name}.parquet")
         self.done.update(r["id"] for r in self.rows)
         self.done.update(e["id"] for e in self.errors)
-        self.committed_rows += len(self.rows)
-        self.committed_errors += len(self.errors)
         self.rows, self.errors = [], []
         self.seq += 1
 
@@ -204,10 +202,7 @@ def read_errors(out_dir: tp.Union[str, Path]) -> tp.List[tp.Dict[str, str]]:
     return errors
 
 
-def done_ids(out_dir: tp.Union[str, Path]) -> tp.Iterator[str]:
-    """Ids in committed shards and error files."""
-    out = Path(out_dir)
-    for shard in sorted(out.glob("part-*.parquet")):
+def shard_ids(out_dir: tp.Union[str, Path]) -> tp.Iterator[str]:
+    """Ids in committed shards."""
+    for shard in sorted(Path(out_dir).glob("part-*.parquet")):
         yield from pq.read_table(shard, columns=["id"])["id"].to_pylist()
-    for e in read_errors(out):
-        yield e["id"]

@@ -483,31 +483,12 @@ bool push_rows(Encoder& enc, PyObject* table_obj, PyObject* sym_obj, int64_t n, 
     return true;
 }
 
-PyObject* finished_bytes(Encoder& enc) {
-    enc.finish();
-    return PyBytes_FromStringAndSize(enc.out.bytes.data(), static_cast<Py_ssize_t>(enc.out.bytes.size()));
-}
-
 bool check_range_bits(int range_bits) {
     if (range_bits < 1 || range_bits > kMaxRangeBits) {
         PyErr_Format(PyExc_ValueError, "total_range_bits must be in [1, %d]", kMaxRangeBits);
         return false;
     }
     return true;
-}
-
-// encode(table, symbols, N, range_bits, roundoff, min_range, from_pdfs) -> bytes
-PyObject* py_encode(PyObject*, PyObject* args) {
-    PyObject *table_obj, *sym_obj;
-    long long n, min_range;
-    int range_bits, from_pdfs;
-    float roundoff;
-    if (!PyArg_ParseTuple(args, "OOLifLp", &table_obj, &sym_obj, &n, &range_bits, &roundoff, &min_range, &from_pdfs))
-        return nullptr;
-    if (!check_range_bits(range_bits)) return nullptr;
-    Encoder enc(range_bits);
-    if (!push_rows(enc, table_obj, sym_obj, n, roundoff, min_range, from_pdfs)) return nullptr;
-    return finished_bytes(enc);
 }
 
 // -- streaming encoder: a capsule around Encoder ---------------------------------------------------
@@ -568,7 +549,8 @@ PyObject* py_encoder_finish(PyObject*, PyObject* capsule) {
     EncoderBox* box = usable_encoder(capsule);
     if (!box) return nullptr;
     box->finished = true;
-    return finished_bytes(box->enc);
+    box->enc.finish();
+    return PyBytes_FromStringAndSize(box->enc.out.bytes.data(), static_cast<Py_ssize_t>(box->enc.out.bytes.size()));
 }
 
 // -- streaming decoder: a capsule around Decoder + the data buffer --------------------------------
@@ -689,7 +671,6 @@ PyObject* py_decoder_offset(PyObject*, PyObject* capsule) {
 
 PyMethodDef kMethods[] = {
     {"build_cdfs", py_build_cdfs, METH_VARARGS, "build_cdfs(pdfs, out, N, range_bits, roundoff, min_range)"},
-    {"encode", py_encode, METH_VARARGS, "encode(table, symbols, N, range_bits, roundoff, min_range, from_pdfs) -> bytes"},
     {"encoder_new", py_encoder_new, METH_VARARGS, "encoder_new(range_bits) -> encoder"},
     {"encoder_push", py_encoder_push, METH_VARARGS,
      "encoder_push(encoder, table, symbols, N, roundoff, min_range, from_pdfs) -> None"},
