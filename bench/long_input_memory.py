@@ -1,16 +1,25 @@
-"""Peak memory and time of encoding one long input: whole-file `encode` vs `encode_long`.
+"""Peak memory and time of one long input: whole-file `encode` vs `encode_long`, and the
+`encodec-fast tokenize` command on a long file.
 
-    python bench/long_input_memory.py [--seconds 600] [--chunk 60] [--modes stream,whole]
+    python bench/long_input_memory.py [--seconds 600] [--chunk 20] [--modes stream,whole,tokenize]
+                                      [--model 24khz|48khz] [--rate 44100] [--channels 2]
 
-Each mode runs in its own process (24 kHz model, random weights, 6 kbps, random audio) and
-reports its maximum RSS before and after encoding. Checks nothing about codes (the tests do).
+Each mode runs in its own process(es), random weights, 6 kbps:
+- stream / whole: random audio at the model's rate in memory, `encode_long` or `encode`; the
+  process's maximum RSS before and after encoding.
+- tokenize: a FLAC of `--seconds` at `--rate` / `--channels` (gliding tones and noise, made
+  block by block) through the command with 1 decoding worker; the peaks of the command's
+  process tree (main, workers, and their sum) polled from /proc every 0.1 s.
+Checks nothing about codes (the tests do).
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,17 +43,89 @@ def child(mode: str, seconds: float, chunk: float) -> None:
                       "rss_before_encode_mb": before}))
 
 
+def write_long_flac(path: Path, seconds: float, rate: int, channels: int) -> None:
+    import numpy as np
+    import soundfile as sf
+    rng = np.random.default_rng(0)
+    block = rate * 30
+    with sf.SoundFile(str(path), "w", rate, channels, subtype="PCM_16") as f:
+        for start in range(0, int(seconds * rate), block):
+            n = min(block, int(seconds * rate) - start)
+            t = (np.arange(n) + start) / rate
+            tone = 0.2 * np.sin(2 * np.pi * (220 + 50 * np.sin(t / 7)) * t)
+            gains = np.linspace(1.0, 0.7, channels)
+            f.write((tone[:, None] * gains + 0.02 * rng.standard_normal((n, channels))).astype(np.float32))
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _tree(pid: int) -> list:
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            for child_pid in f.read().split():
+                pids += _tree(int(child_pid))
+    except OSError:
+        pass
+    return pids
+
+
+def run_tokenize(args) -> dict:
+    import torch
+    from encodec_fast.model import EncodecModel
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        factory = EncodecModel.encodec_model_48khz if args.model == "48khz" else EncodecModel.encodec_model_24khz
+        torch.save(factory(pretrained=False).state_dict(), tmp / "weights.pt")
+        write_long_flac(tmp / "long.flac", args.seconds, args.rate, args.channels)
+        cmd = [sys.executable, "-m", "encodec_fast", "tokenize", str(tmp / "long.flac"), "-o", str(tmp / "out"),
+               "--model", args.model, "-b", "6", "--checkpoint", str(tmp / "weights.pt"), "--workers", "1", "--quiet"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env)
+        peak_sum, peaks = 0.0, {}
+        while proc.poll() is None:
+            rss = {pid: _rss_mb(pid) for pid in _tree(proc.pid)}
+            peak_sum = max(peak_sum, sum(rss.values()))
+            for pid, mb in rss.items():
+                peaks[pid] = max(peaks.get(pid, 0.0), mb)
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(f"tokenize failed with exit status {proc.returncode}")
+    return {"mode": "tokenize", "model": args.model, "seconds": args.seconds, "rate": args.rate,
+            "channels": args.channels, "wall_s": round(wall, 1), "x_real_time": round(args.seconds / wall, 1),
+            "peak_rss_main_mb": round(peaks.get(proc.pid, 0.0)),
+            "peak_rss_others_mb": sorted(round(v) for pid, v in peaks.items() if pid != proc.pid),
+            "peak_rss_sum_mb": round(peak_sum)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0)
-    parser.add_argument("--chunk", type=float, default=60.0)
-    parser.add_argument("--modes", default="stream,whole")
+    parser.add_argument("--chunk", type=float, default=20.0)
+    parser.add_argument("--modes", default="stream,whole,tokenize")
+    parser.add_argument("--model", choices=["24khz", "48khz"], default="24khz", help="for the tokenize mode")
+    parser.add_argument("--rate", type=int, default=44100, help="the long file's sample rate (tokenize mode)")
+    parser.add_argument("--channels", type=int, default=2, help="the long file's channels (tokenize mode)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.seconds, args.chunk)
         return 0
     for mode in args.modes.split(","):
+        if mode == "tokenize":
+            print(json.dumps(run_tokenize(args)), flush=True)
+            continue
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--seconds", str(args.seconds),
                               "--chunk", str(args.chunk)], capture_output=True, text=True,
                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -5,6 +5,7 @@ torchaudio >= 2.9 routes `load`/`save` through TorchCodec; we read and write wit
 """
 
 import functools
+import math
 import typing as tp
 from pathlib import Path
 
@@ -60,28 +61,122 @@ def save_audio(wav: torch.Tensor, path: PathLike, sample_rate: int, rescale: boo
         raise AudioError(f"cannot write audio file {path}: {err}") from err
 
 
+def convert_channels(wav: torch.Tensor, target_channels: int) -> torch.Tensor:
+    """wav [..., C, T] -> [..., target_channels, T] (upstream's rules): to mono, the mean over
+    channels; to stereo, mono duplicated (a view) and stereo kept."""
+    if wav.dim() < 2:
+        raise ValueError(f"expected audio [..., C, T], got {tuple(wav.shape)}")
+    channels = wav.shape[-2]
+    if target_channels == 1:
+        return wav.mean(-2, keepdim=True)
+    if channels == 1 or channels == target_channels:
+        *shape, _, length = wav.shape
+        return wav.expand(*shape, target_channels, length)
+    raise ValueError(f"cannot convert {channels} channels to {target_channels}")
+
+
 def convert_audio(wav: torch.Tensor, sr: int, target_sr: int, target_channels: int) -> torch.Tensor:
     """Convert wav [..., C, T] to `target_channels` and `target_sr` (upstream's rules).
 
     To mono: mean over channels. To stereo: mono is duplicated, stereo kept. Resampling uses
     torchaudio's default windowed-sinc filter (identity when the rates are equal).
     """
-    if wav.dim() < 2:
-        raise ValueError(f"expected audio [..., C, T], got {tuple(wav.shape)}")
-    channels = wav.shape[-2]
-    if target_channels == 1:
-        wav = wav.mean(-2, keepdim=True)
-    elif channels == 1 or channels == target_channels:
-        *shape, _, length = wav.shape
-        wav = wav.expand(*shape, target_channels, length)
-    else:
-        raise ValueError(f"cannot convert {channels} channels to {target_channels}")
-    if sr != target_sr:
-        # The transform (not torchaudio.functional.resample, whose bits differ) as upstream uses.
-        wav = _resampler(sr, target_sr).to(wav.device)(wav)
-    return wav
+    return resample(convert_channels(wav, target_channels), sr, target_sr)
+
+
+def resample(wav: torch.Tensor, sr: int, target_sr: int) -> torch.Tensor:
+    """wav [..., T] at `sr` -> at `target_sr`, as upstream's convert_audio resamples."""
+    if sr == target_sr:
+        return wav
+    # The transform (not torchaudio.functional.resample, whose bits differ) as upstream uses.
+    return _resampler(sr, target_sr).to(wav.device)(wav)
 
 
 @functools.lru_cache(maxsize=16)
 def _resampler(sr: int, target_sr: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(sr, target_sr)
+
+
+def resampled_length(length: int, sr: int, target_sr: int) -> int:
+    """The length of `convert_audio`'s output for `length` input samples (torchaudio's rule, with
+    its float32 rounding: it can fall short of the exact ceil(length * target_sr / sr) for inputs
+    of many millions of samples)."""
+    if sr == target_sr:
+        return length
+    g = math.gcd(sr, target_sr)
+    frames = length // (sr // g) + 1  # the sinc filter's output frames, target_sr // g samples each
+    exact = torch.ceil(torch.as_tensor((target_sr // g) * length / (sr // g))).long().item()
+    return min(frames * (target_sr // g), int(exact))
+
+
+class StreamingResampler:
+    """`convert_audio`'s resampling of one signal of `length` samples fed in consecutive pieces:
+    `push(piece [C, n])` returns the output samples that are ready, `finish()` the rest; all of
+    them together equal resampling the whole signal at once, bit for bit.
+
+    The filter is a strided convolution (one output frame of target_sr/g samples per sr/g input
+    samples, g = gcd). CPU convolutions give the same values at every position for long enough
+    calls (measured: with 3 samples per frame, calls of 16,000 frames gave other values than the
+    whole signal's, calls of 40,000 the same), so frames are computed in calls of at least
+    `min_frames` (default: 30,000 frames and 2 million output samples), the last call taking the
+    remainder (up to 2 x min_frames - 1 frames). Memory: about two calls' input and output.
+    """
+
+    def __init__(self, sr: int, target_sr: int, length: int, min_frames: tp.Optional[int] = None):
+        self.transform = _resampler(sr, target_sr)
+        g = math.gcd(sr, target_sr)
+        self.stride, self.per_frame = sr // g, target_sr // g
+        self.width = int(self.transform.width)
+        self.span = int(self.transform.kernel.shape[-1])
+        self.length = length
+        self.min_frames = max(1, min_frames if min_frames is not None else max(30_000, -(-2_000_000 // self.per_frame)))
+        self.total_out = resampled_length(length, sr, target_sr)
+        # The whole call pads `width` zeros on the left and width + stride on the right.
+        self.frames = (length + 2 * self.width + self.stride - self.span) // self.stride + 1
+        self.pending: tp.List[torch.Tensor] = []  # the padded input from frame `done`'s first sample on
+        self.available = 0
+        self.pushed = self.done = self.emitted = 0
+
+    def push(self, piece: torch.Tensor) -> torch.Tensor:
+        """piece [C, n], the next n samples -> the output samples now computable (maybe none)."""
+        if self.pushed + piece.shape[-1] > self.length:
+            raise ValueError(f"more than the {self.length} samples announced")
+        if not self.pending:
+            self.pending.append(piece.new_zeros(piece.shape[0], self.width))
+            self.available = self.width
+        self.pending.append(piece)
+        self.available += piece.shape[-1]
+        self.pushed += piece.shape[-1]
+        ready = (self.available - self.span) // self.stride + 1 if self.available >= self.span else 0
+        n = 0
+        while n + self.min_frames <= ready and self.frames - self.done - n - self.min_frames >= self.min_frames:
+            n += self.min_frames
+        return self._emit(n)
+
+    def finish(self) -> torch.Tensor:
+        """The remaining output samples (all input given)."""
+        if self.pushed != self.length or not self.pending:
+            raise ValueError(f"{self.pushed} samples given of the {self.length} announced")
+        self.pending.append(self.pending[-1].new_zeros(self.pending[-1].shape[0], self.width + self.stride))
+        return self._emit(self.frames - self.done)
+
+    def _emit(self, n: int) -> torch.Tensor:
+        channels = self.pending[-1].shape[0]
+        if n == 0:
+            return self.pending[-1].new_zeros(channels, 0)
+        buf = torch.cat(self.pending, dim=-1) if len(self.pending) > 1 else self.pending[0]
+        kernel = self.transform.kernel.to(buf.device)
+        out = []
+        a = 0
+        while a < n:
+            b = n if n - a < 2 * self.min_frames else a + self.min_frames
+            x = buf[:, None, a * self.stride:(b - 1) * self.stride + self.span]
+            out.append(torch.nn.functional.conv1d(x, kernel, stride=self.stride))
+            a = b
+        rest = buf[:, n * self.stride:].clone()  # a copy: a view would keep the whole buffer alive
+        self.pending, self.available = [rest], rest.shape[-1]
+        self.done += n
+        y = torch.cat(out, dim=-1).transpose(1, 2).reshape(channels, -1)
+        y = y[:, : max(0, self.total_out - self.emitted)]
+        self.emitted += y.shape[-1]
+        return y

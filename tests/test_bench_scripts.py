@@ -37,3 +37,16 @@ def test_tokenize_corpus_benchmark_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| ours |" in proc.stdout and "| transformers |" in proc.stdout
     assert "| 100.0000% |" in proc.stdout.split("| ours |")[1].splitlines()[0]
+
+
+def test_long_input_memory_benchmark_smoke_run():
+    """bench/long_input_memory.py: the command on a made-up long file (peaks polled from /proc)
+    and encode_long in memory, for a few seconds of audio."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "long_input_memory.py"), "--modes", "tokenize,stream",
+                           "--seconds", "6", "--chunk", "2", "--rate", "22050"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tokenized, streamed = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert tokenized["mode"] == "tokenize" and tokenized["peak_rss_main_mb"] > 0 and tokenized["peak_rss_sum_mb"] > 0
+    assert streamed["mode"] == "stream" and streamed["frames"] == 6 * 75

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 import ray
 import torch
 
@@ -20,8 +21,10 @@ def local_ray():
 
 
 def test_ray_engine_matches_local_engine_and_resumes(tmp_path, pair_24, local_ray):
+    """Clips over 0.8 s are read and encoded piece by piece (in the encoder actors for Ray)."""
     _, ours = pair_24
     paths = make_corpus(tmp_path / "in", 8)
+    assert sum(sf.info(str(p)).duration > 0.8 for p in paths[3:]) >= 2  # streamed in the second run
     expected_errors = write_bad_inputs(tmp_path / "in" / "bad")
     half = tmp_path / "half.txt"
     half.write_text("".join(f"{p}\n" for p in paths[:3]))
@@ -29,17 +32,19 @@ def test_ray_engine_matches_local_engine_and_resumes(tmp_path, pair_24, local_ra
     # list the same files the same way both times.
     everything = tmp_path / "all.txt"
     everything.write_text("".join(f"{p}\n" for p in sorted((tmp_path / "in").rglob("*.*"))))
-    first = tokenize([half], tmp_path / "ray", model=ours, bandwidth=6.0, engine="ray", quiet=True, rows_per_shard=2)
+    first = tokenize([half], tmp_path / "ray", model=ours, bandwidth=6.0, engine="ray", quiet=True, rows_per_shard=2,
+                     stream_seconds=0.8)
     assert (first.tokenized, first.failed) == (3, 0)
     second = tokenize([everything], tmp_path / "ray", model=ours, bandwidth=6.0, engine="ray", quiet=True,
-                      rows_per_shard=2)
+                      rows_per_shard=2, stream_seconds=0.8)
     assert (second.tokenized, second.failed, second.skipped) == (5, len(expected_errors), 3)
     # Ray's actors run torch on one thread; the local engine on one thread gives the same codes
     # (another thread count can move a near-tie code, in upstream's encoder as in ours).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tokenize([everything], tmp_path / "local", model=ours, bandwidth=6.0, workers=0, quiet=True)
+        tokenize([everything], tmp_path / "local", model=ours, bandwidth=6.0, workers=0, quiet=True,
+                 stream_seconds=0.8)
     finally:
         torch.set_num_threads(threads)
     got = {r["id"]: r for r in read_codes(tmp_path / "ray")}

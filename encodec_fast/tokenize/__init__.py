@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from ..model import MODEL_CONFIGS, EncodecModel
-from ..streaming import DEFAULT_CHUNK_SECONDS
+from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
 from .local import Progress, run_local
 from .reader import CodesDataset, read_codes
 from .sink import ShardSink, state_dict_sha256
@@ -62,7 +62,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
              device: tp.Union[str, torch.device] = "cpu", batch_seconds: float = 120.0,
              workers: tp.Optional[int] = None, shard: tp.Union[str, tp.Tuple[int, int]] = (0, 1),
              overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000,
-             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, engine: str = "local",
+             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, stream_seconds: float = DEFAULT_STREAM_SECONDS,
+             engine: str = "local",
              ray_address: tp.Optional[str] = None) -> Summary:
     """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
 
@@ -71,8 +72,9 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     processes (default: CPU count - 1, at most 8). shard: this job's part (i, n) or "i/n".
     Failed inputs are recorded in OUT_DIR/_errors.jsonl and counted in the summary; they do not
     stop the job. A job killed at any point and run again with the same arguments finishes the
-    remaining items; `overwrite` starts over. Inputs longer than 2 x `chunk_seconds` are encoded
-    chunk by chunk (`encodec_fast.streaming.encode_long`: bounded memory, the whole-file codes).
+    remaining items; `overwrite` starts over. Inputs longer than `stream_seconds` are read,
+    resampled and encoded `chunk_seconds` at a time (`encodec_fast.streaming.encode_pieces`:
+    bounded memory whatever the length, the whole-file codes).
     engine: "local" (DataLoader workers, this process encodes) or "ray" (Ray Data: decoding
     tasks and encoder actors on a cluster at `ray_address`, or a local Ray instance); the same
     output and resume either way.
@@ -83,8 +85,9 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         raise ValueError("no inputs given")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be local or ray, got {engine!r}")
-    if batch_seconds <= 0 or chunk_seconds <= 0:
-        raise ValueError("batch_seconds and chunk_seconds must be positive")
+    if min(batch_seconds, chunk_seconds, stream_seconds) <= 0:
+        raise ValueError("batch_seconds, chunk_seconds and stream_seconds must be positive")
+    long = LongInputs(stream_seconds, chunk_seconds)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu)")
@@ -111,10 +114,10 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
             progress.update(failed=1)
         if engine == "ray":
             from .ray_engine import run_ray
-            run_ray(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, chunk_seconds,
+            run_ray(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
                     address=ray_address)
         else:
-            run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, chunk_seconds)
+            run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long)
         sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed}})
         committed = True
     finally:

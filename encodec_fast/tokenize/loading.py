@@ -1,6 +1,7 @@
 """Reading one item's audio, as the model wants it: decode, span, channels, sample rate, checks.
 Runs in DataLoader worker processes (`ItemAudio`)."""
 
+import contextlib
 import dataclasses
 import os
 import typing as tp
@@ -9,7 +10,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ..audio import convert_audio
+from ..audio import StreamingResampler, convert_channels, resample, resampled_length
 from .sources import Item
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
@@ -18,49 +19,104 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 @dataclasses.dataclass
 class Loaded:
     index: int                      # position in the job's item list
-    wav: tp.Optional[torch.Tensor]  # [C, T] at the model's rate and channels; None on error
+    wav: tp.Optional[torch.Tensor]  # [C, T] at the model's rate and channels; None on error or when `long`
     source_rate: int = 0
     source_channels: int = 0
     error: str = ""
+    long: int = 0                   # samples at the model's rate, for an item too long to load whole (`stream_item`)
 
 
-def load_item(item: Item, sample_rate: int, channels: int) -> tp.Tuple[torch.Tensor, int, int]:
-    """-> (wav [channels, T] float32 at `sample_rate`, source rate, source channels).
-    ValueError (with the reason) for anything that cannot be tokenized."""
+@contextlib.contextmanager
+def _reading(path: str):
+    """Errors of opening and decoding a file as ValueError with the reason."""
     try:
-        with sf.SoundFile(item.path) as f:
-            rate, n_channels, frames = f.samplerate, f.channels, f.frames
-            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-                raise ValueError(f"unsupported sample rate {rate} Hz")
-            first = 0 if item.start is None else int(round(item.start * rate))
-            last = frames if item.end is None else min(frames, int(round(item.end * rate)))
-            if first >= frames and frames > 0:
-                raise ValueError(f"start {item.start} s is past the end of the file ({frames / rate:.3f} s)")
-            f.seek(min(first, frames))
-            data = f.read(max(0, last - first), dtype="float32", always_2d=True)
+        yield
     except FileNotFoundError:
         raise ValueError("no such file (deleted?)") from None
     except sf.LibsndfileError as exc:
-        if not os.path.exists(item.path):
+        if not os.path.exists(path):
             raise ValueError("no such file (deleted?)") from None
         raise ValueError(f"unreadable audio: {exc}") from None
     except RuntimeError as exc:  # soundfile's errors on truncated data
         raise ValueError(f"unreadable audio: {exc}") from None
-    if data.shape[0] == 0:
-        raise ValueError("no samples (empty file or span)")
+
+
+def _span(f: sf.SoundFile, item: Item, channels: int) -> tp.Tuple[int, int]:
+    """Check the file's format against the model, seek to the item's start -> (first frame, frame count)."""
+    rate, frames = f.samplerate, f.frames
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"unsupported sample rate {rate} Hz")
+    if channels == 2 and f.channels > 2:
+        raise ValueError(f"{f.channels} channels: the stereo model takes mono or stereo audio")
+    first = 0 if item.start is None else int(round(item.start * rate))
+    last = frames if item.end is None else min(frames, int(round(item.end * rate)))
+    if first >= frames and frames > 0:
+        raise ValueError(f"start {item.start} s is past the end of the file ({frames / rate:.3f} s)")
+    f.seek(min(first, frames))
+    return first, max(0, last - first)
+
+
+def _block(data: np.ndarray, channels: int) -> torch.Tensor:
+    """Decoded frames [n, C] -> [channels, n] (checked: finite)."""
     if not np.isfinite(data).all():
         raise ValueError("NaN or infinite samples")
-    wav = torch.from_numpy(np.ascontiguousarray(data.T))
-    if channels == 2 and n_channels > 2:
-        raise ValueError(f"{n_channels} channels: the stereo model takes mono or stereo audio")
-    return convert_audio(wav, rate, sample_rate, channels).contiguous(), rate, n_channels
+    return convert_channels(torch.from_numpy(np.ascontiguousarray(data.T)), channels)
 
 
-def load_or_error(index: int, item: Item, sample_rate: int, channels: int) -> Loaded:
-    """`load_item` as a `Loaded`: the audio, or the reason it cannot be tokenized (never raises for a bad input)."""
+def load_item(item: Item, sample_rate: int, channels: int,
+              long_after: tp.Optional[int] = None) -> tp.Tuple[tp.Optional[torch.Tensor], int, int, int]:
+    """-> (wav [channels, T] float32 at `sample_rate`, source rate, source channels, T).
+    When T would exceed `long_after`, nothing is decoded and wav is None (read it with
+    `stream_item`). ValueError (with the reason) for anything that cannot be tokenized."""
+    with _reading(item.path), sf.SoundFile(item.path) as f:
+        _, count = _span(f, item, channels)
+        rate, n_channels = f.samplerate, f.channels
+        if count == 0:
+            raise ValueError("no samples (empty file or span)")
+        length = resampled_length(count, rate, sample_rate)
+        if long_after is not None and length > long_after:
+            return None, rate, n_channels, length
+        data = f.read(count, dtype="float32", always_2d=True)
+    if data.shape[0] == 0:
+        raise ValueError("no samples (empty file or span)")
+    wav = resample(_block(data, channels), rate, sample_rate)
+    return wav.contiguous(), rate, n_channels, wav.shape[-1]
+
+
+def stream_item(item: Item, sample_rate: int, channels: int,
+                block_seconds: float = 10.0) -> tp.Iterator[torch.Tensor]:
+    """`load_item`'s audio in consecutive pieces [channels, n], the same values, decoded and
+    resampled `block_seconds` of the source at a time (`StreamingResampler`): for items too long
+    to hold. ValueError (with the reason) for anything that cannot be tokenized, also midway (a
+    NaN, or a file shorter than its header says)."""
+    with _reading(item.path), sf.SoundFile(item.path) as f:
+        _, count = _span(f, item, channels)
+        rate = f.samplerate
+        if count == 0:
+            raise ValueError("no samples (empty file or span)")
+        resampler = StreamingResampler(rate, sample_rate, count) if rate != sample_rate else None
+        block = max(1, int(block_seconds * rate))
+        got = 0
+        while got < count:
+            data = f.read(min(block, count - got), dtype="float32", always_2d=True)
+            if data.shape[0] == 0:
+                raise ValueError(f"the file ends after {got} of the {count} frames its header announces")
+            got += data.shape[0]
+            wav = _block(data, channels)
+            out = resampler.push(wav) if resampler is not None else wav.contiguous()
+            if out.shape[-1]:
+                yield out
+        if resampler is not None:
+            yield resampler.finish()
+
+
+def load_or_error(index: int, item: Item, sample_rate: int, channels: int,
+                  long_after: tp.Optional[int] = None) -> Loaded:
+    """`load_item` as a `Loaded`: the audio (or, past `long_after` samples, its length), or the
+    reason it cannot be tokenized (never raises for a bad input)."""
     try:
-        wav, rate, n = load_item(item, sample_rate, channels)
-        return Loaded(index, wav, rate, n)
+        wav, rate, n, length = load_item(item, sample_rate, channels, long_after)
+        return Loaded(index, wav, rate, n, long=length if wav is None else 0)
     except (ValueError, OSError, MemoryError) as exc:
         return Loaded(index, None, error=str(exc) or type(exc).__name__)
 
@@ -68,14 +124,14 @@ def load_or_error(index: int, item: Item, sample_rate: int, channels: int) -> Lo
 class ItemAudio(torch.utils.data.Dataset):
     """Map-style dataset over items: index -> `Loaded` (never raises for a bad input)."""
 
-    def __init__(self, items: tp.Sequence[Item], sample_rate: int, channels: int):
-        self.items, self.sample_rate, self.channels = items, sample_rate, channels
+    def __init__(self, items: tp.Sequence[Item], sample_rate: int, channels: int, long_after: tp.Optional[int] = None):
+        self.items, self.sample_rate, self.channels, self.long_after = items, sample_rate, channels, long_after
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Loaded:
-        return load_or_error(index, self.items[index], self.sample_rate, self.channels)
+        return load_or_error(index, self.items[index], self.sample_rate, self.channels, self.long_after)
 
 
 def worker_init(_: int) -> None:

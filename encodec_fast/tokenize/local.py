@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..model import EncodecModel, length_batches
-from ..streaming import DEFAULT_CHUNK_SECONDS, encode_long
-from .loading import ItemAudio, Loaded, worker_init
+from ..streaming import LongInputs, encode_long, encode_pieces
+from .loading import ItemAudio, Loaded, stream_item, worker_init
 from .sink import ShardSink
 from .sources import Item
 
@@ -106,8 +106,12 @@ class _Writer(threading.Thread):
         if event is not None:
             event.synchronize()
         for item, l, segments in zip(items, loaded, frames):
-            self.sink.add(make_row(item, l.source_rate, l.source_channels, l.wav.shape[-1], segment_arrays(segments),
+            self.sink.add(make_row(item, l.source_rate, l.source_channels, num_samples(l), segment_arrays(segments),
                                    self.sample_rate, self.bandwidth, self.segmented))
+
+
+def num_samples(loaded: Loaded) -> int:
+    return loaded.long or loaded.wav.shape[-1]
 
 
 def segment_arrays(segments) -> tp.Tuple[np.ndarray, tp.List[float], tp.List[int]]:
@@ -128,16 +132,16 @@ def make_row(item: Item, source_rate: int, source_channels: int, num_samples: in
             "codes": codes}
 
 
-def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, chunk_seconds: float):
+def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, long: LongInputs):
     """Clips [C, T_i] on the model's device -> per clip [(codes [1, K, T], scale)], as `encode`
-    gives them: clips longer than 2 x chunk_seconds one by one through `encode_long` (bounded
-    memory, the same codes), the others together through `encode_batch`."""
+    gives them: long clips one by one through `encode_long` (bounded memory, the same codes), the
+    others together through `encode_batch`."""
     out: tp.List[tp.Any] = [None] * len(wavs)
     short = []
     with torch.no_grad():
         for i, wav in enumerate(wavs):
-            if wav.shape[-1] > 2 * chunk_seconds * model.sample_rate:
-                out[i] = encode_long(model, wav[None], chunk_seconds)
+            if wav.shape[-1] > long.after(model.sample_rate):
+                out[i] = encode_long(model, wav[None], long.chunk_seconds)
             else:
                 short.append(i)
         if short:
@@ -146,19 +150,28 @@ def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, c
     return out
 
 
+def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.device, long: LongInputs):
+    """An item too long to hold, read and resampled (`stream_item`) and encoded (`encode_pieces`)
+    piece by piece: bounded memory, the codes of the whole file. ValueError for a bad input."""
+    pieces = (piece[None].to(device) for piece in stream_item(item, model.sample_rate, model.channels))
+    with torch.no_grad():
+        return encode_pieces(model, pieces, length, long.chunk_seconds)
+
+
 def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool,
-            chunk_seconds: float):
+            long: LongInputs):
     wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
-    return encode_wavs(model, wavs, budget, chunk_seconds)
+    return encode_wavs(model, wavs, budget, long)
 
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
-              chunk_seconds: float = DEFAULT_CHUNK_SECONDS, pool_batches: int = 4) -> None:
+              long: LongInputs = LongInputs(), pool_batches: int = 4) -> None:
     """Tokenize `items` (none of them done yet) into `sink`."""
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        ItemAudio(items, model.sample_rate, model.channels), batch_size=None, shuffle=False, num_workers=workers,
+        ItemAudio(items, model.sample_rate, model.channels, long_after=long.after(model.sample_rate)),
+        batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity, worker_init_fn=worker_init if workers else None,
         prefetch_factor=2 if workers else None, persistent_workers=False)
     budget = max(1, int(batch_seconds * model.sample_rate))
@@ -167,32 +180,50 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
     pool: tp.List[Loaded] = []
     pooled = 0
 
+    def submit(batch: tp.List[Loaded], frames) -> None:
+        frames = [[(c.to("cpu", non_blocking=True), s.cpu() if s is not None else None) for c, s in f]
+                  for f in frames]
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        writer.put(("rows", ([items[l.index] for l in batch], batch, frames, event)))
+        progress.update(done=len(batch), seconds=sum(num_samples(l) for l in batch) / model.sample_rate)
+
+    def fail(loaded: Loaded, error: str) -> None:
+        writer.put(("error", (items[loaded.index], error)))
+        progress.update(failed=1)
+
     def encode(pool: tp.List[Loaded]) -> None:
         for batch in _batches(pool, budget):
             try:
-                frames = _encode(model, batch, device, budget, cuda, chunk_seconds)
+                frames = _encode(model, batch, device, budget, cuda, long)
             except (RuntimeError, ValueError) as exc:  # out of memory, or an input the model refuses
                 if len(batch) > 1:
                     for one in batch:  # retry alone: only the culprit fails
                         encode([one])
                     continue
-                writer.put(("error", (items[batch[0].index], f"encoding failed: {exc}")))
-                progress.update(failed=1)
+                fail(batch[0], f"encoding failed: {exc}")
                 continue
-            frames = [[(c.to("cpu", non_blocking=True), s.cpu() if s is not None else None) for c, s in f]
-                      for f in frames]
-            event = None
-            if cuda:
-                event = torch.cuda.Event()
-                event.record()
-            writer.put(("rows", ([items[l.index] for l in batch], batch, frames, event)))
-            progress.update(done=len(batch), seconds=sum(l.wav.shape[-1] for l in batch) / model.sample_rate)
+            submit(batch, frames)
+
+    def encode_long_item(loaded: Loaded) -> None:
+        try:
+            frames = encode_streamed(model, items[loaded.index], loaded.long, device, long)
+        except (ValueError, OSError, MemoryError) as exc:  # the file turned out bad midway, or the model refuses it
+            fail(loaded, str(exc))
+        except RuntimeError as exc:  # out of memory
+            fail(loaded, f"encoding failed: {exc}")
+        else:
+            submit([loaded], [frames])
 
     try:
         for loaded in loader:
+            if loaded.long:
+                encode_long_item(loaded)
+                continue
             if loaded.wav is None:
-                writer.put(("error", (items[loaded.index], loaded.error)))
-                progress.update(failed=1)
+                fail(loaded, loaded.error)
                 continue
             pool.append(loaded)
             pooled += loaded.wav.shape[-1]

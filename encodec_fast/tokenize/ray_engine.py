@@ -8,6 +8,7 @@ running cluster (`address="auto"` or ray://...), or starts a local instance when
 """
 
 import copy
+import math
 import typing as tp
 
 import numpy as np
@@ -15,26 +16,35 @@ import torch
 
 from ..model import EncodecModel
 from .loading import load_or_error
-from .local import Progress, encode_wavs, make_row, segment_arrays
+from ..streaming import LongInputs
+from .local import Progress, encode_streamed, encode_wavs, make_row, segment_arrays
 from .sink import ShardSink
 from .sources import Item
 
 
-def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int) -> tp.Dict[str, tp.Any]:
+def _item(row: tp.Dict[str, tp.Any]) -> Item:
+    def seconds(v: tp.Any) -> tp.Optional[float]:  # Ray Data may hand a missing span end back as NaN
+        return None if v is None or math.isnan(float(v)) else float(v)
+    return Item(str(row["id"]), str(row["path"]), seconds(row["start"]), seconds(row["end"]))
+
+
+def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int, long_after: int) -> tp.Dict[str, tp.Any]:
+    """An item -> its audio; a long one (over `long_after` samples) is left to the encoder actor,
+    which reads it piece by piece."""
     torch.set_num_threads(1)
-    loaded = load_or_error(row["index"], Item(row["id"], row["path"], row["start"], row["end"]), sample_rate, channels)
+    loaded = load_or_error(row["index"], _item(row), sample_rate, channels, long_after)
     wav = loaded.wav.numpy() if loaded.wav is not None else np.zeros((channels, 0), np.float32)
-    return {"index": row["index"], "error": loaded.error, "source_rate": loaded.source_rate,
-            "source_channels": loaded.source_channels, "wav": wav}
+    return {**row, "error": loaded.error, "source_rate": loaded.source_rate,
+            "source_channels": loaded.source_channels, "long": loaded.long, "wav": wav}
 
 
 class _Encoder:
     """A Ray Data actor holding the model: a batch of decoded rows -> codes (or errors)."""
 
-    def __init__(self, model_ref, device: str, budget: int, chunk_seconds: float):
+    def __init__(self, model_ref, device: str, budget: int, long: LongInputs):
         import ray
         self.model = ray.get(model_ref).to(device).eval()
-        self.device, self.budget, self.chunk_seconds = torch.device(device), budget, chunk_seconds
+        self.device, self.budget, self.long = torch.device(device), budget, long
 
     def __call__(self, batch: tp.Dict[str, np.ndarray]) -> tp.Dict[str, tp.Any]:
         n = len(batch["index"])
@@ -43,26 +53,37 @@ class _Encoder:
                                              "segment_frames": [[]] * n, "num_samples": [0] * n,
                                              "source_rate": list(batch["source_rate"]),
                                              "source_channels": list(batch["source_channels"])}
-        good = [i for i in range(n) if not batch["error"][i]]
+        good = [i for i in range(n) if not batch["error"][i] and not batch["long"][i]]
         wavs = {i: torch.from_numpy(np.asarray(batch["wav"][i], dtype=np.float32)).to(self.device) for i in good}
+        for i in good:
+            out["num_samples"][i] = int(wavs[i].shape[-1])
         try:
-            encoded = dict(zip(good, encode_wavs(self.model, [wavs[i] for i in good], self.budget, self.chunk_seconds)))
+            encoded = dict(zip(good, encode_wavs(self.model, [wavs[i] for i in good], self.budget, self.long)))
         except (RuntimeError, ValueError):  # out of memory, or an input the model refuses: find which, alone
             encoded = {}
             for i in good:
                 try:
-                    (encoded[i],) = encode_wavs(self.model, [wavs[i]], self.budget, self.chunk_seconds)
+                    (encoded[i],) = encode_wavs(self.model, [wavs[i]], self.budget, self.long)
                 except (RuntimeError, ValueError) as exc:
+                    out["error"][i] = f"encoding failed: {exc}"
+        for i in range(n):
+            if batch["long"][i] and not batch["error"][i]:
+                row = {key: batch[key][i] for key in ("id", "path", "start", "end")}
+                try:
+                    encoded[i] = encode_streamed(self.model, _item(row), int(batch["long"][i]), self.device, self.long)
+                    out["num_samples"][i] = int(batch["long"][i])
+                except (ValueError, OSError, MemoryError) as exc:  # went bad midway, or refused
+                    out["error"][i] = str(exc) or type(exc).__name__
+                except RuntimeError as exc:
                     out["error"][i] = f"encoding failed: {exc}"
         for i, segments in encoded.items():
             cpu = [(c.cpu(), None if s is None else s.cpu()) for c, s in segments]
             out["codes"][i], out["scales"][i], out["segment_frames"][i] = segment_arrays(cpu)
-            out["num_samples"][i] = int(wavs[i].shape[-1])
         return out
 
 
 def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
-            device: torch.device, batch_seconds: float, workers: int, progress: Progress, chunk_seconds: float,
+            device: torch.device, batch_seconds: float, workers: int, progress: Progress, long: LongInputs,
             address: tp.Optional[str] = None, encoders: tp.Optional[int] = None) -> None:
     import ray
     if not items:
@@ -75,10 +96,11 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
     model_ref = ray.put(copy.deepcopy(model).cpu())  # a copy: the caller's model stays where it is
     rows = [{"index": i, "id": it.id, "path": it.path, "start": it.start, "end": it.end} for i, it in enumerate(items)]
     ds = ray.data.from_items(rows)
-    ds = ds.map(_decode, fn_kwargs={"sample_rate": model.sample_rate, "channels": model.channels}, num_cpus=1)
+    ds = ds.map(_decode, fn_kwargs={"sample_rate": model.sample_rate, "channels": model.channels,
+                                    "long_after": long.after(model.sample_rate)}, num_cpus=1)
     ds = ds.map_batches(_Encoder, fn_constructor_kwargs={
         "model_ref": model_ref, "device": "cuda" if cuda else "cpu",
-        "budget": max(1, int(batch_seconds * model.sample_rate)), "chunk_seconds": chunk_seconds},
+        "budget": max(1, int(batch_seconds * model.sample_rate)), "long": long},
         batch_size=4, concurrency=encoders, num_gpus=1 if cuda else 0, num_cpus=0 if cuda else 1,
         batch_format="numpy")
     segmented = model.segment is not None
