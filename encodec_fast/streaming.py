@@ -19,10 +19,10 @@ call's length, which holds for long calls (measured: oneDNN picks another algori
 1-channel first convolution below about 24,000 output samples); hence chunks are long (20 s by
 default; 1 s chunks still gave the whole file's encoder output bit for bit here) and the last
 one is merged into its predecessor when shorter. Memory and speed were best around 10-20 s
-chunks (a 15 min file through tokenize: peak RSS 1.3 GB at 10 s, 1.6-2.0 GB at 20-30 s, 3.0 GB
-at 60 s; the tuned allocator keeps freed blocks, so bigger chunks fragment more). On CUDA the
-convolutions are cuDNN's, whose algorithm may change with the length: codes may differ at
-near-ties.
+chunks (a 15 min file through tokenize with the tuned allocator, decoded whole in-process: peak
+RSS 1.3 GB at 10 s, 1.6-2.0 GB at 20-30 s, 3.0 GB at 60 s; the tuned allocator keeps freed
+blocks, so bigger chunks fragment more). On CUDA the convolutions are cuDNN's, whose algorithm
+may change with the length: codes may differ at near-ties.
 """
 
 import dataclasses
