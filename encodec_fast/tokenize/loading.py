@@ -1,5 +1,7 @@
 """Reading one item's audio, as the model wants it: decode, span, channels, sample rate, checks.
-Runs in DataLoader worker processes (`ItemAudio`)."""
+`load_item` runs in DataLoader worker processes (`ItemAudio`) and Ray decoding tasks; items too
+long to hold are only measured there and read piece by piece by the encoding process
+(`stream_item`)."""
 
 import contextlib
 import dataclasses
