@@ -2,7 +2,7 @@
 `encodec-fast tokenize` command on a long file.
 
     python bench/long_input_memory.py [--seconds 600] [--chunk 20] [--modes stream,whole,tokenize]
-                                      [--model 24khz|48khz] [--rate 44100] [--channels 2]
+                                      [--model 24khz|48khz] [--rate 44100] [--channels 2] [--out DIR]
 
 Each mode runs in its own process(es), random weights, 6 kbps:
 - stream / whole: random audio at the model's rate in memory, `encode_long` or `encode`; the
@@ -10,7 +10,8 @@ Each mode runs in its own process(es), random weights, 6 kbps:
 - tokenize: a FLAC of `--seconds` at `--rate` / `--channels` (gliding tones and noise, made
   block by block) through the command with 1 decoding worker; the peaks of the command's
   process tree (main, workers, and their sum) polled from /proc every 0.1 s.
-Checks nothing about codes (the tests do).
+Prints one JSON line per mode; with --out, also saves them (JSON and a markdown table, with the
+machine) as DIR/long_input_memory_<date>.{json,md}. Checks nothing about codes (the tests do).
 """
 
 import argparse
@@ -117,23 +118,49 @@ def main() -> int:
     parser.add_argument("--model", choices=["24khz", "48khz"], default="24khz", help="for the tokenize mode")
     parser.add_argument("--rate", type=int, default=44100, help="the long file's sample rate (tokenize mode)")
     parser.add_argument("--channels", type=int, default=2, help="the long file's channels (tokenize mode)")
+    parser.add_argument("--out", type=Path, help="save the results here (e.g. bench/results)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.seconds, args.chunk)
         return 0
+    results = []
     for mode in args.modes.split(","):
         if mode == "tokenize":
-            print(json.dumps(run_tokenize(args)), flush=True)
-            continue
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--seconds", str(args.seconds),
-                              "--chunk", str(args.chunk)], capture_output=True, text=True,
-                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-        if out.returncode:
-            print(out.stderr[-2000:], file=sys.stderr)
-            return 1
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+            results.append(run_tokenize(args))
+        else:
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--seconds", str(args.seconds),
+                                  "--chunk", str(args.chunk)], capture_output=True, text=True,
+                                 env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    if args.out:
+        save_results(args, results)
     return 0
+
+
+def save_results(args, results: list) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import machine, save
+    info = machine()
+    md = [f"# Long inputs: peak memory ({info['date'][:10]})", "",
+          f"{info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}; random weights, 6 kbps. "
+          f"`python bench/long_input_memory.py --modes {args.modes} --seconds {args.seconds:g} --chunk {args.chunk:g}"
+          f" --model {args.model} --rate {args.rate} --channels {args.channels}`", "",
+          "| mode | audio s | wall s | peak RSS MB (main) | other processes MB | sum MB |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if r["mode"] == "tokenize":
+            md.append(f"| tokenize ({r['model']}, {r['rate']} Hz x {r['channels']} FLAC) | {r['seconds']:g} | "
+                      f"{r['wall_s']} | {r['peak_rss_main_mb']} | {r['peak_rss_others_mb']} | {r['peak_rss_sum_mb']} |")
+        else:
+            md.append(f"| {r['mode']} (in memory, {r['chunk']:g} s chunks) | {r['seconds']:g} | {r['wall_s']:.1f} | "
+                      f"{r['peak_rss_mb']:.0f} | | |")
+    stem = save(args.out, "long_input_memory", {**info, "args": {k: str(v) for k, v in vars(args).items()},
+                                                "results": results}, "\n".join(md) + "\n")
+    print(f"saved {stem}.json and .md", flush=True)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,6 @@ class StreamingResampler:
         # The whole call pads `width` zeros on the left and width + stride on the right.
         self.frames = (length + 2 * self.width + self.stride - self.span) // self.stride + 1
         self.pending: tp.List[torch.Tensor] = []  # the padded input from frame `done`'s first sample on
-        self.available = 0
         self.pushed = self.done = self.emitted = 0
 
     def push(self, piece: torch.Tensor) -> torch.Tensor:
@@ -143,11 +142,10 @@ class StreamingResampler:
             raise ValueError(f"more than the {self.length} samples announced")
         if not self.pending:
             self.pending.append(piece.new_zeros(piece.shape[0], self.width))
-            self.available = self.width
         self.pending.append(piece)
-        self.available += piece.shape[-1]
         self.pushed += piece.shape[-1]
-        ready = (self.available - self.span) // self.stride + 1 if self.available >= self.span else 0
+        available = sum(p.shape[-1] for p in self.pending)
+        ready = (available - self.span) // self.stride + 1 if available >= self.span else 0
         n = 0
         while n + self.min_frames <= ready and self.frames - self.done - n - self.min_frames >= self.min_frames:
             n += self.min_frames
@@ -174,7 +172,7 @@ class StreamingResampler:
             out.append(torch.nn.functional.conv1d(x, kernel, stride=self.stride))
             a = b
         rest = buf[:, n * self.stride:].clone()  # a copy: a view would keep the whole buffer alive
-        self.pending, self.available = [rest], rest.shape[-1]
+        self.pending = [rest]
         self.done += n
         y = torch.cat(out, dim=-1).transpose(1, 2).reshape(channels, -1)
         y = y[:, : max(0, self.total_out - self.emitted)]

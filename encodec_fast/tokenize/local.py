@@ -150,18 +150,29 @@ def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, l
     return out
 
 
-def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.device, long: LongInputs):
+def encode_or_errors(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, long: LongInputs) -> tp.List[tp.Any]:
+    """`encode_wavs`; where the batch fails (out of memory, an input the model refuses), each clip
+    alone, so that only the culprit fails: per clip its frames, or the reason (a str)."""
+    try:
+        return encode_wavs(model, wavs, budget, long)
+    except (RuntimeError, ValueError) as exc:
+        if len(wavs) == 1:
+            return [f"encoding failed: {exc}"]
+    return [encode_or_errors(model, [wav], budget, long)[0] for wav in wavs]
+
+
+def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.device, long: LongInputs) -> tp.Any:
     """An item too long to hold, read and resampled (`stream_item`) and encoded (`encode_pieces`)
-    piece by piece: bounded memory, the codes of the whole file. ValueError for a bad input."""
+    piece by piece: bounded memory, the codes of the whole file. -> its frames, or the reason (a
+    str) it failed: the file went bad midway, the model refuses it, out of memory."""
     pieces = (piece[None].to(device) for piece in stream_item(item, model.sample_rate, model.channels))
-    with torch.no_grad():
-        return encode_pieces(model, pieces, length, long.chunk_seconds)
-
-
-def _encode(model: EncodecModel, batch: tp.List[Loaded], device: torch.device, budget: int, cuda: bool,
-            long: LongInputs):
-    wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
-    return encode_wavs(model, wavs, budget, long)
+    try:
+        with torch.no_grad():
+            return encode_pieces(model, pieces, length, long.chunk_seconds)
+    except (ValueError, OSError, MemoryError) as exc:
+        return str(exc) or type(exc).__name__
+    except RuntimeError as exc:
+        return f"encoding failed: {exc}"
 
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
@@ -194,33 +205,24 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
         writer.put(("error", (items[loaded.index], error)))
         progress.update(failed=1)
 
+    def submit_or_fail(batch: tp.List[Loaded], results: tp.List[tp.Any]) -> None:
+        """results: per item its frames, or the reason (a str) it failed."""
+        for loaded, result in zip(batch, results):
+            if isinstance(result, str):
+                fail(loaded, result)
+        good = [(loaded, result) for loaded, result in zip(batch, results) if not isinstance(result, str)]
+        if good:
+            submit([loaded for loaded, _ in good], [result for _, result in good])
+
     def encode(pool: tp.List[Loaded]) -> None:
         for batch in _batches(pool, budget):
-            try:
-                frames = _encode(model, batch, device, budget, cuda, long)
-            except (RuntimeError, ValueError) as exc:  # out of memory, or an input the model refuses
-                if len(batch) > 1:
-                    for one in batch:  # retry alone: only the culprit fails
-                        encode([one])
-                    continue
-                fail(batch[0], f"encoding failed: {exc}")
-                continue
-            submit(batch, frames)
-
-    def encode_long_item(loaded: Loaded) -> None:
-        try:
-            frames = encode_streamed(model, items[loaded.index], loaded.long, device, long)
-        except (ValueError, OSError, MemoryError) as exc:  # the file turned out bad midway, or the model refuses it
-            fail(loaded, str(exc))
-        except RuntimeError as exc:  # out of memory
-            fail(loaded, f"encoding failed: {exc}")
-        else:
-            submit([loaded], [frames])
+            wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
+            submit_or_fail(batch, encode_or_errors(model, wavs, budget, long))
 
     try:
         for loaded in loader:
             if loaded.long:
-                encode_long_item(loaded)
+                submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])
                 continue
             if loaded.wav is None:
                 fail(loaded, loaded.error)

@@ -17,7 +17,7 @@ import torch
 from ..model import EncodecModel
 from .loading import load_or_error
 from ..streaming import LongInputs
-from .local import Progress, encode_streamed, encode_wavs, make_row, segment_arrays
+from .local import Progress, encode_or_errors, encode_streamed, make_row, segment_arrays
 from .sink import ShardSink
 from .sources import Item
 
@@ -53,31 +53,21 @@ class _Encoder:
                                              "segment_frames": [[]] * n, "num_samples": [0] * n,
                                              "source_rate": list(batch["source_rate"]),
                                              "source_channels": list(batch["source_channels"])}
-        good = [i for i in range(n) if not batch["error"][i] and not batch["long"][i]]
-        wavs = {i: torch.from_numpy(np.asarray(batch["wav"][i], dtype=np.float32)).to(self.device) for i in good}
-        for i in good:
-            out["num_samples"][i] = int(wavs[i].shape[-1])
-        try:
-            encoded = dict(zip(good, encode_wavs(self.model, [wavs[i] for i in good], self.budget, self.long)))
-        except (RuntimeError, ValueError):  # out of memory, or an input the model refuses: find which, alone
-            encoded = {}
-            for i in good:
-                try:
-                    (encoded[i],) = encode_wavs(self.model, [wavs[i]], self.budget, self.long)
-                except (RuntimeError, ValueError) as exc:
-                    out["error"][i] = f"encoding failed: {exc}"
+        whole = [i for i in range(n) if not batch["error"][i] and not batch["long"][i]]
+        wavs = [torch.from_numpy(np.asarray(batch["wav"][i], dtype=np.float32)).to(self.device) for i in whole]
+        results = dict(zip(whole, encode_or_errors(self.model, wavs, self.budget, self.long)))
+        for i, wav in zip(whole, wavs):
+            out["num_samples"][i] = int(wav.shape[-1])
         for i in range(n):
             if batch["long"][i] and not batch["error"][i]:
-                row = {key: batch[key][i] for key in ("id", "path", "start", "end")}
-                try:
-                    encoded[i] = encode_streamed(self.model, _item(row), int(batch["long"][i]), self.device, self.long)
-                    out["num_samples"][i] = int(batch["long"][i])
-                except (ValueError, OSError, MemoryError) as exc:  # went bad midway, or refused
-                    out["error"][i] = str(exc) or type(exc).__name__
-                except RuntimeError as exc:
-                    out["error"][i] = f"encoding failed: {exc}"
-        for i, segments in encoded.items():
-            cpu = [(c.cpu(), None if s is None else s.cpu()) for c, s in segments]
+                item = _item({key: batch[key][i] for key in ("id", "path", "start", "end")})
+                results[i] = encode_streamed(self.model, item, int(batch["long"][i]), self.device, self.long)
+                out["num_samples"][i] = int(batch["long"][i])
+        for i, result in results.items():
+            if isinstance(result, str):
+                out["error"][i] = result
+                continue
+            cpu = [(c.cpu(), None if s is None else s.cpu()) for c, s in result]
             out["codes"][i], out["scales"][i], out["segment_frames"][i] = segment_arrays(cpu)
         return out
 

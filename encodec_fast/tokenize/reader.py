@@ -59,16 +59,18 @@ class CodesDataset(torch.utils.data.Dataset):
 
     @functools.lru_cache(maxsize=4)
     def _group(self, position: int):
+        """Row group `position` -> (its table, its codes column in one chunk)."""
         shard, group, _ = self.index[position]
-        return pq.ParquetFile(shard).read_row_group(group, columns=self.columns)
+        table = pq.ParquetFile(shard).read_row_group(group, columns=self.columns)
+        return table, table.column("codes").combine_chunks()
 
     def __getitem__(self, i: int) -> tp.Dict[str, tp.Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
         position = int(np.searchsorted(self.starts, i, side="right")) - 1
-        table = self._group(position)
+        table, codes = self._group(position)
         row = i - int(self.starts[position])
         out = {n: table.column(n)[row].as_py() for n in table.column_names if n != "codes"}
-        out["codes"] = torch.from_numpy(_codes_of(table.column("codes").combine_chunks(), row).astype(np.int64))
+        out["codes"] = torch.from_numpy(_codes_of(codes, row).astype(np.int64))
         return out

@@ -433,9 +433,8 @@ bool check_symbols(const Buffer& symbols, int64_t rows, int64_t n) {
     return true;
 }
 
-// encode(table, symbols int64[T], N, range_bits, roundoff, min_range, from_pdfs) -> bytes
-// table: float32 pdfs [T*N] (from_pdfs) or int64 cdfs [T*N].
-// Push one symbol per row of `table` (pdfs when from_pdfs, else int64 cdfs) into `enc`.
+// Push one symbol per row of `table` (float32 pdfs [T*N] when from_pdfs, else int64 cdfs [T*N])
+// into `enc`.
 // Returns false with a Python error set; rows before the failing one stay pushed.
 bool push_rows(Encoder& enc, PyObject* table_obj, PyObject* sym_obj, int64_t n, float roundoff, int64_t min_range,
                bool from_pdfs) {
