@@ -31,24 +31,34 @@ setup(
               "encodec_fast.train", "encodec_fast.tokenize", "encodec_fast.kernels"],
     package_dir={"encodec_fast.kernels": "kernels"},
     install_requires=[
-        # Kept compatible with torch 2.11 / torchaudio 2.11 / triton 3.6 (the GPU image's versions).
-        "torch>=2.4,<2.12",
-        "torchaudio>=2.4,<2.12",
-        # triton 3.6's interpreter breaks with numpy >= 2.4.
-        "numpy<2.4",
+        # No upper cap: none is needed by a measured breakage. Tested with torch 2.11.0 (the GPU
+        # image's) and 2.15.0 (the newest), see constraints/; 2.4 is the oldest release whose APIs
+        # the code uses (untested below 2.11).
+        "torch>=2.4",
+        # No cap here: only triton 3.4-3.6's interpreter breaks with numpy >= 2.4 (the tests run the
+        # kernels in it; constraints/gpu-image.txt pins numpy there). Compiled GPU kernels do not care.
+        "numpy",
+        # Audio I/O (torchaudio >= 2.9 routes load/save through TorchCodec); 0.12 is the first release
+        # that bundles a libsndfile with mp3.
         "soundfile>=0.12",
-        # Parquet shards of `encodec-fast tokenize`.
+        # Parquet shards of `encodec-fast tokenize` (bound kept from when they were written; tested
+        # with what pip resolves today).
         "pyarrow>=14",
+        # No torchaudio: its `import` loads a C++ library tied to particular torch builds (2.11.1
+        # fails with torch 2.11-2.12, 2.11.0 with 2.15); resampling and spectrograms are ours
+        # (encodec_fast.dsp), compared with torchaudio's in the tests.
     ],
     extras_require={
-        # The tests run the Triton kernels in Triton's interpreter (CPU); torch's Linux wheels
-        # bring triton already, this names it for other builds.
-        # duckdb and datasets: the tests read tokenize's shards with them; transformers: the
-        # tokenize benchmark compares with its EncodecModel (a smoke run is a test); ray: the
-        # tests run `--engine ray` on a local instance.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "duckdb>=1.0", "datasets>=2.14",
-                 "transformers>=4.40", "ray[data]>=2.9",
-                 "triton>=3.2,<3.7; sys_platform == 'linux'"],
+        # Upstream's encodec 0.1.1 is the tests' oracle; it imports torchaudio, which pip resolves to
+        # 2.11.1 (torch >= 2.11: imports with torch 2.13-2.15) unless a constraints file says
+        # otherwise (constraints/gpu-image.txt: 2.11.0 with torch 2.11). The tests run the Triton
+        # kernels in Triton's interpreter (CPU); torch's Linux wheels bring triton, named here for
+        # other builds. duckdb and datasets: the tests read tokenize's shards with them;
+        # transformers: the tokenize benchmark compares with its EncodecModel (a smoke run is a
+        # test); ray: the tests run `--engine ray` on a local instance.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "torchaudio>=2.4", "duckdb>=1.0",
+                 "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9",
+                 "triton>=3.2; sys_platform == 'linux'"],
         # bench/coder.py compares the coder with constriction's (speed only: other bytes).
         "bench": ["constriction>=0.4"],
         # --engine ray without the test extra.

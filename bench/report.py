@@ -11,11 +11,19 @@ import torch
 
 
 def machine() -> tp.Dict[str, tp.Any]:
-    """Date, host, CPU, core and torch thread counts, Python and torch versions."""
+    """Date, host, CPU, core and torch thread counts, Python, torch and the other packages' versions, GPUs."""
     info: tp.Dict[str, tp.Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        from encodec_fast.info import collect
+        facts = collect()
+        info["versions"] = {name: facts[name].get("version") for name in
+                            ("encodec_fast", "torch", "triton", "numpy", "soundfile", "torchaudio")}
+        info["gpus"] = facts["torch"].get("devices", [])
+    except Exception as err:  # the report must not fail on a probe
+        info["versions"] = {"error": str(err)}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)

@@ -87,7 +87,7 @@ def _music(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
 def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[Path]:
     import soundfile as sf
     import torch
-    import torchaudio
+    from encodec_fast.dsp import resample
     root.mkdir(parents=True, exist_ok=True)
     done = root / "_complete.json"
     if done.exists() and json.loads(done.read_text())["clips"] == clips:
@@ -105,7 +105,7 @@ def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[P
             data = np.stack([_music(int(seconds * sr), sr, rng) for _ in range(channels)])
         else:
             speech, ssr = _speech(seconds, rng, root)
-            speech = torchaudio.functional.resample(torch.from_numpy(speech), ssr, sr).numpy()
+            speech = resample(torch.from_numpy(speech), ssr, sr).numpy()
             data = np.stack([speech] * channels) * (1.0 if channels == 1 else np.array([[1.0], [0.7]]))
             if kind == "mix":
                 data = 0.8 * data + 0.25 * np.stack([_music(data.shape[1], sr, rng) for _ in range(channels)])

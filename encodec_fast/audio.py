@@ -1,18 +1,20 @@
 """Audio I/O through soundfile (libsndfile) and channel / sample-rate conversion.
 
 torchaudio >= 2.9 routes `load`/`save` through TorchCodec; we read and write with soundfile
-(wav, flac, ogg, mp3 where the bundled libsndfile supports them) and resample with torchaudio.
+(wav, flac, ogg, mp3 where the bundled libsndfile supports them) and resample with our own
+windowed-sinc resampler (`encodec_fast.dsp`, the bits of torchaudio's `transforms.Resample`, which
+upstream's `convert_audio` uses).
 """
 
-import functools
-import math
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
+
+from . import dsp
+from .dsp import resampled_length
 
 PathLike = tp.Union[str, Path]
 
@@ -79,34 +81,15 @@ def convert_audio(wav: torch.Tensor, sr: int, target_sr: int, target_channels: i
     """Convert wav [..., C, T] to `target_channels` and `target_sr` (upstream's rules).
 
     To mono: mean over channels. To stereo: mono is duplicated, stereo kept. Resampling uses
-    torchaudio's default windowed-sinc filter (identity when the rates are equal).
+    the windowed-sinc filter of torchaudio's `transforms.Resample` (identity when the rates are equal).
     """
     return resample(convert_channels(wav, target_channels), sr, target_sr)
 
 
 def resample(wav: torch.Tensor, sr: int, target_sr: int) -> torch.Tensor:
-    """wav [..., T] at `sr` -> at `target_sr`, as upstream's convert_audio resamples."""
-    if sr == target_sr:
-        return wav
-    # The transform (not torchaudio.functional.resample, whose bits differ) as upstream uses.
-    return _resampler(sr, target_sr).to(wav.device)(wav)
-
-
-@functools.lru_cache(maxsize=16)
-def _resampler(sr: int, target_sr: int) -> torchaudio.transforms.Resample:
-    return torchaudio.transforms.Resample(sr, target_sr)
-
-
-def resampled_length(length: int, sr: int, target_sr: int) -> int:
-    """The length of `convert_audio`'s output for `length` input samples (torchaudio's rule, with
-    its float32 rounding: it can fall short of the exact ceil(length * target_sr / sr) for inputs
-    of many millions of samples)."""
-    if sr == target_sr:
-        return length
-    g = math.gcd(sr, target_sr)
-    frames = length // (sr // g) + 1  # the sinc filter's output frames, target_sr // g samples each
-    exact = torch.ceil(torch.as_tensor((target_sr // g) * length / (sr // g))).long().item()
-    return min(frames * (target_sr // g), int(exact))
+    """wav [..., T] at `sr` -> at `target_sr`, as upstream's convert_audio resamples (torchaudio's
+    `transforms.Resample` defaults: Hann-windowed sinc, 6 zero crossings, roll-off 0.99)."""
+    return dsp.resample(wav, sr, target_sr)
 
 
 class StreamingResampler:
@@ -123,11 +106,11 @@ class StreamingResampler:
     """
 
     def __init__(self, sr: int, target_sr: int, length: int, min_frames: tp.Optional[int] = None):
-        self.transform = _resampler(sr, target_sr)
-        g = math.gcd(sr, target_sr)
-        self.stride, self.per_frame = sr // g, target_sr // g
-        self.width = int(self.transform.width)
-        self.span = int(self.transform.kernel.shape[-1])
+        self.sr, self.target_sr = sr, target_sr
+        self.filters = dsp.resample_filters(sr, target_sr)
+        self.stride, self.per_frame = self.filters.stride, self.filters.per_frame
+        self.width = self.filters.width
+        self.span = int(self.filters.kernel.shape[-1])
         self.length = length
         self.min_frames = max(1, min_frames if min_frames is not None else max(30_000, -(-2_000_000 // self.per_frame)))
         self.total_out = resampled_length(length, sr, target_sr)
@@ -163,18 +146,17 @@ class StreamingResampler:
         if n == 0:
             return self.pending[-1].new_zeros(channels, 0)
         buf = torch.cat(self.pending, dim=-1) if len(self.pending) > 1 else self.pending[0]
-        kernel = self.transform.kernel.to(buf.device)
+        filters = dsp.resample_filters(self.sr, self.target_sr, buf.device, buf.dtype)
         out = []
         a = 0
         while a < n:
             b = n if n - a < 2 * self.min_frames else a + self.min_frames
-            x = buf[:, None, a * self.stride:(b - 1) * self.stride + self.span]
-            out.append(torch.nn.functional.conv1d(x, kernel, stride=self.stride))
+            out.append(dsp.apply_filters(buf[:, a * self.stride:(b - 1) * self.stride + self.span], filters))
             a = b
         rest = buf[:, n * self.stride:].clone()  # a copy: a view would keep the whole buffer alive
         self.pending = [rest]
         self.done += n
-        y = torch.cat(out, dim=-1).transpose(1, 2).reshape(channels, -1)
+        y = torch.cat(out, dim=-1)
         y = y[:, : max(0, self.total_out - self.emitted)]
         self.emitted += y.shape[-1]
         return y

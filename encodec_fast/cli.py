@@ -2,6 +2,7 @@
 
     encodec-fast [-b BW] [-f] [--hq] [--lm] [-r] INPUT [OUTPUT]
     encodec-fast tokenize INPUT... -o OUT_DIR [--model 24khz|48khz] [-b BW] [--shard i/n] ...
+    encodec-fast info [--json]
 
 `.ecdc` output compresses, `.ecdc` input decompresses, any other output (.wav, .flac) does a
 round trip. Extra options: --checkpoint PATH (your own weights), --repository DIR (official
@@ -199,6 +200,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["tokenize"]:
         return tokenize_main(argv[1:])
+    if argv[:1] == ["info"]:
+        from .info import main as info_main
+        return info_main(argv[1:])
     args = get_parser().parse_args(argv)
     from .audio import AudioError
     from .pretrained import CheckpointError

@@ -115,8 +115,9 @@ def _conv_transpose1d_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         k = r + m * S
         src = j - m
         # A tap past the kernel (k >= K, when K is not a multiple of S) reads no input, so its
-        # weights (masked to the clamped index) never count.
-        src_ok = keep & (src >= 0) & (src < L) & (k < K)
+        # weights (masked to the clamped index) never count. k is compared as a vector: Triton's
+        # interpreter turns (vector & scalar) into an int32 mask, which 3.9 refuses.
+        src_ok = keep & (src >= 0) & (src < L) & ((j * 0 + k) < K)
         acc = _accumulate_tap(acc, x_b, src, src_ok, w_ptr, tl.minimum(k, K - 1), o, o_ok, C_in, C_out,
                               sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
     if HAS_BIAS:

@@ -5,22 +5,22 @@ no centering, one-sided) divided by the window's L2 norm when `normalized`, real
 channel then imaginary parts, time before frequency (the layout the first Conv2d reads).
 
 Both paths take the STFT from `torch.stft`; the kernel path replaces the layout-and-scale passes
-by one kernel (forward and backward). The reference is torchaudio's spectrogram, as upstream.
+by one kernel (forward and backward). The reference is `dsp.spectrogram` (torchaudio's spectrogram, the
+function upstream's discriminator calls, written in our code).
 """
 
 import typing as tp
 
 import torch
-import torchaudio
 
+from ..dsp import spectrogram as _dsp_spectrogram
 from .backend import select
 
 
 def spectrogram_torch(x: torch.Tensor, window: torch.Tensor, n_fft: int, hop_length: int, win_length: int,
                       normalized: bool = True) -> torch.Tensor:
-    z = torchaudio.functional.spectrogram(x, pad=0, window=window, n_fft=n_fft, hop_length=hop_length,
-                                          win_length=win_length, power=None, normalized=normalized,
-                                          center=False, onesided=True)
+    z = _dsp_spectrogram(x, window, n_fft, hop_length, win_length, power=None, normalized=normalized,
+                         center=False, onesided=True)
     return torch.cat([z.real, z.imag], dim=1).transpose(2, 3)
 
 

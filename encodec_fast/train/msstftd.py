@@ -13,12 +13,11 @@ import typing as tp
 import warnings
 
 import torch
-import torchaudio
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .. import ops
+from .. import dsp, ops
 
 FeatureMaps = tp.List[torch.Tensor]
 
@@ -75,9 +74,9 @@ class DiscriminatorSTFT(nn.Module):
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
         self.normalized = normalized
         self.activation = getattr(nn, activation)(**(activation_params or {"negative_slope": 0.2}))
-        self.spec_transform = torchaudio.transforms.Spectrogram(
+        self.spec_transform = dsp.Spectrogram(
             n_fft=n_fft, hop_length=hop_length, win_length=win_length, window_fn=torch.hann_window,
-            normalized=normalized, center=False, pad_mode=None, power=None)
+            normalized=normalized, center=False, power=None)
         channels = [min(filters_scale ** i * filters, max_filters) for i in range(len(dilations) + 2)]
         self.convs = nn.ModuleList([NormConv2d(2 * in_channels, filters, kernel_size=kernel_size,
                                                padding=_padding_2d(kernel_size))])
