@@ -16,6 +16,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 _override: contextvars.ContextVar[tp.Optional[str]] = contextvars.ContextVar("encodec_fast_backend", default=None)
+_any_device: contextvars.ContextVar[bool] = contextvars.ContextVar("encodec_fast_kernels_any_device", default=False)
 
 
 class BackendError(RuntimeError):
@@ -54,6 +55,18 @@ def use_backend(name: str) -> tp.Iterator[None]:
         _override.reset(token)
 
 
+@contextlib.contextmanager
+def kernels_on_any_device() -> tp.Iterator[None]:
+    """Inside the block, ops take the Triton kernels for tensors on any device (CPU, meta) unless the
+    torch backend is forced. Only for recording launch configurations without a GPU
+    (`bench/compile_gpu.py` runs the models this way under a stand-in driver that launches nothing)."""
+    token = _any_device.set(True)
+    try:
+        yield
+    finally:
+        _any_device.reset(token)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
@@ -74,6 +87,8 @@ def select(*tensors: torch.Tensor) -> str:
     want = requested_backend()
     if want == "torch":
         return "torch"
+    if _any_device.get():
+        return "triton"
     on_cuda = all(t.is_cuda for t in tensors)
     if want == "auto":
         return "triton" if on_cuda and triton_available() and not interpreting() else "torch"

@@ -129,9 +129,11 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype torch's own conv would compute in here (autocast's, inside an autocast block)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type without autocast (meta tensors, when launches are recorded)
+        return x.dtype
+    return torch.get_autocast_dtype(device) if enabled else x.dtype
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], stride: int = 1,

@@ -1,0 +1,523 @@
+#!/usr/bin/env python
+"""Ahead-of-time compile check of every Triton launch our models make, for real GPUs, on a
+machine without one.
+
+    python bench/compile_gpu.py [--archs 80,90] [--set default|full] [--budget BYTES]
+                                [--only REGEX] [--jobs N] [--list] [--out DIR]
+
+1. Capture. The models and ops run on `meta` tensors (shapes, no data, no memory) with the Triton
+   path forced (`ops.backend.kernels_on_any_device`) under a stand-in driver; Triton's
+   `jit_cache_hook` records each launch (signature, constexprs, specialization, num_warps,
+   num_stages) and answers "skip", so nothing is compiled or run at that point. Launches that
+   differ only in sizes share one entry, with every scenario that made it as its labels.
+2. Compile. Each launch, for each architecture, through `triton.compile(ASTSource(...),
+   target=GPUTarget("cuda", arch, 32))`: the ptxas of the triton wheel, no driver. Registers,
+   spills and stack come from ptxas' verbose log, shared memory from the compiled metadata.
+3. Judge. Exit status 1 on a compile failure, shared memory over the architecture's limit, or a
+   launch that spills more than --budget bytes (stores + loads). `--set default` (what CI runs)
+   is the default precision (exact fp32) and the half dtypes; `--set full` adds the tf32x3 and
+   tf32 modes of every kernel, reported but not judged for spills (not the default precision).
+
+Results are cached per (triton version, architecture, kernel source, launch) in
+$ENCODEC_FAST_COMPILE_CACHE (default ~/.cache/encodec_fast/compile_gpu), so a rerun after a change
+compiles only what changed.
+"""
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import typing as tp
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("compile_gpu.py compiles real GPU code: unset TRITON_INTERPRET")
+
+# Registers per SM and the most resident warps per SM (both 64K / 64 on sm_80, sm_90, sm_100), and
+# the opt-in shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) and B200 (sm_100) 227 KiB.
+SM_REGISTERS, SM_WARPS = 65536, 64
+SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
+SPILL_BUDGET = 256
+
+CACHE = Path(os.environ.get("ENCODEC_FAST_COMPILE_CACHE", Path.home() / ".cache" / "encodec_fast" / "compile_gpu"))
+
+
+# -- capture -----------------------------------------------------------------------------------------
+
+class Launch(tp.NamedTuple):
+    """One distinct launch configuration of a kernel."""
+    module: str
+    kernel: str
+    signature: tp.Dict[str, str]
+    constexprs: tp.Dict[tp.Tuple[int, ...], tp.Any]
+    attrs: tp.Dict[tp.Tuple[int, ...], tp.Any]
+    options: tp.Dict[str, int]          # num_warps, num_stages
+    constexpr_names: tp.Tuple[str, ...]
+    labels: tp.List[str]
+    judged: bool                        # counted against the spill budget
+
+    def constexpr_text(self) -> str:
+        names = list(self.signature)
+        short = {"BLOCK_CO": "CO", "BLOCK_CI": "CI", "BLOCK_T": "T", "BLOCK_J": "J", "BLOCK_P": "P", "BLOCK_N": "N",
+                 "BLOCK_K": "BK", "BLOCK_D": "BD", "PRECISION": "", "HAS_BIAS": "bias", "HAS_RES": "res",
+                 "HALF_DOT": "half", "REFLECT": "reflect", "ACTIVATE": "act", "STATS": "stats", "ELU": "elu"}
+        parts = []
+        for name in self.constexpr_names:
+            value = self.constexprs.get((names.index(name),))
+            label = short.get(name, name)
+            if isinstance(value, bool):
+                if value:
+                    parts.append(label)
+            elif label:
+                parts.append(f"{label}{value}")
+            else:
+                parts.append(str(value))
+        ptr_types = sorted({t[1:] for t in self.signature.values() if t.startswith("*")} - {"i64"})
+        return " ".join(parts + ["/".join(ptr_types)] + [f"w{self.options['num_warps']}",
+                                                           f"s{self.options['num_stages']}"])
+
+
+def variant(launch: Launch, **changes) -> Launch:
+    """The same launch with other constexprs (by name) or options (num_warps, num_stages)."""
+    names = list(launch.signature)
+    constexprs, options = dict(launch.constexprs), dict(launch.options)
+    for name, value in changes.items():
+        if name in options:
+            options[name] = value
+        else:
+            constexprs[(names.index(name),)] = value
+    return launch._replace(constexprs=constexprs, options=options)
+
+
+class _Recorder:
+    def __init__(self):
+        self.launches: tp.Dict[tp.Any, Launch] = {}
+        self.scenario = ""
+        self.judged = True
+
+    def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        jit = fn.jit_function
+        signature = dict(compile["signature"])
+        constexprs = dict(compile["constants"])
+        names = tuple(p.name for p in jit.params if p.is_constexpr)
+        options = {"num_warps": compile["num_warps"], "num_stages": compile["num_stages"]}
+        # Launches that differ in sizes only (hence in integer specializations) compile alike: one entry.
+        ident = (jit.fn.__module__, jit.fn.__name__, tuple(sorted(signature.items())),
+                 tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
+        launch = self.launches.get(ident)
+        if launch is None:
+            launch = self.launches[ident] = Launch(jit.fn.__module__, jit.fn.__name__, signature, constexprs,
+                                                   dict(compile["configs"][0]), options, names, [], self.judged)
+        elif self.judged and not launch.judged:
+            self.launches[ident] = launch = launch._replace(judged=True)
+        if self.scenario not in launch.labels:
+            launch.labels.append(self.scenario)
+        return True  # skip compiling and launching
+
+
+@contextlib.contextmanager
+def _stand_in_driver(recorder: _Recorder):
+    """A driver that reports a CUDA device (so the JIT binds and specializes arguments) and a cache
+    hook that records each launch and skips it."""
+    import torch
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.runtime.driver import driver
+
+    class StandIn(DriverBase):
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("meta")
+
+        def get_benchmarker(self):
+            raise RuntimeError("no benchmarking without a GPU")
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    previous_hook = knobs.runtime.jit_cache_hook
+    driver.set_active(StandIn())
+    knobs.runtime.jit_cache_hook = recorder.hook
+    try:
+        yield
+    finally:
+        knobs.runtime.jit_cache_hook = previous_hook
+        try:
+            driver.reset_active()
+        except RuntimeError:  # no real driver on this machine: leave none active
+            driver.set_active(None)
+
+
+@contextlib.contextmanager
+def _scenario(recorder: _Recorder, label: str, judged: bool = True):
+    recorder.scenario, recorder.judged = label, judged
+    try:
+        yield
+    finally:
+        recorder.scenario, recorder.judged = "", True
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def capture(full: bool) -> tp.List[Launch]:
+    """Run every scenario on meta tensors; returns the distinct launches in the order first seen."""
+    import torch
+    from encodec_fast.model import EncodecModel
+    from encodec_fast.ops import backend
+    from encodec_fast.kernels import rvq as krvq
+    from encodec_fast.train.msstftd import MultiScaleSTFTDiscriminator
+
+    from encodec_fast.modules.lstm import SLSTM
+
+    recorder = _Recorder()
+    meta = torch.device("meta")
+
+    def lstm_shape_only(self, x, elu, state=None):
+        # The LSTM launches no kernel of ours, and torch runs it on meta tensors one time step at
+        # a time in Python (minutes for these scenarios): give its output's shape only.
+        return torch.empty_like(x), state
+    precisions = ("ieee", "tf32x3", "tf32") if full else ("ieee",)
+
+    with _stand_in_driver(recorder), backend.kernels_on_any_device(), backend.use_backend("triton"), \
+            torch.no_grad(), _patched(SLSTM, "run", lstm_shape_only):
+        # SEANet encoder and decoder of both models: 1 s and 10 s, batch 1 and 64.
+        for name, factory in (("24k", EncodecModel.encodec_model_24khz), ("48k", EncodecModel.encodec_model_48khz)):
+            model = factory(pretrained=False).eval()
+            model.encoder.to(meta)
+            model.decoder.to(meta)
+            sr, ch, dim = model.sample_rate, model.channels, model.quantizer.dimension
+            for precision in precisions:
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    if dtype != torch.float32 and precision != "ieee":
+                        continue  # half dtypes multiply in their own dtype: no precision mode
+                    tag = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
+                    judged = precision == "ieee"
+                    enc, dec = model.encoder.to(dtype), model.decoder.to(dtype)
+                    with _env("ENCODEC_FAST_CONV_PRECISION", precision):
+                        for seconds, batch in ((1, 1), (1, 64), (10, 1), (10, 64)):
+                            with _scenario(recorder, f"{name} encoder {seconds}s x{batch} {tag} {precision}", judged):
+                                enc(torch.empty(batch, ch, sr * seconds, device=meta, dtype=dtype))
+                            frames = -(-sr * seconds // model.encoder.hop_length)
+                            with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
+                                dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
+            model.encoder.float(), model.decoder.float()
+
+        # RVQ: 1024-entry codebooks of dimension 128, n_q 1..32, one frame and 64 x 10 s of frames.
+        D, K = 128, 1024
+        codebooks = torch.empty(32, K, D, device=meta)
+        norms = torch.empty(32, K, device=meta)
+        for precision in precisions:
+            judged = precision == "ieee"
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                tag = str(dtype).replace("torch.", "")
+                for N in (1, 750 * 64):
+                    x = torch.empty(1, D, N, device=meta, dtype=dtype)
+                    for n_q in (1, 2, 4, 8, 16, 32):
+                        with _scenario(recorder, f"rvq encode N={N} n_q={n_q} {tag} {precision}", judged):
+                            krvq.rvq_encode(x, codebooks, norms, n_q, precision)
+                    rows = x[0].t()
+                    for stats in (False, True):
+                        with _scenario(recorder, f"rvq train stage N={N} stats={stats} {tag} {precision}", judged):
+                            krvq.vq_assign(rows, codebooks[0], norms[0], stats, precision)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for N in (1, 750 * 64):
+                codes = torch.empty(32, N, dtype=torch.int64, device=meta)
+                with _scenario(recorder, f"rvq decode N={N} n_q=32 {str(dtype).replace('torch.', '')}"):
+                    krvq.rvq_decode(codes, codebooks, 1, N, dtype)
+
+        # MS-STFT discriminator (filters 32, the three scales): Conv2d + LeakyReLU forward, and the
+        # spectrogram layout kernel forward and backward.
+        disc = MultiScaleSTFTDiscriminator(filters=32).to(meta)
+        for precision in precisions:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                if dtype != torch.float32 and precision != "ieee":
+                    continue
+                tag = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
+                disc.to(dtype)
+                with _env("ENCODEC_FAST_CONV_PRECISION", precision):
+                    for d in disc.discriminators:
+                        with _scenario(recorder, f"msstftd n_fft={d.n_fft} 1s x8 {tag} {precision}", precision == "ieee"):
+                            frames = 1 + (24000 - d.win_length) // d.hop_length
+                            z = torch.empty(8, 2, frames, d.n_fft // 2 + 1, device=meta, dtype=dtype)
+                            for layer in d.convs:
+                                z = layer(z, 0.2)
+                            d.conv_post(z)
+        disc.float()
+        from encodec_fast.kernels import stft as kstft
+        for d in disc.discriminators:
+            frames = 1 + (24000 - d.win_length) // d.hop_length
+            spec = torch.empty(8, d.n_fft // 2 + 1, frames, 2, device=meta)
+            with _scenario(recorder, f"spectrogram n_fft={d.n_fft} forward"):
+                kstft.scaled_copy(spec.view(8, 1, d.n_fft // 2 + 1, frames, 2).permute(0, 4, 1, 3, 2), 0.1)
+            with _scenario(recorder, f"spectrogram n_fft={d.n_fft} backward"):
+                grad = torch.empty(8, 2, 1, frames, d.n_fft // 2 + 1, device=meta)
+                kstft.scaled_copy(grad.permute(0, 2, 4, 3, 1), 0.1)
+    return list(recorder.launches.values())
+
+
+# -- compile -----------------------------------------------------------------------------------------
+
+_PTXAS = {"regs": r"Used (\d+) registers", "stack": r"(\d+) bytes stack frame",
+          "spill_st": r"(\d+) bytes spill stores", "spill_ld": r"(\d+) bytes spill loads"}
+
+
+def _cache_key(launch: Launch, arch: int) -> str:
+    import triton
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    text = json.dumps([triton.__version__, arch, fn.cache_key, launch.kernel, sorted(launch.signature.items()),
+                       sorted((str(k), str(v)) for k, v in launch.constexprs.items()),
+                       sorted((str(k), str(v)) for k, v in launch.attrs.items()), sorted(launch.options.items())])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    """fd 2 to a file: MLIR and LLVM write their diagnostics there from C++."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def compile_launch(launch: Launch, arch: int) -> tp.Dict[str, tp.Any]:
+    """Compile one launch for sm_<arch> (in a worker process); never raises."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    knobs.nvidia.dump_ptxas_log = True
+    started = time.time()
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    out = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "stderr.log")
+        # A private Triton cache: its cache would hand back a kernel without re-running ptxas.
+        with _env("TRITON_CACHE_DIR", os.path.join(tmp, "triton")):
+            try:
+                with contextlib.redirect_stdout(out), _stderr_to(log):
+                    compiled = triton.compile(ASTSource(fn, launch.signature, launch.constexprs, launch.attrs),
+                                              target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+            except Exception as err:  # a compile error is a result
+                diag = "\n".join(line for line in open(log).read().splitlines() if "error" in line)
+                text = f"{type(err).__name__}: {str(err).strip()}".split("Repro command")[0]
+                return {"ok": False, "error": (text + "\n" + diag).strip()[:3000], "secs": time.time() - started}
+    result: tp.Dict[str, tp.Any] = {"ok": True, "shared": int(compiled.metadata.shared),
+                                    "secs": time.time() - started}
+    for name, pattern in _PTXAS.items():
+        found = re.search(pattern, out.getvalue())
+        result[name] = int(found.group(1)) if found else 0
+    if not re.search(_PTXAS["regs"], out.getvalue()):
+        result.update(ok=False, error="no ptxas log (is this triton's NVIDIA backend?)")
+    return result
+
+
+def supported_archs() -> tp.List[int]:
+    """The architectures the installed triton's ptxas accepts among 80, 90 and 100."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        version = str(get_ptxas(100).version or "")  # triton 3.6-3.9: the ptxas for an architecture
+    except Exception:
+        version = ""
+    found = re.search(r"(\d+)\.(\d+)", version)
+    archs = [80, 90]
+    if found and (int(found.group(1)), int(found.group(2))) >= (12, 8):
+        archs.append(100)
+    return archs
+
+
+def compile_all(launches: tp.Sequence[Launch], archs: tp.Sequence[int], jobs: int,
+                progress: bool = True) -> tp.Dict[tp.Tuple[int, int], tp.Dict[str, tp.Any]]:
+    """{(launch index, arch): result}, from the cache where it has them."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    results, todo = {}, []
+    for i, launch in enumerate(launches):
+        for arch in archs:
+            path = CACHE / f"{_cache_key(launch, arch)}.json"
+            if path.exists():
+                results[(i, arch)] = {**json.loads(path.read_text()), "cached": True}
+            else:
+                todo.append((i, arch, path))
+    # The heaviest (most unrolled taps) first: fewer idle workers at the end.
+    def weight(item):
+        launch = launches[item[0]]
+        names = list(launch.signature)
+        get = lambda n: launch.constexprs.get((names.index(n),), 1) if n in names else 1  # noqa: E731
+        return -get("K") * get("KH") * get("KW")
+    todo.sort(key=weight)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="compiling", unit="kernel", file=sys.stderr)
+    with cf.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(compile_launch, launches[i], arch): (i, arch, path) for i, arch, path in todo}
+        for future in cf.as_completed(futures):
+            i, arch, path = futures[future]
+            try:
+                result = future.result()
+            except Exception as err:  # the worker died (a crash in the compiler)
+                result = {"ok": False, "error": f"compiler process died: {err!r}", "secs": 0.0}
+            if result["ok"]:
+                path.write_text(json.dumps(result))
+            results[(i, arch)] = result
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return results
+
+
+# -- judge and report ----------------------------------------------------------------------------------
+
+def occupancy(result: tp.Dict[str, tp.Any], warps: int, arch: int) -> float:
+    """Resident warps per SM / the most an SM holds, bounded by registers and shared memory (blocks
+    per SM also capped at 32); an estimate, as CUDA's occupancy calculator gives."""
+    regs = max(result.get("regs", 0), 1)
+    per_warp = -(-regs * 32 // 256) * 256  # register allocation granularity: 256 per warp
+    blocks = min(SM_REGISTERS // (per_warp * warps), 32, SM_WARPS // warps)
+    if result.get("shared"):
+        blocks = min(blocks, SHARED_LIMIT.get(arch, SHARED_LIMIT[90]) // result["shared"])
+    return blocks * warps / SM_WARPS
+
+
+def verdicts(launches, results, archs, budget) -> tp.List[str]:
+    """Every reason to fail the check."""
+    out = []
+    for i, launch in enumerate(launches):
+        for arch in archs:
+            r = results.get((i, arch))
+            what = f"[{i}] {launch.kernel} {launch.constexpr_text()} sm_{arch}"
+            if r is None:
+                continue
+            if not r["ok"]:
+                out.append(f"{what}: compile failure: {r['error'].splitlines()[0] if r['error'] else ''}")
+            elif r["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
+                out.append(f"{what}: {r['shared']} B of shared memory > the {SHARED_LIMIT[arch]} B limit")
+            elif launch.judged and r["spill_st"] + r["spill_ld"] > budget:
+                out.append(f"{what}: spills {r['spill_st']}/{r['spill_ld']} B (stores/loads) > budget {budget} B")
+    return out
+
+
+def table(launches, results, archs) -> str:
+    head = ["#", "kernel", "configuration", "used by"]
+    for arch in archs:
+        head += [f"sm_{arch} regs", "spill st/ld B", "stack B", "smem KiB", "occ."]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, launch in enumerate(launches):
+        used = launch.labels[0] + (f" (+{len(launch.labels) - 1})" if len(launch.labels) > 1 else "")
+        cells = [str(i), launch.kernel.strip("_").replace("_kernel", ""), launch.constexpr_text(), used]
+        for arch in archs:
+            r = results.get((i, arch))
+            if r is None or not r["ok"]:
+                cells += ["FAIL" if r else "-", "", "", "", ""]
+                continue
+            cells += [str(r["regs"]), f"{r['spill_st']}/{r['spill_ld']}", str(r["stack"]),
+                      f"{r['shared'] / 1024:.0f}", f"{occupancy(r, launch.options['num_warps'], arch):.0%}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", default=None, help="comma-separated, e.g. 80,90 (default: 80, 90 and 100 "
+                                                      "where the installed triton supports it)")
+    parser.add_argument("--set", choices=("default", "full"), default="default")
+    parser.add_argument("--budget", type=int, default=SPILL_BUDGET,
+                        help=f"spill bytes (stores + loads) a judged launch may have (default {SPILL_BUDGET})")
+    parser.add_argument("--only", default=None, help="regex on kernel, configuration and labels")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--list", action="store_true", help="list the captured launches, compile nothing")
+    parser.add_argument("--out", type=Path, default=None, help="save JSON and markdown here (bench/results)")
+    args = parser.parse_args(argv)
+
+    import triton
+    started = time.time()
+    launches = capture(args.set == "full")
+    if args.only:
+        pattern = re.compile(args.only)
+        launches = [x for x in launches if pattern.search(" ".join([x.kernel, x.constexpr_text()] + x.labels))]
+    archs = [int(a) for a in args.archs.split(",")] if args.archs else supported_archs()
+    print(f"triton {triton.__version__}: {len(launches)} launch configurations captured in "
+          f"{time.time() - started:.1f} s; compiling for {', '.join(f'sm_{a}' for a in archs)}", flush=True)
+    if args.list:
+        for i, launch in enumerate(launches):
+            print(f"[{i}] {launch.kernel} {launch.constexpr_text()}" + ("" if launch.judged else " (not judged)"))
+            for label in launch.labels:
+                print(f"      {label}")
+        return 0
+    results = compile_all(launches, archs, args.jobs)
+    fresh = sum(1 for r in results.values() if not r.get("cached"))
+    elapsed = time.time() - started
+    md = table(launches, results, archs)
+    print(md)
+    failures = verdicts(launches, results, archs, args.budget)
+    summary = (f"{len(results)} compiles ({fresh} fresh, {len(results) - fresh} cached) in {elapsed:.0f} s; "
+               f"{len(failures)} problems (budget {args.budget} B of spills)")
+    print("\n" + summary)
+    for line in failures:
+        print("  " + line)
+    if args.out:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import report
+        data = {"machine": report.machine(), "triton": triton.__version__, "archs": archs, "budget": args.budget,
+                "set": args.set, "seconds": elapsed, "fresh_compiles": fresh, "problems": failures,
+                "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "judged": x.judged,
+                              "labels": x.labels, "results": {str(a): results.get((i, a)) for a in archs}}
+                             for i, x in enumerate(launches)]}
+        header = (f"# Ahead-of-time compile check (triton {triton.__version__}, {data['machine']['date']})\n\n"
+                  f"`python bench/compile_gpu.py --set {args.set}`: {summary}.\n\n")
+        stem = report.save(args.out, "compile_gpu_triton" + triton.__version__.replace(".", "-"), data,
+                           header + md + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n")
+        print(f"saved {stem}.json and .md")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
