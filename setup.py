@@ -31,9 +31,10 @@ setup(
               "encodec_fast.train", "encodec_fast.tokenize", "encodec_fast.kernels"],
     package_dir={"encodec_fast.kernels": "kernels"},
     install_requires=[
-        # No upper cap: none is needed by a measured breakage. Tested with torch 2.11.0 (the GPU
-        # image's) and 2.15.0 (the newest), see constraints/; 2.4 is the oldest release whose APIs
-        # the code uses (untested below 2.11).
+        # No upper cap: no measured breakage needs one. Tested (CI) with torch 2.11.0 (the GPU
+        # image's), 2.14.1 (what pip resolves on our capped build machines) and 2.15.0 (the newest),
+        # see constraints/. The lower bound 2.4 is the one the project started with; nothing below
+        # 2.11 has been tested.
         "torch>=2.4",
         # No cap here: only triton 3.4-3.6's interpreter breaks with numpy >= 2.4 (the tests run the
         # kernels in it; constraints/gpu-image.txt pins numpy there). Compiled GPU kernels do not care.

@@ -395,7 +395,7 @@ def compile_all(launches: tp.Sequence[Launch], archs: tp.Sequence[int], jobs: in
     bar = None
     if progress and todo:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="compiling", unit="kernel", file=sys.stderr)
+        bar = tqdm(total=len(todo), desc="compiling", unit="kernel", file=sys.stderr, disable=None)  # no bar off a terminal
     with cf.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(compile_launch, launches[i], arch): (i, arch, path) for i, arch, path in todo}
         for future in cf.as_completed(futures):

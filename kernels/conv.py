@@ -149,7 +149,9 @@ def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     for kh in tl.static_range(KH):
         h_in = h * sh + kh * dh - ph
         row_ok = p_ok & (h_in >= 0) & (h_in < H)
-        for kw in tl.static_range(KW):
+        # A loop, not unrolled: with the 27 taps of a 3x9 kernel unrolled, ptxas spilled 2-6 KB per
+        # thread on sm_80/sm_90 (bench/compile_gpu.py); looping over kw: none.
+        for kw in range(KW):
             w_in = w_out * sw + kw * dw - pw
             src_ok = row_ok & (w_in >= 0) & (w_in < W)
             # The tap loop reads x_b + c * sx_c + src: src is the element offset of (h_in, w_in).
@@ -249,10 +251,6 @@ def conv2d_leaky_relu(x, weight_kco, KH, KW, bias, stride, dilation, padding, sl
     bco, bci, bp, warps, stages = _blocks(C_in, C_out, P)
     if interpreting():
         bp = min(4096, max(16, triton.next_power_of_2(P)))
-    elif KH * KW > 9:
-        # 27 unrolled taps (3x9) with 128 positions spilled 2-6 KB per thread on sm_80/sm_90 (compile
-        # check); 64 positions: 0-270 B in fp32, about 500 B in half dtypes (still over budget).
-        bp = min(bp, 64)
     grid = (triton.cdiv(P, bp), triton.cdiv(C_out, bco), B)
     _conv2d_leaky_relu_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, out,
                                     C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
