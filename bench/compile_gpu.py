@@ -242,7 +242,6 @@ def capture(full: bool) -> tp.List[Launch]:
                             frames = -(-sr * seconds // model.encoder.hop_length)
                             with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
                                 dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
-            model.encoder.float(), model.decoder.float()
 
         # RVQ: 1024-entry codebooks of dimension 128, n_q 1..32, one frame and 64 x 10 s of frames.
         D, K = 128, 1024

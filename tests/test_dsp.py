@@ -93,11 +93,9 @@ SPEC_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", SPEC_CONFIGS, ids=[f"{c[0]}-{c[3]}-{c[4]}-{c[5]}" for c in SPEC_CONFIGS])
-@pytest.mark.parametrize("shape", [(2, 1, 4800), (3, 2, 2049), (4001,)])
+@pytest.mark.parametrize("shape", [(2, 1, 4800), (3, 2, 2049), (4001,)])  # each holds a whole 2048 frame
 def test_spectrogram_equals_torchaudio(cfg, shape):
     n_fft, hop, win, power, normalized, center, pad_mode, pad = cfg
-    if not center and shape[-1] < n_fft:
-        pytest.skip("no full frame")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(n_fft + shape[-1]))
     window = torch.hann_window(win)
     ref = torchaudio.functional.spectrogram(x, pad, window, n_fft, hop, win, power, normalized, center=center,
