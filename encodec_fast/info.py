@@ -139,12 +139,27 @@ def collect() -> Facts:
     }
 
 
-def _version_tuple(text: str) -> tp.Tuple[int, ...]:
+# The two known broken pairs, both for the tests only (measured; see README "Installing").
+TORCHAUDIO_PAIRS = ("torchaudio 2.11.0 loads with torch 2.11-2.12, 2.11.1 with torch 2.13 and newer "
+                    "(pip install -c constraints/gpu-image.txt or -c constraints/newest.txt)")
+
+
+def version_tuple(text: str) -> tp.Tuple[int, ...]:
+    """'2.11.0+cu130' -> (2, 11, 0)."""
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
+
+
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> tp.Optional[str]:
+    """The known failure of triton 3.4-3.6's interpreter with numpy >= 2.4, with its fix, or None."""
+    if version_tuple(triton_version) < (3, 7) and version_tuple(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1, the tests' CPU kernels) fails with "
+                f"numpy {numpy_version} in loops with a runtime bound (fixed in triton 3.7): pip install "
+                "'numpy<2.4' for the tests (GPU runs are unaffected)")
+    return None
 
 
 def problems(facts: Facts) -> tp.List[str]:
@@ -159,14 +174,11 @@ def problems(facts: Facts) -> tp.List[str]:
         out.append(f"triton is installed but does not import ({facts['triton']['error']}): the ops use the PyTorch "
                    "reference; reinstall the triton that your torch names (pip install --force-reinstall torch)")
     tv, nv = facts["triton"].get("version"), facts["numpy"].get("version")
-    if tv and nv and _version_tuple(tv) < (3, 7) and _version_tuple(nv) >= (2, 4):
-        out.append(f"triton {tv}'s interpreter (TRITON_INTERPRET=1, the tests' CPU kernels) fails with numpy {nv} "
-                   "in loops with a runtime bound: pip install 'numpy<2.4' for the tests (GPU runs are unaffected)")
+    if tv and nv and interpreter_numpy_problem(tv, nv):
+        out.append(interpreter_numpy_problem(tv, nv))
     if "error" in facts["torchaudio"]:
         out.append(f"torchaudio is installed but does not import ({facts['torchaudio']['error'].splitlines()[0][:160]}). "
-                   "encodec_fast does not need it; the tests' oracle (upstream encodec) does: "
-                   "torchaudio 2.11.0 loads with torch 2.11-2.12, 2.11.1 with torch 2.13 and newer "
-                   "(pip install -c constraints/gpu-image.txt or -c constraints/newest.txt)")
+                   "encodec_fast does not need it; the tests' oracle (upstream encodec) does: " + TORCHAUDIO_PAIRS)
     if not facts["coder"].get("built"):
         out.append(f"the C++ arithmetic coder is not built ({facts['coder'].get('error')}): LM-coded .ecdc files use "
                    "the Python coder (same bytes, much slower); reinstall with a C++ compiler: "

@@ -116,23 +116,27 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _config(N: int, D: int, K: int, half_assign: bool = False):
-    """(BLOCK_N, BLOCK_K, num_warps): fixed choices (autotuning does not run in the interpreter,
-    where each loop iteration costs milliseconds whatever its size, so blocks are large there).
+def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
+    """(BLOCK_N, BLOCK_K, num_warps) for `rvq_encode` (`encode`) or `vq_assign`: fixed choices
+    (autotuning does not run in the interpreter, where each loop iteration costs milliseconds
+    whatever its size, so blocks are large there).
 
-    On a GPU, 32 rows x 32 codewords per step: compiled for sm_80 and sm_90 (bench/compile_gpu.py,
-    triton 3.6, D=128), the former 64 x 64 blocks made ptxas fall to 32 registers with 9-13 KB of
-    spills per thread in exact fp32; 32 x 32 compiles without spills. The training stage on half
-    inputs (`half_assign`) still spilled about 3 KB on sm_90 at 32 rows: 16 rows there."""
+    On a GPU, 32 rows x 32 codewords per step: compiled for sm_80, sm_90 and sm_100
+    (bench/compile_gpu.py, triton 3.6 and 3.9, D=128), the former 64 x 64 blocks made ptxas fall to
+    32 registers with 9-13 KB of spills per thread in exact fp32; 32 x 32 compiles without spills.
+    Two exceptions, also from the compile check: the training stage on half inputs still spilled
+    about 3 KB on sm_90 at 32 rows (16 rows there), and the encode kernel with 4 warps spilled
+    1.2 KB on sm_100 with triton 3.6 (8 warps: none)."""
     block_d = _block_d(D)
     if interpreting():
-        block_n, block_k = 128, 256
+        block_n, block_k, warps = 128, 256, 4
     else:
-        block_n = 16 if half_assign else 32
+        block_n = 16 if half_input and not encode else 32
         block_k = 32
+        warps = 8 if encode else 4
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    return block_n, block_k, 4
+    return block_n, block_k, warps
 
 
 def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int,
@@ -144,9 +148,7 @@ def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_
     codes = torch.empty(n_q, N, dtype=torch.int64, device=x.device)
     if N == 0 or n_q == 0:
         return codes
-    block_n, block_k, warps = _config(N, D, K)
-    if not interpreting():
-        warps = 8  # 4 warps spilled 1.2 KB on sm_100 with triton 3.6 (compile check); 8: none, on sm_80-100
+    block_n, block_k, warps = _config(N, D, K, encode=True)
     grid = (triton.cdiv(N, block_n),)
     _rvq_encode_kernel[grid](x, codebooks, norms, codes, N, T, D, K, n_q, *x.stride(),
                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(D), PRECISION=precision,
@@ -181,7 +183,7 @@ def vq_assign(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor, stat
     sums = torch.zeros(K, D, dtype=torch.float32, device=x.device) if stats else None
     if N == 0:
         return codes, quant, counts, sums
-    block_n, block_k, warps = _config(N, D, K, half_assign=x.dtype in (torch.float16, torch.bfloat16))
+    block_n, block_k, warps = _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16))
     grid = (triton.cdiv(N, block_n),)
     dummy = codes  # unused pointers when STATS is off
     _vq_assign_kernel[grid](x, codebook, norms, codes, quant, counts if stats else dummy,

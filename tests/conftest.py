@@ -15,33 +15,28 @@ if not _cuda:
 import pytest  # noqa: E402
 
 
-def _version(text: str) -> tuple:
-    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split("+")[0].split(".")[:2])
-
-
 def _check_test_environment() -> None:
     """Refuse to run, with what to do, on the two known broken combinations (instead of hundreds of
     failures): an upstream oracle whose torchaudio does not load with this torch, and triton 3.4-3.6's
     interpreter with numpy >= 2.4."""
+    from encodec_fast.info import TORCHAUDIO_PAIRS, interpreter_numpy_problem
     try:
         import encodec  # noqa: F401  (imports torchaudio)
     except Exception as err:  # an OSError or ImportError from libtorchaudio.so, typically
         raise pytest.UsageError(
             f"the tests' oracle, upstream encodec, does not import: {type(err).__name__}: {err}\n"
-            f"torch {torch.__version__} needs a torchaudio that loads with it (2.11.0 with torch 2.11-2.12, "
-            "2.11.1 with torch 2.13-2.15). Install a tested set: pip install -e \".[test]\" -c "
-            "constraints/gpu-image.txt (or -c constraints/newest.txt).") from None
+            f"torch {torch.__version__} needs a torchaudio that loads with it: {TORCHAUDIO_PAIRS}. "
+            "Install a tested set: pip install -e \".[test]\" -c constraints/gpu-image.txt "
+            "(or -c constraints/newest.txt).") from None
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         import numpy
         try:
             import triton
         except Exception:
             return
-        if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
-            raise pytest.UsageError(
-                f"triton {triton.__version__}'s interpreter, which runs the kernel tests on CPU, fails with numpy "
-                f"{numpy.__version__} (loops with a runtime bound; fixed in triton 3.7): pip install 'numpy<2.4', "
-                "or use a tested set (constraints/).")
+        problem = interpreter_numpy_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise pytest.UsageError(problem + ", or use a tested set (constraints/).")
 
 
 def pytest_configure(config):
