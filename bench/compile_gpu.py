@@ -2,21 +2,29 @@
 """Ahead-of-time compile check of every Triton launch our models make, for real GPUs, on a
 machine without one.
 
-    python bench/compile_gpu.py [--archs 80,90] [--set default|full] [--budget BYTES]
-                                [--only REGEX] [--jobs N] [--list] [--out DIR]
+    python bench/compile_gpu.py [--archs 80,90] [--listed-archs 90|none] [--set default|full]
+                                [--budget BYTES] [--only REGEX] [--jobs N] [--list] [--out DIR]
 
 1. Capture. The models and ops run on `meta` tensors (shapes, no data, no memory) with the Triton
-   path forced (`ops.backend.kernels_on_any_device`) under a stand-in driver; Triton's
+   path forced (`ops.backend.kernels_on_any_device`) under a stand-in driver that reports each
+   architecture in turn (the wrappers' configuration tables depend on it); Triton's
    `jit_cache_hook` records each launch (signature, constexprs, specialization, num_warps,
-   num_stages) and answers "skip", so nothing is compiled or run at that point. Launches that
-   differ only in sizes share one entry, with every scenario that made it as its labels.
-2. Compile. Each launch, for each architecture, through `triton.compile(ASTSource(...),
-   target=GPUTarget("cuda", arch, 32))`: the ptxas of the triton wheel, no driver. Registers,
-   spills and stack come from ptxas' verbose log, shared memory from the compiled metadata.
+   num_stages) and answers "skip", so nothing is compiled or run at that point. A second pass
+   with ENCODEC_FAST_AUTOTUNE=1 records every configuration the autotuning lists would time
+   (after their pruning). Launches that differ only in sizes share one entry, with every
+   scenario that made it as its labels.
+2. Compile. Each launch, for each architecture that makes it, through `triton.compile(ASTSource(
+   ...), target=GPUTarget("cuda", arch, 32))`: the ptxas of the triton wheel, no driver.
+   Registers, spills and stack come from ptxas' verbose log, shared memory from the compiled
+   metadata. The lists' configurations compile for --listed-archs (default: every architecture).
 3. Judge. Exit status 1 on a compile failure, shared memory over the architecture's limit, or a
-   launch that spills more than --budget bytes (stores + loads). `--set default` (what CI runs)
-   is the default precision (exact fp32) and the half dtypes; `--set full` adds the tf32x3 and
-   tf32 modes of every kernel, reported but not judged for spills (not the default precision).
+   default launch with more than --budget bytes of spill stores (default 512; loads and the stack
+   frame are reported). Why stores and 512: on an H200 the fastest exact-fp32 RVQ configuration
+   keeps 440 B of spill stores (256 B of local memory) and runs 1.8x faster than the best one
+   without any, while the configurations that ran 10-30x slower spilled 5-20 KB
+   (bench/results/gpu_sweep_2026-11-30.md). `--set default` (what CI runs) is the default
+   precision (exact fp32) and the half dtypes; `--set full` adds the tf32x3 and tf32 modes of
+   every kernel, reported but not judged for spills (not the default precision).
 
 Results are cached per (triton version, architecture, kernel source, launch) in
 $ENCODEC_FAST_COMPILE_CACHE (default ~/.cache/encodec_fast/compile_gpu), so a rerun after a change
@@ -45,7 +53,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 # the opt-in shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) and B200 (sm_100) 227 KiB.
 SM_REGISTERS, SM_WARPS = 65536, 64
 SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
-SPILL_BUDGET = 256
+SPILL_BUDGET = 512
 
 CACHE = Path(os.environ.get("ENCODEC_FAST_COMPILE_CACHE", Path.home() / ".cache" / "encodec_fast" / "compile_gpu"))
 
@@ -62,7 +70,9 @@ class Launch(tp.NamedTuple):
     options: tp.Dict[str, int]          # num_warps, num_stages
     constexpr_names: tp.Tuple[str, ...]
     labels: tp.List[str]
-    judged: bool                        # counted against the spill budget
+    roles: tp.Dict[int, str]            # per architecture: "judged" (a default launch, counted against
+                                        # the spill budget), "default" (a default launch in a precision
+                                        # mode that is not the default) or "listed" (an autotuning list's)
 
     def constexpr_text(self) -> str:
         names = list(self.signature)
@@ -85,6 +95,16 @@ class Launch(tp.NamedTuple):
                                                            f"s{self.options['num_stages']}"])
 
 
+_ROLE_RANK = {"listed": 0, "default": 1, "judged": 2}
+
+
+def listed_only(launch: Launch, arch: tp.Optional[int] = None) -> bool:
+    """Made only by an autotuning list (on `arch`, or on every architecture)."""
+    if arch is not None:
+        return launch.roles.get(arch) == "listed"
+    return all(role == "listed" for role in launch.roles.values())
+
+
 def variant(launch: Launch, **changes) -> Launch:
     """The same launch with other constexprs (by name) or options (num_warps, num_stages)."""
     names = list(launch.signature)
@@ -101,7 +121,9 @@ class _Recorder:
     def __init__(self):
         self.launches: tp.Dict[tp.Any, Launch] = {}
         self.scenario = ""
+        self.suffix = ""
         self.judged = True
+        self.arch = 90
 
     def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
         jit = fn.jit_function
@@ -115,11 +137,13 @@ class _Recorder:
         launch = self.launches.get(ident)
         if launch is None:
             launch = self.launches[ident] = Launch(jit.fn.__module__, jit.fn.__name__, signature, constexprs,
-                                                   dict(compile["configs"][0]), options, names, [], self.judged)
-        elif self.judged and not launch.judged:
-            self.launches[ident] = launch = launch._replace(judged=True)
-        if self.scenario not in launch.labels:
-            launch.labels.append(self.scenario)
+                                                   dict(compile["configs"][0]), options, names, [], {})
+        role = "listed" if self.suffix else "judged" if self.judged else "default"
+        if _ROLE_RANK[role] > _ROLE_RANK.get(launch.roles.get(self.arch, ""), -1):
+            launch.roles[self.arch] = role
+        label = self.scenario + self.suffix
+        if label not in launch.labels:
+            launch.labels.append(label)
         return True  # skip compiling and launching
 
 
@@ -142,7 +166,7 @@ def _stand_in_driver(recorder: _Recorder):
             return ty
 
         def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+            return GPUTarget("cuda", recorder.arch, 32)
 
         def get_active_torch_device(self):
             return torch.device("meta")
@@ -201,18 +225,15 @@ def _patched(owner, name: str, value):
         setattr(owner, name, old)
 
 
-def capture(full: bool) -> tp.List[Launch]:
-    """Run every scenario on meta tensors; returns the distinct launches in the order first seen."""
+def capture(full: bool, archs: tp.Sequence[int] = (90,)) -> tp.List[Launch]:
+    """Run every scenario on meta tensors, once per architecture (the wrappers' tables depend on
+    it); returns the distinct launches in the order first seen, each with the architectures that
+    launch it."""
     import torch
-    from encodec_fast.model import EncodecModel
-    from encodec_fast.ops import backend
-    from encodec_fast.kernels import rvq as krvq
-    from encodec_fast.train.msstftd import MultiScaleSTFTDiscriminator
-
     from encodec_fast.modules.lstm import SLSTM
+    from encodec_fast.ops import backend
 
     recorder = _Recorder()
-    meta = torch.device("meta")
 
     def lstm_shape_only(self, x, elu, state=None):
         # The LSTM launches no kernel of ours, and torch runs it on meta tensors one time step at
@@ -220,80 +241,107 @@ def capture(full: bool) -> tp.List[Launch]:
         return torch.empty_like(x), state
     precisions = ("ieee", "tf32x3", "tf32") if full else ("ieee",)
 
+    def every_listed_config(self, *args, **kwargs):
+        # With autotuning on, a launch goes through triton's Autotuner: record every configuration
+        # it would time (after its pruning), not only the default.
+        self.nargs = dict(zip(self.arg_names, args))
+        for config in self.prune_configs(kwargs):
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        self.nargs = None
+
+    from triton.runtime.autotuner import Autotuner
     with _stand_in_driver(recorder), backend.kernels_on_any_device(), backend.use_backend("triton"), \
-            torch.no_grad(), _patched(SLSTM, "run", lstm_shape_only):
-        # SEANet encoder and decoder of both models: 1 s and 10 s, batch 1 and 64.
-        for name, factory in (("24k", EncodecModel.encodec_model_24khz), ("48k", EncodecModel.encodec_model_48khz)):
-            model = factory(pretrained=False).eval()
-            model.encoder.to(meta)
-            model.decoder.to(meta)
-            sr, ch, dim = model.sample_rate, model.channels, model.quantizer.dimension
-            for precision in precisions:
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    if dtype != torch.float32 and precision != "ieee":
-                        continue  # half dtypes multiply in their own dtype: no precision mode
-                    tag = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
-                    judged = precision == "ieee"
-                    enc, dec = model.encoder.to(dtype), model.decoder.to(dtype)
-                    with _env("ENCODEC_FAST_CONV_PRECISION", precision):
-                        for seconds, batch in ((1, 1), (1, 64), (10, 1), (10, 64)):
-                            with _scenario(recorder, f"{name} encoder {seconds}s x{batch} {tag} {precision}", judged):
-                                enc(torch.empty(batch, ch, sr * seconds, device=meta, dtype=dtype))
-                            frames = -(-sr * seconds // model.encoder.hop_length)
-                            with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
-                                dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
+            torch.no_grad(), _patched(SLSTM, "run", lstm_shape_only), _patched(Autotuner, "run", every_listed_config):
+        from encodec_fast.kernels import tuning
+        for arch in archs:
+            recorder.arch = arch
+            tuning._ARCHS.clear()  # the wrappers ask the (stand-in) driver again
+            for tuned in (False, True):
+                recorder.suffix = " [autotune list]" if tuned else ""
+                with _env("ENCODEC_FAST_AUTOTUNE", "1" if tuned else "0"):
+                    _scenarios(recorder, precisions)
+        tuning._ARCHS.clear()
+    return list(recorder.launches.values())
 
-        # RVQ: 1024-entry codebooks of dimension 128, n_q 1..32, one frame and 64 x 10 s of frames.
-        D, K = 128, 1024
-        codebooks = torch.empty(32, K, D, device=meta)
-        norms = torch.empty(32, K, device=meta)
-        for precision in precisions:
-            judged = precision == "ieee"
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                tag = str(dtype).replace("torch.", "")
-                for N in (1, 750 * 64):
-                    x = torch.empty(1, D, N, device=meta, dtype=dtype)
-                    for n_q in (1, 2, 4, 8, 16, 32):
-                        with _scenario(recorder, f"rvq encode N={N} n_q={n_q} {tag} {precision}", judged):
-                            krvq.rvq_encode(x, codebooks, norms, n_q, precision)
-                    rows = x[0].t()
-                    for stats in (False, True):
-                        with _scenario(recorder, f"rvq train stage N={N} stats={stats} {tag} {precision}", judged):
-                            krvq.vq_assign(rows, codebooks[0], norms[0], stats, precision)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for N in (1, 750 * 64):
-                codes = torch.empty(32, N, dtype=torch.int64, device=meta)
-                with _scenario(recorder, f"rvq decode N={N} n_q=32 {str(dtype).replace('torch.', '')}"):
-                    krvq.rvq_decode(codes, codebooks, 1, N, dtype)
 
-        # MS-STFT discriminator (filters 32, the three scales): Conv2d + LeakyReLU forward, and the
-        # spectrogram layout kernel forward and backward.
-        disc = MultiScaleSTFTDiscriminator(filters=32).to(meta)
+def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
+    """Every launch of both models, the RVQ kernels and the discriminator, on meta tensors."""
+    import torch
+    from encodec_fast.model import EncodecModel
+    from encodec_fast.kernels import rvq as krvq
+    from encodec_fast.train.msstftd import MultiScaleSTFTDiscriminator
+    meta = torch.device("meta")
+    # SEANet encoder and decoder of both models: 1 s and 10 s, batch 1 and 64.
+    for name, factory in (("24k", EncodecModel.encodec_model_24khz), ("48k", EncodecModel.encodec_model_48khz)):
+        model = factory(pretrained=False).eval()
+        model.encoder.to(meta)
+        model.decoder.to(meta)
+        sr, ch, dim = model.sample_rate, model.channels, model.quantizer.dimension
         for precision in precisions:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 if dtype != torch.float32 and precision != "ieee":
-                    continue
+                    continue  # half dtypes multiply in their own dtype: no precision mode
                 tag = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
-                disc.to(dtype)
+                judged = precision == "ieee"
+                enc, dec = model.encoder.to(dtype), model.decoder.to(dtype)
                 with _env("ENCODEC_FAST_CONV_PRECISION", precision):
-                    for d in disc.discriminators:
-                        with _scenario(recorder, f"msstftd n_fft={d.n_fft} 1s x8 {tag} {precision}", precision == "ieee"):
-                            frames = 1 + (24000 - d.win_length) // d.hop_length
-                            z = torch.empty(8, 2, frames, d.n_fft // 2 + 1, device=meta, dtype=dtype)
-                            for layer in d.convs:
-                                z = layer(z, 0.2)
-                            d.conv_post(z)
-        disc.float()
-        from encodec_fast.kernels import stft as kstft
-        for d in disc.discriminators:
-            frames = 1 + (24000 - d.win_length) // d.hop_length
-            spec = torch.empty(8, d.n_fft // 2 + 1, frames, 2, device=meta)
-            with _scenario(recorder, f"spectrogram n_fft={d.n_fft} forward"):
-                kstft.scaled_copy(spec.view(8, 1, d.n_fft // 2 + 1, frames, 2).permute(0, 4, 1, 3, 2), 0.1)
-            with _scenario(recorder, f"spectrogram n_fft={d.n_fft} backward"):
-                grad = torch.empty(8, 2, 1, frames, d.n_fft // 2 + 1, device=meta)
-                kstft.scaled_copy(grad.permute(0, 2, 4, 3, 1), 0.1)
-    return list(recorder.launches.values())
+                    for seconds, batch in ((1, 1), (1, 64), (10, 1), (10, 64)):
+                        with _scenario(recorder, f"{name} encoder {seconds}s x{batch} {tag} {precision}", judged):
+                            enc(torch.empty(batch, ch, sr * seconds, device=meta, dtype=dtype))
+                        frames = -(-sr * seconds // model.encoder.hop_length)
+                        with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
+                            dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
+
+    # RVQ: 1024-entry codebooks of dimension 128, n_q 1..32, one frame and 64 x 10 s of frames.
+    D, K = 128, 1024
+    codebooks = torch.empty(32, K, D, device=meta)
+    norms = torch.empty(32, K, device=meta)
+    for precision in precisions:
+        judged = precision == "ieee"
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            tag = str(dtype).replace("torch.", "")
+            for N in (1, 750 * 64):
+                x = torch.empty(1, D, N, device=meta, dtype=dtype)
+                for n_q in (1, 2, 4, 8, 16, 32):
+                    with _scenario(recorder, f"rvq encode N={N} n_q={n_q} {tag} {precision}", judged):
+                        krvq.rvq_encode(x, codebooks, norms, n_q, precision)
+                rows = torch.empty(N, D, device=meta, dtype=dtype)  # the quantizer's flattened [B*T, D], contiguous
+                for stats in (False, True):
+                    with _scenario(recorder, f"rvq train stage N={N} stats={stats} {tag} {precision}", judged):
+                        krvq.vq_assign(rows, codebooks[0], norms[0], stats, precision)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for N in (1, 750 * 64):
+            codes = torch.empty(32, N, dtype=torch.int64, device=meta)
+            with _scenario(recorder, f"rvq decode N={N} n_q=32 {str(dtype).replace('torch.', '')}"):
+                krvq.rvq_decode(codes, codebooks, 1, N, dtype)
+
+    # MS-STFT discriminator (filters 32, the three scales): Conv2d + LeakyReLU forward, and the
+    # spectrogram layout kernel forward and backward.
+    disc = MultiScaleSTFTDiscriminator(filters=32).to(meta)
+    for precision in precisions:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if dtype != torch.float32 and precision != "ieee":
+                continue
+            tag = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
+            disc.to(dtype)
+            with _env("ENCODEC_FAST_CONV_PRECISION", precision):
+                for d in disc.discriminators:
+                    with _scenario(recorder, f"msstftd n_fft={d.n_fft} 1s x8 {tag} {precision}", precision == "ieee"):
+                        frames = 1 + (24000 - d.win_length) // d.hop_length
+                        z = torch.empty(8, 2, frames, d.n_fft // 2 + 1, device=meta, dtype=dtype)
+                        for layer in d.convs:
+                            z = layer(z, 0.2)
+                        d.conv_post(z)
+    disc.float()
+    from encodec_fast.kernels import stft as kstft
+    for d in disc.discriminators:
+        frames = 1 + (24000 - d.win_length) // d.hop_length
+        spec = torch.empty(8, d.n_fft // 2 + 1, frames, 2, device=meta)
+        with _scenario(recorder, f"spectrogram n_fft={d.n_fft} forward"):
+            kstft.scaled_copy(spec.view(8, 1, d.n_fft // 2 + 1, frames, 2).permute(0, 4, 1, 3, 2), 0.1)
+        with _scenario(recorder, f"spectrogram n_fft={d.n_fft} backward"):
+            grad = torch.empty(8, 2, 1, frames, d.n_fft // 2 + 1, device=meta)
+            kstft.scaled_copy(grad.permute(0, 2, 4, 3, 1), 0.1)
 
 
 # -- compile -----------------------------------------------------------------------------------------
@@ -373,12 +421,18 @@ def supported_archs() -> tp.List[int]:
 
 
 def compile_all(launches: tp.Sequence[Launch], archs: tp.Sequence[int], jobs: int,
-                progress: bool = True) -> tp.Dict[tp.Tuple[int, int], tp.Dict[str, tp.Any]]:
-    """{(launch index, arch): result}, from the cache where it has them."""
+                progress: bool = True, listed_archs: tp.Optional[tp.Sequence[int]] = None
+                ) -> tp.Dict[tp.Tuple[int, int], tp.Dict[str, tp.Any]]:
+    """{(launch index, arch): result}, from the cache where it has them. Launches that only the
+    autotuning lists make are compiled for `listed_archs` (default: all of `archs`)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     results, todo = {}, []
     for i, launch in enumerate(launches):
         for arch in archs:
+            if arch not in launch.roles:
+                continue
+            if listed_archs is not None and arch not in listed_archs and listed_only(launch, arch):
+                continue
             path = CACHE / f"{_cache_key(launch, arch)}.json"
             if path.exists():
                 results[(i, arch)] = {**json.loads(path.read_text()), "cached": True}
@@ -439,9 +493,30 @@ def verdicts(launches, results, archs, budget) -> tp.List[str]:
                 out.append(f"{what}: compile failure: {r['error'].splitlines()[0] if r['error'] else ''}")
             elif r["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
                 out.append(f"{what}: {r['shared']} B of shared memory > the {SHARED_LIMIT[arch]} B limit")
-            elif launch.judged and r["spill_st"] + r["spill_ld"] > budget:
-                out.append(f"{what}: spills {r['spill_st']}/{r['spill_ld']} B (stores/loads) > budget {budget} B")
+            elif launch.roles.get(arch) == "judged" and r["spill_st"] > budget:
+                out.append(f"{what}: {r['spill_st']} B of spill stores > budget {budget} B "
+                           f"({r['spill_ld']} B of loads, {r['stack']} B stack frame)")
     return out
+
+
+def worst_by_kernel(launches, results, archs) -> str:
+    """Markdown: per kernel and architecture, the most spill stores (and the largest stack frame)
+    of its default launches: the summary the README quotes."""
+    worst: tp.Dict[str, tp.Dict[int, tp.Tuple[int, int]]] = {}
+    for i, launch in enumerate(launches):
+        name = launch.kernel.strip("_").replace("_kernel", "")
+        for arch in archs:
+            r = results.get((i, arch))
+            if r is None or not r.get("ok") or launch.roles.get(arch) != "judged":
+                continue
+            old = worst.setdefault(name, {}).get(arch, (0, 0))
+            worst[name][arch] = (max(old[0], r["spill_st"]), max(old[1], r["stack"]))
+    rows = ["| kernel | " + " | ".join(f"sm_{a}: spill stores / stack B" for a in archs) + " |",
+            "|---|" + "---|" * len(archs)]
+    for name, per_arch in worst.items():
+        rows.append(f"| {name} | " + " | ".join(
+            "{} / {}".format(*per_arch[a]) if a in per_arch else "-" for a in archs) + " |")
+    return "\n".join(rows)
 
 
 def table(launches, results, archs) -> str:
@@ -469,7 +544,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                                       "where the installed triton supports it)")
     parser.add_argument("--set", choices=("default", "full"), default="default")
     parser.add_argument("--budget", type=int, default=SPILL_BUDGET,
-                        help=f"spill bytes (stores + loads) a judged launch may have (default {SPILL_BUDGET})")
+                        help=f"bytes of spill stores a default launch may have (default {SPILL_BUDGET})")
+    parser.add_argument("--listed-archs", default=None,
+                        help="architectures for the configurations that only the autotuning lists make "
+                             "(comma-separated, or 'none'; default: those of --archs)")
     parser.add_argument("--only", default=None, help="regex on kernel, configuration and labels")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--list", action="store_true", help="list the captured launches, compile nothing")
@@ -478,27 +556,36 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     import triton
     started = time.time()
-    launches = capture(args.set == "full")
+    archs = [int(a) for a in args.archs.split(",")] if args.archs else supported_archs()
+    launches = capture(args.set == "full", archs)
     if args.only:
         pattern = re.compile(args.only)
         launches = [x for x in launches if pattern.search(" ".join([x.kernel, x.constexpr_text()] + x.labels))]
-    archs = [int(a) for a in args.archs.split(",")] if args.archs else supported_archs()
+    listed_archs = None
+    if args.listed_archs == "none":
+        listed_archs = []
+        launches = [x for x in launches if not listed_only(x)]
+    elif args.listed_archs:
+        listed_archs = [int(a) for a in args.listed_archs.split(",")]
     print(f"triton {triton.__version__}: {len(launches)} launch configurations captured in "
           f"{time.time() - started:.1f} s; compiling for {', '.join(f'sm_{a}' for a in archs)}", flush=True)
     if args.list:
         for i, launch in enumerate(launches):
-            print(f"[{i}] {launch.kernel} {launch.constexpr_text()}" + ("" if launch.judged else " (not judged)"))
+            roles = ", ".join(f"sm_{a} {r}" for a, r in sorted(launch.roles.items()))
+            print(f"[{i}] {launch.kernel} {launch.constexpr_text()} ({roles})")
             for label in launch.labels:
                 print(f"      {label}")
         return 0
-    results = compile_all(launches, archs, args.jobs)
+    results = compile_all(launches, archs, args.jobs, listed_archs=listed_archs)
     fresh = sum(1 for r in results.values() if not r.get("cached"))
     elapsed = time.time() - started
     md = table(launches, results, archs)
     print(md)
+    worst = worst_by_kernel(launches, results, archs)
+    print("\nWorst default launch per kernel:\n" + worst)
     failures = verdicts(launches, results, archs, args.budget)
     summary = (f"{len(results)} compiles ({fresh} fresh, {len(results) - fresh} cached) in {elapsed:.0f} s; "
-               f"{len(failures)} problems (budget {args.budget} B of spills)")
+               f"{len(failures)} problems (budget {args.budget} B of spill stores)")
     print("\n" + summary)
     for line in failures:
         print("  " + line)
@@ -507,13 +594,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         import report
         data = {"machine": report.machine(), "triton": triton.__version__, "archs": archs, "budget": args.budget,
                 "set": args.set, "seconds": elapsed, "fresh_compiles": fresh, "problems": failures,
-                "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "judged": x.judged,
+                "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "roles": {str(a): r for a, r in x.roles.items()},
                               "labels": x.labels, "results": {str(a): results.get((i, a)) for a in archs}}
                              for i, x in enumerate(launches)]}
         header = (f"# Ahead-of-time compile check (triton {triton.__version__}, {data['machine']['date']})\n\n"
                   f"`python bench/compile_gpu.py --set {args.set}`: {summary}.\n\n")
         stem = report.save(args.out, "compile_gpu_triton" + triton.__version__.replace(".", "-"), data,
-                           header + md + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n")
+                           header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md + "\n\n"
+                           + "\n".join(f"- {f}" for f in failures) + "\n")
         print(f"saved {stem}.json and .md")
     return 1 if failures else 0
 

@@ -1,7 +1,16 @@
 """GPU check and benchmark: every Triton kernel against its PyTorch path, on one CUDA device.
 
-    python bench/gpu.py [--quick] [--out bench/results]
+    python bench/gpu.py [--quick] [--configs default|legacy|autotune] [--stages NAME,...]
+                        [--budget-seconds S] [--out bench/results]
     python bench/gpu.py --smoke      # no GPU: tiny shapes on CPU in Triton's interpreter (plumbing only)
+
+--configs picks the kernels' launch configurations: `default` (the no-spill table in the kernel
+wrappers), `legacy` (the block sizes, warps and stages before the compile check, issue 13: RVQ
+64 x 64 blocks with 4 warps, convolutions with 4 warps and 3 pipeline stages; the Conv2d kernel's
+loop over kernel width stays a loop), or `autotune` (ENCODEC_FAST_AUTOTUNE=1: triton.autotune over
+the listed configurations; the picks are recorded). Each timed Triton op records the launches it
+made: kernel, block sizes, num_warps, num_stages, and the compiled kernel's registers, local
+memory (spills and stack, as the driver reports it) and shared memory.
 
 1. Correctness on the GPU (the interpreter cannot see everything: TF32, real atomics, bf16):
    RVQ encode codes against the exact-fp32 torch path (differences must be ties), decode
@@ -17,7 +26,9 @@
      each backend and upstream `encodec.quantization.core_vq` when `encodec` is importable;
    - whole-model 24 kHz encode and decode, seconds of audio per second: torch fp32, Triton fp32,
      and bf16 autocast with its code agreement.
-3. JSON and a markdown table in `--out` (device, versions, date).
+3. JSON and a markdown table in `--out` (device, versions, date), rewritten after every stage, so
+   a run stopped by a time limit keeps what it finished; --budget-seconds skips the stages that
+   would start after that many seconds.
 
 On a machine without network, install `encodec` (optional) from carried wheels first. Nothing
 here asserts a speed: a kernel that loses is reported as losing.
@@ -122,6 +133,61 @@ class Precision:
             os.environ.pop("ENCODEC_FAST_RVQ_PRECISION", None)
         else:
             os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.old
+
+
+class LaunchLog:
+    """Records the Triton launches made inside `record()`: kernel, constexpr block sizes, warps,
+    stages and the compiled kernel's resources (from the driver: registers per thread, local memory
+    per thread, which holds spills and stack, and shared memory per block)."""
+
+    active: tp.Optional[list] = None
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed or SMOKE:  # the interpreter's kernels have no compiled resources
+            return
+        from triton.runtime.jit import JITFunction
+        original = JITFunction.run
+
+        def run(self, *args, grid, warmup, **kwargs):
+            kernel = original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            if cls.active is not None and not warmup and kernel is not None:
+                try:
+                    entry = {"kernel": getattr(self, "__name__", None) or self.fn.__name__}
+                    entry.update({k: v for k, v in kwargs.items() if k.startswith("BLOCK_")})
+                    entry.update(num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
+                                 registers=int(kernel.n_regs), local_bytes=4 * int(kernel.n_spills),
+                                 shared_bytes=int(kernel.metadata.shared))
+                except Exception as exc:  # never let the record break a benchmark
+                    entry["error"] = repr(exc)
+                if entry not in cls.active:
+                    cls.active.append(entry)
+            return kernel
+        JITFunction.run = run
+        cls.installed = True
+
+    @classmethod
+    def of(cls, fn: tp.Callable[[], tp.Any]) -> list:
+        """The distinct launches one call of fn makes."""
+        cls.active = []
+        try:
+            fn()
+            sync()
+            return cls.active
+        finally:
+            cls.active = None
+
+
+def launch_text(launches: list) -> str:
+    """'kernel CO64 CI32 T128 w8 s1: 128 regs, 0 B local' for each launch (markdown cell)."""
+    parts = []
+    for e in launches:
+        blocks = " ".join(f"{k[6:]}{v}" for k, v in e.items() if k.startswith("BLOCK_"))
+        res = (f"{e['registers']} regs, {e['local_bytes']} B local" if "registers" in e else e.get("error", ""))
+        parts.append(f"{e['kernel'].strip('_').replace('_kernel', '')} {blocks} w{e.get('num_warps')} "
+                     f"s{e.get('num_stages')}: {res}")
+    return "<br>".join(parts) if parts else "-"
 
 
 # -- 1. correctness --------------------------------------------------------------------------------
@@ -304,6 +370,7 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
             with ops.use_backend("triton"), Precision(precision):
                 got = rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)
                 ms = bench_ms(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked), quick)
+                launches = LaunchLog.of(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked))
             agreement = rvq.code_agreement(x, books, ref, got)
             peak = None if peaks is None else peaks["fp32" if precision == "ieee" else "tf32"]
             rows.append({
@@ -311,13 +378,14 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                 "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms,
                 "tflops": flops / ms / 1e9, "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak,
                 "frames_equal": agreement.equal / agreement.rows, "ties": agreement.ties,
-                "non_ties": agreement.non_ties})
+                "non_ties": agreement.non_ties, "launches": launches})
         with ops.use_backend("triton"):
             ms = bench_ms(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked), quick)
+            launches = LaunchLog.of(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked))
         nbytes = N * Q * 8 + N * D * 4  # codes read, output written (codebooks stay in L2)
         rows.append({"op": "rvq_decode", "kbps": kbps, "stages": Q, "frames": N, "precision": "fp32",
                      "torch_ms": torch_dec_ms, "triton_ms": ms, "speedup": torch_dec_ms / ms,
-                     "gbs": nbytes / ms / 1e6,
+                     "gbs": nbytes / ms / 1e6, "launches": launches,
                      "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -341,52 +409,60 @@ CONV_LAYERS = [
 ]
 
 
+def conv_case(device: str, layer: tuple, dtype: torch.dtype):
+    """(triton fn, torch fn, name, flops) for one of CONV_LAYERS at batch 64 x 10 s (smoke: tiny):
+    ELU + pad + conv (+ skip) as separate torch ops (cuDNN) against the fused kernel."""
+    from encodec_fast.ops import conv
+    name, C_in, C_out, K, s, d, L, residual, transposed = layer
+    batch = SIZES["rvq"][0]
+    scale_len = 1.0 if SIZES["big_checks"] else 1 / 2000
+    L = max(4 * K, int(L * scale_len))
+    if not SIZES["big_checks"]:  # smoke: fewer channels too
+        C_in, C_out = max(1, C_in // 8), max(1, C_out // 8)
+    g = torch.Generator(device=device).manual_seed(C_in + C_out)
+    x = torch.randn(batch, C_in, L, device=device, generator=g).to(dtype)
+    if transposed:
+        w = (torch.randn(C_in, C_out, K, device=device, generator=g) / (C_in * 2) ** 0.5).to(dtype)
+        b = torch.zeros(C_out, device=device, dtype=dtype)
+        total = K - s
+        start, length = total - total // 2, (L - 1) * s + K - total
+        args = (x, w, b, s, start, length, True)
+        ref_fn, fn = conv.conv_transpose1d_torch, conv.conv_transpose1d
+        flops = 2.0 * batch * L * C_in * C_out * K
+    else:
+        w = (torch.randn(C_out, C_in, K, device=device, generator=g) / (C_in * K) ** 0.5).to(dtype)
+        b = torch.zeros(C_out, device=device, dtype=dtype)
+        p = (K - 1) * d - (s - 1)
+        extra = math.ceil(L / s) * s - L
+        pads = (p - p // 2, p // 2 + extra)
+        T = math.ceil(L / s)
+        res = torch.randn(batch, C_out, T, device=device, generator=g).to(dtype) if residual else None
+        args = (x, w, b, s, d, pads, "reflect", K > 1, res)
+        ref_fn, fn = conv.conv1d_torch, conv.conv1d
+        flops = 2.0 * batch * T * C_in * C_out * K
+    return (lambda: fn(*args)), (lambda: ref_fn(*args)), name, flops, [batch, C_in, L]
+
+
 def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
     """Each SEANet convolution kind at batch 64 x 10 s (24 kHz): ELU + pad + conv (+ skip) as
     separate torch ops (cuDNN) against the fused kernel, fp32 (exact products) and bf16."""
-    from encodec_fast.ops import conv
     rows = []
-    batch = SIZES["rvq"][0]
-    scale_len = 1.0 if SIZES["big_checks"] else 1 / 2000
-    for name, C_in, C_out, K, s, d, L, residual, transposed in CONV_LAYERS:
-        L = max(4 * K, int(L * scale_len))
-        if not SIZES["big_checks"]:  # smoke: fewer channels too
-            C_in, C_out = max(1, C_in // 8), max(1, C_out // 8)
-        g = torch.Generator(device=device).manual_seed(C_in + C_out)
-        x = torch.randn(batch, C_in, L, device=device, generator=g)
+    for layer in CONV_LAYERS:
         for dtype in (torch.float32, torch.bfloat16):
-            xd = x.to(dtype)
-            if transposed:
-                w = (torch.randn(C_in, C_out, K, device=device, generator=g) / (C_in * 2) ** 0.5).to(dtype)
-                b = torch.zeros(C_out, device=device, dtype=dtype)
-                total = K - s
-                start, length = total - total // 2, (L - 1) * s + K - total
-                args = (xd, w, b, s, start, length, True)
-                ref_fn, fn = conv.conv_transpose1d_torch, conv.conv_transpose1d
-                flops = 2.0 * batch * L * C_in * C_out * K
-            else:
-                w = (torch.randn(C_out, C_in, K, device=device, generator=g) / (C_in * K) ** 0.5).to(dtype)
-                b = torch.zeros(C_out, device=device, dtype=dtype)
-                p = (K - 1) * d - (s - 1)
-                extra = math.ceil(L / s) * s - L
-                pads = (p - p // 2, p // 2 + extra)
-                T = math.ceil(L / s)
-                res = torch.randn(batch, C_out, T, device=device, generator=g).to(dtype) if residual else None
-                args = (xd, w, b, s, d, pads, "reflect", K > 1, res)
-                ref_fn, fn = conv.conv1d_torch, conv.conv1d
-                flops = 2.0 * batch * T * C_in * C_out * K
+            fn, ref_fn, name, flops, shape = conv_case(device, layer, dtype)
             with torch.no_grad():
-                ref = ref_fn(*args)
+                ref = ref_fn()
                 with ops.use_backend("triton"):
-                    got = fn(*args)
+                    got = fn()
                 err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-                torch_ms = bench_ms(lambda: ref_fn(*args), quick)
+                torch_ms = bench_ms(ref_fn, quick)
                 with ops.use_backend("triton"):
-                    ms = bench_ms(lambda: fn(*args), quick)
+                    ms = bench_ms(fn, quick)
+                    launches = LaunchLog.of(fn)
             peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
-            rows.append({"op": f"conv: {name}", "dtype": str(dtype).replace("torch.", ""), "shape": [batch, C_in, L],
+            rows.append({"op": f"conv: {name}", "dtype": str(dtype).replace("torch.", ""), "shape": shape,
                          "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
-                         "tflops": flops / ms / 1e9,
+                         "tflops": flops / ms / 1e9, "launches": launches,
                          "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -414,6 +490,7 @@ def time_stft(device: str, quick: bool) -> list:
         entry = {"op": f"spectrogram n_fft={n_fft} fwd+bwd", "torch_ms": bench_ms(lambda: step("torch"), quick),
                  "triton_ms": bench_ms(lambda: step("triton"), quick), "rel_err": err}
         entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
+        entry["launches"] = LaunchLog.of(lambda: step("triton"))
         rows.append(entry)
         print(json.dumps(entry), flush=True)
     torch.manual_seed(0)
@@ -475,6 +552,7 @@ def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                      "triton_fwd_ms": bench_ms(lambda: fwd("triton"), quick),
                      "torch_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("torch"), quick),
                      "triton_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("triton"), quick)}
+            entry["launches"] = LaunchLog.of(lambda: fwd("triton"))
             entry["fwd_speedup"] = entry["torch_fwd_ms"] / entry["triton_fwd_ms"]
             entry["fwd_bwd_speedup"] = entry["torch_fwd_bwd_ms"] / entry["triton_fwd_bwd_ms"]
             entry["triton_fwd_tflops"] = flops / entry["triton_fwd_ms"] / 1e9
@@ -507,6 +585,7 @@ def time_training(device: str, quick: bool) -> list:
         for backend in ("torch", "triton"):
             model = copy.deepcopy(ours)
             entry[f"ours_{backend}_ms"] = bench_ms(lambda: step(model, backend), quick)
+        entry["launches"] = LaunchLog.of(lambda: step(model, "triton"))
         try:
             from encodec.quantization import ResidualVectorQuantizer as Upstream
             upstream = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
@@ -547,6 +626,9 @@ def time_model(device: str, quick: bool) -> list:
                 # Against the torch path's codes; the Triton convolutions' latents differ in the last
                 # bits, so a few codes on codeword boundaries differ (ties are checked in `correctness`).
                 entry[f"{label}_codes_equal_to_fp32"] = float((codes == ref[0][0]).float().mean())
+                if label == "triton_fp32":
+                    entry["launches_encode"] = LaunchLog.of(lambda: run(lambda: model.encode(x)))
+                    entry["launches_decode"] = LaunchLog.of(lambda: run(lambda: model.decode(ref)))
             entry["encode_speedup_triton_fp32"] = (entry["triton_fp32_encode_audio_s_per_s"]
                                                    / entry["torch_fp32_encode_audio_s_per_s"])
             rows.append(entry)
@@ -559,48 +641,60 @@ def time_model(device: str, quick: bool) -> list:
 def markdown(report: dict) -> str:
     lines = [f"# GPU benchmark ({report['date']})", "",
              f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}, "
-             f"CUDA {report['cuda']}; Python {report['python']}.", "",
+             f"CUDA {report['cuda']}; Python {report['python']}. Launch configurations: "
+             f"**{report.get('configs', 'default')}** ({CONFIG_TEXT[report.get('configs', 'default')]}); stages run: "
+             f"{', '.join(report.get('stages_run', []))}"
+             + (f"; skipped for the time budget: {', '.join(report['stages_skipped'])}" if report.get("stages_skipped") else "")
+             + ".", "",
              "## Correctness on the GPU", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'pass' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in report["checks"]]
     lines += ["", "## RVQ kernels (median ms, do_bench)", "",
-              "| op | kbps | precision | torch ms | triton ms | speed-up | TFLOP/s or GB/s | roofline | frames equal | ties | non-ties |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rvq"]:
+              "| op | kbps | precision | torch ms | triton ms | speed-up | TFLOP/s or GB/s | roofline | frames equal | ties | non-ties | launch: config, resources |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("rvq", []):
         rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbs']:.0f} GB/s"
         roof = "-" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.0f}%"
         lines.append(f"| {r['op']} | {r['kbps']} | {r['precision']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | "
                      f"{r['speedup']:.2f}x | {rate} | {roof} | {r.get('frames_equal', 1.0):.4f} | "
-                     f"{r.get('ties', '-')} | {r.get('non_ties', '-')} |")
+                     f"{r.get('ties', '-')} | {r.get('non_ties', '-')} | {launch_text(r.get('launches', []))} |")
     lines += ["", "## Fused convolutions: ELU + pad + conv (+ skip) in torch (cuDNN) vs one kernel (median ms)", "",
-              "| layer | dtype | input | torch ms | triton ms | speed-up | TFLOP/s | roofline | max rel. error |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| layer | dtype | input | torch ms | triton ms | speed-up | TFLOP/s | roofline | max rel. error | launch: config, resources |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("conv", []):
         roof = "-" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.0f}%"
         lines.append(f"| {r['op'][6:]} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {r['torch_ms']:.3f} | "
-                     f"{r['triton_ms']:.3f} | {r['speedup']:.2f}x | {r['tflops']:.1f} | {roof} | {r['rel_err']:.1e} |")
+                     f"{r['triton_ms']:.3f} | {r['speedup']:.2f}x | {r['tflops']:.1f} | {roof} | {r['rel_err']:.1e} | "
+                     f"{launch_text(r.get('launches', []))} |")
     lines += ["", "## MS-STFT discriminator (median ms)", "", "| op | torch ms | triton ms | speed-up |",
               "|---|---|---|---|"]
     for r in report.get("stft", []):
         lines.append(f"| {r['op']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.2f}x |")
     lines += ["", "## Discriminator Conv2d + LeakyReLU: cuDNN + LeakyReLU vs the fused kernel (median ms)", "",
               "| layer | dtype | input | torch fwd | triton fwd | speed-up | torch fwd+bwd | triton fwd+bwd | speed-up | "
-              "TFLOP/s | roofline | max rel. error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "TFLOP/s | roofline | max rel. error | launch: config, resources |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("conv2d", []):
         roof = "-" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.0f}%"
         lines.append(f"| {r['op']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {r['torch_fwd_ms']:.3f} | "
                      f"{r['triton_fwd_ms']:.3f} | {r['fwd_speedup']:.2f}x | {r['torch_fwd_bwd_ms']:.3f} | "
                      f"{r['triton_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']:.2f}x | {r['triton_fwd_tflops']:.1f} | "
-                     f"{roof} | {r['rel_err']:.1e} |")
+                     f"{roof} | {r['rel_err']:.1e} | {launch_text(r.get('launches', []))} |")
     lines += ["", "## Quantizer training step (forward + backward + EMA, median ms)", "",
               "| stages | upstream | ours torch | ours triton | vs upstream | vs torch backend |", "|---|---|---|---|---|---|"]
-    for r in report["training"]:
+    for r in report.get("training", []):
         up = "-" if r["upstream_ms"] is None else f"{r['upstream_ms']:.2f}"
         vs = "-" if r["upstream_ms"] is None else f"{r['speedup_vs_upstream']:.2f}x"
         lines.append(f"| {r['stages']} | {up} | {r['ours_torch_ms']:.2f} | {r['ours_triton_ms']:.2f} | {vs} | "
                      f"{r['speedup_vs_torch_backend']:.2f}x |")
+    if report.get("autotune_picks"):
+        lines += ["", "## Autotune picks (fastest listed configuration per tuning key)", "",
+                  "| kernel | size class | key | configuration |", "|---|---|---|---|"]
+        for p in report["autotune_picks"]:
+            lines.append(f"| {p['kernel']} | {p['size_class']} | {' '.join(p['key'])} | "
+                         f"{' '.join(f'{k}={v}' for k, v in p['config'].items())} |")
     lines += ["", "## Whole model (seconds of audio per second)", "",
               "| model | kbps | mode | encode | decode | codes equal to torch fp32 |", "|---|---|---|---|---|---|"]
-    for r in report["model"]:
+    for r in report.get("model", []):
         for label in ("torch_fp32", "triton_fp32", "triton_bf16"):
             lines.append(f"| {r['op']} | {r['kbps']} | {label} | {r[label + '_encode_audio_s_per_s']:.1f} | "
                          f"{r[label + '_decode_audio_s_per_s']:.1f} | {r[label + '_codes_equal_to_fp32']:.4f} |")
@@ -617,13 +711,52 @@ def error_checks(rows: list) -> list:
     return checks
 
 
+CONFIG_TEXT = {
+    "default": "the no-spill table in the kernel wrappers",
+    "legacy": "before the compile check: RVQ 64 x 64 blocks, 4 warps; convolutions 4 warps, 3 stages",
+    "autotune": "ENCODEC_FAST_AUTOTUNE=1, triton.autotune over the listed configurations",
+}
+STAGES = ("correctness", "rvq", "conv", "stft", "conv2d", "training", "model")
+
+
+def legacy_configs() -> None:
+    """The launch configurations before issue 13's compile check, patched into the wrappers."""
+    from encodec_fast.kernels import conv as kconv, rvq as krvq
+    from encodec_fast.ops.backend import interpreting
+    import triton
+    default_blocks, default_config = kconv._blocks, krvq._config
+
+    def blocks(C_in, C_out, T, kind="conv1d"):
+        if interpreting():
+            return default_blocks(C_in, C_out, T, kind)
+        return (min(64, max(16, triton.next_power_of_2(C_out))), min(32, max(16, triton.next_power_of_2(C_in))),
+                128 if T >= 128 else max(16, triton.next_power_of_2(T)), 4, 3)
+
+    def config(N, D, K, encode, half_input=False):
+        if interpreting():
+            return default_config(N, D, K, encode, half_input)
+        block_d = krvq._block_d(D)
+        block_n = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(N)))
+        block_k = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(K)))
+        return block_n, block_k, 4, 3
+    kconv._blocks, krvq._config = blocks, config
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--configs", choices=tuple(CONFIG_TEXT), default="default")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated among {','.join(STAGES)}")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="start no stage after this many seconds (what finished is saved)")
     parser.add_argument("--smoke", action="store_true",
                         help="no GPU: tiny shapes on CPU under TRITON_INTERPRET=1, to check the script runs")
     args = parser.parse_args()
+    stages = [x for x in args.stages.split(",") if x]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose among {STAGES}")
     global SMOKE, SIZES
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -634,46 +767,72 @@ def main() -> int:
         print("bench/gpu.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
     import triton
+    if args.configs == "legacy":
+        legacy_configs()
+    elif args.configs == "autotune":
+        os.environ["ENCODEC_FAST_AUTOTUNE"] = "1"
+    else:
+        os.environ.pop("ENCODEC_FAST_AUTOTUNE", None)
+    LaunchLog.install()
     torch.backends.cuda.matmul.allow_tf32 = False  # the torch path is exact fp32, as the reference
     torch.backends.cudnn.allow_tf32 = False
     device = "cpu" if SMOKE else "cuda"
     name = "CPU (smoke run, Triton interpreter)" if SMOKE else torch.cuda.get_device_name()
-    report = {
+    report: tp.Dict[str, tp.Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "host": platform.node(),
+        "python": platform.python_version(), "host": platform.node(), "configs": args.configs,
+        "quick": args.quick, "stages_run": [], "stages_skipped": [], "checks": [], "peaks": peaks_for(name),
     }
-    t0 = time.perf_counter()
-
-    def stage(label: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f} s] {label}", flush=True)
-    stage("correctness")
-    report["checks"] = correctness(device)
-    peaks = peaks_for(name)
-    report["peaks"] = peaks
-    stage("RVQ timings")
-    report["rvq"] = time_rvq(device, args.quick, peaks)
-    stage("convolution timings")
-    report["conv"] = time_convs(device, args.quick, peaks)
-    report["checks"] += error_checks(report["conv"])
-    stage("discriminator timings")
-    report["stft"] = time_stft(device, args.quick)
-    for r in report["stft"]:
-        if r["rel_err"] is not None:
-            report["checks"].append({"check": f"{r['op']} vs torch", "ok": r["rel_err"] <= 1e-5,
-                                     "detail": f"max rel. error {r['rel_err']:.1e} (limit 1e-05)"})
-    stage("discriminator conv2d timings")
-    report["conv2d"] = time_conv2d(device, args.quick, peaks)
-    report["checks"] += error_checks(report["conv2d"])
-    stage("training-step timings")
-    report["training"] = time_training(device, args.quick)
-    stage("whole-model timings")
-    report["model"] = time_model(device, args.quick)
-    stage("done")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_{datetime.date.today().isoformat()}" + ("_smoke" if SMOKE else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    stem = f"gpu_{datetime.date.today().isoformat()}_{args.configs}" + ("_smoke" if SMOKE else "")
+
+    def save() -> None:
+        from encodec_fast.kernels import tuning
+        report["autotune_picks"] = tuning.chosen()
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+        (args.out / f"{stem}.md").write_text(markdown(report))
+
+    peaks = report["peaks"]
+    t0 = time.perf_counter()
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        elapsed = time.perf_counter() - t0
+        if args.budget_seconds is not None and elapsed > args.budget_seconds:
+            report["stages_skipped"].append(stage)
+            print(f"[{elapsed:6.1f} s] {stage}: skipped (past the {args.budget_seconds:.0f} s budget)", flush=True)
+            continue
+        print(f"[{elapsed:6.1f} s] {stage}", flush=True)
+        try:
+            if stage == "correctness":
+                report["checks"] += correctness(device)
+            elif stage == "rvq":
+                report["rvq"] = time_rvq(device, args.quick, peaks)
+            elif stage == "conv":
+                report["conv"] = time_convs(device, args.quick, peaks)
+                report["checks"] += error_checks(report["conv"])
+            elif stage == "stft":
+                report["stft"] = time_stft(device, args.quick)
+                report["checks"] += [{"check": f"{r['op']} vs torch", "ok": r["rel_err"] <= 1e-5,
+                                      "detail": f"max rel. error {r['rel_err']:.1e} (limit 1e-05)"}
+                                     for r in report["stft"] if r["rel_err"] is not None]
+            elif stage == "conv2d":
+                report["conv2d"] = time_conv2d(device, args.quick, peaks)
+                report["checks"] += error_checks(report["conv2d"])
+            elif stage == "training":
+                report["training"] = time_training(device, args.quick)
+            elif stage == "model":
+                report["model"] = time_model(device, args.quick)
+        except Exception as exc:  # a stage that breaks is a result: record it, go on with the next
+            traceback.print_exc()
+            report["checks"].append({"check": f"stage {stage} ran", "ok": False,
+                                     "detail": f"{type(exc).__name__}: {exc}"})
+        report["stages_run"].append(stage)
+        report["seconds"] = time.perf_counter() - t0
+        save()
+    print(f"[{time.perf_counter() - t0:6.1f} s] done", flush=True)
+    save()
     print(markdown(report))
     return 0 if all(c["ok"] for c in report["checks"]) else 1
 

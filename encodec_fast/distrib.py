@@ -45,3 +45,17 @@ def sync_buffer(buffers: tp.Iterable[torch.Tensor], average: bool = True) -> Non
     if average:
         for b in buffers:
             b.data /= world_size()
+
+
+def average_metrics(metrics: tp.Dict[str, float], count: float = 1.0) -> tp.Dict[str, float]:
+    """Average named floats across workers, each worker's values weighted by `count` (its batch
+    size, say); the values themselves when not distributed."""
+    if not is_distributed() or not metrics:
+        return dict(metrics)
+    keys = list(metrics)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([float(metrics[k]) * count for k in keys] + [float(count)], device=device,
+                          dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    values = (tensor[:-1] / tensor[-1]).cpu().tolist()
+    return dict(zip(keys, values))

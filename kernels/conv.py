@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..ops.backend import interpreting
+from . import tuning
 
 
 @triton.jit
@@ -169,22 +170,56 @@ def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
 
 # -- launch wrappers -------------------------------------------------------------------------------
 
-def _blocks(C_in: int, C_out: int, T: int):
-    """(BLOCK_CO, BLOCK_CI, BLOCK_T, num_warps, num_stages) for a launch.
+def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
+    """(BLOCK_CO, BLOCK_CI, BLOCK_T, num_warps, num_stages) for a launch of `kind` (conv1d,
+    conv_transpose1d, conv2d; T is the number of output positions per program row).
 
     On a GPU: 8 warps and no software pipelining of the input-channel loop. Compiled for sm_80 and
     sm_90 (bench/compile_gpu.py, triton 3.6), the pipelined loop (num_stages 2-3) with ELU applied
     to each loaded tile made ptxas fall to 32 registers with 11-226 KB of spills per thread for
-    every fp32 layer with ELU; with one stage and 8 warps every layer of both models compiles
-    without spills, fp32 and half alike. Not yet timed on a GPU.
+    every fp32 layer with ELU; timed on an H200 (bench/gpu.py, batch 64 x 10 s), those layers took
+    190-370 ms with the old 4 warps and 3 stages against 15-28 ms with these.
+    Convolutions over few input channels (C_in <= 32: the first encoder layers and the decoder's
+    last) run 16 channels x 256 positions per step: on the H200, 1.15-1.75x faster than 32 x 128
+    in fp32 and bf16 (enc first conv 15.2 -> 9.0 ms, enc down s2 14.6 -> 9.1 ms fp32; the
+    decoder's last layer not timed). Transposed convolutions and Conv2d keep 32 x 128 (not timed
+    otherwise).
     """
     if interpreting():  # each program costs milliseconds whatever its size: few, large ones
         return (min(256, max(16, triton.next_power_of_2(C_out))), min(128, max(16, triton.next_power_of_2(C_in))),
                 min(1024, max(16, triton.next_power_of_2(T))), 4, 1)
     block_co = min(64, max(16, triton.next_power_of_2(C_out)))
+    if kind == "conv1d" and C_in <= 32 and T >= 256:
+        return block_co, 16, 256, 8, 1
     block_ci = min(32, max(16, triton.next_power_of_2(C_in)))
     block_t = 128 if T >= 128 else max(16, triton.next_power_of_2(T))
     return block_co, block_ci, block_t, 8, 1
+
+
+#: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as
+#: (BLOCK_CO, BLOCK_CI, BLOCK_positions, num_warps, num_stages), clamped to each launch's sizes:
+#: the former default and the ones the H200 picked for some layer (bench/results/gpu_*_autotune).
+#: bench/compile_gpu.py compiles every one of them for every layer.
+LISTED = [(64, 32, 128, 8, 1), (32, 16, 128, 4, 1), (32, 16, 256, 4, 2), (64, 16, 256, 8, 1)]
+
+
+def _launch(kernel, args, constants, C_in, C_out, positions, block_name, grid, key):
+    """Launch with `_blocks`' default, or autotuned over LISTED; grid(BLOCK_CO, BLOCK_positions)."""
+    kind = {"BLOCK_T": "conv1d", "BLOCK_J": "conv_transpose1d", "BLOCK_P": "conv2d"}[block_name]
+    bco, bci, bp, warps, stages = _blocks(C_in, C_out, positions, kind)
+    if interpreting() and block_name == "BLOCK_P":
+        bp = min(4096, max(16, triton.next_power_of_2(positions)))
+    default = tuning.config({"BLOCK_CO": bco, "BLOCK_CI": bci, block_name: bp}, warps, stages)
+    caps = {"BLOCK_CO": max(16, triton.next_power_of_2(C_out)), "BLOCK_CI": max(16, triton.next_power_of_2(C_in)),
+            block_name: max(16, triton.next_power_of_2(positions))}
+    # A pipelined input loop with ELU on fp32 tiles spills kilobytes (up to 80 KB, compile check):
+    # not worth timing.
+    pipelining_ok = not constants.get("ELU") or constants["HALF_DOT"]
+    listed = [tuning.config({"BLOCK_CO": co, "BLOCK_CI": ci, block_name: p}, w, st) for co, ci, p, w, st in LISTED
+              if st == 1 or pipelining_ok]
+    tuning.launch(kernel, lambda meta: grid(meta["BLOCK_CO"], meta[block_name]), args, constants, default,
+                  listed, key=key, size=positions,
+                  clamp=lambda kw: {name: min(value, caps[name]) for name, value in kw.items()})
 
 
 def _half_dot(x: torch.Tensor) -> bool:
@@ -203,15 +238,14 @@ def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, res
         return out
     # Upstream's reflect rule for short inputs: zeros appended up to max(left, right) + 1 first.
     L_ext = max(L, max(left, right) + 1) if reflect else L
-    bco, bci, bt, warps, stages = _blocks(C_in, C_out, T_out)
-    grid = (triton.cdiv(T_out, bt), triton.cdiv(C_out, bco), B)
     res = residual if residual is not None else out
-    _conv1d_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, res, out,
-                         C_in, C_out, L, L_ext, T_out, left, stride, dilation,
-                         *x.stride(), *res.stride(), *out.stride(),
-                         K=K, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_T=bt, ELU=elu, REFLECT=reflect,
-                         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HALF_DOT=_half_dot(x),
-                         PRECISION=precision, num_warps=warps, num_stages=stages)
+    args = (x, weight_kco, bias if bias is not None else weight_kco, res, out,
+            C_in, C_out, L, L_ext, T_out, left, stride, dilation, *x.stride(), *res.stride(), *out.stride())
+    constants = dict(K=K, ELU=elu, REFLECT=reflect, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                     HALF_DOT=_half_dot(x), PRECISION=precision)
+    _launch(_conv1d_kernel, args, constants, C_in, C_out, T_out, "BLOCK_T",
+            lambda bco, bt: (triton.cdiv(T_out, bt), triton.cdiv(C_out, bco), B),
+            key=("C_in", "C_out", "stride", "dilation", "K", "ELU", "HAS_RES", "PRECISION"))
     return out
 
 
@@ -225,14 +259,12 @@ def conv_transpose1d(x, weight_kco, bias, stride, start, length, elu, precision,
         return out
     j0 = start // stride
     n_j = (start + length - 1) // stride - j0 + 1
-    bco, bci, bj, warps, stages = _blocks(C_in, C_out, n_j)
-    grid = (triton.cdiv(n_j, bj) * stride, triton.cdiv(C_out, bco), B)
-    _conv_transpose1d_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, out,
-                                   C_in, C_out, L, start, length, j0, n_j,
-                                   *x.stride(), *out.stride(),
-                                   K=K, S=stride, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_J=bj, ELU=elu,
-                                   HAS_BIAS=bias is not None, HALF_DOT=_half_dot(x), PRECISION=precision,
-                                   num_warps=warps, num_stages=stages)
+    args = (x, weight_kco, bias if bias is not None else weight_kco, out, C_in, C_out, L, start, length, j0, n_j,
+            *x.stride(), *out.stride())
+    constants = dict(K=K, S=stride, ELU=elu, HAS_BIAS=bias is not None, HALF_DOT=_half_dot(x), PRECISION=precision)
+    _launch(_conv_transpose1d_kernel, args, constants, C_in, C_out, n_j, "BLOCK_J",
+            lambda bco, bj: (triton.cdiv(n_j, bj) * stride, triton.cdiv(C_out, bco), B),
+            key=("C_in", "C_out", "K", "S", "ELU", "PRECISION"))
     return out
 
 
@@ -248,15 +280,11 @@ def conv2d_leaky_relu(x, weight_kco, KH, KW, bias, stride, dilation, padding, sl
     if H_out <= 0 or W_out <= 0 or B == 0:
         return out
     P = H_out * W_out
-    bco, bci, bp, warps, stages = _blocks(C_in, C_out, P)
-    if interpreting():
-        bp = min(4096, max(16, triton.next_power_of_2(P)))
-    grid = (triton.cdiv(P, bp), triton.cdiv(C_out, bco), B)
-    _conv2d_leaky_relu_kernel[grid](x, weight_kco, bias if bias is not None else weight_kco, out,
-                                    C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
-                                    0.0 if slope is None else float(slope),
-                                    *x.stride(), *out.stride(),
-                                    KH=KH, KW=KW, BLOCK_CO=bco, BLOCK_CI=bci, BLOCK_P=bp,
-                                    HAS_BIAS=bias is not None, ACTIVATE=slope is not None,
-                                    HALF_DOT=_half_dot(x), PRECISION=precision, num_warps=warps, num_stages=stages)
+    args = (x, weight_kco, bias if bias is not None else weight_kco, out, C_in, C_out, H, W, H_out, W_out,
+            sh, sw, dh, dw, ph, pw, 0.0 if slope is None else float(slope), *x.stride(), *out.stride())
+    constants = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, ACTIVATE=slope is not None, HALF_DOT=_half_dot(x),
+                     PRECISION=precision)
+    _launch(_conv2d_leaky_relu_kernel, args, constants, C_in, C_out, P, "BLOCK_P",
+            lambda bco, bp: (triton.cdiv(P, bp), triton.cdiv(C_out, bco), B),
+            key=("C_in", "C_out", "W", "sw", "dw", "KH", "KW", "PRECISION"))
     return out

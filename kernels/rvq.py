@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..ops.backend import interpreting
+from . import tuning
 
 
 @triton.jit
@@ -42,7 +43,9 @@ def _nearest(r, cb_ptr, norm_ptr, K, D, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_K:
     return best_i
 
 
-@triton.jit
+# n_q is not specialized: with n_q == 1 as a constant, the unrolled single stage compiled to 32
+# registers and 7.5 KB of spills per thread on sm_90 (the loop: 255 registers, 256 B).
+@triton.jit(do_not_specialize=["n_q"])
 def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, N, T, D, K, n_q,
                        stride_xb, stride_xd, stride_xt,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -117,26 +120,67 @@ def _block_d(D: int) -> int:
 
 
 def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
-    """(BLOCK_N, BLOCK_K, num_warps) for `rvq_encode` (`encode`) or `vq_assign`: fixed choices
-    (autotuning does not run in the interpreter, where each loop iteration costs milliseconds
-    whatever its size, so blocks are large there).
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rvq_encode` (`encode`) or `vq_assign`.
 
-    On a GPU, 32 rows x 32 codewords per step: compiled for sm_80, sm_90 and sm_100
-    (bench/compile_gpu.py, triton 3.6 and 3.9, D=128), the former 64 x 64 blocks made ptxas fall to
-    32 registers with 9-13 KB of spills per thread in exact fp32; 32 x 32 compiles without spills.
-    Two exceptions, also from the compile check: the training stage on half inputs still spilled
-    about 3 KB on sm_90 at 32 rows (16 rows there), and the encode kernel with 4 warps spilled
-    1.2 KB on sm_100 with triton 3.6 (8 warps: none)."""
-    block_d = _block_d(D)
+    Under the interpreter, where each loop iteration costs milliseconds whatever its size: large
+    blocks. On a GPU, a table by architecture and Triton version, from timing every block size on
+    an H200 with triton 3.6 (bench/gpu_sweep.py, bench/results/gpu_sweep_2026-11-30.md; 48,000
+    frames, D=128, K=1024) and compiling the candidates for sm_80/90/100 with triton 3.6 and 3.9
+    (bench/compile_gpu.py):
+    - encode, triton 3.6 on sm_80/sm_90: 64 rows x 64 codewords, 4 warps, 2 stages, the fastest of
+      21 configurations in exact fp32 (7.7 ms for 8 stages; the fastest without local memory,
+      32 x 64, 14.0 ms; 32 x 32 with 8 warps, the table before, 27.5 ms) and within 5% of the
+      fastest in tf32. It keeps 256 bytes of local memory per thread (440 B of spill stores on
+      sm_90): cheap, unlike the 5-20 KB that 128-row blocks spill (10-30x slower).
+      Elsewhere that block spills (sm_100 with 3.6: 10 KB; 3.9: 1.5 KB): 32 x 64 with 2 stages
+      (3.9: at most 16 B), or 32 x 32 with 8 warps on sm_100 with 3.6 (none). Not timed.
+    - training stage, fp32 rows, triton 3.6 on sm_80/sm_90: 64 x 128 with 8 warps (0.18 ms for
+      4,800 rows; 32 x 32, the table before: 0.33 ms); elsewhere 16 x 64 (0.25 ms on the H200;
+      at most 292 B of spill stores elsewhere).
+    - training stage, half rows: 16 x 32 (not timed; 32 rows spilled 3 KB on sm_90 when compiled).
+    - larger D: 32 x 32 (not timed; registers grow with D)."""
     if interpreting():
-        block_n, block_k, warps = 128, 256, 4
+        block_n, block_k, warps, stages = 128, 256, 4, 1
     else:
-        block_n = 16 if half_input and not encode else 32
-        block_k = 32
-        warps = 8 if encode else 4
+        measured = not tuning.TRITON_3_7 and tuning.target_arch() in (80, 90)
+        if _block_d(D) > 128:
+            block_n, block_k, warps, stages = 32, 32, 4, 2 if encode else 3
+        elif encode:
+            if measured:
+                block_n, block_k, warps, stages = 64, 64, 4, 2
+            elif tuning.TRITON_3_7:
+                block_n, block_k, warps, stages = 32, 64, 4, 2
+            else:
+                block_n, block_k, warps, stages = 32, 32, 8, 3
+        elif half_input:
+            block_n, block_k, warps, stages = 16, 32, 4, 3
+        elif measured:
+            block_n, block_k, warps, stages = 64, 128, 8, 3
+        else:
+            block_n, block_k, warps, stages = 16, 64, 4, 3
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    return block_n, block_k, warps
+    return block_n, block_k, warps, stages
+
+
+#: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages), clamped to each launch's sizes; bench/compile_gpu.py
+#: compiles every one of them.
+#: From the H200 sweep: the fastest in exact fp32 and its runners-up (64 x 64 with 3 stages,
+#: 64 x 128 with 8 warps), the fastest in tf32 (64 x 32), the fastest without local memory
+#: (32 x 64); for training, the fastest and the fastest without local memory (16 x 64).
+LISTED_ENCODE = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)]
+LISTED_ASSIGN = [(64, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3), (32, 64, 4, 3)]
+
+
+def _launch(kernel, args, constants, default, listed, N, K, key, reset_to_zero=()):
+    block_n, block_k, warps, stages = default
+    caps = {"BLOCK_N": max(16, triton.next_power_of_2(N)), "BLOCK_K": max(16, triton.next_power_of_2(K))}
+    tuning.launch(kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args, constants,
+                  tuning.config({"BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages),
+                  [tuning.config({"BLOCK_N": n, "BLOCK_K": k}, w, st) for n, k, w, st in listed],
+                  key=key, size=N, clamp=lambda kw: {name: min(value, caps[name]) for name, value in kw.items()},
+                  reset_to_zero=reset_to_zero)
 
 
 def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int,
@@ -148,11 +192,9 @@ def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_
     codes = torch.empty(n_q, N, dtype=torch.int64, device=x.device)
     if N == 0 or n_q == 0:
         return codes
-    block_n, block_k, warps = _config(N, D, K, encode=True)
-    grid = (triton.cdiv(N, block_n),)
-    _rvq_encode_kernel[grid](x, codebooks, norms, codes, N, T, D, K, n_q, *x.stride(),
-                             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(D), PRECISION=precision,
-                             num_warps=warps)
+    _launch(_rvq_encode_kernel, (x, codebooks, norms, codes, N, T, D, K, n_q, *x.stride()),
+            dict(BLOCK_D=_block_d(D), PRECISION=precision), _config(N, D, K, encode=True), LISTED_ENCODE, N, K,
+            key=("D", "K", "n_q", "PRECISION"))
     return codes
 
 
@@ -183,11 +225,10 @@ def vq_assign(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor, stat
     sums = torch.zeros(K, D, dtype=torch.float32, device=x.device) if stats else None
     if N == 0:
         return codes, quant, counts, sums
-    block_n, block_k, warps = _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16))
-    grid = (triton.cdiv(N, block_n),)
     dummy = codes  # unused pointers when STATS is off
-    _vq_assign_kernel[grid](x, codebook, norms, codes, quant, counts if stats else dummy,
-                            sums if stats else dummy, N, D, K, *x.stride(),
-                            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(D), PRECISION=precision,
-                            STATS=stats, num_warps=warps)
+    _launch(_vq_assign_kernel, (x, codebook, norms, codes, quant, counts if stats else dummy,
+                                sums if stats else dummy, N, D, K, *x.stride()),
+            dict(BLOCK_D=_block_d(D), PRECISION=precision, STATS=stats),
+            _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16)), LISTED_ASSIGN,
+            N, K, key=("D", "K", "PRECISION", "STATS"), reset_to_zero=("counts_ptr", "sums_ptr"))
     return codes, quant, counts, sums

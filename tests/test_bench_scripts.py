@@ -27,6 +27,35 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert len(report["conv2d"]) == 12 and all(r["rel_err"] < 2e-2 for r in report["conv2d"])
 
 
+def test_gpu_benchmark_budget_and_stage_selection(tmp_path):
+    """--stages picks stages, --budget-seconds skips what would start late; the report says which
+    ran and which were skipped, and the file names carry the configuration set."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--quick", "--configs", "legacy",
+                           "--stages", "rvq,training", "--budget-seconds", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("gpu_*_legacy_smoke.json")).read_text())
+    assert report["stages_run"] == [] and report["stages_skipped"] == ["rvq", "training"]
+    assert "skipped for the time budget: rvq, training" in next(tmp_path.glob("gpu_*_legacy_smoke.md")).read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--stages", "nope"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "unknown stages" in bad.stderr
+
+
+def test_gpu_sweep_smoke_run(tmp_path):
+    """bench/gpu_sweep.py --smoke: forced configurations give the reference's codes (ties only)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_sweep.py"), "--smoke", "--only",
+                           "rvq_encode,vq_assign", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("gpu_sweep_*_smoke.json")).read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"rvq_encode", "vq_assign"}
+    assert all("error" not in r and r["non_ties"] == 0 for r in rows)
+    assert len({json.dumps(r["config"], sort_keys=True) for r in rows if r["kernel"] == "rvq_encode"}) == 3
+
+
 def test_tokenize_corpus_benchmark_smoke_run(tmp_path):
     """bench/tokenize_corpus.py --smoke: a few clips through ours, upstream's loop and
     transformers (weights converted to its layout); our codes equal upstream's."""
