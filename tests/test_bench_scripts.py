@@ -56,6 +56,19 @@ def test_gpu_sweep_smoke_run(tmp_path):
     assert len({json.dumps(r["config"], sort_keys=True) for r in rows if r["kernel"] == "rvq_encode"}) == 3
 
 
+def test_quantizer_cpu_benchmark_smoke_run(tmp_path):
+    """bench/quantizer_cpu.py on a tiny batch: every implementation runs, the table and files come out."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quantizer_cpu.py"), "--batch", "1", "--seconds", "0.2",
+                           "--reps", "1", "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("quantizer_cpu_*.json")).read_text())["rows"]
+    assert {r["implementation"] for r in rows} == {"ours (scatter)", "ours (onehot)", "upstream encodec 0.1.1"}
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
 def test_tokenize_corpus_benchmark_smoke_run(tmp_path):
     """bench/tokenize_corpus.py --smoke: a few clips through ours, upstream's loop and
     transformers (weights converted to its layout); our codes equal upstream's."""

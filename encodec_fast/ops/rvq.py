@@ -64,14 +64,31 @@ def rvq_decode_torch(codes: torch.Tensor, embeds: tp.Sequence[torch.Tensor]) -> 
     return out
 
 
-def vq_assign_torch(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, stats: bool):
-    """One stage on x [N, D] -> (codes [N], quantized [N, D], counts [K] or None, sums [K, D] or None)."""
+def vq_assign_torch(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, stats: bool,
+                    scatter: bool = False):
+    """One stage on x [N, D] -> (codes [N], quantized [N, D], counts [K] or None, sums [K, D] or None).
+
+    The statistics as upstream computes them (`scatter=False`: a one-hot [N, K] matrix, its column
+    sums and `x^T @ onehot`), or by `bincount`/`index_add_` (`scatter=True`: the same counts, the
+    sums in another order, within 1e-6 relative; the training step at 24 kbps 1.9x faster on CPU,
+    bench/quantizer_cpu.py)."""
     idx = nearest_code_torch(x, embed, norms.view(1, -1))
     quant = F.embedding(idx, embed)
     if not stats:
         return idx, quant, None, None
-    onehot = F.one_hot(idx, embed.shape[0]).type(x.dtype)
+    K = embed.shape[0]
+    if scatter:
+        counts = torch.bincount(idx, minlength=K).to(x.dtype)
+        return idx, quant, counts, x.new_zeros(K, x.shape[1]).index_add_(0, idx, x)
+    onehot = F.one_hot(idx, K).type(x.dtype)
     return idx, quant, onehot.sum(0), (x.t() @ onehot).t()
+
+
+def stats_method() -> str:
+    """How the torch path computes a training stage's statistics: $ENCODEC_FAST_VQ_STATS,
+    'scatter' (default on CPU) or 'onehot' (upstream's bits; always on CUDA, where index_add_ is
+    not deterministic)."""
+    return env_choice("ENCODEC_FAST_VQ_STATS", ("scatter", "onehot"), "scatter")
 
 
 # -- dispatch --------------------------------------------------------------------------------------
@@ -141,7 +158,7 @@ def vq_assign(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, stats: 
     if select(x, embed) == "triton":
         return _kernels().vq_assign(x, embed.float().contiguous(), norms.reshape(-1).float().contiguous(),
                                     stats, rvq_precision())
-    return vq_assign_torch(x, embed, norms, stats)
+    return vq_assign_torch(x, embed, norms, stats, scatter=stats and not x.is_cuda and stats_method() == "scatter")
 
 
 # -- measuring agreement ---------------------------------------------------------------------------

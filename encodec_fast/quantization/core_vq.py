@@ -62,9 +62,11 @@ class EuclideanCodebook(nn.Module):
     """
 
     def __init__(self, dim: int, codebook_size: int, kmeans_init: bool = False, kmeans_iters: int = 10,
-                 decay: float = 0.99, epsilon: float = 1e-5, threshold_ema_dead_code: int = 2):
+                 decay: float = 0.99, epsilon: float = 1e-5, threshold_ema_dead_code: int = 2,
+                 revive_dead_codes: bool = False):
         super().__init__()
         self.decay = decay
+        self.revive_dead_codes = revive_dead_codes
         if kmeans_init:
             embed = torch.zeros(codebook_size, dim)
         else:
@@ -130,8 +132,11 @@ class EuclideanCodebook(nn.Module):
     def expire_codes_(self, batch_samples: torch.Tensor) -> None:
         """Replace codewords whose EMA count fell under the threshold by batch vectors.
 
-        As upstream, the EMA renormalisation that follows in `forward` overwrites `embed`, so
-        this has no lasting effect; kept for state and RNG compatibility.
+        As upstream, only `embed` is replaced, and the EMA renormalisation that follows in
+        `forward` overwrites it from `embed_avg` / `cluster_size`, so this has no lasting effect
+        (upstream's issue #61); kept for state and RNG compatibility. With `revive_dead_codes`
+        the EMA state is replaced too (`embed_avg` = vector x threshold, `cluster_size` =
+        threshold), so the revived codeword survives the update: the same random draws, an effect.
         """
         if self.threshold_ema_dead_code == 0:
             return
@@ -139,7 +144,13 @@ class EuclideanCodebook(nn.Module):
         if not torch.any(expired):
             return
         samples = batch_samples.reshape(-1, batch_samples.shape[-1])
-        self._set_embed(torch.where(expired[:, None], sample_vectors(samples, self.codebook_size), self.embed))
+        vectors = sample_vectors(samples, self.codebook_size)
+        self._set_embed(torch.where(expired[:, None], vectors, self.embed))
+        if self.revive_dead_codes:
+            with torch.no_grad():
+                threshold = float(self.threshold_ema_dead_code)
+                self.embed_avg.copy_(torch.where(expired[:, None], vectors * threshold, self.embed_avg))
+                self.cluster_size.masked_fill_(expired, threshold)
         from .. import distrib
         distrib.broadcast_tensors(self.buffers())
 
@@ -167,7 +178,8 @@ class VectorQuantization(nn.Module):
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: tp.Optional[int] = None, decay: float = 0.99,
                  epsilon: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 50,
-                 threshold_ema_dead_code: int = 2, commitment_weight: float = 1.0):
+                 threshold_ema_dead_code: int = 2, commitment_weight: float = 1.0, revive_dead_codes: bool = False,
+                 warn: bool = True):
         super().__init__()
         codebook_dim = dim if codebook_dim is None else codebook_dim
         projection = codebook_dim != dim
@@ -177,8 +189,10 @@ class VectorQuantization(nn.Module):
         self.commitment_weight = commitment_weight
         self._codebook = EuclideanCodebook(dim=codebook_dim, codebook_size=codebook_size, kmeans_init=kmeans_init,
                                            kmeans_iters=kmeans_iters, decay=decay, epsilon=epsilon,
-                                           threshold_ema_dead_code=threshold_ema_dead_code)
+                                           threshold_ema_dead_code=threshold_ema_dead_code,
+                                           revive_dead_codes=revive_dead_codes)
         self.codebook_size = codebook_size
+        self.warn = warn
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -199,10 +213,11 @@ class VectorQuantization(nn.Module):
         if self.training:
             quantize = x + (quantize - x).detach()
         loss = torch.tensor([0.0], device=x.device, requires_grad=self.training)
-        if self.training:
+        if self.training and self.warn:
             warnings.warn("When using RVQ in training model, first check "
                           "https://github.com/facebookresearch/encodec/issues/25 . "
                           "The bug wasn't fixed here for reproducibility.")
+        if self.training:
             if self.commitment_weight > 0:
                 loss = loss + F.mse_loss(quantize.detach(), x) * self.commitment_weight
         quantize = self.project_out(quantize).transpose(1, 2)
@@ -210,10 +225,21 @@ class VectorQuantization(nn.Module):
 
 
 class ResidualVectorQuantization(nn.Module):
-    """Residual VQ: stage i quantizes what stages < i left over."""
+    """Residual VQ: stage i quantizes what stages < i left over.
 
-    def __init__(self, *, num_quantizers: int, **kwargs):
+    In training, as upstream, each stage's straight-through output is subtracted from the residual,
+    whose gradient with respect to the encoder output is then I - I = 0: only the first stage's
+    commitment loss reaches the encoder (upstream's issue #25, kept for reproducibility). With
+    `commitment_all_stages`, each stage's output is detached before the next residual and one
+    straight-through estimator is applied to the sum (audiocraft's fix): every stage's commitment
+    loss has a gradient, the output's gradient is still the identity.
+    """
+
+    def __init__(self, *, num_quantizers: int, commitment_all_stages: bool = False, **kwargs):
         super().__init__()
+        self.commitment_all_stages = commitment_all_stages
+        if commitment_all_stages:
+            kwargs["warn"] = False
         self.layers = nn.ModuleList([VectorQuantization(**kwargs) for _ in range(num_quantizers)])
         self._stacked: tp.Dict[int, tp.Any] = {}
 
@@ -221,12 +247,17 @@ class ResidualVectorQuantization(nn.Module):
         quantized_out: tp.Any = 0.0
         residual = x
         losses, indices = [], []
+        fix = self.commitment_all_stages and self.training
         for layer in self.layers[: n_q or len(self.layers)]:
             quantized, idx, loss = layer(residual)
+            if fix:
+                quantized = quantized.detach()
             residual = residual - quantized
             quantized_out = quantized_out + quantized
             indices.append(idx)
             losses.append(loss)
+        if fix:
+            quantized_out = x + (quantized_out - x).detach()
         return quantized_out, torch.stack(indices), torch.stack(losses)
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:

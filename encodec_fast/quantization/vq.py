@@ -23,11 +23,15 @@ class ResidualVectorQuantizer(nn.Module):
     """RVQ over `dimension`-dim latents with `n_q` codebooks of `bins` entries.
 
     A bandwidth of `bw` kbps uses n_q = max(1, floor(bw / (log2(bins) * sample_rate / 1000)))
-    codebooks; no bandwidth means all of them.
+    codebooks; no bandwidth means all of them. Two fixes of upstream's training behaviour, off by
+    default (upstream's behaviour, for reproducibility): `revive_dead_codes` (its issue #61: dead
+    codewords replaced by batch vectors actually stay replaced) and `commitment_all_stages` (its
+    issue #25: every stage's commitment loss reaches the encoder).
     """
 
     def __init__(self, dimension: int = 256, n_q: int = 8, bins: int = 1024, decay: float = 0.99,
-                 kmeans_init: bool = True, kmeans_iters: int = 50, threshold_ema_dead_code: int = 2):
+                 kmeans_init: bool = True, kmeans_iters: int = 50, threshold_ema_dead_code: int = 2,
+                 revive_dead_codes: bool = False, commitment_all_stages: bool = False):
         super().__init__()
         self.n_q = n_q
         self.dimension = dimension
@@ -38,7 +42,8 @@ class ResidualVectorQuantizer(nn.Module):
         self.threshold_ema_dead_code = threshold_ema_dead_code
         self.vq = ResidualVectorQuantization(
             dim=dimension, codebook_size=bins, num_quantizers=n_q, decay=decay, kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code)
+            kmeans_iters=kmeans_iters, threshold_ema_dead_code=threshold_ema_dead_code,
+            revive_dead_codes=revive_dead_codes, commitment_all_stages=commitment_all_stages)
 
     def forward(self, x: torch.Tensor, sample_rate: int, bandwidth: tp.Optional[float] = None) -> QuantizedResult:
         """Training/evaluation forward: x [B, D, T] -> QuantizedResult (codes [n_q, B, T])."""

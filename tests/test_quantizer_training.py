@@ -1,0 +1,105 @@
+"""The quantizer's training path: the CPU scatter statistics against upstream's one-hot product,
+and the two opt-in fixes of upstream's training behaviour (its issues #61 and #25), each shown
+to have the effect it claims while the default keeps upstream's behaviour."""
+
+import copy
+
+import pytest
+import torch
+
+from encodec_fast.ops import rvq
+from encodec_fast.quantization import ResidualVectorQuantizer
+from encodec_fast.quantization.core_vq import EuclideanCodebook
+
+
+@pytest.mark.parametrize("N,K,D", [(1, 16, 4), (600, 1024, 128), (257, 64, 33)])
+def test_scatter_statistics_equal_the_one_hot_product(N, K, D):
+    g = torch.Generator().manual_seed(N + K)
+    x, embed = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+    norms = embed.pow(2).sum(-1)
+    codes, quant, counts, sums = rvq.vq_assign_torch(x, embed, norms, stats=True)
+    s_codes, s_quant, s_counts, s_sums = rvq.vq_assign_torch(x, embed, norms, stats=True, scatter=True)
+    assert torch.equal(codes, s_codes) and torch.equal(quant, s_quant) and torch.equal(counts, s_counts)
+    torch.testing.assert_close(s_sums, sums, rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_takes_scatter_on_cpu_and_onehot_on_request(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, embed = torch.randn(300, 16, generator=g), torch.randn(64, 16, generator=g)
+    norms = embed.pow(2).sum(-1)
+    monkeypatch.delenv("ENCODEC_FAST_VQ_STATS", raising=False)
+    from encodec_fast import ops
+    with ops.use_backend("torch"):
+        default = rvq.vq_assign(x, embed, norms, stats=True)
+        monkeypatch.setenv("ENCODEC_FAST_VQ_STATS", "onehot")
+        upstream_bits = rvq.vq_assign(x, embed, norms, stats=True)
+        monkeypatch.setenv("ENCODEC_FAST_VQ_STATS", "bogus")
+        with pytest.raises(ValueError):
+            rvq.vq_assign(x, embed, norms, stats=True)
+    assert torch.equal(default[3], rvq.vq_assign_torch(x, embed, norms, True, scatter=True)[3])
+    assert torch.equal(upstream_bits[3], rvq.vq_assign_torch(x, embed, norms, True, scatter=False)[3])
+
+
+def _codebook_with_dead_codes(revive: bool, threshold: int = 2) -> EuclideanCodebook:
+    torch.manual_seed(0)
+    cb = EuclideanCodebook(dim=8, codebook_size=16, kmeans_init=False, threshold_ema_dead_code=threshold,
+                           revive_dead_codes=revive).train()
+    with torch.no_grad():
+        cb.cluster_size.fill_(100.0)
+        cb.cluster_size[:4] = 0.5                       # codes 0-3 are dead
+        cb.embed[:4] = 50.0                             # and far from any data
+        cb.embed_avg.copy_(cb.embed * cb.cluster_size[:, None])
+    return cb
+
+
+def test_dead_code_revival_is_a_no_op_by_default_and_works_with_the_flag():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    upstream, never, fixed = (_codebook_with_dead_codes(False), _codebook_with_dead_codes(False, threshold=0),
+                              _codebook_with_dead_codes(True))
+    for cb in (upstream, never, fixed):
+        torch.manual_seed(5)
+        cb(x)
+    # Upstream (issue #61): the expiry's replacement vanishes in the same call.
+    assert torch.equal(upstream.embed, never.embed)
+    assert (upstream.embed[:4] > 40).all()
+    # The fix: each dead codeword is now (within the EMA's smoothing) one of the batch's vectors;
+    # from there the EMA trains it like any other: it stays among the data and gets used.
+    dists = torch.cdist(fixed.embed[:4], x).min(dim=1).values
+    assert (dists < 1e-2).all(), dists
+    for _ in range(3):
+        _, codes = fixed(x)
+    assert (torch.cdist(fixed.embed[:4], x).min(dim=1).values < 1.0).all()
+    assert torch.isin(torch.arange(4), codes).any()
+
+
+def _stage_gradients(commitment_all_stages: bool):
+    torch.manual_seed(0)
+    q = ResidualVectorQuantizer(dimension=8, n_q=4, bins=16, kmeans_init=False,
+                                commitment_all_stages=commitment_all_stages).train()
+    x = torch.randn(2, 8, 30, requires_grad=True)
+    quantized, _, losses = q.vq(x, n_q=4)
+    grads = [torch.autograd.grad(losses[i].sum(), [x], retain_graph=True)[0] for i in range(4)]
+    (ste,) = torch.autograd.grad(quantized.sum(), [x])
+    return grads, ste
+
+
+def test_commitment_reaches_the_encoder_from_every_stage_only_with_the_flag():
+    with pytest.warns(UserWarning, match="issues/25"):
+        upstream, ste = _stage_gradients(False)
+    assert upstream[0].abs().sum() > 0 and all(g.abs().sum() == 0 for g in upstream[1:])  # issue #25
+    assert torch.equal(ste, torch.ones_like(ste))
+    fixed, ste = _stage_gradients(True)
+    assert all(g.abs().sum() > 0 for g in fixed)
+    assert torch.equal(ste, torch.ones_like(ste))  # still a straight-through estimator
+
+
+def test_fixes_leave_inference_and_state_dict_unchanged():
+    torch.manual_seed(0)
+    plain = ResidualVectorQuantizer(dimension=8, n_q=4, bins=16, kmeans_init=False)
+    fixed = ResidualVectorQuantizer(dimension=8, n_q=4, bins=16, kmeans_init=False, revive_dead_codes=True,
+                                    commitment_all_stages=True)
+    fixed.load_state_dict(copy.deepcopy(plain.state_dict()))
+    assert plain.state_dict().keys() == fixed.state_dict().keys()
+    x = torch.randn(2, 8, 30)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x, 75).codes, fixed.eval()(x, 75).codes)
