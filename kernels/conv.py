@@ -203,23 +203,25 @@ def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
 LISTED = [(64, 32, 128, 8, 1), (32, 16, 128, 4, 1), (32, 16, 256, 4, 2), (64, 16, 256, 8, 1)]
 
 
+#: LISTED as launch configurations, per kernel (its position block's name) and whether software
+#: pipelining may be timed: a pipelined input loop with ELU on fp32 tiles spills kilobytes (up to
+#: 80 KB, compile check), so those are left out there.
+_LISTED_CONFIGS = {(name, pipelining): [tuning.config({"BLOCK_CO": co, "BLOCK_CI": ci, name: p}, w, st)
+                                        for co, ci, p, w, st in LISTED if st == 1 or pipelining]
+                   for name in ("BLOCK_T", "BLOCK_J", "BLOCK_P") for pipelining in (False, True)}
+_KINDS = {"BLOCK_T": "conv1d", "BLOCK_J": "conv_transpose1d", "BLOCK_P": "conv2d"}
+
+
 def _launch(kernel, args, constants, C_in, C_out, positions, block_name, grid, key):
     """Launch with `_blocks`' default, or autotuned over LISTED; grid(BLOCK_CO, BLOCK_positions)."""
-    kind = {"BLOCK_T": "conv1d", "BLOCK_J": "conv_transpose1d", "BLOCK_P": "conv2d"}[block_name]
-    bco, bci, bp, warps, stages = _blocks(C_in, C_out, positions, kind)
+    bco, bci, bp, warps, stages = _blocks(C_in, C_out, positions, _KINDS[block_name])
     if interpreting() and block_name == "BLOCK_P":
         bp = min(4096, max(16, triton.next_power_of_2(positions)))
-    default = tuning.config({"BLOCK_CO": bco, "BLOCK_CI": bci, block_name: bp}, warps, stages)
-    caps = {"BLOCK_CO": max(16, triton.next_power_of_2(C_out)), "BLOCK_CI": max(16, triton.next_power_of_2(C_in)),
-            block_name: max(16, triton.next_power_of_2(positions))}
-    # A pipelined input loop with ELU on fp32 tiles spills kilobytes (up to 80 KB, compile check):
-    # not worth timing.
-    pipelining_ok = not constants.get("ELU") or constants["HALF_DOT"]
-    listed = [tuning.config({"BLOCK_CO": co, "BLOCK_CI": ci, block_name: p}, w, st) for co, ci, p, w, st in LISTED
-              if st == 1 or pipelining_ok]
-    tuning.launch(kernel, lambda meta: grid(meta["BLOCK_CO"], meta[block_name]), args, constants, default,
-                  listed, key=key, size=positions,
-                  clamp=lambda kw: {name: min(value, caps[name]) for name, value in kw.items()})
+    pipelining = not constants.get("ELU") or constants["HALF_DOT"]
+    tuning.launch(kernel, lambda meta: grid(meta["BLOCK_CO"], meta[block_name]), args, constants,
+                  tuning.config({"BLOCK_CO": bco, "BLOCK_CI": bci, block_name: bp}, warps, stages),
+                  _LISTED_CONFIGS[(block_name, pipelining)], key=key, size=positions,
+                  extents={"BLOCK_CO": C_out, "BLOCK_CI": C_in, block_name: positions})
 
 
 def _half_dot(x: torch.Tensor) -> bool:

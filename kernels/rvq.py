@@ -173,14 +173,18 @@ LISTED_ENCODE = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 3)
 LISTED_ASSIGN = [(64, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3), (32, 64, 4, 3)]
 
 
+def _configs(listed):
+    return [tuning.config({"BLOCK_N": n, "BLOCK_K": k}, w, st) for n, k, w, st in listed]
+
+
+_LISTED_CONFIGS = {"encode": _configs(LISTED_ENCODE), "assign": _configs(LISTED_ASSIGN)}
+
+
 def _launch(kernel, args, constants, default, listed, N, K, key, reset_to_zero=()):
     block_n, block_k, warps, stages = default
-    caps = {"BLOCK_N": max(16, triton.next_power_of_2(N)), "BLOCK_K": max(16, triton.next_power_of_2(K))}
     tuning.launch(kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args, constants,
-                  tuning.config({"BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages),
-                  [tuning.config({"BLOCK_N": n, "BLOCK_K": k}, w, st) for n, k, w, st in listed],
-                  key=key, size=N, clamp=lambda kw: {name: min(value, caps[name]) for name, value in kw.items()},
-                  reset_to_zero=reset_to_zero)
+                  tuning.config({"BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages), listed,
+                  key=key, size=N, extents={"BLOCK_N": N, "BLOCK_K": K}, reset_to_zero=reset_to_zero)
 
 
 def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int,
@@ -193,8 +197,8 @@ def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_
     if N == 0 or n_q == 0:
         return codes
     _launch(_rvq_encode_kernel, (x, codebooks, norms, codes, N, T, D, K, n_q, *x.stride()),
-            dict(BLOCK_D=_block_d(D), PRECISION=precision), _config(N, D, K, encode=True), LISTED_ENCODE, N, K,
-            key=("D", "K", "n_q", "PRECISION"))
+            dict(BLOCK_D=_block_d(D), PRECISION=precision), _config(N, D, K, encode=True),
+            _LISTED_CONFIGS["encode"], N, K, key=("D", "K", "n_q", "PRECISION"))
     return codes
 
 
@@ -229,6 +233,7 @@ def vq_assign(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor, stat
     _launch(_vq_assign_kernel, (x, codebook, norms, codes, quant, counts if stats else dummy,
                                 sums if stats else dummy, N, D, K, *x.stride()),
             dict(BLOCK_D=_block_d(D), PRECISION=precision, STATS=stats),
-            _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16)), LISTED_ASSIGN,
-            N, K, key=("D", "K", "PRECISION", "STATS"), reset_to_zero=("counts_ptr", "sums_ptr"))
+            _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16)),
+            _LISTED_CONFIGS["assign"], N, K, key=("D", "K", "PRECISION", "STATS"),
+            reset_to_zero=("counts_ptr", "sums_ptr"))
     return codes, quant, counts, sums

@@ -76,15 +76,19 @@ def candidates(default: "triton.Config", listed: tp.Sequence["triton.Config"],
 def launch(kernel, grid: tp.Callable[[tp.Dict[str, int]], tp.Tuple[int, ...]], args: tp.Sequence[tp.Any],
            constants: tp.Dict[str, tp.Any], default: "triton.Config",
            listed: tp.Sequence["triton.Config"] = (), key: tp.Sequence[str] = (), size: int = 1,
-           clamp: tp.Callable[[tp.Dict[str, int]], tp.Dict[str, int]] = lambda kw: kw,
-           reset_to_zero: tp.Sequence[str] = ()) -> None:
+           extents: tp.Optional[tp.Dict[str, int]] = None, reset_to_zero: tp.Sequence[str] = ()) -> None:
     """Launch `kernel` with the default configuration, or through the autotuner when it is on.
 
     grid: a function of the configuration's block sizes; constants: the kernel's other constexpr
-    arguments; key: argument names whose values select a tuning (dtypes are added by Triton);
-    reset_to_zero: outputs accumulated with atomics, zeroed before each timed configuration."""
+    arguments; listed: the other configurations (built once by the caller, not per launch);
+    key: argument names whose values select a tuning (dtypes are added by Triton); size: the
+    launch's size for `size_class`; extents: {block name: the launch's extent along it}, listed
+    block sizes are clamped to max(16, next power of 2 of it); reset_to_zero: outputs accumulated
+    with atomics, zeroed before each timed configuration."""
     if autotune_enabled() and listed:
-        configs = candidates(default, listed, clamp)
+        caps = {name: max(16, triton.next_power_of_2(n)) for name, n in (extents or {}).items()}
+        configs = candidates(default, listed,
+                             lambda kw: {name: min(value, caps.get(name, value)) for name, value in kw.items()})
         if len(configs) > 1:
             ident = (kernel, size_class(size), tuple(str(c) for c in configs))
             tuner = _TUNERS.get(ident)
