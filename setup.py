@@ -30,6 +30,8 @@ setup(
     packages=["encodec_fast", "encodec_fast.modules", "encodec_fast.ops", "encodec_fast.quantization",
               "encodec_fast.train", "encodec_fast.tokenize", "encodec_fast.kernels"],
     package_dir={"encodec_fast.kernels": "kernels"},
+    # The small model's weights (encodec_fast/checkpoints/, 7 MB), trained by `encodec-fast train`.
+    package_data={"encodec_fast": ["checkpoints/*.th"]},
     install_requires=[
         # No upper cap: no measured breakage needs one. Tested (CI) with torch 2.11.0 (the GPU
         # image's), 2.14.1 (what pip resolves on our capped build machines) and 2.15.0 (the newest),
@@ -45,6 +47,8 @@ setup(
         # Parquet shards of `encodec-fast tokenize` (bound kept from when they were written; tested
         # with what pip resolves today).
         "pyarrow>=14",
+        # Progress bars of `encodec-fast train` and the benchmarks (pure Python, no pin needed).
+        "tqdm>=4.60",
         # No torchaudio: its `import` loads a C++ library tied to particular torch builds (2.11.1
         # fails with torch 2.11-2.12, 2.11.0 with 2.15); resampling and spectrograms are ours
         # (encodec_fast.dsp), compared with torchaudio's in the tests.
@@ -56,12 +60,14 @@ setup(
         # kernels in Triton's interpreter (CPU); torch's Linux wheels bring triton, named here for
         # other builds. duckdb and datasets: the tests read tokenize's shards with them;
         # transformers: the tokenize benchmark compares with its EncodecModel (a smoke run is a
-        # test); ray: the tests run `--engine ray` on a local instance.
+        # test); ray: the tests run `--engine ray` on a local instance; matplotlib: `train report`.
         "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "torchaudio>=2.4", "duckdb>=1.0",
-                 "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9",
+                 "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9", "matplotlib>=3.5",
                  "triton>=3.2; sys_platform == 'linux'"],
         # bench/coder.py compares the coder with constriction's (speed only: other bytes).
         "bench": ["constriction>=0.4"],
+        # `encodec-fast train report` (plots) without the test extra.
+        "train": ["matplotlib>=3.5"],
         # --engine ray without the test extra.
         "ray": ["ray[data]>=2.9"],
     },

@@ -601,6 +601,19 @@ def time_training(device: str, quick: bool) -> list:
     return rows
 
 
+def time_train_step(device: str, quick: bool) -> list:
+    """The whole training step of the 24 kHz model (bench/train_step.py): ours in fp32 with the
+    Triton quantizer, with the torch quantizer, in bf16, and the step built from upstream's modules."""
+    import argparse as _argparse
+    import train_step
+    args = _argparse.Namespace(model="24khz", batch=2 if quick else 16, seconds=1.0, reps=1 if quick else 5,
+                               bandwidths=[6.0, 24.0], device=device)
+    rows = train_step.run(args)
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items() if k != "times_ms"}), flush=True)
+    return rows
+
+
 def time_model(device: str, quick: bool) -> list:
     model = random_model(device)
     batch, duration = SIZES["model"]
@@ -686,6 +699,13 @@ def markdown(report: dict) -> str:
         vs = "-" if r["upstream_ms"] is None else f"{r['speedup_vs_upstream']:.2f}x"
         lines.append(f"| {r['stages']} | {up} | {r['ours_torch_ms']:.2f} | {r['ours_triton_ms']:.2f} | {vs} | "
                      f"{r['speedup_vs_torch_backend']:.2f}x |")
+    lines += ["", "## Training step, 24 kHz model, discriminator update every step (median ms)", "",
+              "| kbps | implementation | median ms | quantizer share | upstream modules / this |", "|---|---|---|---|---|"]
+    base = {r["kbps"]: r["median_ms"] for r in report.get("train_step", []) if r["implementation"] == "upstream modules"}
+    for r in report.get("train_step", []):
+        ratio = f"{base[r['kbps']] / r['median_ms']:.2f}x" if r["kbps"] in base else "-"
+        lines.append(f"| {r['kbps']:g} | {r['implementation']} | {r['median_ms']:.1f} | "
+                     f"{100 * r['quantizer_share']:.1f}% | {ratio} |")
     if report.get("autotune_picks"):
         lines += ["", "## Autotune picks (fastest listed configuration per tuning key)", "",
                   "| kernel | size class | key | configuration |", "|---|---|---|---|"]
@@ -716,7 +736,7 @@ CONFIG_TEXT = {
     "legacy": "before the compile check: RVQ 64 x 64 blocks, 4 warps; convolutions 4 warps, 3 stages",
     "autotune": "ENCODEC_FAST_AUTOTUNE=1, triton.autotune over the listed configurations",
 }
-STAGES = ("correctness", "rvq", "conv", "stft", "conv2d", "training", "model")
+STAGES = ("correctness", "rvq", "conv", "stft", "conv2d", "training", "train_step", "model")
 
 
 def legacy_configs() -> None:
@@ -822,6 +842,8 @@ def main() -> int:
                 report["checks"] += error_checks(report["conv2d"])
             elif stage == "training":
                 report["training"] = time_training(device, args.quick)
+            elif stage == "train_step":
+                report["train_step"] = time_train_step(device, args.quick)
             elif stage == "model":
                 report["model"] = time_model(device, args.quick)
         except Exception as exc:  # a stage that breaks is a result: record it, go on with the next

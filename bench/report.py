@@ -39,3 +39,13 @@ def save(out: Path, name: str, report: tp.Any, markdown: str) -> Path:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(markdown)
     return stem
+
+
+def publish(text: str, out: tp.Optional[Path], name: str, args: tp.Any, rows: tp.Any) -> None:
+    """Print a benchmark's markdown table and, with `out`, save it with the machine, the
+    arguments (paths as strings) and the rows as `out/<name>_<date>.json` and `.md`."""
+    print(text)
+    if out:
+        arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        stem = save(out, name, {"machine": machine(), "args": arguments, "rows": rows}, f"# {text}\n")
+        print(f"saved {stem}.json and .md")

@@ -2,6 +2,8 @@
 
     encodec-fast [-b BW] [-f] [--hq] [--lm] [-r] INPUT [OUTPUT]
     encodec-fast tokenize INPUT... -o OUT_DIR [--model 24khz|48khz] [-b BW] [--shard i/n] ...
+    encodec-fast train DATA... -o RUN_DIR [--model 24khz|48khz|small] [--resume] ...   (see `train --help`)
+    encodec-fast train report RUN_DIR
     encodec-fast info [--json]
 
 `.ecdc` output compresses, `.ecdc` input decompresses, any other output (.wav, .flac) does a
@@ -32,6 +34,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-b", "--bandwidth", type=float, default=6, choices=[1.5, 3.0, 6.0, 12.0, 24.0],
                         help="Target bandwidth (1.5, 3, 6, 12 or 24). 1.5 is not supported with --hq.")
     parser.add_argument("-q", "--hq", action="store_true", help="Use HQ stereo model operating on 48 kHz audio.")
+    parser.add_argument("-m", "--model", choices=["24khz", "48khz", "small"], default=None,
+                        help="Model for compression: 24khz (default; the official weights), 48khz (= --hq), or small "
+                             "(a small 24 kHz codec whose weights ship with encodec-fast: works offline).")
     parser.add_argument("-l", "--lm", action="store_true",
                         help="Use a language model to reduce the size (about 25-40%%; slower).")
     parser.add_argument("-f", "--force", action="store_true", help="Overwrite output file if it exists.")
@@ -67,8 +72,8 @@ def _check_clipping(wav, rescale: bool) -> None:
 
 
 def _load_model(name: str, args):
-    from .model import EncodecModel
-    factory = EncodecModel.encodec_model_48khz if name == "encodec_48khz" else EncodecModel.encodec_model_24khz
+    from .model import FACTORIES
+    factory = FACTORIES[name]
     if args.checkpoint is not None:
         model = factory(pretrained=False, checkpoint=args.checkpoint)
     else:
@@ -112,8 +117,12 @@ def run(args) -> None:
     elif args.output.suffix.lower() not in (SUFFIX,) + AUDIO_OUT:
         raise UserError(f"Output extension must be .wav, .flac or {SUFFIX}")
     _check_output(args.output, args.force)
-    name = "encodec_48khz" if args.hq else "encodec_24khz"
-    from .model import MODEL_CONFIGS
+    from .model import MODEL_CONFIGS, SHORT_NAMES
+    if args.hq and args.model not in (None, "48khz"):
+        raise UserError(f"--hq is the 48khz model; it cannot go with --model {args.model}")
+    name = SHORT_NAMES["48khz" if args.hq else (args.model or "24khz")]
+    if args.lm and name not in ("encodec_24khz", "encodec_48khz"):
+        raise UserError(f"No entropy-coding LM is trained for the model {name}; leave out --lm")
     if args.bandwidth not in MODEL_CONFIGS[name]["target_bandwidths"]:
         raise UserError(f"Bandwidth {args.bandwidth} is not supported by the model {name}")
     wav, sample_rate = read_audio(args.input)
@@ -145,7 +154,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
                                                   "or manifests (.txt: a path per line; .jsonl/.csv/.tsv: path, "
                                                   "optional id, start, end in seconds).")
     parser.add_argument("-o", "--out", type=Path, required=True, help="Output directory.")
-    parser.add_argument("--model", choices=["24khz", "48khz"], default="24khz")
+    parser.add_argument("--model", choices=["24khz", "48khz", "small"], default="24khz",
+                        help="24khz or 48khz (official weights), small (shipped with the package)")
     parser.add_argument("-b", "--bandwidth", type=float, default=6.0, help="kbps (default 6).")
     parser.add_argument("--checkpoint", type=Path, help="State dict of a compatible model instead of the official one.")
     parser.add_argument("--repository", type=Path, help="Folder holding the official checkpoint (offline use).")
@@ -200,6 +210,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["tokenize"]:
         return tokenize_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from .train.command import main as train_main
+        return train_main(argv[1:])
     if argv[:1] == ["info"]:
         from .info import main as info_main
         return info_main(argv[1:])

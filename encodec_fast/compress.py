@@ -21,12 +21,9 @@ import torch
 from . import ecdc, entropy
 from .ecdc import EcdcFormatError
 from .lm import LMModel, LMStream, lm_threads
-from .model import MODEL_CONFIGS, EncodecModel, EncodedFrame
+from .model import FACTORIES, MODEL_CONFIGS, EncodecModel, EncodedFrame
 
-MODELS: tp.Dict[str, tp.Callable[..., EncodecModel]] = {
-    "encodec_24khz": EncodecModel.encodec_model_24khz,
-    "encodec_48khz": EncodecModel.encodec_model_48khz,
-}
+MODELS: tp.Dict[str, tp.Callable[..., EncodecModel]] = FACTORIES
 
 _pretrained_cache: tp.Dict[tp.Tuple[str, str], EncodecModel] = {}
 

@@ -6,9 +6,9 @@ with the `encodec-fast` command.
 Writes OUT_DIR/corpus/ (12 generated clips: 16-48 kHz, mono and stereo, wav and flac) and
 tokenizes it into OUT_DIR/codes/ (Parquet shards); writes OUT_DIR/demo.wav (a generated 5 s
 speech-like clip), compresses it to demo.ecdc at 6 kbps and decodes it to demo_decompressed.wav,
-through the command's own code. Without --official it
-uses a randomly initialised 24 kHz model saved to OUT_DIR/random_24khz.th (the official weights
-need a download), so the decoded audio is not meaningful; the sizes and speeds are real.
+through the command's own code. Without --official it uses the small 24 kHz codec that ships with
+the package (`--model small`: trained by this project's trainer, works offline; see the README
+for its quality); with --official, the official 24 kHz weights (a download).
 """
 
 import argparse
@@ -20,7 +20,6 @@ import torch
 
 from . import cli
 from .audio import save_audio
-from .model import EncodecModel
 
 
 def _clip(sample_rate: int, seconds: float, seed: int = 0) -> torch.Tensor:
@@ -36,22 +35,15 @@ def _clip(sample_rate: int, seconds: float, seed: int = 0) -> torch.Tensor:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", nargs="?", type=Path, default=Path("encodec_demo"))
-    parser.add_argument("--official", action="store_true", help="use the official weights (downloads them)")
+    parser.add_argument("--official", action="store_true",
+                        help="use the official 24 kHz weights (downloads them) instead of the small shipped codec")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     wav_path = args.out_dir / "demo.wav"
     save_audio(_clip(24000, 5.0), wav_path, 24000)
-    extra = []
+    extra = [] if args.official else ["--model", "small"]
     if not args.official:
-        torch.manual_seed(0)
-        model = EncodecModel.encodec_model_24khz(pretrained=False)
-        with torch.no_grad():
-            for layer in model.quantizer.vq.layers:
-                layer._codebook.embed.normal_(0, 0.5)
-        ckpt = args.out_dir / "random_24khz.th"
-        torch.save(model.state_dict(), ckpt)
-        extra = ["--checkpoint", str(ckpt)]
-        print(f"random weights ({ckpt}); pass --official to download the real ones")
+        print("the small shipped codec (--model small); pass --official to download the official weights")
     corpus = args.out_dir / "corpus"
     corpus.mkdir(exist_ok=True)
     for i in range(12):

@@ -59,3 +59,39 @@ def average_metrics(metrics: tp.Dict[str, float], count: float = 1.0) -> tp.Dict
     torch.distributed.all_reduce(tensor)
     values = (tensor[:-1] / tensor[-1]).cpu().tolist()
     return dict(zip(keys, values))
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` across workers in place (nothing when not distributed)."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every worker's `tensor` [N, ...] along dim 0 in rank order (same N on every
+    worker): the rows one process would hold with the combined batch."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params: tp.Iterable[torch.nn.Parameter]) -> None:
+    """Replace every gradient by its mean across workers, in one flat all-reduce (a parameter
+    without a gradient on one worker counts as zero there, on all workers alike)."""
+    if not is_distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n

@@ -315,11 +315,15 @@ class EncodecModel(nn.Module):
     @staticmethod
     def _get_model(target_bandwidths: tp.List[float], sample_rate: int = 24_000, channels: int = 1,
                    causal: bool = True, model_norm: str = "weight_norm", audio_normalize: bool = False,
-                   segment: tp.Optional[float] = None, name: str = "unset") -> "EncodecModel":
-        encoder = m.SEANetEncoder(channels=channels, norm=model_norm, causal=causal)
-        decoder = m.SEANetDecoder(channels=channels, norm=model_norm, causal=causal)
+                   segment: tp.Optional[float] = None, name: str = "unset", n_filters: int = 32,
+                   dimension: int = 128, lstm: int = 2, **quantizer_options) -> "EncodecModel":
+        """Upstream's construction; `n_filters`, `dimension`, `lstm` size the SEANet (the official
+        models use the defaults), `quantizer_options` go to `ResidualVectorQuantizer` (training)."""
+        arch = dict(n_filters=n_filters, dimension=dimension, lstm=lstm, norm=model_norm, causal=causal)
+        encoder = m.SEANetEncoder(channels=channels, **arch)
+        decoder = m.SEANetDecoder(channels=channels, **arch)
         n_q = int(1000 * target_bandwidths[-1] // (math.ceil(sample_rate / encoder.hop_length) * 10))
-        quantizer = qt.ResidualVectorQuantizer(dimension=encoder.dimension, n_q=n_q, bins=1024)
+        quantizer = qt.ResidualVectorQuantizer(dimension=encoder.dimension, n_q=n_q, bins=1024, **quantizer_options)
         return EncodecModel(encoder, decoder, quantizer, target_bandwidths, sample_rate, channels,
                             normalize=audio_normalize, segment=segment, name=name)
 
@@ -333,7 +337,7 @@ class EncodecModel(nn.Module):
         model = EncodecModel._get_model(cfg["target_bandwidths"], cfg["sample_rate"], cfg["channels"],
                                         causal=cfg["causal"], model_norm=cfg["norm"],
                                         audio_normalize=cfg["normalize"], segment=cfg["segment"],
-                                        name=name if loaded else "unset")
+                                        name=name if loaded else "unset", **cfg.get("arch", {}))
         if checkpoint is not None:
             _load_strict(model, load_state_dict_file(checkpoint), f"checkpoint {checkpoint}")
         elif pretrained:
@@ -357,16 +361,35 @@ class EncodecModel(nn.Module):
         """The non-causal 48 kHz stereo model (3, 6, 12, 24 kbps), 1 s segments with 1% overlap."""
         return EncodecModel._build("encodec_48khz", pretrained, repository, checkpoint)
 
+    @staticmethod
+    def encodec_model_24khz_small(pretrained: bool = True, repository: tp.Optional[PathLike] = None,
+                                  checkpoint: tp.Optional[PathLike] = None) -> "EncodecModel":
+        """A small causal 24 kHz mono codec trained by this project's own trainer (1.5-24 kbps; 8
+        filters, 16-dim latents, one LSTM layer). Its weights ship with the package: no download."""
+        return EncodecModel._build("encodec_24khz_small", pretrained, repository, checkpoint)
+
 
 MODEL_CONFIGS: tp.Dict[str, tp.Dict[str, tp.Any]] = {
     "encodec_24khz": dict(target_bandwidths=[1.5, 3.0, 6, 12.0, 24.0], sample_rate=24_000, channels=1,
                           causal=True, norm="weight_norm", normalize=False, segment=None),
     "encodec_48khz": dict(target_bandwidths=[3.0, 6.0, 12.0, 24.0], sample_rate=48_000, channels=2,
                           causal=False, norm="time_group_norm", normalize=True, segment=1.0),
+    "encodec_24khz_small": dict(target_bandwidths=[1.5, 3.0, 6, 12.0, 24.0], sample_rate=24_000, channels=1,
+                                causal=True, norm="weight_norm", normalize=False, segment=None,
+                                arch=dict(n_filters=8, dimension=16, lstm=1)),
 }
+
+#: Short names (the command's --model, the tokenizer's model=) -> model names.
+SHORT_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz", "small": "encodec_24khz_small"}
 
 encodec_model_24khz = EncodecModel.encodec_model_24khz
 encodec_model_48khz = EncodecModel.encodec_model_48khz
+encodec_model_24khz_small = EncodecModel.encodec_model_24khz_small
+
+#: Model name (as `.ecdc` headers write it) -> its factory.
+FACTORIES: tp.Dict[str, tp.Callable[..., EncodecModel]] = {
+    "encodec_24khz": encodec_model_24khz, "encodec_48khz": encodec_model_48khz,
+    "encodec_24khz_small": encodec_model_24khz_small}
 
 
 def _load_strict(module: nn.Module, state: tp.Dict[str, torch.Tensor], what: str) -> None:

@@ -1,6 +1,7 @@
 """Official checkpoints: names, URLs, hash prefixes, and where they are looked for.
 
 Order of lookup for an official checkpoint:
+0. a checkpoint in `PACKAGED` comes from the package's own folder (unless `repository` is given);
 1. `repository=DIR` (argument), else the `ENCODEC_FAST_REPOSITORY` environment variable: the file
    must be `DIR/<file name>` (offline use); its SHA-256 must start with the hash in its name;
 2. otherwise the torch hub cache (`$TORCH_HOME/hub/checkpoints/<file name>`), downloading from
@@ -25,6 +26,14 @@ CHECKPOINTS = {
     "encodec_lm_24khz": "encodec_lm_24khz-1608e3c0.th",
     "encodec_lm_48khz": "encodec_lm_48khz-7add9fc3.th",
 }
+
+#: Checkpoints that ship inside the package (encodec_fast/checkpoints/), trained by this project
+#: (see README, "The small model"): found without a download, hash checked like the others.
+PACKAGED_DIR = Path(__file__).resolve().parent / "checkpoints"
+PACKAGED = {
+    "encodec_24khz_small": "encodec_24khz_small-5b2e87c6.th",
+}
+CHECKPOINTS.update(PACKAGED)
 
 
 class CheckpointError(RuntimeError):
@@ -79,6 +88,12 @@ def get_checkpoint(name: str, repository: tp.Optional[tp.Union[str, Path]] = Non
         raise ValueError(f"unknown checkpoint {name!r}; known: {sorted(CHECKPOINTS)}")
     file_name = CHECKPOINTS[name]
     expected = _hash_prefix(file_name)
+    if name in PACKAGED and repository is None:
+        path = PACKAGED_DIR / file_name
+        if not path.is_file():
+            raise CheckpointError(f"{file_name} is missing from the installed package ({PACKAGED_DIR}); reinstall "
+                                  "encodec-fast")
+        return load_state_dict_file(path, expected)
     if repository is None and os.environ.get("ENCODEC_FAST_REPOSITORY"):
         repository = os.environ["ENCODEC_FAST_REPOSITORY"]
     if repository is not None:

@@ -92,3 +92,30 @@ def test_long_input_memory_benchmark_smoke_run():
     tokenized, streamed = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
     assert tokenized["mode"] == "tokenize" and tokenized["peak_rss_main_mb"] > 0 and tokenized["peak_rss_sum_mb"] > 0
     assert streamed["mode"] == "stream" and streamed["frames"] == 6 * 75
+
+
+def test_training_benchmarks_smoke_run(tmp_path):
+    """bench/make_train_corpus.py (a few clips), bench/train_step.py (the tiny model, ours and the
+    step on upstream's modules) and bench/codec_quality.py (the shipped small model and a random
+    init on the corpus' held-out part) run and write their files."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    corpus = tmp_path / "corpus"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_train_corpus.py"), str(corpus),
+                           "--speech-clips", "2", "--music-clips", "1", "--heldout-clips", "1", "--allow-no-speech"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list((corpus / "train" / "music").glob("*.wav")) and list((corpus / "heldout" / "music").glob("*.wav"))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", "tiny", "--batch", "1",
+                           "--seconds", "0.3", "--reps", "1", "--threads", "1", "--bandwidths", "1.5",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("train_step_cpu_*.json")).read_text())["rows"]
+    assert {r["implementation"] for r in rows} == {"ours", "upstream modules"}
+    assert all(r["median_ms"] > 0 and 0 <= r["quantizer_share"] <= 1 for r in rows)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "codec_quality.py"), str(corpus / "heldout"),
+                           "--model", "small", "--random", "--seconds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("codec_quality_small_*.json")).read_text())["rows"]
+    assert {r["kbps"] for r in rows} == {1.5, 3.0, 6.0, 12.0, 24.0} and len({r["weights"] for r in rows}) == 2

@@ -103,3 +103,16 @@ def test_fixes_leave_inference_and_state_dict_unchanged():
     x = torch.randn(2, 8, 30)
     with torch.no_grad():
         assert torch.equal(plain.eval()(x, 75).codes, fixed.eval()(x, 75).codes)
+
+
+def test_kmeans_assignment_in_blocks_has_upstream_bits(monkeypatch):
+    """k-means assigns rows a block at a time (bounded memory); the result must be the bits of
+    upstream's one-shot expression, whatever the block size."""
+    from encodec_fast.quantization import core_vq
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(301, 16, generator=gen)
+    means = x[torch.randint(0, 301, (64,), generator=gen)] + 0.01 * torch.randn(64, 16, generator=gen)
+    expected = (-((x[:, None, :] - means[None, :, :]) ** 2).sum(dim=-1)).max(dim=-1).indices
+    for elements in (1, 64 * 16 * 7, 1 << 24):
+        monkeypatch.setattr(core_vq, "KMEANS_CHUNK_ELEMENTS", elements)
+        assert torch.equal(core_vq._nearest_mean(x, means), expected)

@@ -36,6 +36,22 @@ def sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
     return samples[indices]
 
 
+#: Elements of the [rows, K, D] difference tensor k-means builds at once (64 MB in fp32).
+KMEANS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _nearest_mean(samples: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """argmax_k -||x - m_k||² per row, with upstream's expression (the same bits), a block of rows at
+    a time: the whole [N, K, D] tensor would take GBs for a batch of 1 s crops."""
+    n, k = samples.shape[0], means.shape[0]
+    rows = max(1, KMEANS_CHUNK_ELEMENTS // max(1, k * samples.shape[1]))
+    out = torch.empty(n, dtype=torch.long, device=samples.device)
+    for start in range(0, n, rows):
+        block = samples[start:start + rows]
+        out[start:start + rows] = (-((block[:, None, :] - means[None, :, :]) ** 2).sum(dim=-1)).max(dim=-1).indices
+    return out
+
+
 def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means from a random sample of the data; empty clusters keep their mean.
 
@@ -44,8 +60,7 @@ def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10) -> tp.
     means = sample_vectors(samples, num_clusters)
     bins = torch.zeros(num_clusters, dtype=torch.long, device=samples.device)
     for _ in range(num_iters):
-        dists = -((samples[:, None, :] - means[None, :, :]) ** 2).sum(dim=-1)
-        buckets = dists.max(dim=-1).indices
+        buckets = _nearest_mean(samples, means)
         bins = torch.bincount(buckets, minlength=num_clusters)
         empty = bins == 0
         sums = samples.new_zeros(num_clusters, samples.shape[-1])
@@ -117,11 +132,22 @@ class EuclideanCodebook(nn.Module):
         return F.embedding(embed_ind, self.embed)
 
     # -- training ----------------------------------------------------------------------------
+    #: Data-parallel training as one process on the combined batch (set by the trainer): k-means
+    #: and code expiry draw from every worker's vectors (gathered in rank order, the same draws
+    #: on every worker), and the EMA counts and sums are summed across workers before the update.
+    #: Off: upstream's behaviour (local statistics, buffers broadcast from rank 0 after init and
+    #: expiry).
+    sync_statistics: bool = False
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        from .. import distrib
+        return distrib.all_gather_rows(rows) if self.sync_statistics else rows
+
     @torch.jit.ignore
     def init_embed_(self, data: torch.Tensor) -> None:
         if self.inited:
             return
-        embed, cluster_size = kmeans(data, self.codebook_size, self.kmeans_iters)
+        embed, cluster_size = kmeans(self._gather(data), self.codebook_size, self.kmeans_iters)
         self._set_embed(embed)
         self.embed_avg.data.copy_(embed.clone())
         self.cluster_size.data.copy_(cluster_size)
@@ -143,7 +169,7 @@ class EuclideanCodebook(nn.Module):
         expired = self.cluster_size < self.threshold_ema_dead_code
         if not torch.any(expired):
             return
-        samples = batch_samples.reshape(-1, batch_samples.shape[-1])
+        samples = self._gather(batch_samples.reshape(-1, batch_samples.shape[-1]))
         vectors = sample_vectors(samples, self.codebook_size)
         self._set_embed(torch.where(expired[:, None], vectors, self.embed))
         if self.revive_dead_codes:
@@ -165,6 +191,10 @@ class EuclideanCodebook(nn.Module):
         embed_ind = embed_ind.view(*shape[:-1])
         quantize = quantize.view(*shape[:-1], -1)
         if self.training:
+            if self.sync_statistics:
+                from .. import distrib
+                distrib.all_reduce_sum_(counts)
+                distrib.all_reduce_sum_(embed_sum)
             self.expire_codes_(flat)
             ema_inplace(self.cluster_size, counts, self.decay)
             ema_inplace(self.embed_avg, embed_sum, self.decay)

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..model import MODEL_CONFIGS, EncodecModel
+from ..model import FACTORIES, MODEL_CONFIGS, SHORT_NAMES, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
 from .local import Progress, run_local
 from .reader import CodesDataset, read_codes
 from .sink import ShardSink, state_dict_sha256
 from .sources import Item, Problem, list_items, parse_shard
 
-MODEL_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz"}
+MODEL_NAMES = SHORT_NAMES
 
 
 @dataclasses.dataclass
@@ -49,8 +49,8 @@ def _model(model: tp.Union[str, EncodecModel], checkpoint, repository) -> Encode
         return model
     name = MODEL_NAMES.get(model, model)
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {model!r}: choose 24khz or 48khz")
-    factory = EncodecModel.encodec_model_48khz if name == "encodec_48khz" else EncodecModel.encodec_model_24khz
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(SHORT_NAMES)}")
+    factory = FACTORIES[name]
     if checkpoint is not None:
         return factory(pretrained=False, checkpoint=checkpoint)
     return factory(pretrained=True, repository=repository)

@@ -43,7 +43,11 @@ class Balancer:
             out[name] = self._total[name] / self._fix[name]
         return out
 
-    def backward(self, losses: tp.Dict[str, torch.Tensor], input: torch.Tensor) -> None:
+    def backward(self, losses: tp.Dict[str, torch.Tensor], input: torch.Tensor, scale: float = 1.0) -> None:
+        """`scale` multiplies the output gradient (not in upstream; 1 is upstream's behaviour). The
+        trainer passes the world size under data parallelism, where gradients are averaged across
+        workers: each example's balanced gradient does not depend on the batch size, so N workers
+        whose gradients are averaged need the factor N to equal one worker with all the examples."""
         unknown = sorted(set(losses) - set(self.weights))
         if unknown:
             raise KeyError(f"losses without a weight: {unknown}")
@@ -63,10 +67,10 @@ class Balancer:
         out_grad = torch.zeros_like(input)
         for name, grad in grads.items():
             if self.rescale_grads:
-                scale = self.weights[name] / weight_sum * self.total_norm / (self.epsilon + averaged[name])
+                ratio = self.weights[name] / weight_sum * self.total_norm / (self.epsilon + averaged[name])
             else:
-                scale = self.weights[name]
-            out_grad.add_(grad, alpha=scale)
+                ratio = self.weights[name]
+            out_grad.add_(grad, alpha=ratio * scale)
         input.backward(out_grad)
 
     def state_dict(self) -> tp.Dict[str, tp.Any]:

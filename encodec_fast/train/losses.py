@@ -66,7 +66,7 @@ class MultiScaleMelLoss(nn.Module):
         """x [B, C, T] -> one [B, C, n_mels, frames] per scale."""
         out = []
         for mel in self.mels:
-            s = mel(x.float())
+            s = mel(x if x.dtype == torch.float64 else x.float())
             out.append(torch.log10(s + self.eps) if self.log else s)
         return out
 
@@ -98,19 +98,23 @@ def generator_hinge_loss(fake_logits: tp.Sequence[torch.Tensor]) -> torch.Tensor
 
 def relative_feature_matching(real_fmaps: tp.Sequence[tp.Sequence[torch.Tensor]],
                               fake_fmaps: tp.Sequence[tp.Sequence[torch.Tensor]],
-                              eps: float = 1e-12) -> torch.Tensor:
+                              eps: float = 1e-12,
+                              average: tp.Optional[tp.Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """ℓ_feat = 1/(K L) Σ_k Σ_l mean |D_k^l(x) - D_k^l(y)| / mean |D_k^l(x)| over every layer of
-    every sub-discriminator (the real features are detached)."""
+    every sub-discriminator (the real features are detached). `average`, given the vector of the
+    per-layer means |D_k^l(x)|, returns the values to divide by (data-parallel training averages
+    them across workers, so the loss equals one process's on the combined batch)."""
     if len(real_fmaps) != len(fake_fmaps):
         raise ValueError("real and fake features come from different numbers of sub-discriminators")
-    terms = []
+    pairs = []
     for real_layers, fake_layers in zip(real_fmaps, fake_fmaps):
         if len(real_layers) != len(fake_layers):
             raise ValueError("real and fake feature maps differ in number")
-        for r, f in zip(real_layers, fake_layers):
-            r = r.detach()
-            terms.append((f - r).abs().mean() / (r.abs().mean() + eps))
-    if not terms:
+        pairs.extend((r.detach(), f) for r, f in zip(real_layers, fake_layers))
+    if not pairs:
         raise ValueError("no feature maps")
+    scales = torch.stack([r.abs().mean().to(torch.promote_types(r.dtype, torch.float32)) for r, _ in pairs])
+    if average is not None:
+        scales = average(scales)
+    terms = [(f - r).abs().mean() / (scale + eps) for (r, f), scale in zip(pairs, scales)]
     return sum(terms) / len(terms)
-
