@@ -117,11 +117,11 @@ def run(args) -> None:
     elif args.output.suffix.lower() not in (SUFFIX,) + AUDIO_OUT:
         raise UserError(f"Output extension must be .wav, .flac or {SUFFIX}")
     _check_output(args.output, args.force)
-    from .model import MODEL_CONFIGS, SHORT_NAMES
+    from .model import LM_CHECKPOINTS, MODEL_CONFIGS, SHORT_NAMES
     if args.hq and args.model not in (None, "48khz"):
         raise UserError(f"--hq is the 48khz model; it cannot go with --model {args.model}")
     name = SHORT_NAMES["48khz" if args.hq else (args.model or "24khz")]
-    if args.lm and name not in ("encodec_24khz", "encodec_48khz"):
+    if args.lm and name not in LM_CHECKPOINTS:
         raise UserError(f"No entropy-coding LM is trained for the model {name}; leave out --lm")
     if args.bandwidth not in MODEL_CONFIGS[name]["target_bandwidths"]:
         raise UserError(f"Bandwidth {args.bandwidth} is not supported by the model {name}")

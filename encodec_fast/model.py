@@ -304,7 +304,7 @@ class EncodecModel(nn.Module):
         if checkpoint is not None:
             state = load_state_dict_file(checkpoint)
         else:
-            lm_name = {"encodec_24khz": "encodec_lm_24khz", "encodec_48khz": "encodec_lm_48khz"}.get(self.name)
+            lm_name = LM_CHECKPOINTS.get(self.name)
             if lm_name is None:
                 raise RuntimeError("No LM pre-trained for the current Encodec model.")
             state = get_checkpoint(lm_name, repository)
@@ -378,6 +378,9 @@ MODEL_CONFIGS: tp.Dict[str, tp.Dict[str, tp.Any]] = {
                                 causal=True, norm="weight_norm", normalize=False, segment=None,
                                 arch=dict(n_filters=8, dimension=16, lstm=1)),
 }
+
+#: Model name -> the official entropy-coding LM trained for it (the small model has none).
+LM_CHECKPOINTS = {"encodec_24khz": "encodec_lm_24khz", "encodec_48khz": "encodec_lm_48khz"}
 
 #: Short names (the command's --model, the tokenizer's model=) -> model names.
 SHORT_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz", "small": "encodec_24khz_small"}

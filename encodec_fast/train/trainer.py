@@ -585,7 +585,8 @@ class Trainer:
         last: tp.Dict[str, float] = {}
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
         try:
-            while self.step < cfg.steps and not self._out_of_time(deadline):
+            late = False
+            while self.step < cfg.steps and not late:
                 micro = [next(batches) for _ in range(cfg.accumulate)]
                 for _, problems in micro:
                     for path, reason in problems:
@@ -598,7 +599,8 @@ class Trainer:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("l1", "mel", "adv", "feat") if k in last},
                                     refresh=False)
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self._out_of_time(deadline):
+                late = self._out_of_time(deadline)  # one check (a broadcast under torchrun) per step
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or late:
                     elapsed = time.perf_counter() - window_start
                     self._log({"split": "train", "step": self.step, "time": time.time(), **last,
                                "steps_per_s": window_steps / elapsed,
