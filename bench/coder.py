@@ -52,6 +52,14 @@ def main() -> int:
     if not arith.cpp_available():
         print(f"the C++ coder is not built: {arith._extension()}", file=sys.stderr)
         return 2
+    report, md = measure(args)
+    print(md)
+    save(args.out, "coder", report, md)
+    return 0
+
+
+def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
+    """The timings (every round in report['all_runs'], seconds per symbol) and the markdown."""
     from encodec.quantization import ac as upstream
     try:
         import constriction
@@ -146,7 +154,8 @@ def main() -> int:
         ratios["decode vs constriction (ours with CDF construction)"] = (
             med["constriction decode (same quantized distributions)"] / med["ours (C++) decode, from pdfs"])
     report = {**machine(), "symbols": T, "alphabet": N, "upstream_symbols": U, "rounds": args.rounds,
-              "us_per_symbol": {k: 1e6 * v for k, v in med.items()}, "ratios": ratios, "checks": checks}
+              "us_per_symbol": {k: 1e6 * v for k, v in med.items()}, "ratios": ratios, "checks": checks,
+              "all_runs": times}
     lines = [f"# Arithmetic coder throughput ({report['date'][:10]})", "",
              f"CPU: {report['cpu']}, {report['torch_threads']} torch threads; torch "
              f"{torch.__version__}; {T} symbols, alphabet {N} (upstream and the Python reference: first {U}); "
@@ -156,9 +165,7 @@ def main() -> int:
     lines += ["", "| ratio | × |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ratios.items()]
     lines += [""] + [f"- {c}" for c in checks]
     md = "\n".join(lines) + "\n"
-    print(md)
-    save(args.out, "coder", report, md)
-    return 0
+    return report, md
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 #   bench/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser and
 #    upstream encodec for the quantizer comparison; see the device README for how to fetch them);
-# 2. bench/gpu.py with the default configurations (every stage), then autotuned (kernel stages, as
-#    far as its budget goes), then (GPU_LEGACY=1) the legacy ones.
+# 2. the suite on the GPU (`python -m bench --suite quick --device cuda`, priority order within
+#    SUITE_BUDGET seconds: codec throughput and memory, then bench/gpu.py's kernels and checks with
+#    the default configurations, then the rest), into OUT_DIR/suite;
+# 3. bench/gpu.py autotuned (kernel stages, as far as its budget goes), then (GPU_LEGACY=1) the
+#    legacy configurations.
 # Each run has its own time limit and writes its JSON and markdown after every stage, so a limit
 # costs only the stage it cut. Results and the log land in OUT_DIR (default $OUT, else /tmp/gpu_out).
 set -u
@@ -31,10 +34,14 @@ run() {  # run LIMIT_SECONDS ARGS...
     timeout -k 10 "$limit" python3 bench/gpu.py --quick --out "$out" "$@" >> "$log" 2>&1
     say "exit status $?"
 }
-# Measured on 2026-11-30: the default run takes about 200 s (100 s of it the correctness stage);
-# autotuning compiles and times 4-5 configurations per layer, about 12 s per layer and dtype.
-run "${GPU_DEFAULT_LIMIT:-220}" --configs default
-run "${GPU_AUTOTUNE_LIMIT:-200}" --configs autotune --stages rvq,conv,conv2d --budget-seconds 150
+# Measured on 2026-11-30: bench/gpu.py's default run takes about 200 s (100 s of it the correctness
+# stage); autotuning compiles and times 4-5 configurations per layer, about 12 s per layer and dtype.
+budget=${SUITE_BUDGET:-330}
+say "python -m bench --suite quick --device cuda --budget-seconds $budget"
+timeout -k 10 $(( budget + 90 )) python3 -m bench --suite quick --device cuda --budget-seconds "$budget" \
+    --out "$out/suite" >> "$log" 2>&1
+say "exit status $?"
+run "${GPU_AUTOTUNE_LIMIT:-120}" --configs autotune --stages rvq,conv,conv2d --budget-seconds 90
 if [ "${GPU_LEGACY:-0}" = 1 ]; then
     run "${GPU_LEGACY_LIMIT:-200}" --configs legacy --stages rvq,conv,conv2d,model
 fi

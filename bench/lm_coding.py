@@ -44,6 +44,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    report, md, ok = measure(args)
+    print(md)
+    save(args.out, f"lm_coding_{args.model}", report, md)
+    assert ok
+    return 0
+
+
+def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str, bool]:
+    """(report with every run's seconds in 'all_runs', markdown, whether the checks passed)."""
     from helpers import make_model_pair, make_signal
     from test_lm_coding import lm_pair
     upc = importlib.import_module("encodec.compress")
@@ -101,10 +110,7 @@ def main() -> int:
               f"- LM file {len(ours_file)} bytes, plain file {plain_size} bytes (a random LM predicts badly: "
               "no size gain is expected from it)"]
     md = "\n".join(lines) + "\n"
-    print(md)
-    save(args.out, f"lm_coding_{args.model}", report, md)
-    assert same_bytes and up_reads_ours.shape == ours_reads_up.shape
-    return 0
+    return report, md, bool(same_bytes and up_reads_ours.shape == ours_reads_up.shape)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+import typing as tp
 import warnings
 from pathlib import Path
 
@@ -42,15 +43,8 @@ def timed(fn, reps: int) -> list:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(batch: int, seconds: float, reps: int) -> tp.List[tp.Dict[str, tp.Any]]:
+    """Rows per bandwidth and implementation, every repetition in 'times_ms' (this process's threads)."""
     warnings.simplefilter("ignore")  # upstream's issue-25 warning on every training forward
     from encodec_fast import ops
     from encodec_fast.quantization import ResidualVectorQuantizer
@@ -58,9 +52,9 @@ def main() -> int:
         from encodec.quantization import ResidualVectorQuantizer as Upstream
     except ImportError:
         Upstream = None
-    T = int(75 * args.seconds)
+    T = int(75 * seconds)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 128, T, generator=g)
+    x = torch.randn(batch, 128, T, generator=g)
     rows = []
     for kbps, n_q in ((6.0, 8), (24.0, 32)):
         torch.manual_seed(0)
@@ -87,14 +81,28 @@ def main() -> int:
             up.load_state_dict(ours.state_dict())
             impls["upstream encodec 0.1.1"] = lambda up=up: step(up, x, kbps)
         times = {name: [] for name in impls}
-        for _ in range(args.reps):  # interleaved: each round runs every implementation once
+        for _ in range(reps):  # interleaved: each round runs every implementation once
             for name, fn in impls.items():
                 times[name] += timed(fn, 1)
         for name, ts in times.items():
-            rows.append({"kbps": kbps, "stages": n_q, "frames": args.batch * T, "implementation": name,
+            rows.append({"kbps": kbps, "stages": n_q, "frames": batch * T, "implementation": name,
                          "median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "times_ms": ts})
         os.environ.pop("ENCODEC_FAST_VQ_STATS", None)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = measure(args.batch, args.seconds, args.reps)
     upstream = {r["kbps"]: r["median_ms"] for r in rows if r["implementation"].startswith("upstream")}
+    T = int(75 * args.seconds)
     lines = [f"Quantizer training step on CPU ({args.threads} threads, batch {args.batch} x {args.seconds} s "
              f"= {args.batch * T} frames, D=128, K=1024; median of {args.reps})", "",
              "| kbps | stages | implementation | median ms | min-max ms | upstream / this |",

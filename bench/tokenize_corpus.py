@@ -9,7 +9,9 @@ The corpus (made once under --corpus): `--clips` clips of 1-30 s (log-uniform), 
 music (notes with harmonics and envelopes), and speech over music; never silence. The model is
 the 24 kHz one with random weights (the official ones need a download), the same for all three,
 converted to transformers' layout for it. Each implementation runs in its own process (peak
-memory is that process's maximum RSS):
+memory is that process's maximum RSS), with torch's default threads and the allocator setting
+the `encodec-fast` command applies (`encodec_fast.cpu.tune_cpu_allocator`) in all three; the
+results record both. Also a benchmark of the suite (`python -m bench --only tokenize`):
 - ours: the `encodec-fast tokenize` command (DataLoader workers, Parquet shards);
 - upstream: for each file, read (soundfile), `encodec.utils.convert_audio`, `model.encode`,
   `torch.save` the codes;
@@ -36,6 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from bench import peers  # noqa: E402
 
 RATES = (16000, 22050, 44100, 48000)
 SENTENCES = [
@@ -118,19 +123,6 @@ def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[P
     return sorted(paths)
 
 
-def to_transformers(state: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
-    """upstream/ours state dict -> transformers' EncodecModel names (weight norm as parametrizations)."""
-    out = {}
-    for key, value in state.items():
-        k = key.replace("encoder.model.", "encoder.layers.").replace("decoder.model.", "decoder.layers.")
-        k = k.replace(".conv.conv.", ".conv.").replace(".convtr.convtr.", ".conv.")
-        k = k.replace("quantizer.vq.layers.", "quantizer.layers.").replace("._codebook.", ".codebook.")
-        k = k.replace(".weight_g", ".parametrizations.weight.original0").replace(".weight_v",
-                                                                                 ".parametrizations.weight.original1")
-        out[k] = value
-    return out
-
-
 def run_ours(corpus: Path, out: Path, checkpoint: Path, device: str, workers: int) -> tp.Dict[str, tp.Any]:
     """The command as users run it (`encodec-fast tokenize`)."""
     from encodec_fast import cli
@@ -169,7 +161,7 @@ def run_transformers(paths: tp.List[Path], out: Path, checkpoint: Path, device: 
     import torch
     import transformers
     model = transformers.EncodecModel(transformers.EncodecConfig())
-    state = to_transformers(torch.load(checkpoint))
+    state = peers.to_transformers(torch.load(checkpoint))
     if not set(state) <= set(model.state_dict()):  # older transformers: weight norm as weight_g / weight_v
         state = {k.replace(".parametrizations.weight.original0", ".weight_g")
                  .replace(".parametrizations.weight.original1", ".weight_v"): v for k, v in state.items()}
@@ -194,6 +186,11 @@ def run_transformers(paths: tp.List[Path], out: Path, checkpoint: Path, device: 
 
 
 def child(args) -> int:
+    import torch
+    from encodec_fast.cpu import tune_cpu_allocator
+    # The allocator setting the encodec-fast command applies, in every implementation's process
+    # (so that the comparison is of the code, not of glibc's settings); threads: torch's default.
+    tuned = tune_cpu_allocator()
     paths = sorted(p for p in args.corpus.rglob("*") if p.suffix in (".wav", ".flac"))
     t0 = time.perf_counter()
     if args.run == "ours":
@@ -205,7 +202,8 @@ def child(args) -> int:
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"wall_seconds": wall, "peak_rss_mb": peak, "peak_rss_worker_mb": children, **info}))
+    print(json.dumps({"wall_seconds": wall, "peak_rss_mb": peak, "peak_rss_worker_mb": children,
+                      "allocator": "tuned" if tuned else "default", "threads": torch.get_num_threads(), **info}))
     return 0
 
 
@@ -240,9 +238,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.run:
         return child(args)
+    report, md = measure(args)
+    print(md)
+    if not args.smoke:
+        from report import save
+        save(args.out, f"tokenize_corpus_{args.device}", report, md)
+    return 0
+
+
+def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
+    """Make (or reuse) the corpus, run the three implementations, each in its own process, one
+    after the other; (report, markdown)."""
     import soundfile as sf
     import torch
-    from report import machine, save
+    from report import machine
     if args.smoke:
         args.clips = min(args.clips, 6)
     paths = make_corpus(args.corpus, args.clips, args.smoke)
@@ -250,10 +259,9 @@ def main() -> int:
     if args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
-    from helpers import make_model_pair
-    _, ours = make_model_pair("encodec_24khz", seed=1)
+    from bench.peers import random_state
     checkpoint = args.work / "weights.th"
-    torch.save(ours.state_dict(), checkpoint)
+    torch.save(random_state("24khz", seed=1), checkpoint)
     workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     results = {}
     for which in ("upstream", "ours", "transformers"):
@@ -261,17 +269,26 @@ def main() -> int:
                "--checkpoint", str(checkpoint), "--device", args.device, "--workers", str(workers),
                "--hf-batch", str(args.hf_batch)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if proc.returncode:
-            raise SystemExit(f"{which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        if proc.returncode:  # a peer that cannot run here (e.g. not installed): its reason, not a number
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            results[which] = {"error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
+            print(f"{which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+            continue
         results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
         results[which]["audio_hours_per_hour"] = seconds / results[which]["wall_seconds"]
         print(which, results[which], flush=True)
-    results["ours"]["codes_equal_upstream"] = agreement(args.work, paths, "ours")
-    results["transformers"]["codes_equal_upstream"] = agreement(args.work, paths, "transformers")
+    if "error" not in results["upstream"]:
+        for which in ("ours", "transformers"):
+            if "error" not in results[which]:
+                results[which]["codes_equal_upstream"] = agreement(args.work, paths, which)
+
+    def speedup(peer: str) -> tp.Optional[float]:
+        if "error" in results[peer] or "error" in results["ours"]:
+            return None
+        return results[peer]["wall_seconds"] / results["ours"]["wall_seconds"]
     report = {**machine(), "device": args.device, "clips": len(paths), "audio_hours": seconds / 3600,
               "workers": workers, "hf_batch": args.hf_batch, "results": results,
-              "speedup_vs_upstream": results["upstream"]["wall_seconds"] / results["ours"]["wall_seconds"],
-              "speedup_vs_transformers": results["transformers"]["wall_seconds"] / results["ours"]["wall_seconds"]}
+              "speedup_vs_upstream": speedup("upstream"), "speedup_vs_transformers": speedup("transformers")}
     lines = [f"# Tokenizing a corpus: ours vs upstream vs transformers ({report['date'][:10]})", "",
              f"{report['cpu']}, {report['cpu_count']} cores, torch {torch.__version__}, device {args.device}; "
              f"{len(paths)} clips, {seconds / 3600:.3f} h (1-30 s; 16/22.05/44.1/48 kHz; mono/stereo; wav/flac; "
@@ -282,16 +299,17 @@ def main() -> int:
              "|---|---|---|---|---|"]
     for which in ("ours", "upstream", "transformers"):
         r = results[which]
+        if "error" in r:
+            lines.append(f"| {which} | n/a ({r['error']}) | | | |")
+            continue
         agree = f"{100 * r['codes_equal_upstream']:.4f}%" if "codes_equal_upstream" in r else "(reference)"
         lines.append(f"| {which} | {r['wall_seconds']:.1f} | {r['audio_hours_per_hour']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} / {r['peak_rss_worker_mb']:.0f} | {agree} |")
-    lines += ["", f"ours vs upstream's loop: {report['speedup_vs_upstream']:.2f}x; "
-                  f"vs transformers: {report['speedup_vs_transformers']:.2f}x"]
+    lines += ["", "; ".join(f"ours vs {peer}: " + ("n/a" if report[key] is None else f"{report[key]:.2f}x")
+                            for peer, key in (("upstream's loop", "speedup_vs_upstream"),
+                                              ("transformers", "speedup_vs_transformers")))]
     md = "\n".join(lines) + "\n"
-    print(md)
-    if not args.smoke:
-        save(args.out, f"tokenize_corpus_{args.device}", report, md)
-    return 0
+    return report, md
 
 
 if __name__ == "__main__":

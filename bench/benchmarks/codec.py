@@ -1,0 +1,216 @@
+"""Encode and decode throughput of the 24 kHz and 48 kHz models over batch size, clip length and
+bandwidth, ours against upstream `encodec` 0.1.1 and transformers' EncodecModel on the same
+weights and inputs; the codes' agreement and the decoded audio's difference with upstream's; the
+peak memory of every case.
+
+Timing: all implementations in this process (same threads, same allocator setting), one warm-up
+each, then interleaved rounds. Memory: on CPU, one fresh process per model (`python -m
+bench.child codec ...`) running each implementation in turn: for each case, the peak RSS during
+the call (the kernel's VmHWM, reset just before it) minus the RSS just before it (inputs made,
+models loaded, one tiny warm-up call done), with glibc set to return freed memory so that every
+case starts from the same RSS. On CUDA: torch.cuda.max_memory_allocated over the call, in this process.
+"""
+
+import json
+import typing as tp
+
+import torch
+
+from bench import peers
+from bench.core import Context, benchmark, hwm_mb, release_freed_memory, reset_peak_rss, rss_mb, run_child
+
+# (model, batch, seconds, kbps) per suite; sweeps share the base case.
+BASE = {"smoke": {"24khz": (1, 0.5, 6.0), "48khz": (1, 0.5, 6.0)},
+        "quick": {"24khz": (1, 1.0, 6.0), "48khz": (1, 1.0, 6.0)},
+        "full": {"24khz": (1, 5.0, 6.0), "48khz": (1, 5.0, 6.0)}}
+SWEEPS = {
+    "smoke": {"24khz": {"batch": [1, 2], "seconds": [0.5, 1.0], "kbps": [1.5, 24.0]},
+              "48khz": {"batch": [1], "seconds": [0.5, 1.2], "kbps": [6.0]}},
+    "quick": {"24khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0], "kbps": [1.5, 6.0, 24.0]},
+              "48khz": {"batch": [1, 8], "seconds": [1.0, 5.0], "kbps": [3.0, 24.0]}},
+    "full": {"24khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0, 300.0], "kbps": [1.5, 3.0, 6.0, 12.0, 24.0]},
+             "48khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0, 300.0], "kbps": [3.0, 6.0, 12.0, 24.0]}},
+}
+# Cases shown in the report's headline table (suite -> model -> (batch, seconds, kbps)).
+HEADLINE = {"smoke": {"24khz": (2, 0.5, 6.0), "48khz": (1, 1.2, 6.0)},
+            "quick": {"24khz": (8, 1.0, 6.0), "48khz": (1, 5.0, 6.0)},
+            "full": {"24khz": (32, 5.0, 6.0), "48khz": (8, 5.0, 6.0)}}
+
+
+def cases(suite: str, model: str) -> tp.List[tp.Tuple[int, float, float]]:
+    """Every (batch, seconds, kbps) of the suite for `model`, smallest work first."""
+    batch0, seconds0, kbps0 = BASE[suite][model]
+    sweep = SWEEPS[suite][model]
+    out = {(b, seconds0, kbps0) for b in sweep["batch"]}
+    out |= {(batch0, s, kbps0) for s in sweep["seconds"]}
+    out |= {(batch0, seconds0, k) for k in sweep["kbps"]}
+    out.add(HEADLINE[suite][model])
+    return sorted(out, key=lambda c: (c[0] * c[1], c[2]))
+
+
+def _params(model: str, op: str, batch: int, seconds: float, kbps: float, device: str) -> tp.Dict[str, tp.Any]:
+    return {"model": model, "op": op, "batch": batch, "seconds": seconds, "kbps": kbps, "device": device}
+
+
+@benchmark("codec", "Encode / decode throughput and memory over batch, length and bandwidth (vs upstream, transformers)",
+           priority=10)
+def run(ctx: Context) -> None:
+    for model in ("24khz", "48khz"):
+        state, source = peers.load_state(model, None)
+        codecs = peers.build_all(model, state, device=ctx.device)
+        ours = codecs["ours"]
+        for batch, seconds, kbps in cases(ctx.suite, model):
+            ctx.check_time(f"{model} batch {batch} x {seconds:g} s at {kbps:g} kbps")
+            headline = (batch, seconds, kbps) == HEADLINE[ctx.suite][model]
+            x = peers.signal(ours.sample_rate, seconds, ours.channels, batch=batch).to(ctx.device)
+            audio_s = batch * seconds
+            extra = dict(audio_seconds=audio_s, weights=source, headline=headline)
+            sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
+            live = {name: c for name, c in codecs.items() if isinstance(c, peers.Codec)}
+            for name, c in codecs.items():
+                if not isinstance(c, peers.Codec):
+                    for op in ("encode", "decode"):
+                        ctx.na(_params(model, op, batch, seconds, kbps, ctx.device), name, "time", "s", str(c))
+            ctx.timed(_params(model, "encode", batch, seconds, kbps, ctx.device),
+                      {name: (lambda c=c: c.encode(x, kbps)) for name, c in live.items()}, sync=sync, **extra)
+            encoded = {}
+            for name, c in live.items():
+                try:
+                    encoded[name] = c.encode(x, kbps)
+                except Exception as err:  # recorded as n/a by timed(); nothing to decode
+                    ctx.na(_params(model, "decode", batch, seconds, kbps, ctx.device), name, "time", "s",
+                           f"encode failed: {type(err).__name__}: {err}"[:300])
+            ctx.timed(_params(model, "decode", batch, seconds, kbps, ctx.device),
+                      {name: (lambda c=live[name], e=e: c.decode(e)) for name, e in encoded.items()}, sync=sync, **extra)
+            _agreement(ctx, live, encoded, _params(model, "encode", batch, seconds, kbps, ctx.device))
+            if ctx.device == "cuda":
+                _cuda_memory(ctx, live, x, kbps, _params(model, "", batch, seconds, kbps, ctx.device))
+        del codecs
+        if ctx.device == "cpu" and (ctx.suite != "smoke" or model == "24khz"):
+            _cpu_memory(ctx, model, state, source)
+        elif ctx.device == "cpu":  # the smoke suite checks the memory process on one model, to stay short
+            for case in cases(ctx.suite, model):
+                for op in ("encode", "decode"):
+                    for impl in peers.IMPLS:
+                        ctx.na(_params(model, op, *case, "cpu"), impl, "peak_memory", "MB",
+                               "the smoke suite measures memory on the 24 kHz model only")
+
+
+def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[str, tp.Any],
+               params: tp.Dict[str, tp.Any]) -> None:
+    """Share of codes equal to upstream's (common frames) and the decoded audio's largest
+    difference from upstream's decode of its own codes."""
+    if "upstream" not in encoded:
+        return
+    ref_codes = live["upstream"].codes(encoded["upstream"])
+    ref_audio = live["upstream"].decode(encoded["upstream"])
+    for name in encoded:
+        if name == "upstream":
+            continue
+        codes = live[name].codes(encoded[name])
+        frames = min(codes.shape[-1], ref_codes.shape[-1])
+        k = min(codes.shape[1], ref_codes.shape[1])
+        equal = (codes[:, :k, :frames] == ref_codes[:, :k, :frames]).double().mean().item()
+        ctx.record(params, name, "codes_equal_upstream", "%", [100 * equal], higher_is_better=True,
+                   note=f"over {frames} common frames" + ("" if codes.shape == ref_codes.shape else
+                                                           f"; shapes {tuple(codes.shape)} vs {tuple(ref_codes.shape)}"))
+        audio = live[name].decode(encoded[name])
+        n = min(audio.shape[-1], ref_audio.shape[-1])
+        diff = (audio[..., :n] - ref_audio[..., :n]).abs().max().item()
+        ctx.record({**params, "op": "decode"}, name, "audio_max_abs_diff_upstream", "", [diff])
+
+
+def _cuda_memory(ctx: Context, live, x, kbps, params) -> None:
+    for name, c in live.items():
+        for op in ("encode", "decode"):
+            try:
+                enc = c.encode(x, kbps) if op == "decode" else None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                c.encode(x, kbps) if op == "encode" else c.decode(enc)
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+                ctx.record({**params, "op": op}, name, "peak_memory", "MB", [peak], memory="cuda max allocated")
+            except Exception as err:
+                ctx.na({**params, "op": op}, name, "peak_memory", "MB", f"{type(err).__name__}: {err}"[:300])
+            finally:
+                torch.cuda.empty_cache()
+
+
+def _cpu_memory(ctx: Context, model: str, state, source: str) -> None:
+    path = ctx.workdir / f"codec_state_{model}.pt"
+    torch.save(state, path)
+    todo = cases(ctx.suite, model)
+    ctx.check_time(f"{model} memory")
+
+    out, reason = run_child(["-m", "bench.child", "codec", ",".join(peers.IMPLS), model, str(path), json.dumps(todo),
+                             "tuned" if _tuned() else "default"], timeout=max(60.0, min(4 * 3600.0, ctx.time_left() + 60)))
+    done = {(r["impl"], r["op"], *r["case"]): r for r in (out or {}).get("cases", [])}
+    for impl in peers.IMPLS:
+        for op in ("encode", "decode"):
+            for case in todo:
+                params = _params(model, op, *case, "cpu")
+                r = done.get((impl, op, *case))
+                if r is None:
+                    why = (out or {}).get("unavailable", {}).get(impl) or (out or {}).get("error") or reason
+                    ctx.na(params, impl, "peak_memory", "MB", why or "not run")
+                elif "error" in r:
+                    ctx.na(params, impl, "peak_memory", "MB", r["error"])
+                else:
+                    ctx.record(params, impl, "peak_memory", "MB", [r["peak_over_baseline_mb"]],
+                               memory=f"CPU: peak RSS during the call minus RSS before it, own process "
+                                      f"({out.get('method')})", process_peak_mb=r["peak_rss_mb"], weights=source)
+
+
+def _tuned() -> bool:
+    from encodec_fast import cpu
+    return cpu.is_tuned()
+
+
+def child(impls: str, model: str, state_path: str, todo: str, allocator: str) -> None:
+    """The implementations (comma-separated) of one model in a fresh process: for each, encode then
+    decode every case; prints JSON after each case. A case's figure is the peak RSS during the call
+    (VmHWM, reset just before it) minus the RSS just before it; glibc is set to return freed memory
+    at once, so every case starts from the same RSS whatever ran before it (the other models stay
+    loaded: a constant). `allocator` is the suite's setting, recorded; the peak a call needs does
+    not depend on whether freed memory is kept afterwards."""
+    import gc
+    exact = release_freed_memory() and reset_peak_rss()
+    result: tp.Dict[str, tp.Any] = {"cases": [], "unavailable": {}, "suite_allocator": allocator,
+                                    "method": "VmHWM reset per call" if exact else
+                                    "process peak so far (ru_maxrss): cases in increasing size"}
+    state = torch.load(state_path)
+    cases_ = json.loads(todo)
+    for impl in impls.split(","):
+        try:
+            codec = peers.build(impl, model, state)
+        except peers.Unavailable as err:
+            result["unavailable"][impl] = str(err)
+            continue
+        # one tiny call first: one-time costs (thread pools, lazy imports, first use) are not a case's
+        warm = peers.signal(codec.sample_rate, 0.1, codec.channels)
+        codec.decode(codec.encode(warm, cases_[0][2]))
+        for op, (batch, seconds, kbps) in [(op, case) for op in ("encode", "decode") for case in cases_]:
+            entry: tp.Dict[str, tp.Any] = {"impl": impl, "op": op, "case": [batch, seconds, kbps]}
+            try:
+                if op == "encode":
+                    args = (peers.signal(codec.sample_rate, seconds, codec.channels, batch=batch), kbps)
+                    fn = codec.encode
+                else:
+                    args = (codec.random_codes(batch, seconds, kbps),)
+                    fn = codec.decode
+                gc.collect()
+                before = rss_mb()
+                if exact:
+                    reset_peak_rss()
+                out = fn(*args)
+                peak = hwm_mb()
+                del out, args
+                entry.update(peak_rss_mb=peak, peak_over_baseline_mb=peak - before)
+            except Exception as err:  # out of memory, or the peer cannot: recorded per case
+                entry["error"] = f"{type(err).__name__}: {err}"[:300]
+            result["cases"].append(entry)
+            print(json.dumps(result), flush=True)
+        del codec
+        gc.collect()

@@ -1,0 +1,150 @@
+"""The benchmark suite (`python -m bench`): the smoke suite runs every benchmark and writes the
+report; the schema, the n/a rule, the time budget and the regression check do what they say.
+Nothing here checks a speed (speed is measured, not asserted)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import compare, core  # noqa: E402
+
+SCHEMA = {"benchmark", "params", "implementation", "metric", "unit", "higher_is_better", "reps"}
+
+
+def run_bench(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)  # the suite runs what users run: no interpreter on CPU paths
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_smoke")
+    t0 = time.monotonic()
+    proc = run_bench("--suite", "smoke", "--out", str(out))
+    return out, proc, time.monotonic() - t0
+
+
+def test_smoke_suite_runs_every_benchmark_and_writes_the_report(smoke_run):
+    out, proc, seconds = smoke_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    sys.path.insert(0, str(ROOT))
+    import bench.benchmarks  # noqa: F401
+    cpu_benchmarks = {name for name, b in core.REGISTRY.items() if "cpu" in b.devices}
+    assert set(results["benchmarks"]) == set(core.REGISTRY)
+    for name in cpu_benchmarks:
+        assert results["benchmarks"][name]["status"] == "ok", (name, results["benchmarks"][name])
+        assert any(r["benchmark"] == name for r in results["records"]), name
+    assert results["benchmarks"]["kernels"]["status"].startswith("not for cpu")
+    for key in ("cpu", "cpu_count", "torch_threads", "versions", "git_commit", "date", "allocator"):
+        assert key in results["context"], key
+    for r in results["records"]:
+        assert SCHEMA <= set(r), r
+        if r.get("na"):
+            assert r["reps"] == [] and isinstance(r["na"], str) and r["na"]
+        else:
+            assert r["n"] == len(r["reps"]) >= 1
+            assert r["min"] <= r["median"] <= r["max"] and r["iqr"] >= 0
+    # the three implementations ran the same cases; ours gives upstream's codes (same weights)
+    codec = [r for r in results["records"] if r["benchmark"] == "codec" and not r.get("na")]
+    assert {r["implementation"] for r in codec if r["metric"] == "time"} == {"ours", "upstream", "transformers"}
+    agree = [r for r in codec if r["metric"] == "codes_equal_upstream" and r["implementation"] == "ours"]
+    assert agree and all(r["median"] == 100.0 for r in agree)
+    assert any(r["metric"] == "peak_memory" for r in codec)
+    quality = [r for r in results["records"] if r["benchmark"] == "quality" and r["metric"] == "si_snr"
+               and not r.get("na")]
+    assert {r["params"]["kbps"] for r in quality} == {1.5, 3.0, 6.0, 12.0, 24.0}
+    report = (out / "REPORT.md").read_text()
+    assert "| workload | unit | ours | upstream | transformers |" in report
+    for png in ("throughput_vs_batch.png", "throughput_vs_length.png", "memory_vs_length.png",
+                "quality_vs_bitrate.png", "speedups.png"):
+        assert (out / png).stat().st_size > 10_000, png
+        assert f"]({png})" in report
+    print(f"smoke suite: {seconds:.0f} s")
+
+
+def test_compare_flags_a_regression_and_fails_above_the_threshold(smoke_run, tmp_path):
+    out, proc, _ = smoke_run
+    assert proc.returncode == 0
+    same = run_bench("--compare", str(out), "--out", str(out), "--no-run", "--fail-above", "0.25", timeout=120)
+    assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+    assert " 0 regressions" in same.stdout
+    results = json.loads((out / "results.json").read_text())
+    slower = copy.deepcopy(results)
+    victim = next(r for r in slower["records"] if r["benchmark"] == "codec" and r["metric"] == "time"
+                  and r["implementation"] == "ours" and not r.get("na"))
+    for key in ("median", "min", "max", "iqr"):
+        victim[key] *= 3
+    victim["reps"] = [3 * v for v in victim["reps"]]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "results.json").write_text(json.dumps(slower))
+    bad = run_bench("--compare", str(out), "--out", str(new), "--no-run", "--fail-above", "0.25", timeout=120)
+    assert bad.returncode == 1, bad.stdout[-2000:]
+    assert "regression" in (new / "COMPARE.md").read_text()
+    lenient = run_bench("--compare", str(out), "--out", str(new), "--no-run", "--fail-above", "5", timeout=120)
+    assert lenient.returncode == 0
+
+
+def test_compare_noise_band_and_direction():
+    def rec(median, iqr, higher=False, impl="ours", na=None):
+        r = {"benchmark": "b", "params": {"x": 1}, "implementation": impl, "metric": "m", "unit": "s",
+             "higher_is_better": higher, "reps": [median], "median": median, "iqr": iqr, "min": median,
+             "max": median, "n": 1}
+        if na:
+            r.update(na=na, reps=[])
+        return r
+    old = {"records": [rec(1.0, 0.2)], "context": {}}
+    assert compare.compare(old, {"records": [rec(1.15, 0.0)]})[0]["flag"] == ""          # inside the 20% IQR band
+    assert compare.compare(old, {"records": [rec(1.3, 0.0)]})[0]["flag"] == "regression"
+    assert compare.compare(old, {"records": [rec(0.7, 0.0)]})[0]["flag"] == "improvement"
+    up = {"records": [rec(10.0, 0.0, higher=True)]}
+    row = compare.compare(up, {"records": [rec(5.0, 0.0, higher=True)]})[0]  # throughput halved
+    assert row["flag"] == "regression" and row["worse_by"] == pytest.approx(2.0)
+    assert compare.compare(old, {"records": [rec(1.0, 0.0, na="out of memory")]}) == []
+
+
+def test_timed_records_every_repetition_and_na_with_the_reason(tmp_path):
+    ctx = core.Context(suite="quick", device="cpu", workdir=tmp_path, benchmark="t")
+    calls = []
+
+    def oom():
+        raise MemoryError("cannot allocate 64 GB")
+    out = ctx.timed({"case": 1}, {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "big": oom})
+    assert calls.count("a") == 1 + ctx.reps and calls.count("b") == 1 + ctx.reps
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b"]  # interleaved, alternating order
+    assert out["a"]["n"] == ctx.reps and len(out["a"]["reps"]) == ctx.reps
+    assert out["big"]["na"].startswith("out of memory") and "median" not in out["big"]
+    assert core.summary([1, 2, 3, 4, 100]) == {"median": 3, "min": 1, "max": 100, "iqr": 2, "n": 5}
+
+
+def test_time_budget_skips_what_would_start_late_and_keeps_the_report(tmp_path):
+    proc = run_bench("--suite", "smoke", "--only", "roofline", "quantizer", "--budget-seconds", "0", "--out",
+                     str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results["skipped"]) == ["quantizer", "roofline"]
+    assert results["records"] == []
+    assert "## Skipped" in (tmp_path / "REPORT.md").read_text()
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, deadline=time.monotonic() - 1, benchmark="x")
+    with pytest.raises(core.BudgetExceeded):
+        ctx.check_time("case 1")
+    assert ctx.skipped == ["x: case 1"]
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    proc = run_bench("--only", "nope", "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "unknown benchmarks ['nope']" in proc.stderr
+    proc = run_bench("--compare", str(tmp_path / "missing"), "--out", str(tmp_path), "--no-run", timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
