@@ -203,6 +203,19 @@ def hwm_mb() -> float:
     return peak_rss_mb()
 
 
+def trim_heap() -> bool:
+    """glibc: return the heap's free pages to the system now (malloc_trim), so that RSS is the
+    live memory and a later rise in RSS is memory the next call needs (not pages it reuses)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def release_freed_memory() -> bool:
     """glibc: serve allocations of 64 KB and more with mmap and return freed heap top at once, so
     that RSS falls back after each call (memory measurements; slower, never used for timing)."""

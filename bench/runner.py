@@ -2,7 +2,7 @@
 compare with an earlier run.
 
     python -m bench [--suite smoke|quick|full] [--device cpu|cuda] [--only NAME ...] [--skip NAME ...]
-                    [--checkpoint PATH] [--out DIR] [--compare OLD_DIR] [--fail-above 0.25]
+                    [--checkpoint PATH] [--out DIR] [--compare OLD_DIR] [--fail-above 0.25] [--normalize-by upstream]
                     [--budget-seconds S] [--threads N] [--default-allocator] [--list]
     python -m bench --compare OLD_DIR --out NEW_DIR --no-run      # compare two finished runs
 
@@ -49,6 +49,9 @@ def parse(argv: tp.Optional[tp.Sequence[str]]) -> argparse.Namespace:
                         help="with --compare: exit status 1 when a flagged regression is worse than 1 + FRACTION")
     parser.add_argument("--noise-floor", type=float, default=0.05,
                         help="with --compare: the smallest noise band (relative) a ratio must leave to be flagged")
+    parser.add_argument("--normalize-by", metavar="IMPL", default=None,
+                        help="with --compare: divide each implementation's ratio by IMPL's on the same case "
+                             "(e.g. upstream: cancels the machine's drift between the runs)")
     parser.add_argument("--no-run", action="store_true", help="with --compare: compare OUT with OLD_DIR, run nothing")
     parser.add_argument("--budget-seconds", type=float, default=None, help="start no new case after this")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -71,7 +74,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return 0
     from bench import compare, summary
     if args.no_run:
-        return compare.main(args.compare, args.out, args.fail_above, args.noise_floor)
+        return compare.main(args.compare, args.out, args.fail_above, args.noise_floor, args.normalize_by)
     unknown = sorted((set(args.only or []) | set(args.skip)) - set(REGISTRY))
     if unknown:
         print(f"unknown benchmarks {unknown}; known: {sorted(REGISTRY)}", file=sys.stderr)
@@ -120,7 +123,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 entry["status"] = "ok"
             except BudgetExceeded as err:
                 entry["status"] = f"stopped by the time budget before: {err}"
-            except Exception as err:  # a broken benchmark is a result: report it, run the others
+            except (Exception, SystemExit) as err:  # a broken benchmark is a result: report it, run the others
                 entry["status"] = f"error: {type(err).__name__}: {err}"
                 entry["traceback"] = traceback.format_exc()[-4000:]
                 print(f"\n{bench.name}: {entry['status']}\n{entry['traceback']}", file=sys.stderr)
@@ -140,7 +143,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"benchmarks that failed: {', '.join(errors)}", file=sys.stderr)
         status = 1
     if args.compare:
-        status = max(status, compare.main(args.compare, out, args.fail_above, args.noise_floor))
+        status = max(status, compare.main(args.compare, out, args.fail_above, args.noise_floor, args.normalize_by))
     return status
 
 

@@ -163,7 +163,7 @@ def _log_axes(ax, xticks: tp.Sequence[float]) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:.1g}")[0] in "25" else ""))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:.1g}")[0] in "235" else ""))
 
 
 def plot_throughput(results, axis: str, path: Path) -> bool:
@@ -180,15 +180,20 @@ def plot_throughput(results, axis: str, path: Path) -> bool:
         ax.set_title(f"{op}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fixed = "clip length fixed" if axis == "batch" else "batch 1"
+    from bench.benchmarks.codec import BASE
+    base = BASE[results["suite"]].values()
+    fixed = (f"{'/'.join(sorted({f'{b[1]:g}' for b in base}))} s clips" if axis == "batch"
+             else f"batch {'/'.join(sorted({str(b[0]) for b in base}))}")
     fig.suptitle(f"EnCodec {('throughput against batch size' if axis == 'batch' else 'throughput against clip length')}"
                  f" ({fixed}, 6 kbps, {_device(results)}); higher is better")
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> bool:
+def _save(fig, path: Path, left: tp.Optional[float] = None) -> bool:
     import matplotlib.pyplot as plt
     fig.tight_layout()
+    if left is not None:  # long tick labels: tight_layout alone clips them
+        fig.subplots_adjust(left=left)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -265,7 +270,7 @@ def plot_speedups(results, path: Path) -> bool:
     if not rows:
         return False
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 1.6))
     height = 0.38
     for i, peer in enumerate(PEERS):
         ys = [j + (i - 0.5) * height for j in range(len(rows))]
@@ -286,7 +291,7 @@ def plot_speedups(results, path: Path) -> bool:
     ax.set_xlabel("speed-up, log scale (the peer's time / ours; > 1: ours is faster)")
     ax.set_title(f"encodec_fast against its peers, same weights and inputs ({_device(results)})")
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return _save(fig, path, left=0.3)
 
 
 def _short_label(text: str) -> str:

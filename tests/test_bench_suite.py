@@ -99,7 +99,7 @@ def test_compare_flags_a_regression_and_fails_above_the_threshold(smoke_run, tmp
 
 def test_compare_noise_band_and_direction():
     def rec(median, iqr, higher=False, impl="ours", na=None):
-        r = {"benchmark": "b", "params": {"x": 1}, "implementation": impl, "metric": "m", "unit": "s",
+        r = {"benchmark": "b", "params": {"x": 1}, "implementation": impl, "metric": "time", "unit": "s",
              "higher_is_better": higher, "reps": [median], "median": median, "iqr": iqr, "min": median,
              "max": median, "n": 1}
         if na:
@@ -113,6 +113,15 @@ def test_compare_noise_band_and_direction():
     row = compare.compare(up, {"records": [rec(5.0, 0.0, higher=True)]})[0]  # throughput halved
     assert row["flag"] == "regression" and row["worse_by"] == pytest.approx(2.0)
     assert compare.compare(old, {"records": [rec(1.0, 0.0, na="out of memory")]}) == []
+    # the machine got 30% slower for everyone: normalised by upstream, ours did not regress
+    before = {"records": [rec(1.0, 0.0), rec(2.0, 0.0, impl="upstream")]}
+    after = {"records": [rec(1.3, 0.0), rec(2.6, 0.0, impl="upstream")]}
+    raw = {r["implementation"]: r for r in compare.compare(before, after)}
+    assert raw["ours"]["flag"] == raw["upstream"]["flag"] == "regression"
+    fair = {r["implementation"]: r for r in compare.compare(before, after, normalize_by="upstream")}
+    assert fair["ours"]["flag"] == "" and fair["ours"]["ratio"] == pytest.approx(1.0)
+    assert fair["upstream"]["normalized_by"] == "reference" and fair["upstream"]["flag"] == ""
+    assert compare.drift(raw.values(), "upstream") == pytest.approx(1.3)
 
 
 def test_timed_records_every_repetition_and_na_with_the_reason(tmp_path):
@@ -148,3 +157,22 @@ def test_bad_arguments_are_refused(tmp_path):
     assert proc.returncode == 2 and "unknown benchmarks ['nope']" in proc.stderr
     proc = run_bench("--compare", str(tmp_path / "missing"), "--out", str(tmp_path), "--no-run", timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_quality_checkpoint_is_recognised_by_its_architecture(tmp_path):
+    """--checkpoint PATH: the quality benchmark finds which model the state dict belongs to."""
+    import torch
+
+    from bench import peers
+    from bench.benchmarks import quality
+    state = peers.random_state("small", seed=3)
+    path = tmp_path / "mine.th"
+    torch.save(state, path)
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, checkpoint=path, benchmark="quality")
+    (model, loaded, source), = quality.checkpoints(ctx)
+    assert model == "small" and source == f"checkpoint {path}"
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.th")
+    ctx.checkpoint = tmp_path / "bad.th"
+    with pytest.raises(ValueError, match="loads into none"):
+        quality.checkpoints(ctx)

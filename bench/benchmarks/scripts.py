@@ -46,7 +46,12 @@ def tokenize(ctx: Context) -> None:
                                                                       f"tokenize_corpus_{clips}")),
                               work=ctx.workdir / "tokenize_work", device=ctx.device, workers=1 if ctx.suite != "full"
                               else None, hf_batch=8, smoke=ctx.suite == "smoke")
-    report, _ = mod.measure(args)
+    try:
+        report, _ = mod.measure(args)
+    except SystemExit as err:  # the script's refusal (e.g. no espeak-ng for the speech clips): its reason
+        for impl in ("ours", "upstream", "transformers"):
+            ctx.na({"clips": clips, "model": "24khz", "device": ctx.device}, impl, "time", "s", str(err))
+        return
     hours = report["audio_hours"]
     params = {"clips": report["clips"], "audio_hours": round(hours, 4), "model": "24khz", "kbps": 6.0,
               "device": ctx.device, "workers": report["workers"]}
