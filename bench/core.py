@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -157,8 +158,17 @@ class Context:
 def _reason(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     if isinstance(err, MemoryError) or "DefaultCPUAllocator" in text or "out of memory" in text.lower():
-        return "out of memory: " + text[:300]
+        return memory_reason(text)
     return text[:300]
+
+
+def memory_reason(text: str) -> str:
+    """A short out-of-memory reason: the size that could not be allocated first (a table cell
+    shows about 70 characters), then the message."""
+    found = re.search(r"allocate (\d+) bytes", text)
+    if found:
+        return f"out of memory: one tensor of {int(found.group(1)) / 2 ** 30:.1f} GB ({text[:200]})"
+    return "out of memory: " + text[:300]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,6 @@ def sweep_vq_assign(device: str, smoke: bool) -> list:
 
 def sweep_conv(device: str, smoke: bool, deadline: float) -> list:
     """Each SEANet layer of gpu.CONV_LAYERS (batch 64 x 10 s), fp32 and bf16, over a grid."""
-    from encodec_fast.ops import conv
     configs = grid(BLOCK_CO=(32, 64, 128), BLOCK_CI=(16, 32), BLOCK_T=(128, 256), num_warps=(4, 8),
                    num_stages=(1,))
     if smoke:

@@ -3,6 +3,7 @@ against batch size and clip length, memory against length, quality against bitra
 (and the GPU kernels' when there are any), then every record in a table per benchmark."""
 
 import json
+import re
 import typing as tp
 from collections import defaultdict
 from pathlib import Path
@@ -212,26 +213,33 @@ def plot_memory(results, path: Path) -> bool:
     if not series and not longs:
         return False
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, op in zip(axes, ("encode", "decode")):
+    ops = [op for op in ("encode", "decode") if any(k[1] == op for k in series) or (op == "encode" and longs)]
+    fig, axes = plt.subplots(1, len(ops), figsize=(5.5 * len(ops) + (1.5 if len(ops) == 1 else 0), 4.2),
+                             squeeze=False)
+    for ax, op in zip(axes[0], ops):
         _plot_lines(ax, series, op)
-        if op == "encode":
-            for r in longs:
-                if r.get("na"):
-                    continue
-                ax.scatter([r["params"]["seconds"]], [r["median"]], marker="*", s=150,
-                           color=COLORS.get(r["implementation"], "gray"),
-                           label=f"{r['implementation']}, one long file ({r.get('how', '')})")
         if op == "encode" and longs:
-            ticks = sorted({p for p in ax.get_xticks()} | {r["params"]["seconds"] for r in longs})
-            _log_axes(ax, [t for t in ticks if t > 0])
+            for r in longs:
+                color = COLORS.get(r["implementation"], "gray")
+                limit = re.search(r"under a ([\d.]+) GB", r.get("na") or "")
+                if r.get("na") and limit:  # it needed more than the limit: drawn at the limit, hollow
+                    ax.scatter([r["params"]["seconds"]], [float(limit.group(1)) * 1024], marker="^", s=120,
+                               facecolors="none", edgecolors=color, linewidths=1.5,
+                               label=f"{r['implementation']}, one long file: out of memory"
+                                     f" (> {limit.group(1)} GB limit)")
+                elif not r.get("na"):
+                    ax.scatter([r["params"]["seconds"]], [r["median"]], marker="*", s=150, color=color,
+                               label=f"{r['implementation']}, one long file, {r.get('how', '')}")
+            ticks = {x for k, pts in series.items() if k[1] == op for x, _ in pts}
+            _log_axes(ax, sorted(ticks | {r["params"]["seconds"] for r in longs}))
         ax.set_xlabel("clip length (s), batch 1")
         ax.set_ylabel("peak memory over the loaded model (MB)")
         ax.set_title(op)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     kind = "CUDA max allocated" if results["context"].get("gpu") else "CPU peak RSS during the call, one process per model"
-    fig.suptitle(f"Peak memory against clip length ({kind}); lower is better")
+    title = f"Peak memory against clip length ({kind}); lower is better"
+    fig.suptitle(title if len(ops) > 1 else title.replace(" (", "\n(", 1))
     return _save(fig, path)
 
 

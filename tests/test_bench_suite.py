@@ -135,6 +135,10 @@ def test_timed_records_every_repetition_and_na_with_the_reason(tmp_path):
     assert calls[2:] == ["a", "b", "b", "a", "a", "b"]  # interleaved, alternating order
     assert out["a"]["n"] == ctx.reps and len(out["a"]["reps"]) == ctx.reps
     assert out["big"]["na"].startswith("out of memory") and "median" not in out["big"]
+    # torch's allocator message: the size comes first, where a table cell still shows it
+    torch_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 11059200000 bytes. Error code 12")
+    assert core._reason(torch_oom).startswith("out of memory: one tensor of 10.3 GB (RuntimeError: [enforce")
     assert core.summary([1, 2, 3, 4, 100]) == {"median": 3, "min": 1, "max": 100, "iqr": 2, "n": 5}
 
 

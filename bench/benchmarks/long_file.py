@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from bench import peers
-from bench.core import Context, benchmark, hwm_mb, peak_rss_mb, reset_peak_rss, rss_mb, run_child, trim_heap
+from bench.core import (Context, benchmark, hwm_mb, memory_reason, peak_rss_mb, reset_peak_rss, rss_mb, run_child,
+                        trim_heap)
 
 
 def memory_limit_gb() -> float:
@@ -50,7 +51,7 @@ def run(ctx: Context) -> None:
         if out is None or "error" in out:
             why = (out or {}).get("error") or reason
             if limit and "memory" in why and "limit" not in why:
-                why = f"{why[:200]} (under a {limit:g} GB address-space limit)"
+                why = why.replace("out of memory", f"out of memory under a {limit:g} GB limit", 1)
             for metric, unit in (("time", "s"), ("peak_memory", "MB")):
                 ctx.na(params, impl, metric, unit, why)
             continue
@@ -99,8 +100,9 @@ def child(impl: str, model: str, state_path: str, seconds: str, device: str) -> 
         if device == "cuda":
             torch.cuda.synchronize()
     except (RuntimeError, MemoryError) as err:
-        print(json.dumps({"error": f"out of memory: {type(err).__name__}: {err}"[:300]
-                          if "memory" in str(err).lower() or isinstance(err, MemoryError) else str(err)[:300]}))
+        text = f"{type(err).__name__}: {err}"
+        print(json.dumps({"error": memory_reason(text)
+                          if "memory" in str(err).lower() or isinstance(err, MemoryError) else text[:300]}))
         return
     wall = time.perf_counter() - t0
     if device == "cuda":
