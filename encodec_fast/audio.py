@@ -6,6 +6,7 @@ windowed-sinc resampler (`encodec_fast.dsp`, the bits of torchaudio's `transform
 upstream's `convert_audio` uses).
 """
 
+import os
 import typing as tp
 from pathlib import Path
 
@@ -160,3 +161,75 @@ class StreamingResampler:
         y = y[:, : max(0, self.total_out - self.emitted)]
         self.emitted += y.shape[-1]
         return y
+
+
+def audio_length(path: PathLike, target_sr: int) -> tp.Tuple[int, int, int]:
+    """-> (samples at `target_sr`, the file's rate, its channels), from the header only."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"cannot read audio file {path}: {err}") from err
+    if info.frames <= 0:
+        raise AudioError(f"audio file {path} holds no samples")
+    return resampled_length(info.frames, info.samplerate, target_sr), info.samplerate, info.channels
+
+
+class AudioWriter:
+    """Write audio [C, n] chunk by chunk as `save_audio` writes the whole (16-bit PCM for wav and
+    flac; samples beyond +-0.99 clamped, or with `rescale` the whole signal scaled so that its
+    peak is 0.99, which needs a second pass over a float32 scratch file next to `path`).
+    Writes into a temporary file that replaces `path` only at `close()`: a failure midway
+    leaves any earlier `path` as it was. `peak` is the largest |sample| written."""
+
+    LIMIT = 0.99
+
+    def __init__(self, path: PathLike, sample_rate: int, channels: int, rescale: bool = False):
+        self.path, self.sample_rate, self.channels, self.rescale = Path(path), sample_rate, channels, rescale
+        fmt = self.path.suffix.lower().lstrip(".")
+        self.subtype = "PCM_16" if fmt in ("wav", "flac", "aiff", "aif") else None
+        self.tmp = self.path.with_name(f".{self.path.name}.part{self.path.suffix}")
+        self.scratch = self.path.with_name(f".{self.path.name}.float.wav") if rescale else None
+        self.peak = 0.0
+        try:
+            if rescale:
+                self._file = sf.SoundFile(str(self.scratch), "w", sample_rate, channels, subtype="FLOAT", format="WAV")
+            else:
+                self._file = sf.SoundFile(str(self.tmp), "w", sample_rate, channels, subtype=self.subtype)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+            raise AudioError(f"cannot write audio file {self.path}: {err}") from err
+
+    def write(self, wav: torch.Tensor) -> None:
+        wav = wav.detach().float().cpu()
+        if wav.dim() != 2 or wav.shape[0] != self.channels:
+            raise ValueError(f"expected audio [{self.channels}, n], got {tuple(wav.shape)}")
+        if wav.shape[-1] == 0:
+            return
+        self.peak = max(self.peak, float(wav.abs().max()))
+        if not self.rescale:
+            wav = wav.clamp(-self.LIMIT, self.LIMIT)
+        self._file.write(wav.numpy().T)
+
+    def close(self, block: int = 1 << 20) -> None:
+        """Finish the file and move it into place."""
+        self._file.close()
+        if self.rescale:
+            gain = min(self.LIMIT / self.peak, 1) if self.peak > 0 else 1.0
+            with sf.SoundFile(str(self.scratch)) as src, \
+                    sf.SoundFile(str(self.tmp), "w", self.sample_rate, self.channels, subtype=self.subtype) as dst:
+                while True:
+                    data = src.read(block, dtype="float32", always_2d=True)
+                    if not len(data):
+                        break
+                    dst.write((torch.from_numpy(data) * gain).numpy() if gain != 1 else data)
+            self.scratch.unlink()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop what was written (the temporary files)."""
+        try:
+            self._file.close()
+        except (sf.LibsndfileError, RuntimeError):
+            pass
+        for p in (self.tmp, self.scratch):
+            if p is not None and p.exists():
+                p.unlink()

@@ -29,8 +29,9 @@ def get_parser() -> argparse.ArgumentParser:
         "encodec-fast",
         description="High fidelity neural audio codec (fast EnCodec). If input is a .ecdc, decompresses it. "
                     "Otherwise compresses it; if output is .wav (or .flac), does a compression/decompression cycle.")
-    parser.add_argument("input", type=Path, help="Input file: audio (wav, flac, ogg, mp3...) or .ecdc.")
-    parser.add_argument("output", type=Path, nargs="?", help="Output file, otherwise inferred from input file.")
+    parser.add_argument("input", type=Path, help="Input file: audio (wav, flac, ogg, mp3...) or .ecdc; - reads standard input.")
+    parser.add_argument("output", type=Path, nargs="?", help="Output file, otherwise inferred from input file; - writes standard output "
+                             "(.ecdc from audio, WAV from .ecdc).")
     parser.add_argument("-b", "--bandwidth", type=float, default=6, choices=[1.5, 3.0, 6.0, 12.0, 24.0],
                         help="Target bandwidth (1.5, 3, 6, 12 or 24). 1.5 is not supported with --hq.")
     parser.add_argument("-q", "--hq", action="store_true", help="Use HQ stereo model operating on 48 kHz audio.")
@@ -62,12 +63,9 @@ def _check_output(output: Path, force: bool) -> None:
         raise UserError(f"Output file {output} exists. Use -f / --force to overwrite.")
 
 
-def _check_clipping(wav, rescale: bool) -> None:
-    if rescale:
-        return
-    mx = wav.abs().max().item()
-    if mx > 0.99:
-        print(f"Clipping!! max scale {mx}, limit is 0.99. To avoid clipping, use the `-r` option to rescale "
+def _warn_clipping(peak: float, rescale: bool) -> None:
+    if not rescale and peak > 0.99:
+        print(f"Clipping!! max scale {peak}, limit is 0.99. To avoid clipping, use the `-r` option to rescale "
               "the output.", file=sys.stderr)
 
 
@@ -82,34 +80,96 @@ def _load_model(name: str, args):
     return model.to(args.device)
 
 
-def _decompress(data: bytes, args):
+def _write_audio(stream, path: Path, rescale: bool) -> None:
+    """The chunks of a DecompressIter into `path`, block by block (see `audio.AudioWriter`)."""
+    from .audio import AudioWriter
+    writer = AudioWriter(path, stream.sample_rate, stream.channels, rescale=rescale)
+    try:
+        for chunk in stream:
+            writer.write(chunk)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    _warn_clipping(writer.peak, rescale)
+
+
+def _decompress_file(path: Path, output: Path, args) -> None:
     from . import ecdc
-    from .compress import _check_metadata, decompress
-    meta = ecdc.read_ecdc_header(ecdc.as_file(data))
-    name, _, _, _ = _check_metadata(meta)
-    model = _load_model(name, args)
-    return decompress(data, device=args.device, model=model)
+    from .compress import _check_metadata, decompress_iter
+    with open(path, "rb") as f:
+        name, _, _, _ = _check_metadata(ecdc.read_ecdc_header(f))
+        model = _load_model(name, args)
+        f.seek(0)
+        _write_audio(decompress_iter(f, device=args.device, model=model), output, args.rescale)
+
+
+def _audio_chunks(path: Path, model, device: str):
+    """-> (length at the model's rate, the file's audio in chunks [C, n] at the model's rate and
+    channels): decoded and resampled 10 s at a time, never held whole."""
+    from .audio import AudioError, audio_length
+    from .tokenize.loading import stream_item
+    from .tokenize.sources import Item
+    length, _, _ = audio_length(path, model.sample_rate)
+
+    def chunks():
+        try:
+            for piece in stream_item(Item("input", str(path)), model.sample_rate, model.channels):
+                yield piece.to(device)
+        except ValueError as err:
+            if "NaN" in str(err):
+                raise UserError(f"{path} contains NaN or infinite samples") from None
+            raise AudioError(f"cannot read audio file {path}: {err}") from None
+    return length, chunks()
+
+
+def _spool_stdin(folder: Path) -> Path:
+    """Standard input into a file (soundfile and the .ecdc reader want to seek): .ecdc when it
+    starts with the .ecdc magic, else audio; copied in blocks, so memory stays bounded."""
+    import shutil
+    head = sys.stdin.buffer.read(4)
+    if not head:
+        raise UserError("standard input is empty")
+    path = folder / ("stdin" + (SUFFIX if head == b"ECDC" else ".audio"))
+    with open(path, "wb") as f:
+        f.write(head)
+        shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+    return path
 
 
 def run(args) -> None:
-    import torch
+    import tempfile
 
-    from .audio import convert_audio, read_audio, save_audio
-    from .compress import compress
     from .cpu import tune_cpu_allocator
 
     tune_cpu_allocator()
-    if not args.input.exists():
-        raise UserError(f"Input file {args.input} does not exist.")
+    with tempfile.TemporaryDirectory(prefix="encodec-fast-") as scratch:
+        to_stdout = args.output is not None and str(args.output) == "-"
+        if str(args.input) == "-":
+            args.input = _spool_stdin(Path(scratch))
+        elif not args.input.exists():
+            raise UserError(f"Input file {args.input} does not exist.")
+        if to_stdout:  # .ecdc from audio, WAV from .ecdc; written to a file first, then copied out
+            args.output = Path(scratch) / ("stdout" + (".wav" if args.input.suffix.lower() == SUFFIX else SUFFIX))
+        _run(args)
+        if to_stdout:
+            import shutil
+            with open(args.output, "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+
+
+def _run(args) -> None:
+    import io
+
+    from .compress import compress_iter, decompress_iter
     if args.input.suffix.lower() == SUFFIX:
         if args.output is None:
             args.output = args.input.with_name(args.input.stem + args.decompress_suffix).with_suffix(".wav")
         elif args.output.suffix.lower() not in AUDIO_OUT:
             raise UserError("Output extension must be .wav (or .flac)")
         _check_output(args.output, args.force)
-        out, sample_rate = _decompress(args.input.read_bytes(), args)
-        _check_clipping(out, args.rescale)
-        save_audio(out, args.output, sample_rate, rescale=args.rescale)
+        _decompress_file(args.input, args.output, args)
         return
 
     if args.output is None:
@@ -125,22 +185,26 @@ def run(args) -> None:
         raise UserError(f"No entropy-coding LM is trained for the model {name}; leave out --lm")
     if args.bandwidth not in MODEL_CONFIGS[name]["target_bandwidths"]:
         raise UserError(f"Bandwidth {args.bandwidth} is not supported by the model {name}")
-    wav, sample_rate = read_audio(args.input)
+    from .audio import audio_length
+    audio_length(args.input, MODEL_CONFIGS[name]["sample_rate"])  # an unreadable file fails before the model loads
     model = _load_model(name, args)
     model.set_target_bandwidth(args.bandwidth)
-    wav = convert_audio(wav, sample_rate, model.sample_rate, model.channels).to(args.device)
-    if not torch.isfinite(wav).all():
-        raise UserError(f"{args.input} contains NaN or infinite samples")
-    compressed = compress(model, wav, use_lm=args.lm)
+    length, chunks = _audio_chunks(args.input, model, args.device)
+    pieces = compress_iter(model, chunks, length, use_lm=args.lm)
     if args.output.suffix.lower() == SUFFIX:
         tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_bytes(compressed)
+        try:
+            with open(tmp, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(args.output)
-    else:
-        from .compress import decompress
-        out, out_rate = decompress(compressed, device=args.device, model=model)
-        _check_clipping(out, args.rescale)
-        save_audio(out, args.output, out_rate, rescale=args.rescale)
+    else:  # a round trip: the compressed bytes are small; the audio goes out block by block
+        compressed = b"".join(pieces)
+        _write_audio(decompress_iter(io.BytesIO(compressed), device=args.device, model=model), args.output,
+                     args.rescale)
 
 
 def tokenize_parser() -> argparse.ArgumentParser:

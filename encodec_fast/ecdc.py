@@ -94,6 +94,48 @@ def unpack_codes(data: bytes, num_codebooks: int, num_frames: int, bits: int) ->
     return values.reshape(num_frames, num_codebooks).T.copy()
 
 
+class CodePacker:
+    """`pack_codes` of a [K, T] array given in consecutive pieces [K, t_i]: `push` returns the
+    whole bytes completed so far, `finish` the last (zero-padded) byte; together, the bytes of
+    `pack_codes` of the concatenation."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self._rest = np.zeros(0, dtype=np.uint8)  # fewer than 8 bits not written yet
+
+    def push(self, codes: np.ndarray) -> bytes:
+        codes = np.asarray(codes)
+        if codes.size and (codes.min() < 0 or codes.max() >= 1 << self.bits):
+            raise ValueError(f"codes must be in [0, {1 << self.bits})")
+        flat = codes.T.reshape(-1).astype(np.int64)
+        bit_array = np.concatenate([self._rest, ((flat[:, None] >> np.arange(self.bits)) & 1).astype(np.uint8).reshape(-1)])
+        whole = bit_array.shape[0] // 8 * 8
+        self._rest = bit_array[whole:]
+        return np.packbits(bit_array[:whole], bitorder="little").tobytes()
+
+    def finish(self) -> bytes:
+        out = np.packbits(self._rest, bitorder="little").tobytes()
+        self._rest = np.zeros(0, dtype=np.uint8)
+        return out
+
+
+class CodeUnpacker:
+    """The inverse of `CodePacker`: `push(bytes)` -> the codes [K, t] of the frames completed."""
+
+    def __init__(self, num_codebooks: int, bits: int):
+        self.k, self.bits = num_codebooks, bits
+        self._rest = np.zeros(0, dtype=np.uint8)
+
+    def push(self, data: bytes) -> np.ndarray:
+        bit_array = np.concatenate([self._rest, np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")])
+        per_frame = self.k * self.bits
+        frames = bit_array.shape[0] // per_frame
+        self._rest = bit_array[frames * per_frame:]
+        values = bit_array[:frames * per_frame].reshape(-1, self.bits).astype(np.int64) @ (
+            1 << np.arange(self.bits, dtype=np.int64))
+        return values.reshape(frames, self.k).T.copy()
+
+
 class BitPacker:
     """Push `bits`-bit values one at a time (upstream's API); `flush` writes the last byte."""
 

@@ -203,6 +203,16 @@ class EncodecModel(nn.Module):
                         out[i] = (codes[j * B:(j + 1) * B], None if scale is None else scale.view(-1, 1))
             return tp.cast(tp.List[EncodedFrame], out)
 
+    def encode_segment(self, x: torch.Tensor) -> EncodedFrame:
+        """One segment x [B, C, n] (n <= segment_length) -> (codes [B, K, T], scale [B, 1] or None),
+        as `encode` computes that segment of a longer input (streaming by segment)."""
+        self._check_audio(x, batched=True)
+        with torch.no_grad():
+            if not self.normalize:
+                return self._encode_rows(x, None), None
+            scale = self._scale(x)
+            return self._encode_rows(x / scale, None), scale.view(-1, 1)
+
     def encode_batch(self, wavs: tp.Sequence[torch.Tensor], max_batch_samples: int = 24_000 * 120
                      ) -> tp.List[tp.List[EncodedFrame]]:
         """Encode clips of different lengths [C, T_i] together; item i equals `encode(wavs[i][None])`.

@@ -31,9 +31,9 @@ import typing as tp
 import torch
 from torch.nn import functional as F
 
-from .modules.conv import SConv1d, pad1d
+from .modules.conv import SConv1d, SConvTranspose1d, pad1d
 from .modules.lstm import SLSTM
-from .modules.seanet import SEANetEncoder, SEANetResnetBlock, elu_plan
+from .modules.seanet import SEANetDecoder, SEANetEncoder, SEANetResnetBlock, elu_plan
 
 DEFAULT_CHUNK_SECONDS = 20.0
 DEFAULT_STREAM_SECONDS = 120.0
@@ -51,45 +51,99 @@ class LongInputs:
 
 
 class _Conv:
-    """One SConv1d over consecutive chunks: keeps the padded input its next outputs need."""
+    """One SConv1d over consecutive pieces of its input: keeps the padded input its next outputs
+    need (its left context, the stride's remainder). Causal convolutions only: the input's own
+    left padding is added before the first piece (reflect padding reads the first samples, so the
+    first outputs wait until more than the padding has arrived), the right (extra) padding after
+    the last one, computed from the length seen by then."""
 
-    def __init__(self, conv: SConv1d, elu_first: bool, total: int, owns_input: bool = True):
+    def __init__(self, conv: SConv1d, elu_first: bool, owns_input: bool = True):
         if not conv.causal:
-            raise ValueError("streaming needs a causal encoder")
-        self.conv, self.elu_first, self.total = conv, elu_first, total  # total: the layer's input length
-        self.owns_input = owns_input  # the ELU may overwrite the chunk it is given
-        self.buf: tp.Optional[torch.Tensor] = None
+            raise ValueError("streaming needs a causal model (the 24 kHz model is; the 48 kHz one streams by segment)")
+        self.conv, self.elu_first = conv, elu_first
+        self.owns_input = owns_input  # the ELU may overwrite the piece it is given
+        self.left = conv.padding_total
         self.span = (conv.kernel_size - 1) * conv.dilation + 1
+        self.buf: tp.Optional[torch.Tensor] = None  # padded input not consumed yet (after the start)
+        self.head: tp.List[torch.Tensor] = []       # the first samples, until the left padding can be made
         self.seen = 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.elu_first:
+    def __call__(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
+        if self.elu_first and x.shape[-1]:
             x = F.elu_(x) if self.owns_input else F.elu(x)
         self.seen += x.shape[-1]
-        left, right = self.conv.paddings(self.total)  # the whole input's padding: left at its start, right at its end
-        buf = pad1d(x, (left, 0), mode=self.conv.pad_mode) if self.buf is None else torch.cat([self.buf, x], dim=-1)
-        if self.seen == self.total:
-            buf = pad1d(buf, (0, right), mode=self.conv.pad_mode)
+        if self.buf is None:
+            self.head.append(x)
+            head = torch.cat(self.head, dim=-1) if len(self.head) > 1 else x
+            if head.shape[-1] <= self.left and not last:
+                self.head = [head]
+                return head.new_zeros(head.shape[0], self.conv.conv.conv.out_channels, 0)
+            self.head = []
+            if last:  # the whole input in one call: its padding exactly as the whole-file call's
+                return self._emit(pad1d(head, self.conv.paddings(self.seen), mode=self.conv.pad_mode), True)
+            buf = pad1d(head, (self.left, 0), mode=self.conv.pad_mode)
+        else:
+            buf = torch.cat([self.buf, x], dim=-1) if x.shape[-1] else self.buf
+        if last:
+            buf = pad1d(buf, (0, self.conv.paddings(self.seen)[1]), mode=self.conv.pad_mode)
+        return self._emit(buf, last)
+
+    def _emit(self, buf: torch.Tensor, last: bool) -> torch.Tensor:
         s = self.conv.stride
         n_out = max(0, (buf.shape[-1] - self.span) // s + 1)
         y = self.conv.conv(buf[..., :(n_out - 1) * s + self.span]) if n_out else buf.new_zeros(
             buf.shape[0], self.conv.conv.conv.out_channels, 0)
-        self.buf = buf[..., n_out * s:].clone()  # a copy: a view would keep the whole chunk alive
+        self.buf = None if last else buf[..., n_out * s:].clone()  # a copy: a view would keep the whole piece alive
         return y
 
 
-class _Block:
-    def __init__(self, block: SEANetResnetBlock, total: int):
-        convs = [m for m in block.block if isinstance(m, SConv1d)]
-        self.convs = [_Conv(c, True, total, owns_input=i > 0) for i, c in enumerate(convs)]  # x: for the shortcut
-        self.shortcut = _Conv(block.shortcut, False, total) if isinstance(block.shortcut, SConv1d) else None
+class _ConvTranspose:
+    """One causal SConvTranspose1d over consecutive pieces: output sample t reads the inputs
+    i with i * s <= t < i * s + k, so after input frames [0, n) the outputs [0, n * s) are final.
+    Each call runs the transposed convolution on the new frames plus the floor((k - 1) / s)
+    frames before them and keeps the outputs that those frames complete; the right end that the
+    whole call trims (k - s samples, causal) is never produced."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, conv: SConvTranspose1d, elu_first: bool):
+        if not conv.causal or conv.trim[0] != 0:
+            raise ValueError("streaming needs a causal decoder (trim_right_ratio 1)")
+        self.conv, self.elu_first = conv, elu_first
+        inner = conv.convtr.convtr
+        self.k, self.s = inner.kernel_size[0], inner.stride[0]
+        self.context = (self.k - 1) // self.s
+        self.prev: tp.Optional[torch.Tensor] = None  # the last `context` input frames (after the ELU)
+
+    def __call__(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
+        n = x.shape[-1]
+        if n == 0:
+            return x.new_zeros(x.shape[0], self.conv.convtr.convtr.out_channels, 0)
+        if self.elu_first:
+            x = F.elu(x)
+        ctx = 0 if self.prev is None else self.prev.shape[-1]
+        inp = x if ctx == 0 else torch.cat([self.prev, x], dim=-1)
+        y = self.conv.convtr(inp)  # [B, C, (ctx + n - 1) * s + k]; trimming happens here
+        self.prev = inp[..., inp.shape[-1] - self.context:].clone() if self.context else None
+        return y[..., ctx * self.s:(ctx + n) * self.s]
+
+
+class _Block:
+    def __init__(self, block: SEANetResnetBlock):
+        convs = [m for m in block.block if isinstance(m, SConv1d)]
+        self.convs = [_Conv(c, True, owns_input=i > 0) for i, c in enumerate(convs)]  # x: for the shortcut
+        self.shortcut = _Conv(block.shortcut, False) if isinstance(block.shortcut, SConv1d) else None
+        self.pending: tp.Optional[torch.Tensor] = None  # input whose residual branch has not come out yet
+
+    def __call__(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
         h = x
         for conv in self.convs:
-            h = conv(h)
-        skip = self.shortcut(x) if self.shortcut is not None else x
-        return skip + h
+            h = conv(h, last)
+        skip = self.shortcut(x, last) if self.shortcut is not None else x
+        # The branch may lag the input at the start (reflect padding waits for samples); the
+        # skip path must line up with it.
+        if self.pending is not None and self.pending.shape[-1]:
+            skip = torch.cat([self.pending, skip], dim=-1)
+        self.pending = skip[..., h.shape[-1]:].clone()
+        return skip[..., :h.shape[-1]] + h
 
 
 class _LSTM:
@@ -97,36 +151,48 @@ class _LSTM:
         self.lstm, self.then_elu = lstm, then_elu
         self.state: tp.Optional[tp.Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
+        if x.shape[-1] == 0:
+            return x
         y, self.state = self.lstm.run(x, self.then_elu, self.state)
         return y
 
 
-class StreamingEncoder:
-    """A causal SEANet encoder fed consecutive chunks of one input of `total` samples:
-    the frames of each chunk, in order; together, `encoder(whole input)`."""
+class _ELU:
+    def __call__(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
+        return F.elu_(x)
 
-    def __init__(self, encoder: SEANetEncoder, total: int):
-        self.stages: tp.List[tp.Callable[[torch.Tensor], torch.Tensor]] = []
-        length = total
-        for layer, with_elu in elu_plan(list(encoder.model)):
+
+class SEANetStream:
+    """A causal SEANet encoder or decoder fed consecutive pieces of one input: each call returns
+    the outputs that are final so far; `last=True` on the final piece (possibly empty) ends the
+    input and returns the rest. Together: `net(whole input)`."""
+
+    def __init__(self, net: tp.Union[SEANetEncoder, SEANetDecoder]):
+        self.stages: tp.List[tp.Callable[..., torch.Tensor]] = []
+        for layer, with_elu in elu_plan(list(net.model)):
             if layer is None:
-                self.stages.append(F.elu_)
+                self.stages.append(_ELU())
             elif isinstance(layer, SConv1d):
-                self.stages.append(_Conv(layer, with_elu, length))
-                length = layer.output_length(length)
+                self.stages.append(_Conv(layer, with_elu))
+            elif isinstance(layer, SConvTranspose1d):
+                self.stages.append(_ConvTranspose(layer, with_elu))
             elif isinstance(layer, SEANetResnetBlock):
-                self.stages.append(_Block(layer, length))
+                self.stages.append(_Block(layer))
             elif isinstance(layer, SLSTM):
                 self.stages.append(_LSTM(layer, with_elu))
             else:
                 raise ValueError(f"cannot stream through {type(layer).__name__}")
+        self.ended = False
 
-    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
-        chunk = chunk.clone()  # the stages write into their input
+    def __call__(self, piece: torch.Tensor, last: bool = False) -> torch.Tensor:
+        if self.ended:
+            raise RuntimeError("this stream has ended (flush was called)")
+        self.ended = last
+        piece = piece.clone()  # the stages write into their input
         for stage in self.stages:
-            chunk = stage(chunk)
-        return chunk
+            piece = stage(piece, last)
+        return piece
 
 
 def chunk_bounds(length: int, chunk: int) -> tp.List[tp.Tuple[int, int]]:
@@ -195,13 +261,13 @@ def encode_pieces(model, pieces: tp.Iterable[torch.Tensor], length: int,
         frames = model.encode(windows.take(0, length))
         windows.close()
         return frames
-    streamer = StreamingEncoder(model.encoder, length)
+    streamer = SEANetStream(model.encoder)
     codes = []
     with torch.no_grad():
         for a, b in chunk_bounds(length, chunk):
             x = windows.take(a, b)
             model._check_audio(x, batched=True)
-            emb = streamer(x)
+            emb = streamer(x, last=b == length)
             codes.append(model.quantizer.encode(emb, model.frame_rate, model.bandwidth).transpose(0, 1))
     windows.close()
     return [(torch.cat(codes, dim=-1), None)]
@@ -211,3 +277,281 @@ def encode_long(model, x: torch.Tensor, chunk_seconds: float = DEFAULT_CHUNK_SEC
     """`model.encode(x)` (x [B, C, T]) holding one chunk's activations at a time (module docstring)."""
     model._check_audio(x, batched=True)
     return encode_pieces(model, [x], x.shape[-1], chunk_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public streaming API: push / flush
+
+
+EXACT_CHUNK_SECONDS = 1.0
+MAX_CALL_SECONDS = 3.0  # audio per encoder call at most (bounded activations, whatever is pushed)
+
+
+def _codes_of(model, emb: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Embeddings [1, D, t] -> codes [K, t] (the codebook search on these frames)."""
+    if emb.shape[-1] == 0:
+        return torch.zeros(model.quantizer.get_num_quantizers_for_bandwidth(model.frame_rate, bandwidth), 0,
+                           dtype=torch.long, device=emb.device)
+    return model.quantizer.encode(emb, model.frame_rate, bandwidth)[:, 0]
+
+
+class StreamingEncoder:
+    """Encode one signal pushed in chunks of any size, with the codes of `model.encode` of the
+    whole signal.
+
+    - 24 kHz model (causal, no segments): `push(audio [C, n])` returns the codes [K, t] of the
+      frames completed so far (t may be 0), `flush()` the rest. With `exact=True` (default) every
+      encoder call takes at least `chunk_seconds` (1 s) of audio and the last call gets the final
+      stretch, so the codes equal `model.encode` of the whole signal bit for bit on CPU: CPU
+      convolutions give other last bits on short calls (measured on 2026-12 oneDNN: calls of
+      0.2 s and less differ by ~1e-7, of 0.5 s and more give the whole call's values), which
+      can flip a code at a near-tie. The price is latency: audio is held until 2 x chunk_seconds
+      are buffered and the last chunk_seconds are always held back, so a frame's codes come out
+      1-2 s after its last sample (`latency_samples`). `exact=False` encodes each push at once
+      (after a start-up of 7 frames, 2240 samples, which the last convolution's reflect padding
+      at the start reads, each frame comes out with its last sample): the low-latency mode, whose agreement with the whole-file codes is
+      measured by bench/streaming_latency.py and reported in the README.
+    - 48 kHz model (1 s segments, 1% overlap, per-segment scale): `push` and `flush` return a
+      list of (codes [K, T], scale [1]) per completed segment, exactly the pairs of
+      `model.encode` of the whole signal (batch dimension dropped). A segment comes out once its
+      last sample is in; the audio after the next segment's start is kept.
+
+    Memory: one call's activations and the held audio, whatever the signal's length.
+    """
+
+    def __init__(self, model, bandwidth: tp.Optional[float] = None, exact: bool = True,
+                 chunk_seconds: float = EXACT_CHUNK_SECONDS):
+        if bandwidth is not None and bandwidth not in model.target_bandwidths:
+            raise ValueError(f"This model doesn't support the bandwidth {bandwidth}. "
+                             f"Select one of {model.target_bandwidths}.")
+        self.model, self.bandwidth = model, bandwidth if bandwidth is not None else model.bandwidth
+        self.exact = exact
+        self.segmented = model.segment_length is not None
+        if not self.segmented and (model.normalize or not model.encoder.causal):
+            raise ValueError("streaming needs a causal model without segments, or one with segments (48 kHz)")
+        self.chunk = max(1, int(chunk_seconds * model.sample_rate)) if exact else 1
+        self.max_call = int(MAX_CALL_SECONDS * model.sample_rate)
+        self.held: tp.List[torch.Tensor] = []
+        self.held_samples = 0
+        self.samples_in = 0
+        self.offset = 0  # segmented: where the next segment starts, in the signal
+        self.net = None if self.segmented else SEANetStream(model.encoder)
+        self.ended = False
+
+    @property
+    def latency_samples(self) -> int:
+        """Worst-case samples between a frame's last sample arriving and its codes coming out
+        (what the encoder holds): 2 chunks - 1 when exact, 0 otherwise (after the first 7 frames);
+        for segmented models one segment."""
+        if self.segmented:
+            return self.model.segment_length
+        return 2 * self.chunk - 1 if self.exact else 0
+
+    def _check(self, audio: torch.Tensor) -> None:
+        if self.ended:
+            raise RuntimeError("this StreamingEncoder has been flushed; make a new one for the next signal")
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
+            raise ValueError(f"push audio [C, n], got {tuple(audio.shape) if isinstance(audio, torch.Tensor) else audio!r}")
+        if audio.shape[0] != self.model.channels:
+            raise ValueError(f"the model takes {self.model.channels} channel(s), got {audio.shape[0]}; "
+                             "use encodec_fast.convert_audio")
+        if not audio.is_floating_point():
+            raise TypeError(f"expected floating-point audio, got {audio.dtype}")
+        if not torch.isfinite(audio).all():
+            raise ValueError("audio contains NaN or infinite samples")
+
+    def _take(self, n: int) -> torch.Tensor:
+        """The first n held samples [C, n], removed from the hold."""
+        joined = torch.cat(self.held, dim=-1) if len(self.held) > 1 else self.held[0]
+        out, rest = joined[:, :n], joined[:, n:]
+        self.held = [rest.clone()] if rest.shape[-1] else []  # a copy: a view keeps the whole piece
+        self.held_samples = rest.shape[-1]
+        return out
+
+    def _encode(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+        with torch.no_grad():
+            param = next(self.model.parameters())
+            emb = self.net(x[None].to(device=param.device, dtype=param.dtype), last=last)
+            return _codes_of(self.model, emb, self.bandwidth)
+
+    def push(self, audio: torch.Tensor):
+        """audio [C, n] (the next n samples; n may be 0) -> codes [K, t] of the frames now
+        complete (24 kHz), or a list of (codes [K, T], scale) per segment now complete."""
+        self._check(audio)
+        if audio.shape[-1]:
+            self.held.append(audio)
+            self.held_samples += audio.shape[-1]
+            self.samples_in += audio.shape[-1]
+        if self.segmented:
+            return self._segments(final=False)
+        keep = self.chunk if self.exact else 0
+        parts = []
+        while self.held_samples >= 2 * self.chunk or (not self.exact and self.held_samples):
+            # calls of at most MAX_CALL_SECONDS: a big push does not make big activations
+            n = min(self.held_samples - keep, max(self.chunk, self.max_call))
+            parts.append(self._encode(self._take(n), False))
+        if not parts:
+            return self._encode(audio[:, :0], False)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def flush(self):
+        """End of the signal -> the remaining codes (same types as `push`)."""
+        if self.ended:
+            raise RuntimeError("this StreamingEncoder has been flushed already")
+        if self.samples_in == 0:
+            raise ValueError("cannot encode empty audio (0 samples)")
+        self.ended = True
+        if self.segmented:
+            return self._segments(final=True)
+        parts = []
+        while self.held_samples > max(self.chunk, self.max_call) + self.chunk:
+            parts.append(self._encode(self._take(max(self.chunk, self.max_call)), False))
+        rest = self._take(self.held_samples) if self.held_samples else torch.zeros(
+            self.model.channels, 0, device=next(self.model.parameters()).device)
+        parts.append(self._encode(rest, True))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def _segments(self, final: bool) -> tp.List[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]]:
+        model = self.model
+        seg, stride = model.segment_length, model.segment_stride
+        out = []
+        base = self.samples_in - self.held_samples  # signal position of the first held sample
+        while self.held_samples and (base + self.held_samples >= self.offset + seg or final) \
+                and self.offset < self.samples_in:
+            joined = torch.cat(self.held, dim=-1) if len(self.held) > 1 else self.held[0]
+            self.held = [joined]
+            a = self.offset - base
+            x = joined[:, a:a + seg]
+            saved = model.bandwidth
+            try:
+                model.bandwidth = self.bandwidth
+                param = next(model.parameters())
+                codes, scale = model.encode_segment(x[None].to(device=param.device, dtype=param.dtype))
+            finally:
+                model.bandwidth = saved
+            out.append((codes[0], None if scale is None else scale[0]))
+            self.offset += stride
+            drop = min(self.offset - base, joined.shape[-1])
+            self.held = [joined[:, drop:].clone()] if drop < joined.shape[-1] else []
+            self.held_samples = joined.shape[-1] - drop
+            base += drop
+        return out
+
+
+class StreamingDecoder:
+    """Decode codes pushed in pieces: the concatenated output equals `model.decode` of all the
+    codes (within 1e-5 relative on CPU: the convolutions run on other lengths), trimmed to
+    `length` samples when given.
+
+    - 24 kHz model: `push(codes [K, t])` returns the audio [C, n] that is final so far. The
+      decoder is causal: after its first 7 frames (the reflect padding at the start reads them)
+      each frame gives its 320 samples at once, so `latency_samples` is 0 past the start.
+    - 48 kHz model: `push(codes [K, T], scale)` takes one segment (as `StreamingEncoder` gives
+      them) and returns the samples no later segment overlaps; `latency_samples` is the
+      overlap (1% of a segment), on top of the segment itself.
+    `flush()` returns the rest.
+    """
+
+    def __init__(self, model, length: tp.Optional[int] = None):
+        self.model = model
+        self.segmented = model.segment_length is not None
+        if not self.segmented and not model.decoder.causal:
+            raise ValueError("streaming needs a causal decoder, or a model with segments (48 kHz)")
+        self.length = length
+        self.samples_out = 0
+        self.net = None if self.segmented else SEANetStream(model.decoder)
+        self.codebooks: tp.Optional[int] = None
+        # segmented: the overlap-add state from `done` on
+        self.weight: tp.Optional[torch.Tensor] = None
+        self.acc: tp.Optional[torch.Tensor] = None
+        self.wsum: tp.Optional[torch.Tensor] = None
+        self.segments = 0
+        self.ended = False
+
+    @property
+    def latency_samples(self) -> int:
+        if self.segmented:
+            return self.model.segment_length - self.model.segment_stride
+        return 0
+
+    def _check(self, codes: torch.Tensor) -> None:
+        if self.ended:
+            raise RuntimeError("this StreamingDecoder has been flushed; make a new one for the next signal")
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+            raise ValueError(f"push codes [K, t], got {tuple(codes.shape) if isinstance(codes, torch.Tensor) else codes!r}")
+        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"codes must be integers, got {codes.dtype}")
+        if not 1 <= codes.shape[0] <= self.model.quantizer.n_q:
+            raise ValueError(f"{codes.shape[0]} codebooks given, the model has {self.model.quantizer.n_q}")
+        if self.codebooks is not None and codes.shape[0] != self.codebooks:
+            raise ValueError(f"{codes.shape[0]} codebooks given after {self.codebooks}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.model.quantizer.bins):
+            raise ValueError(f"codes must be in [0, {self.model.quantizer.bins})")
+        self.codebooks = codes.shape[0]
+
+    def _out(self, audio: torch.Tensor) -> torch.Tensor:
+        if self.length is not None:
+            audio = audio[:, :max(0, self.length - self.samples_out)]
+        self.samples_out += audio.shape[-1]
+        return audio
+
+    def push(self, codes: torch.Tensor, scale: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """codes [K, t] (24 kHz: any t; 48 kHz: one segment, with its scale) -> final audio [C, n]."""
+        self._check(codes)
+        device = next(self.model.parameters()).device
+        codes = codes.to(device=device, dtype=torch.long)
+        with torch.no_grad():
+            if not self.segmented:
+                if scale is not None:
+                    raise ValueError("this model has no segment scales")
+                emb = self.model.quantizer.decode(codes[:, None])
+                return self._out(self.net(emb)[0])
+            if self.model.normalize and scale is None:
+                raise ValueError("each segment of this model comes with its scale")
+            frame = self.model._decode_frames([(codes[None], None if scale is None else scale.reshape(1, 1).to(device))])[0][0]
+            return self._out(self._overlap_add(frame))
+
+    def _overlap_add(self, frame: torch.Tensor) -> torch.Tensor:
+        """Add one decoded segment [C, n] (`model._linear_overlap_add`, incrementally) -> the samples
+        before the next segment's start."""
+        n = frame.shape[-1]
+        stride = self.model.segment_stride
+        if self.weight is None:  # sized from the first segment, as the whole-file call
+            t = torch.linspace(0, 1, n + 2, device=frame.device, dtype=frame.dtype)[1:-1]
+            self.weight = 0.5 - (t - 0.5).abs()
+            self.acc = frame.new_zeros(frame.shape[0], 0)
+            self.wsum = frame.new_zeros(0)
+        if n > self.weight.shape[-1]:
+            raise ValueError(f"segment of {n} samples after one of {self.weight.shape[-1]}")
+        grow = n - self.acc.shape[-1]  # the state starts at this segment's offset
+        if grow > 0:
+            self.acc = torch.cat([self.acc, frame.new_zeros(frame.shape[0], grow)], dim=-1)
+            self.wsum = torch.cat([self.wsum, frame.new_zeros(grow)])
+        self.acc[:, :n] += self.weight[:n] * frame
+        self.wsum[:n] += self.weight[:n]
+        self.segments += 1
+        ready = min(stride, self.acc.shape[-1])
+        return self._release(ready)
+
+    def _release(self, n: int) -> torch.Tensor:
+        if n and not bool(self.wsum[:n].min() > 0):
+            raise ValueError("overlap-add left a gap: segments too short for the stride")
+        out = self.acc[:, :n] / self.wsum[:n]
+        self.acc, self.wsum = self.acc[:, n:].clone(), self.wsum[n:].clone()
+        return out
+
+    def flush(self) -> torch.Tensor:
+        """End of the codes -> the remaining audio [C, n]."""
+        if self.ended:
+            raise RuntimeError("this StreamingDecoder has been flushed already")
+        self.ended = True
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            if not self.segmented:
+                if self.codebooks is None:
+                    raise ValueError("no codes to decode")
+                out = self.net(torch.zeros(1, self.model.quantizer.dimension, 0, device=device), last=True)[0]
+                return self._out(out)
+            if self.acc is None:
+                raise ValueError("no segments to decode")
+            return self._out(self._release(self.acc.shape[-1]))

@@ -83,7 +83,9 @@ def test_lm_files_byte_identical_and_cross_decodable(name, bandwidth, seconds, r
         expected, _ = encodec_fast.decompress(plain_file, model=ours)
     for data in (ref, checked):
         out, sr = encodec_fast.decompress(data, model=ours)
-        assert sr == ours.sample_rate and out.shape == wav.shape and rel_err(out, expected) <= 1e-6
+        # The same codes (the CRC checks them); the audio differs only by the decoder's numerics:
+        # `expected` ran on one thread, segment by segment through the streaming decoder.
+        assert sr == ours.sample_rate and out.shape == wav.shape and rel_err(out, expected) <= 1e-5
         with lm_threads(1):
             up_out, _ = upc.decompress(data)
         assert rel_err(up_out, expected) <= 1e-5
@@ -221,7 +223,8 @@ def test_truncated_and_corrupt_lm_files(pair_24, lms_24, monkeypatch):
     # A header announcing absurdly more audio than the payload can hold: refused before decoding
     # (no LM run until the data ends, no allocation for 2**40 samples); a merely longer one runs
     # out of data.
-    for length, error, match in ((2 ** 40, ValueError, "can hold at most"), (10 ** 11, ValueError, "can hold at most"),
+    # (past a week of audio, the header itself is refused)
+    for length, error, match in ((2 ** 40, ValueError, "audio length"), (2 ** 34, ValueError, "can hold at most"),
                                  (24000, EOFError, "sooner than expected")):
         meta, payload = split_header(data)
         meta["al"] = length
