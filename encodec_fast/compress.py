@@ -67,18 +67,11 @@ LM_CHUNK_FRAMES = 256  # frames per LM call when encoding: bounded memory for an
 
 def _lm_encode_segment(lm: LMModel, codes: torch.Tensor) -> bytes:
     """codes [K, T] -> the arithmetic-coded bytes of one segment: the LM predicts frame t from
-    frames < t (a fresh LM state per segment, frame -1 fed as zeros), one CDF per code. Frames go
-    through the LM in chunks (bit-identical to the decoder's steps: `LMStream.run_inputs`) and
-    into one streaming encoder, so memory does not grow with the segment's length."""
-    K, T = codes.shape
-    inputs = LMStream.inputs_of(codes[None])
-    stream, encoder = LMStream(lm), entropy.SymbolEncoder()
-    for start in range(0, T, LM_CHUNK_FRAMES):
-        end = min(T, start + LM_CHUNK_FRAMES)
-        probabilities = stream.run_inputs(inputs[..., start:end])  # [c, 1, card, K]
-        pdfs = probabilities[:, 0].transpose(1, 2).reshape(-1, lm.card)
-        encoder.push(pdfs, codes[:, start:end].t().reshape(-1))
-    return encoder.finish()
+    frames < t (a fresh LM state per segment, frame -1 fed as zeros), one CDF per code
+    (`_LMSegmentEncoder` given the whole segment at once)."""
+    coder = _LMSegmentEncoder(lm)
+    coder.push(codes)
+    return coder.finish()
 
 
 def _lm_decode_segment(lm: LMModel, data: bytes, offset: int, K: int, T: int) -> tp.Tuple[torch.Tensor, int]:
