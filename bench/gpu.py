@@ -75,7 +75,7 @@ def peaks_for(name: str) -> tp.Optional[dict]:
 
 #: Sizes: the realistic ones, or tiny ones for --smoke (CPU, Triton interpreter, no timing value).
 SIZES = {"rvq": (64, 750), "train": (64, 75), "model": (64, 10.0), "big_checks": True}
-SMOKE_SIZES = {"rvq": (2, 40), "train": (2, 20), "model": (1, 0.1), "big_checks": False}
+SMOKE_SIZES = {"rvq": (2, 40), "train": (2, 20), "model": (1, 0.05), "big_checks": False}
 SMOKE = False
 
 
@@ -85,15 +85,16 @@ def sync() -> None:
 
 
 def bench_ms(fn: tp.Callable[[], tp.Any], quick: bool) -> float:
-    if SMOKE:  # do_bench needs a GPU driver
+    if SMOKE:  # do_bench needs a GPU driver; one call, no warm-up (the interpreter is slow)
         return 1e3 * timed_seconds(fn, 1)
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
 
 
 def timed_seconds(fn: tp.Callable[[], tp.Any], reps: int) -> float:
-    fn()
-    sync()
+    if not SMOKE:  # warm-up (compilation, autotuning); the smoke run's timings mean nothing anyway
+        fn()
+        sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -179,6 +180,24 @@ class LaunchLog:
             cls.active = None
 
 
+def timed_launches(fn: tp.Callable[[], tp.Any], reps: int) -> tp.Tuple[float, list]:
+    """(timed_seconds(fn, reps), LaunchLog.of(fn)); the smoke run times one call under the capture
+    (in the interpreter every call counts)."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        launches = LaunchLog.of(fn)
+        return time.perf_counter() - t0, launches
+    return timed_seconds(fn, reps), LaunchLog.of(fn)
+
+
+def bench_ms_launches(fn: tp.Callable[[], tp.Any], quick: bool) -> tp.Tuple[float, list]:
+    """(bench_ms(fn, quick), LaunchLog.of(fn)), one call for both in the smoke run."""
+    if SMOKE:
+        seconds, launches = timed_launches(fn, 1)
+        return 1e3 * seconds, launches
+    return bench_ms(fn, quick), LaunchLog.of(fn)
+
+
 def launch_text(launches: list) -> str:
     """'kernel CO64 CI32 T128 w8 s1: 128 regs, 0 B local' for each launch (markdown cell)."""
     parts = []
@@ -193,12 +212,14 @@ def launch_text(launches: list) -> str:
 # -- 1. correctness --------------------------------------------------------------------------------
 
 def check(name: str, results: list, fn: tp.Callable[[], tp.Optional[str]]) -> None:
+    t0 = time.perf_counter()
     try:
         detail = fn() or ""
         results.append({"check": name, "ok": True, "detail": detail})
     except Exception as exc:  # report every failure, keep going
         results.append({"check": name, "ok": False, "detail": f"{type(exc).__name__}: {exc}"})
         traceback.print_exc()
+    results[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     print(("PASS " if results[-1]["ok"] else "FAIL ") + name, results[-1]["detail"], flush=True)
 
 
@@ -291,7 +312,7 @@ def correctness(device: str) -> list:
     def model_case():
         model = random_model(device)
         model.set_target_bandwidth(6.0)
-        x = test_audio(2, int(24000 * SIZES["model"][1]), device)
+        x = test_audio(2 if SIZES["big_checks"] else 1, int(24000 * SIZES["model"][1]), device)
         with torch.no_grad():
             with ops.use_backend("torch"):
                 emb_ref = model.encoder(x)
@@ -369,8 +390,7 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
         for precision in ("ieee", "tf32x3", "tf32"):
             with ops.use_backend("triton"), Precision(precision):
                 got = rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)
-                ms = bench_ms(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked), quick)
-                launches = LaunchLog.of(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked))
+                ms, launches = bench_ms_launches(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked), quick)
             agreement = rvq.code_agreement(x, books, ref, got)
             peak = None if peaks is None else peaks["fp32" if precision == "ieee" else "tf32"]
             rows.append({
@@ -380,8 +400,7 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                 "frames_equal": agreement.equal / agreement.rows, "ties": agreement.ties,
                 "non_ties": agreement.non_ties, "launches": launches})
         with ops.use_backend("triton"):
-            ms = bench_ms(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked), quick)
-            launches = LaunchLog.of(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked))
+            ms, launches = bench_ms_launches(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked), quick)
         nbytes = N * Q * 8 + N * D * 4  # codes read, output written (codebooks stay in L2)
         rows.append({"op": "rvq_decode", "kbps": kbps, "stages": Q, "frames": N, "precision": "fp32",
                      "torch_ms": torch_dec_ms, "triton_ms": ms, "speedup": torch_dec_ms / ms,
@@ -457,8 +476,7 @@ def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                 err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
                 torch_ms = bench_ms(ref_fn, quick)
                 with ops.use_backend("triton"):
-                    ms = bench_ms(fn, quick)
-                    launches = LaunchLog.of(fn)
+                    ms, launches = bench_ms_launches(fn, quick)
             peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
             rows.append({"op": f"conv: {name}", "dtype": str(dtype).replace("torch.", ""), "shape": shape,
                          "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
@@ -473,7 +491,7 @@ def time_stft(device: str, quick: bool) -> list:
     discriminator (forward + backward), torch vs the Triton layout kernel, at a training batch."""
     from encodec_fast.ops import stft
     from encodec_fast.train import MultiScaleSTFTDiscriminator
-    batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (2, 0.25)
+    batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (1, 0.1)
     x = torch.randn(batch, 1, int(24000 * seconds), device=device)
     rows = []
     for n_fft, hop in ((1024, 256), (2048, 512), (512, 128)):
@@ -488,19 +506,20 @@ def time_stft(device: str, quick: bool) -> list:
         ref, got = step("torch"), step("triton")
         err = float((got - ref).abs().max() / ref.abs().max())
         entry = {"op": f"spectrogram n_fft={n_fft} fwd+bwd", "torch_ms": bench_ms(lambda: step("torch"), quick),
-                 "triton_ms": bench_ms(lambda: step("triton"), quick), "rel_err": err}
+                 "rel_err": err}
+        entry["triton_ms"], entry["launches"] = bench_ms_launches(lambda: step("triton"), quick)
         entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
-        entry["launches"] = LaunchLog.of(lambda: step("triton"))
         rows.append(entry)
         print(json.dumps(entry), flush=True)
     torch.manual_seed(0)
-    disc = MultiScaleSTFTDiscriminator(filters=32).to(device)
+    filters = 32 if SIZES["big_checks"] else 8
+    disc = MultiScaleSTFTDiscriminator(filters=filters).to(device)
 
     def disc_step(backend):
         with ops.use_backend(backend):
             logits, fmaps = disc(x)
         (sum(lg.mean() for lg in logits) + sum(f.mean() for fm in fmaps for f in fm)).backward()
-    entry = {"op": "MS-STFT discriminator fwd+bwd (filters=32; triton: spectrogram kernel + fused Conv2d)", "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
+    entry = {"op": f"MS-STFT discriminator fwd+bwd (filters={filters}; triton: spectrogram kernel + fused Conv2d)", "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
              "triton_ms": bench_ms(lambda: disc_step("triton"), quick), "rel_err": None}
     entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
     rows.append(entry)
@@ -549,10 +568,9 @@ def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                      "shape": [B, C_in, H, W], "out_channels": ref.shape[1], "kernel": list(c.kernel_size),
                      "stride": list(c.stride), "dilation": list(c.dilation), "rel_err": err,
                      "torch_fwd_ms": bench_ms(lambda: fwd("torch"), quick),
-                     "triton_fwd_ms": bench_ms(lambda: fwd("triton"), quick),
                      "torch_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("torch"), quick),
                      "triton_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("triton"), quick)}
-            entry["launches"] = LaunchLog.of(lambda: fwd("triton"))
+            entry["triton_fwd_ms"], entry["launches"] = bench_ms_launches(lambda: fwd("triton"), quick)
             entry["fwd_speedup"] = entry["torch_fwd_ms"] / entry["triton_fwd_ms"]
             entry["fwd_bwd_speedup"] = entry["torch_fwd_bwd_ms"] / entry["triton_fwd_bwd_ms"]
             entry["triton_fwd_tflops"] = flops / entry["triton_fwd_ms"] / 1e9
@@ -582,10 +600,10 @@ def time_training(device: str, quick: bool) -> list:
             loss.backward()
 
         entry = {"op": "quantizer training step", "stages": n_q, "frames": x.shape[0] * x.shape[2]}
-        for backend in ("torch", "triton"):
-            model = copy.deepcopy(ours)
-            entry[f"ours_{backend}_ms"] = bench_ms(lambda: step(model, backend), quick)
-        entry["launches"] = LaunchLog.of(lambda: step(model, "triton"))
+        model = copy.deepcopy(ours)
+        entry["ours_torch_ms"] = bench_ms(lambda: step(model, "torch"), quick)
+        model = copy.deepcopy(ours)
+        entry["ours_triton_ms"], entry["launches"] = bench_ms_launches(lambda: step(model, "triton"), quick)
         try:
             from encodec.quantization import ResidualVectorQuantizer as Upstream
             upstream = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
@@ -606,8 +624,8 @@ def time_train_step(device: str, quick: bool) -> list:
     Triton quantizer, with the torch quantizer, in bf16, and the step built from upstream's modules."""
     import argparse as _argparse
     import train_step
-    args = _argparse.Namespace(model="24khz", batch=2 if quick else 16, seconds=1.0, reps=1 if quick else 5,
-                               bandwidths=[6.0, 24.0], device=device)
+    args = _argparse.Namespace(model="24khz", batch=1 if SMOKE else 2 if quick else 16, seconds=0.5 if SMOKE else 1.0,
+                               reps=1 if quick else 5, bandwidths=[6.0] if SMOKE else [6.0, 24.0], device=device)
     rows = train_step.run(args)
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k != "times_ms"}), flush=True)
@@ -633,15 +651,22 @@ def time_model(device: str, quick: bool) -> list:
                     with ops.use_backend(backend), torch.autocast(device, dtype=dtype or torch.float32,
                                                                   enabled=dtype is not None):
                         return fn()
-                codes = run(lambda: model.encode(x))[0][0]
-                entry[f"{label}_encode_audio_s_per_s"] = seconds / timed_seconds(lambda: run(lambda: model.encode(x)), reps)
-                entry[f"{label}_decode_audio_s_per_s"] = seconds / timed_seconds(lambda: run(lambda: model.decode(ref)), reps)
+                result = {}
+
+                def encode(run=run, result=result):
+                    result["frames"] = run(lambda: model.encode(x))
+                if label == "triton_fp32":
+                    enc_s, entry["launches_encode"] = timed_launches(encode, reps)
+                    dec_s, entry["launches_decode"] = timed_launches(lambda: run(lambda: model.decode(ref)), reps)
+                else:
+                    enc_s = timed_seconds(encode, reps)
+                    dec_s = timed_seconds(lambda: run(lambda: model.decode(ref)), reps)
+                codes = result["frames"][0][0]  # the last timed call's
+                entry[f"{label}_encode_audio_s_per_s"] = seconds / enc_s
+                entry[f"{label}_decode_audio_s_per_s"] = seconds / dec_s
                 # Against the torch path's codes; the Triton convolutions' latents differ in the last
                 # bits, so a few codes on codeword boundaries differ (ties are checked in `correctness`).
                 entry[f"{label}_codes_equal_to_fp32"] = float((codes == ref[0][0]).float().mean())
-                if label == "triton_fp32":
-                    entry["launches_encode"] = LaunchLog.of(lambda: run(lambda: model.encode(x)))
-                    entry["launches_decode"] = LaunchLog.of(lambda: run(lambda: model.decode(ref)))
             entry["encode_speedup_triton_fp32"] = (entry["triton_fp32_encode_audio_s_per_s"]
                                                    / entry["torch_fp32_encode_audio_s_per_s"])
             rows.append(entry)

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the benchmark scripts end to end (CI: the readme environment only)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import compare, core  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs the benchmark suite end to end (CI: the readme environment only)
+
 SCHEMA = {"benchmark", "params", "implementation", "metric", "unit", "higher_is_better", "reps"}
 
 

@@ -63,6 +63,7 @@ def test_round_trip_to_wav_48khz(speech, checkpoint_48, tmp_path):
     assert sr == 48000 and back.shape == (2, 48000)
 
 
+@pytest.mark.slow
 def test_user_errors(speech, checkpoint_24, tmp_path):
     one_line_error(run(tmp_path / "missing.wav"), "does not exist")
     one_line_error(run(speech, tmp_path / "out.mp4"), "extension")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles GPU code (CI: readme environment; gpu and newest run bench/compile_gpu.py)
+
 SCRIPT = Path(__file__).parent.parent / "bench" / "compile_gpu.py"
 
 

@@ -239,6 +239,7 @@ def run_limited(budget_gb: float, *args):
                           text=True, env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_the_command_on_a_long_file_runs_in_bounded_memory(tmp_path, checkpoint_24):
     """2 minutes at 44.1 kHz stereo in, 24 kHz mono codes: whole-file encoding takes about 3 GB
     (upstream 7.1 GB at 5 min), so a 2 GB budget over the imports fails a regression to it."""
@@ -269,6 +270,7 @@ def test_the_command_on_a_long_file_runs_in_bounded_memory(tmp_path, checkpoint_
     assert wav_path.read_bytes() == before and not list(tmp_path.glob(".*part*"))
 
 
+@pytest.mark.slow
 def test_the_command_reads_stdin_and_writes_stdout(tmp_path, checkpoint_24, pair_24):
     x = make_signal(24000, 24000 * 2, 1, seed=15)
     path = tmp_path / "a.wav"

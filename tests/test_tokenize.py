@@ -193,6 +193,7 @@ def test_job_errors_and_overwrite(tmp_path, checkpoint_24, capsys):
                      str(checkpoint_24), "--quiet"]) == 1  # one input that is not there: one failure
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_every_item_exactly_once(tmp_path, checkpoint_24):
     """A subprocess is killed (SIGKILL) twice while it writes shards, then run to the end: every
     input appears exactly once across the shards, no temporary file is left, codes as a clean run."""

@@ -12,6 +12,8 @@ import torch
 from encodec_fast.tokenize import read_codes, tokenize
 from test_tokenize import make_corpus, write_bad_inputs
 
+pytestmark = pytest.mark.slow  # starts a local Ray instance (CI: the readme environment only)
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -144,6 +144,7 @@ def test_one_step_equals_a_reference_step_built_from_upstream_modules(corpus, tm
 
 
 # -- checkpoints, resume, Ctrl-C --------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(corpus, tmp_path):
     args = [str(corpus), *FAST, "--steps", "8", "--checkpoint-every", "2", "--workers", "1", "--batch-size", "2"]
     full = _run([*args, "-o", str(tmp_path / "full")], timeout=600)
@@ -171,6 +172,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(corpus, tmp_path):
     assert a["balancer"] == b["balancer"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_options_and_runs_are_not_overwritten(corpus, tmp_path):
     run = tmp_path / "run"
     assert _run([str(corpus), *FAST, "--steps", "1", "--workers", "0", "-o", str(run)]).returncode == 0
@@ -185,6 +187,7 @@ def test_resume_refuses_other_options_and_runs_are_not_overwritten(corpus, tmp_p
     assert missing.returncode == 1 and ("checkpoint" in missing.stderr.lower() or "config" in missing.stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -296,6 +299,7 @@ def _one_and_two(corpus, tmp_path, precision, tolerance):
     return errors
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_combined_batch(corpus, tmp_path):
     """In fp64: N workers of batch b compute exactly what one process does with N x b (same
     examples, draws, k-means, expiry, EMA statistics, balancer norms, feature-matching scales,
@@ -304,6 +308,7 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(corpus, tmp_
     assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda kv: kv[1])
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_in_fp32(corpus, tmp_path):
     """In fp32 the order of sums differs at 1e-7, and two things amplify it: Adam's first steps
     (an update of about lr whatever the gradient, so an element whose gradient is rounding noise
@@ -318,6 +323,7 @@ def test_two_gloo_processes_in_fp32(corpus, tmp_path):
 
 
 # -- report --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_report_writes_plots_and_a_summary(corpus, tmp_path):
     run = tmp_path / "run"
     T.train(_config(corpus, steps=3, valid_every=2, valid_samples=1), run, quiet=True)
