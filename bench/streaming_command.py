@@ -11,19 +11,18 @@ child) and wall time. Upstream's command is `python -m encodec` (0.1.1) in a pro
 `MODELS` give it the same weights, and whose audio I/O goes through soundfile (torchaudio >= 2.9
 needs TorchCodec to read files): otherwise its own code. A run that dies (out of memory, the
 limit) is recorded with its reason, never a number. Prints a markdown table; with --out, writes
-DIR/streaming_command.json and .md with the machine.
+DIR/streaming_command_<date>.json and .md with the machine. The suite (`python -m bench`,
+benchmark `stream_command`) runs the same `measure` on shorter files.
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+import typing as tp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +98,65 @@ def run_step(cmd, limit_gb: float, timeout: float):
     return wall, rss, None
 
 
+def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Sequence[str], limit_gb: float,
+            timeout: float, workdir: Path, log: tp.Callable[[tp.Dict[str, tp.Any]], None] = lambda row: None
+            ) -> tp.List[tp.Dict[str, tp.Any]]:
+    """One row per (model, minutes, implementation, step): seconds, peak RSS (MB), or the error."""
+    import torch
+
+    from bench.peers import random_state
+    rows = []
+    for model in models:
+        name = f"encodec_{model}"
+        rate, channels = (24000, 1) if model == "24khz" else (48000, 2)
+        ckpt = workdir / f"{model}.th"
+        torch.save(random_state(model, seed=0), ckpt)
+        for length in minutes:
+            wav = workdir / f"in_{model}_{length:g}.wav"
+            write_input(wav, rate, channels, length)
+            for impl in impls:
+                ecdc, back = workdir / f"{impl}.ecdc", workdir / f"{impl}_out.wav"
+                for p in (ecdc, back):
+                    p.unlink(missing_ok=True)
+                hq = ["--hq"] if model == "48khz" else []
+                for step, (src, dst) in (("compress", (wav, ecdc)), ("decompress", (ecdc, back))):
+                    if impl == "ours":
+                        cmd = ["-m", "encodec_fast", str(src), str(dst), "--checkpoint", str(ckpt), "-b", "6", "-f", *hq]
+                    else:
+                        cmd = ["-c", UPSTREAM_CHILD, str(ckpt), name, str(src), str(dst), "-b", "6", "-f", *hq]
+                    if step == "decompress" and not ecdc.exists():
+                        wall, rss, err = None, None, "no .ecdc file (compress failed)"
+                    else:
+                        wall, rss, err = run_step([sys.executable, *cmd], limit_gb, timeout)
+                    rows.append({"model": model, "minutes": length, "impl": impl, "step": step, "seconds": wall,
+                                 "peak_rss_mb": rss if err is None else None, "error": err,
+                                 "realtime_x": (length * 60 / wall) if wall else None})
+                    log(rows[-1])
+                for p in (ecdc, back):
+                    p.unlink(missing_ok=True)
+            wav.unlink()
+    return rows
+
+
+def table(rows: tp.Sequence[tp.Dict[str, tp.Any]]) -> str:
+    lines = ["| model | minutes | step | ours: time (s) | ours: peak RSS (MB) | upstream: time (s) | "
+             "upstream: peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["model"], r["minutes"], r["step"]) for r in rows))
+    for model, length, step in keys:
+        cells = []
+        for impl in ("ours", "upstream"):
+            r = next((r for r in rows if (r["model"], r["minutes"], r["step"], r["impl"]) ==
+                      (model, length, step, impl)), None)
+            if r is None:
+                cells += ["—", "—"]
+            elif r["error"]:
+                cells += [f"n/a: {r['error'][:70]}", "n/a"]
+            else:
+                cells += [f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+        lines.append(f"| {model} | {length:g} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
@@ -108,71 +166,14 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    import torch
-
-    from bench.peers import random_state
-    rows = []
+    from bench import report
     with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
-        tmp = Path(tmp)
-        for model in args.models:
-            name = f"encodec_{model}"
-            rate, channels = (24000, 1) if model == "24khz" else (48000, 2)
-            ckpt = tmp / f"{model}.th"
-            torch.save(random_state(model, seed=0), ckpt)
-            for minutes in args.minutes:
-                wav = tmp / f"in_{model}_{minutes:g}.wav"
-                write_input(wav, rate, channels, minutes)
-                for impl in args.impls:
-                    ecdc, back = tmp / f"{impl}.ecdc", tmp / f"{impl}_out.wav"
-                    for p in (ecdc, back):
-                        p.unlink(missing_ok=True)
-                    hq = ["--hq"] if model == "48khz" else []
-                    for step, (src, dst) in (("compress", (wav, ecdc)), ("decompress", (ecdc, back))):
-                        if impl == "ours":
-                            cmd = ["-m", "encodec_fast", str(src), str(dst), "--checkpoint", str(ckpt), "-b", "6",
-                                   "-f", *hq]
-                        else:
-                            cmd = ["-c", UPSTREAM_CHILD, str(ckpt), name, str(src), str(dst), "-b", "6", "-f", *hq]
-                        if step == "decompress" and not ecdc.exists():
-                            wall, rss, err = None, None, "no .ecdc file (compress failed)"
-                        else:
-                            wall, rss, err = run_step([sys.executable, *cmd], args.memory_limit_gb, args.timeout)
-                        row = {"model": model, "minutes": minutes, "impl": impl, "step": step, "seconds": wall,
-                               "peak_rss_mb": rss if err is None else None, "error": err,
-                               "realtime_x": (minutes * 60 / wall) if wall else None}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                    if impl == "ours" and ecdc.exists() and back.exists():
-                        ecdc.unlink()
-    context = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
-               platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "memory_limit_gb": args.memory_limit_gb,
-               "command": "python bench/streaming_command.py " + " ".join(sys.argv[1:])}
-    table = ["| model | minutes | step | ours: time (s) | ours: peak RSS (MB) | upstream: time (s) | "
-             "upstream: peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
-    for model in args.models:
-        for minutes in args.minutes:
-            for step in ("compress", "decompress"):
-                cells = []
-                for impl in ("ours", "upstream"):
-                    r = next((r for r in rows if (r["model"], r["minutes"], r["step"], r["impl"]) ==
-                              (model, minutes, step, impl)), None)
-                    if r is None:
-                        cells += ["—", "—"]
-                    elif r["error"]:
-                        cells += [f"n/a: {r['error'][:70]}", "n/a"]
-                    else:
-                        cells += [f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"]
-                table.append(f"| {model} | {minutes:g} | {step} | " + " | ".join(cells) + " |")
-    print("\n".join(table))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "streaming_command.json").write_text(json.dumps({"context": context, "rows": rows}, indent=1))
-        (args.out / "streaming_command.md").write_text(
-            f"# The command on long files ({context['date']})\n\n`{context['command']}`; {context['cpu_count']} CPUs "
-            f"({context['machine']}), torch {context['torch']}, random weights, 6 kbps, each step in its own process "
-            f"under a {args.memory_limit_gb:g} GB address-space limit; peak RSS is the process's maximum.\n\n"
-            + "\n".join(table) + "\n")
+        rows = measure(args.models, args.minutes, args.impls, args.memory_limit_gb, args.timeout, Path(tmp),
+                       log=lambda row: print(json.dumps(row), flush=True))
+    head = (f"The command on long files\n\n`python bench/streaming_command.py {' '.join(sys.argv[1:])}`; random "
+            f"weights, 6 kbps, each step in its own process under a {args.memory_limit_gb:g} GB address-space limit; "
+            "peak RSS is the process's maximum.\n\n")
+    report.publish(head + table(rows), args.out, "streaming_command", args, rows)
     return 0
 
 

@@ -178,7 +178,6 @@ class EncodecModel(nn.Module):
         `SEGMENT_BATCH_SAMPLES`), with the same codes as upstream's one-by-one loop.
         """
         self._check_audio(x, batched=True)
-        B = x.shape[0]
         with torch.no_grad():
             segments = self._segments(x.shape[-1])
             if len(segments) == 1 and not self.normalize:
@@ -188,30 +187,42 @@ class EncodecModel(nn.Module):
             for i, (_, n) in enumerate(segments):
                 by_length.setdefault(n, []).append(i)
             for n, indices in by_length.items():
-                per_call = max(1, _segment_budget(x.device) // (B * n)) if _stack(x.device) else 1
-                for c in range(0, len(indices), per_call):
-                    chunk = indices[c:c + per_call]
-                    views = [x[:, :, segments[i][0]:segments[i][0] + n] for i in chunk]
-                    scales = [self._scale(v) if self.normalize else None for v in views]
-                    batch = torch.cat(views) if len(views) > 1 else views[0]
-                    if self.normalize:
-                        batch = batch / torch.cat(scales)  # type: ignore[arg-type]
-                    groups = Groups.by_rows(B, [n] * len(chunk)) if len(chunk) > 1 else None
-                    codes = self._encode_rows(batch, groups)
-                    for j, i in enumerate(chunk):
-                        scale = scales[j]
-                        out[i] = (codes[j * B:(j + 1) * B], None if scale is None else scale.view(-1, 1))
+                views = [x[:, :, segments[i][0]:segments[i][0] + n] for i in indices]
+                for i, frame in zip(indices, self.encode_segments(views)):
+                    out[i] = frame
             return tp.cast(tp.List[EncodedFrame], out)
+
+    def encode_segments(self, views: tp.Sequence[torch.Tensor]) -> tp.List[EncodedFrame]:
+        """Segments of equal length, each [B, C, n] (n <= segment_length), -> their (codes [B, K, T],
+        scale [B, 1] or None) as `encode` computes those segments of a longer input: stacked into
+        calls of at most `SEGMENT_BATCH_SAMPLES` on CUDA (or with BATCH_ON_CPU), one call per
+        segment on CPU. `encode` and the streaming encoder (`streaming.StreamingEncoder`) use it."""
+        if not views:
+            return []
+        for v in views:
+            self._check_audio(v, batched=True)
+        B, n = views[0].shape[0], views[0].shape[-1]
+        if any(v.shape != views[0].shape for v in views):
+            raise ValueError(f"segments of one call must have one shape, got {sorted({tuple(v.shape) for v in views})}")
+        out: tp.List[EncodedFrame] = []
+        per_call = max(1, _segment_budget(views[0].device) // (B * n)) if _stack(views[0].device) else 1
+        with torch.no_grad():
+            for c in range(0, len(views), per_call):
+                chunk = views[c:c + per_call]
+                scales = [self._scale(v) if self.normalize else None for v in chunk]
+                batch = torch.cat(list(chunk)) if len(chunk) > 1 else chunk[0]
+                if self.normalize:
+                    batch = batch / torch.cat(scales)  # type: ignore[arg-type]
+                groups = Groups.by_rows(B, [n] * len(chunk)) if len(chunk) > 1 else None
+                codes = self._encode_rows(batch, groups)
+                for j, scale in enumerate(scales):
+                    out.append((codes[j * B:(j + 1) * B], None if scale is None else scale.view(-1, 1)))
+        return out
 
     def encode_segment(self, x: torch.Tensor) -> EncodedFrame:
         """One segment x [B, C, n] (n <= segment_length) -> (codes [B, K, T], scale [B, 1] or None),
         as `encode` computes that segment of a longer input (streaming by segment)."""
-        self._check_audio(x, batched=True)
-        with torch.no_grad():
-            if not self.normalize:
-                return self._encode_rows(x, None), None
-            scale = self._scale(x)
-            return self._encode_rows(x / scale, None), scale.view(-1, 1)
+        return self.encode_segments([x])[0]
 
     def encode_batch(self, wavs: tp.Sequence[torch.Tensor], max_batch_samples: int = 24_000 * 120
                      ) -> tp.List[tp.List[EncodedFrame]]:

@@ -362,7 +362,7 @@ class StreamingEncoder:
 
     def _take(self, n: int) -> torch.Tensor:
         """The first n held samples [C, n], removed from the hold."""
-        joined = torch.cat(self.held, dim=-1) if len(self.held) > 1 else self.held[0]
+        joined = self._join()
         out, rest = joined[:, :n], joined[:, n:]
         self.held = [rest.clone()] if rest.shape[-1] else []  # a copy: a view keeps the whole piece
         self.held_samples = rest.shape[-1]
@@ -412,30 +412,40 @@ class StreamingEncoder:
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _segments(self, final: bool) -> tp.List[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]]:
+        """Encode every segment whose last sample has arrived (all the rest when `final`): the
+        segments of one length go through `model.encode_segments` together (stacked on CUDA)."""
         model = self.model
         seg, stride = model.segment_length, model.segment_stride
-        out = []
+        if not self.held_samples:
+            return []
+        joined = self._join()
         base = self.samples_in - self.held_samples  # signal position of the first held sample
-        while self.held_samples and (base + self.held_samples >= self.offset + seg or final) \
-                and self.offset < self.samples_in:
-            joined = torch.cat(self.held, dim=-1) if len(self.held) > 1 else self.held[0]
-            self.held = [joined]
-            a = self.offset - base
-            x = joined[:, a:a + seg]
-            saved = model.bandwidth
-            try:
-                model.bandwidth = self.bandwidth
-                param = next(model.parameters())
-                codes, scale = model.encode_segment(x[None].to(device=param.device, dtype=param.dtype))
-            finally:
-                model.bandwidth = saved
-            out.append((codes[0], None if scale is None else scale[0]))
+        starts = []
+        while self.offset < self.samples_in and (base + joined.shape[-1] >= self.offset + seg or final):
+            starts.append(self.offset)
             self.offset += stride
-            drop = min(self.offset - base, joined.shape[-1])
-            self.held = [joined[:, drop:].clone()] if drop < joined.shape[-1] else []
-            self.held_samples = joined.shape[-1] - drop
-            base += drop
+        views = [joined[:, a - base:a - base + seg] for a in starts]
+        out: tp.List[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]] = []
+        param = next(model.parameters())
+        saved = model.bandwidth
+        try:
+            model.bandwidth = self.bandwidth
+            for n in sorted({v.shape[-1] for v in views}, reverse=True):  # the last segments may be shorter
+                same = [v[None].to(device=param.device, dtype=param.dtype) for v in views if v.shape[-1] == n]
+                out += [(codes[0], None if scale is None else scale[0])
+                        for codes, scale in model.encode_segments(same)]
+        finally:
+            model.bandwidth = saved
+        drop = min(self.offset - base, joined.shape[-1])
+        self.held = [joined[:, drop:].clone()] if drop < joined.shape[-1] else []  # a copy: a view keeps the piece
+        self.held_samples = joined.shape[-1] - drop
         return out
+
+    def _join(self) -> torch.Tensor:
+        """The held audio as one tensor [C, n] (kept as the only held piece)."""
+        joined = torch.cat(self.held, dim=-1) if len(self.held) > 1 else self.held[0]
+        self.held = [joined]
+        return joined
 
 
 class StreamingDecoder:
@@ -497,19 +507,36 @@ class StreamingDecoder:
 
     def push(self, codes: torch.Tensor, scale: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """codes [K, t] (24 kHz: any t; 48 kHz: one segment, with its scale) -> final audio [C, n]."""
+        if self.segmented:
+            return self.push_segments([(codes, scale)])
         self._check(codes)
-        device = next(self.model.parameters()).device
-        codes = codes.to(device=device, dtype=torch.long)
+        if scale is not None:
+            raise ValueError("this model has no segment scales")
+        codes = codes.to(device=next(self.model.parameters()).device, dtype=torch.long)
         with torch.no_grad():
-            if not self.segmented:
-                if scale is not None:
-                    raise ValueError("this model has no segment scales")
-                emb = self.model.quantizer.decode(codes[:, None])
-                return self._out(self.net(emb)[0])
+            emb = self.model.quantizer.decode(codes[:, None])
+            return self._out(self.net(emb)[0])
+
+    def push_segments(self, segments: tp.Sequence[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]]) -> torch.Tensor:
+        """Several consecutive segments (48 kHz), each (codes [K, T], scale), decoded together
+        (`model._decode_frames` stacks segments of one shape) -> the final audio [C, n]; the same
+        samples as pushing them one by one."""
+        if not self.segmented:
+            raise ValueError("push_segments is for models with segments (48 kHz); push codes [K, t]")
+        device = next(self.model.parameters()).device
+        frames = []
+        for codes, scale in segments:
+            self._check(codes)
             if self.model.normalize and scale is None:
                 raise ValueError("each segment of this model comes with its scale")
-            frame = self.model._decode_frames([(codes[None], None if scale is None else scale.reshape(1, 1).to(device))])[0][0]
-            return self._out(self._overlap_add(frame))
+            frames.append((codes.to(device=device, dtype=torch.long)[None],
+                           None if scale is None else scale.reshape(1, 1).to(device)))
+        if not frames:
+            return self._out(torch.zeros(self.model.channels, 0, device=device))
+        with torch.no_grad():
+            decoded = self.model._decode_frames(frames)
+        parts = [self._overlap_add(frame[0]) for frame in decoded]
+        return self._out(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
 
     def _overlap_add(self, frame: torch.Tensor) -> torch.Tensor:
         """Add one decoded segment [C, n] (`model._linear_overlap_add`, incrementally) -> the samples

@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 import encodec_fast
+from encodec_fast import model as model_module
 from encodec_fast.compress import compress_iter, decompress_iter
 from encodec_fast.lm import lm_threads
 from encodec_fast.streaming import StreamingDecoder, StreamingEncoder
@@ -88,11 +89,16 @@ def test_low_latency_mode_gives_each_frame_at_once_and_agrees_with_the_whole_fil
     assert (codes == ref[0]).float().mean() >= 0.99  # measured per chunk size in bench/streaming_latency.py
 
 
-@pytest.mark.parametrize("bandwidth, seconds, chunking", [(3.0, 2.73, "large"), (24.0, 1.0, "small"),
-                                                         (12.0, 0.4, "whole")])
-def test_streaming_encoder_48khz_segments_equal_whole_file(pair_48, bandwidth, seconds, chunking):
+@pytest.mark.parametrize("bandwidth, seconds, chunking, stacked", [(3.0, 2.73, "large", False),
+                                                                  (24.0, 1.0, "small", False),
+                                                                  (12.0, 0.4, "whole", False),
+                                                                  (6.0, 4.1, "large", True)])
+def test_streaming_encoder_48khz_segments_equal_whole_file(pair_48, bandwidth, seconds, chunking, stacked,
+                                                          monkeypatch):
     _, ours = pair_48
     ours.set_target_bandwidth(bandwidth)
+    if stacked:  # segments stacked into one encoder / decoder call, as on CUDA (both sides)
+        monkeypatch.setattr(model_module, "BATCH_ON_CPU", True)
     x = make_signal(48000, int(48000 * seconds), 2, seed=5)
     ref = ours.encode(x[None])
     sizes = [x.shape[-1]] if chunking == "whole" else random_sizes(x.shape[-1], 3, chunking == "small")
@@ -101,12 +107,22 @@ def test_streaming_encoder_48khz_segments_equal_whole_file(pair_48, bandwidth, s
     assert len(segments) == len(ref)
     for (codes, scale), (rc, rs) in zip(segments, ref):
         assert torch.equal(codes, rc[0]) and torch.equal(scale, rs[0])
+    whole = ours.decode(ref)[0, :, :x.shape[-1]]
     dec = StreamingDecoder(ours, length=x.shape[-1])
     audio = torch.cat([dec.push(c, s) for c, s in segments] + [dec.flush()], dim=-1)
-    whole = ours.decode(ref)[0, :, :x.shape[-1]]
     assert audio.shape == whole.shape and rel_err(audio, whole) <= 1e-5
     if len(segments) > 1:
         assert dec.latency_samples == 480
+    # several segments per call (as decompress reads them): the same samples
+    grouped = StreamingDecoder(ours, length=x.shape[-1])
+    outs, a = [], 0
+    for n in [2, 1, 3] * len(segments):
+        if a >= len(segments):
+            break
+        outs.append(grouped.push_segments(segments[a:a + n]))
+        a += n
+    audio2 = torch.cat(outs + [grouped.flush()], dim=-1)
+    assert audio2.shape == whole.shape and rel_err(audio2, whole) <= 1e-5
 
 
 @pytest.mark.parametrize("frames", [[1], [3, 1, 8], [75], [1000]])
@@ -148,6 +164,11 @@ def test_streaming_bad_input_is_refused(pair_24, pair_48):
         dec.push(torch.zeros(99, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="scale"):
         StreamingDecoder(pair_48[1]).push(torch.zeros(4, 150, dtype=torch.long))
+    with pytest.raises(ValueError, match="segments"):
+        dec.push_segments([(torch.zeros(8, 3, dtype=torch.long), None)])
+    with pytest.raises(ValueError, match="codes must be in"):  # one bad segment among good ones
+        StreamingDecoder(pair_48[1]).push_segments([(torch.zeros(4, 150, dtype=torch.long), torch.ones(1)),
+                                                    (torch.full((4, 150), -1), torch.ones(1))])
 
 
 # ---------------------------------------------------------------------------------------------

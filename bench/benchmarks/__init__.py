@@ -1,3 +1,3 @@
 """Every benchmark of the suite; importing this package registers them (bench.core.REGISTRY)."""
 
-from bench.benchmarks import codec, long_file, quality, roofline, scripts  # noqa: F401
+from bench.benchmarks import codec, long_file, quality, roofline, scripts, streaming  # noqa: F401
