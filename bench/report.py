@@ -47,5 +47,16 @@ def publish(text: str, out: tp.Optional[Path], name: str, args: tp.Any, rows: tp
     print(text)
     if out:
         arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        stem = save(out, name, {"machine": machine(), "args": arguments, "rows": rows}, f"# {text}\n")
+        info = machine()
+        stem = save(out, name, {"machine": info, "args": arguments, "rows": rows},
+                    f"# {text}\n\n{machine_line(info)}\n")
         print(f"saved {stem}.json and .md")
+
+
+def machine_line(info: tp.Dict[str, tp.Any]) -> str:
+    """One markdown line naming the machine of `machine()`: date, CPU, cores, threads, versions, GPUs."""
+    versions = info.get("versions", {})
+    named = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "error") or f"torch {info.get('torch')}"
+    gpus = ", ".join(str(g.get("name", g)) if isinstance(g, dict) else str(g) for g in info.get("gpus") or []) or "none"
+    return (f"Machine: {info.get('date')}, {info.get('cpu')}, {info.get('cpu_count')} CPUs, "
+            f"{info.get('torch_threads')} torch threads, Python {info.get('python')}, {named}; GPUs: {gpus}.")

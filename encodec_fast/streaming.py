@@ -37,6 +37,11 @@ from .modules.seanet import SEANetDecoder, SEANetEncoder, SEANetResnetBlock, elu
 
 DEFAULT_CHUNK_SECONDS = 20.0
 DEFAULT_STREAM_SECONDS = 120.0
+# PyTorch runs a batch-1 fp32 CPU convolution with oneDNN when its input has more elements than
+# this, else with its native im2col path (aten's ConvParams::use_mkldnn); the two give other last
+# bits. A streamed call padded on the right past it takes oneDNN as the whole-file call does, and
+# oneDNN's outputs do not depend on the call's length (measured: every length from 1 output up).
+MKLDNN_MIN_NUMEL = 20480
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,7 @@ class _Conv:
         self.buf: tp.Optional[torch.Tensor] = None  # padded input not consumed yet (after the start)
         self.head: tp.List[torch.Tensor] = []       # the first samples, until the left padding can be made
         self.seen = 0
+        self.pad_calls = False  # run short calls on oneDNN (SEANetStream.pad_short_calls)
 
     def __call__(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
         if self.elu_first and x.shape[-1]:
@@ -91,10 +97,19 @@ class _Conv:
     def _emit(self, buf: torch.Tensor, last: bool) -> torch.Tensor:
         s = self.conv.stride
         n_out = max(0, (buf.shape[-1] - self.span) // s + 1)
-        y = self.conv.conv(buf[..., :(n_out - 1) * s + self.span]) if n_out else buf.new_zeros(
+        y = self._run(buf[..., :(n_out - 1) * s + self.span], n_out) if n_out else buf.new_zeros(
             buf.shape[0], self.conv.conv.conv.out_channels, 0)
         self.buf = None if last else buf[..., n_out * s:].clone()  # a copy: a view would keep the whole piece alive
         return y
+
+    def _run(self, x: torch.Tensor, n_out: int) -> torch.Tensor:
+        """The convolution's first n_out outputs on x; with `pad_calls`, a short CPU call gets zeros
+        on the right (outputs t read inputs [t * stride, t * stride + span) only) so that it runs
+        on oneDNN, as a long call does."""
+        if self.pad_calls and x.device.type == "cpu" and x.numel() <= MKLDNN_MIN_NUMEL:
+            width = MKLDNN_MIN_NUMEL // (x.shape[0] * x.shape[1]) + 1
+            return self.conv.conv(F.pad(x, (0, width - x.shape[-1])))[..., :n_out]
+        return self.conv.conv(x)
 
 
 class _ConvTranspose:
@@ -184,6 +199,39 @@ class SEANetStream:
             else:
                 raise ValueError(f"cannot stream through {type(layer).__name__}")
         self.ended = False
+
+    def convs(self) -> tp.List[_Conv]:
+        out: tp.List[_Conv] = []
+        for stage in self.stages:
+            if isinstance(stage, _Conv):
+                out.append(stage)
+            elif isinstance(stage, _Block):
+                out += stage.convs + ([stage.shortcut] if stage.shortcut is not None else [])
+        return out
+
+    def pad_short_calls(self) -> None:
+        """From now on, run every convolution call on oneDNN (`_Conv._run`): the same bits as a
+        call over the whole input, when that call's input is past MKLDNN_MIN_NUMEL in every layer
+        (`min_long_input`)."""
+        for conv in self.convs():
+            conv.pad_calls = True
+
+    def min_long_input(self) -> int:
+        """Input samples from which a batch-1 call over the whole input runs every convolution on
+        oneDNN (each layer's input, padding aside, past MKLDNN_MIN_NUMEL elements)."""
+        need, hop = 1, 1
+        for stage in self.stages:
+            if isinstance(stage, _Conv):
+                layer = [stage]
+            elif isinstance(stage, _Block):
+                layer = stage.convs + ([stage.shortcut] if stage.shortcut is not None else [])
+            else:
+                continue
+            for conv in layer:
+                channels = conv.conv.conv.conv.in_channels
+                need = max(need, (MKLDNN_MIN_NUMEL // channels + 1) * hop)
+            hop *= layer[0].conv.stride
+        return need
 
     def __call__(self, piece: torch.Tensor, last: bool = False) -> torch.Tensor:
         if self.ended:
@@ -284,6 +332,7 @@ def encode_long(model, x: torch.Tensor, chunk_seconds: float = DEFAULT_CHUNK_SEC
 
 
 EXACT_CHUNK_SECONDS = 1.0
+CALL_ALIGN = 8  # frames: exact-mode calls are multiples of 8 frames of audio (StreamingEncoder._aligned)
 MAX_CALL_SECONDS = 3.0  # audio per encoder call at most (bounded activations, whatever is pushed)
 
 
@@ -302,12 +351,17 @@ class StreamingEncoder:
     - 24 kHz model (causal, no segments): `push(audio [C, n])` returns the codes [K, t] of the
       frames completed so far (t may be 0), `flush()` the rest. With `exact=True` (default) every
       encoder call takes at least `chunk_seconds` (1 s) of audio and the last call gets the final
-      stretch, so the codes equal `model.encode` of the whole signal bit for bit on CPU: CPU
-      convolutions give other last bits on short calls (measured on 2026-12 oneDNN: calls of
-      0.2 s and less differ by ~1e-7, of 0.5 s and more give the whole call's values), which
-      can flip a code at a near-tie. The price is latency: audio is held until 2 x chunk_seconds
-      are buffered and the last chunk_seconds are always held back, so a frame's codes come out
-      1-2 s after its last sample (`latency_samples`). `exact=False` encodes each push at once
+      stretch, so the codes equal `model.encode` of the whole signal bit for bit on CPU: short
+      CPU calls give other last bits (~1e-7), which can flip a code at a near-tie. PyTorch runs
+      a convolution whose input has at most MKLDNN_MIN_NUMEL elements on another path than
+      oneDNN: such calls are padded on the right to run on oneDNN, as the whole-file call does
+      (the first split waits until the signal is long enough for that: `min_split`, 2.15 s for
+      the small model); calls are multiples of 8 frames (`_aligned`: the ELUs' scalar tails give
+      other bits); and calls must still be long (measured on 2026-12-02, small and 24 kHz
+      models: chunk_seconds 0.5 gave the whole-file encoder output bit for bit, 0.1 did not; not
+      traced to one op). The price is latency: audio is held until
+      2 x chunk_seconds are buffered and the last chunk_seconds are always held back, so a
+      frame's codes come out 1-2 s after its last sample (`latency_samples`). `exact=False` encodes each push at once
       (after a start-up of 7 frames, 2240 samples, which the last convolution's reflect padding
       at the start reads, each frame comes out with its last sample): the low-latency mode, whose agreement with the whole-file codes is
       measured by bench/streaming_latency.py and reported in the README.
@@ -329,13 +383,19 @@ class StreamingEncoder:
         self.segmented = model.segment_length is not None
         if not self.segmented and (model.normalize or not model.encoder.causal):
             raise ValueError("streaming needs a causal model without segments, or one with segments (48 kHz)")
-        self.chunk = max(1, int(chunk_seconds * model.sample_rate)) if exact else 1
+        step = CALL_ALIGN * model.hop_length
+        # exact: a whole number of aligned steps (1 s -> 25,600 samples at 24 kHz), so that the
+        # calls of a steady stream are `chunk` long and a frame waits at most 2 chunks
+        self.chunk = -(-max(1, int(chunk_seconds * model.sample_rate)) // step) * step if exact else 1
         self.max_call = int(MAX_CALL_SECONDS * model.sample_rate)
         self.held: tp.List[torch.Tensor] = []
         self.held_samples = 0
         self.samples_in = 0
         self.offset = 0  # segmented: where the next segment starts, in the signal
         self.net = None if self.segmented else SEANetStream(model.encoder)
+        # exact: the first call before the end waits until the signal is long enough that the
+        # whole-file call runs every convolution on oneDNN; from then on every call does too.
+        self.min_split = self.net.min_long_input() if exact and self.net is not None else 0
         self.ended = False
 
     @property
@@ -368,7 +428,17 @@ class StreamingEncoder:
         self.held_samples = rest.shape[-1]
         return out
 
-    def _encode(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+    def _aligned(self, n: int) -> int:
+        """Exact mode: n rounded down to a multiple of CALL_ALIGN frames of audio (when that leaves
+        some), so that every layer's piece of a call holds a multiple of 64 values: element-wise
+        ops (the ELUs) then compute every value with their vector code, none with the scalar code
+        that handles a tensor's last few values and gives other last bits."""
+        step = CALL_ALIGN * self.model.hop_length
+        return n - n % step if self.exact and n >= step else n
+
+    def _encode(self, x: torch.Tensor, last: bool, split: bool = False) -> torch.Tensor:
+        if split and self.exact:
+            self.net.pad_short_calls()
         with torch.no_grad():
             param = next(self.model.parameters())
             emb = self.net(x[None].to(device=param.device, dtype=param.dtype), last=last)
@@ -386,10 +456,11 @@ class StreamingEncoder:
             return self._segments(final=False)
         keep = self.chunk if self.exact else 0
         parts = []
-        while self.held_samples >= 2 * self.chunk or (not self.exact and self.held_samples):
+        while (self.held_samples >= 2 * self.chunk and self.samples_in >= self.min_split) or (
+                not self.exact and self.held_samples):
             # calls of at most MAX_CALL_SECONDS: a big push does not make big activations
-            n = min(self.held_samples - keep, max(self.chunk, self.max_call))
-            parts.append(self._encode(self._take(n), False))
+            n = self._aligned(min(self.held_samples - keep, max(self.chunk, self.max_call)))
+            parts.append(self._encode(self._take(n), False, split=True))
         if not parts:
             return self._encode(audio[:, :0], False)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
@@ -404,8 +475,8 @@ class StreamingEncoder:
         if self.segmented:
             return self._segments(final=True)
         parts = []
-        while self.held_samples > max(self.chunk, self.max_call) + self.chunk:
-            parts.append(self._encode(self._take(max(self.chunk, self.max_call)), False))
+        while self.held_samples > max(self.chunk, self.max_call) + self.chunk and self.samples_in >= self.min_split:
+            parts.append(self._encode(self._take(self._aligned(max(self.chunk, self.max_call))), False, split=True))
         rest = self._take(self.held_samples) if self.held_samples else torch.zeros(
             self.model.channels, 0, device=next(self.model.parameters()).device)
         parts.append(self._encode(rest, True))

@@ -66,6 +66,31 @@ def test_streaming_encoder_24khz_equals_whole_file_codes_bit_for_bit(pair_24, ba
         enc.push(x[:, :10])
 
 
+@pytest.mark.parametrize("arch, sizes", [("small", [24_000] * 5 + [7_123]), ("small", [4_801] * 30),
+                                         ("24khz", [4_801] * 30), ("small", [1] * 300 + [60_000]),
+                                         ("small", [50_000, 1_600])])
+def test_exact_streaming_encoder_gives_the_whole_file_embeddings_bit_for_bit(pair_24, monkeypatch, arch, sizes):
+    """Stronger than equal codes: the encoder's output of every call, joined, equals
+    `model.encoder` of the whole signal bit for bit (a 1e-7 difference flips a code only at a
+    near-tie). The small model's last convolution (128 channels) runs short calls on another
+    path than oneDNN unless they are padded (75-frame calls differed); unaligned calls gave
+    the ELUs' scalar tails (4801-sample pushes differed); a signal just under `min_split`
+    (51,520 samples for the small model) is one call, as the whole file."""
+    from encodec_fast import streaming
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small() if arch == "small" else pair_24[1]
+    x = make_signal(24000, sum(sizes), 1, seed=len(sizes))
+    embs = []
+    real = streaming._codes_of
+    monkeypatch.setattr(streaming, "_codes_of", lambda m, emb, bw: (embs.append(emb.clone()), real(m, emb, bw))[1])
+    enc = StreamingEncoder(model, 24.0 if arch == "small" else 6.0)
+    push_all(enc, x, sizes)
+    enc.flush()
+    with torch.no_grad():
+        whole = model.encoder(x[None])
+    got = torch.cat(embs, dim=-1)
+    assert got.shape == whole.shape and torch.equal(got, whole), (got - whole).abs().max()
+
+
 def test_low_latency_mode_gives_each_frame_at_once_and_agrees_with_the_whole_file(pair_24):
     _, ours = pair_24
     ours.set_target_bandwidth(6.0)
