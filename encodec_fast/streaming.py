@@ -361,7 +361,7 @@ class StreamingEncoder:
       models: chunk_seconds 0.5 gave the whole-file encoder output bit for bit, 0.1 did not; not
       traced to one op). The price is latency: audio is held until
       2 x chunk_seconds are buffered and the last chunk_seconds are always held back, so a
-      frame's codes come out 1-2 s after its last sample (`latency_samples`). `exact=False` encodes each push at once
+      frame's codes come out 1.07-2.13 s after its last sample (`latency_samples`). `exact=False` encodes each push at once
       (after a start-up of 7 frames, 2240 samples, which the last convolution's reflect padding
       at the start reads, each frame comes out with its last sample): the low-latency mode, whose agreement with the whole-file codes is
       measured by bench/streaming_latency.py and reported in the README.
