@@ -200,37 +200,24 @@ class SEANetStream:
                 raise ValueError(f"cannot stream through {type(layer).__name__}")
         self.ended = False
 
-    def convs(self) -> tp.List[_Conv]:
-        out: tp.List[_Conv] = []
-        for stage in self.stages:
-            if isinstance(stage, _Conv):
-                out.append(stage)
-            elif isinstance(stage, _Block):
-                out += stage.convs + ([stage.shortcut] if stage.shortcut is not None else [])
-        return out
-
     def pad_short_calls(self) -> None:
         """From now on, run every convolution call on oneDNN (`_Conv._run`): the same bits as a
         call over the whole input, when that call's input is past MKLDNN_MIN_NUMEL in every layer
         (`min_long_input`)."""
-        for conv in self.convs():
-            conv.pad_calls = True
+        for stage in self.stages:
+            for conv in _convs_of(stage):
+                conv.pad_calls = True
 
     def min_long_input(self) -> int:
         """Input samples from which a batch-1 call over the whole input runs every convolution on
         oneDNN (each layer's input, padding aside, past MKLDNN_MIN_NUMEL elements)."""
         need, hop = 1, 1
         for stage in self.stages:
-            if isinstance(stage, _Conv):
-                layer = [stage]
-            elif isinstance(stage, _Block):
-                layer = stage.convs + ([stage.shortcut] if stage.shortcut is not None else [])
-            else:
-                continue
+            layer = _convs_of(stage)
             for conv in layer:
-                channels = conv.conv.conv.conv.in_channels
-                need = max(need, (MKLDNN_MIN_NUMEL // channels + 1) * hop)
-            hop *= layer[0].conv.stride
+                need = max(need, (MKLDNN_MIN_NUMEL // conv.conv.conv.conv.in_channels + 1) * hop)
+            if layer:
+                hop *= layer[0].conv.stride
         return need
 
     def __call__(self, piece: torch.Tensor, last: bool = False) -> torch.Tensor:
@@ -241,6 +228,15 @@ class SEANetStream:
         for stage in self.stages:
             piece = stage(piece, last)
         return piece
+
+
+def _convs_of(stage: tp.Any) -> tp.List[_Conv]:
+    """The `_Conv`s of one SEANetStream stage (a residual block's branch and shortcut)."""
+    if isinstance(stage, _Conv):
+        return [stage]
+    if isinstance(stage, _Block):
+        return stage.convs + ([stage.shortcut] if stage.shortcut is not None else [])
+    return []
 
 
 def chunk_bounds(length: int, chunk: int) -> tp.List[tp.Tuple[int, int]]:
@@ -383,10 +379,10 @@ class StreamingEncoder:
         self.segmented = model.segment_length is not None
         if not self.segmented and (model.normalize or not model.encoder.causal):
             raise ValueError("streaming needs a causal model without segments, or one with segments (48 kHz)")
-        step = CALL_ALIGN * model.hop_length
+        self.step = CALL_ALIGN * model.hop_length
         # exact: a whole number of aligned steps (1 s -> 25,600 samples at 24 kHz), so that the
         # calls of a steady stream are `chunk` long and a frame waits at most 2 chunks
-        self.chunk = -(-max(1, int(chunk_seconds * model.sample_rate)) // step) * step if exact else 1
+        self.chunk = -(-max(1, int(chunk_seconds * model.sample_rate)) // self.step) * self.step if exact else 1
         self.max_call = int(MAX_CALL_SECONDS * model.sample_rate)
         self.held: tp.List[torch.Tensor] = []
         self.held_samples = 0
@@ -396,6 +392,7 @@ class StreamingEncoder:
         # exact: the first call before the end waits until the signal is long enough that the
         # whole-file call runs every convolution on oneDNN; from then on every call does too.
         self.min_split = self.net.min_long_input() if exact and self.net is not None else 0
+        self.split = False  # a call before the end has been made (short calls padded from then on)
         self.ended = False
 
     @property
@@ -433,12 +430,12 @@ class StreamingEncoder:
         some), so that every layer's piece of a call holds a multiple of 64 values: element-wise
         ops (the ELUs) then compute every value with their vector code, none with the scalar code
         that handles a tensor's last few values and gives other last bits."""
-        step = CALL_ALIGN * self.model.hop_length
-        return n - n % step if self.exact and n >= step else n
+        return n - n % self.step if self.exact and n >= self.step else n
 
     def _encode(self, x: torch.Tensor, last: bool, split: bool = False) -> torch.Tensor:
-        if split and self.exact:
+        if split and self.exact and not self.split:
             self.net.pad_short_calls()
+            self.split = True
         with torch.no_grad():
             param = next(self.model.parameters())
             emb = self.net(x[None].to(device=param.device, dtype=param.dtype), last=last)
