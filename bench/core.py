@@ -67,6 +67,10 @@ def summary(values: tp.Sequence[float]) -> tp.Dict[str, float]:
     return {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "iqr": q3 - q1, "n": len(vals)}
 
 
+SMOKE_LEFT_OUT = ("not run in the smoke suite (its own process would spend ~4 s importing transformers; the "
+                  "quick and full suites run it)")
+
+
 class BudgetExceeded(Exception):
     """Raised by `Context.check_time()` when the run's time budget is spent."""
 
@@ -91,6 +95,15 @@ class Context:
     def reps(self) -> int:
         """Timed repetitions per implementation and case (after one warm-up)."""
         return self.pick(1, 3, 5)
+
+    def in_own_process(self, impls: tp.Sequence[str]) -> tp.Tuple[tp.List[str], tp.List[str]]:
+        """(run, left out): the implementations a benchmark runs in processes of their own. The
+        smoke suite (a plumbing check that has to stay under a minute on 2 cores) leaves out
+        transformers there: its process spends ~4 s importing transformers before any work. It
+        still runs in this process (codec), in quick and full, and in tests/test_bench_scripts.py.
+        Record the left-out ones with `SMOKE_LEFT_OUT` as the reason."""
+        out = [i for i in impls if self.suite == "smoke" and i == "transformers"]
+        return [i for i in impls if i not in out], out
 
     def time_left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
@@ -260,6 +273,20 @@ def rss_sampler(interval: float = 0.005):
     finally:
         stop.set()
         thread.join()
+
+
+def side_by_side_env(processes: int) -> tp.Dict[str, str]:
+    """Environment for `processes` child processes run at once: the cores shared out between them
+    (OMP_NUM_THREADS, at least 1 each). Without it they oversubscribe the cores, and OpenMP's
+    spinning threads make that far worse than sharing: on 2 cores, upstream's 2-clip tokenize
+    loop took 7.4 s next to ours instead of 0.5 s alone (2026-12-02)."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, processes)))}
+
+
+def side_by_side_note(processes: int) -> str:
+    """What a record of such a run says (its time shared the machine)."""
+    return (f"{processes} processes ran at once, OMP_NUM_THREADS={side_by_side_env(processes)['OMP_NUM_THREADS']} "
+            "each (the smoke suite's plumbing check: not a timing)")
 
 
 def run_child(args: tp.Sequence[str], timeout: float, memory_limit_gb: tp.Optional[float] = None,

@@ -8,6 +8,7 @@ A peer that is not installed, or cannot load the model, comes back as `Unavailab
 Model names: '24khz', '48khz' (official architectures) and 'small' (the shipped small codec's).
 """
 
+import functools
 import math
 import typing as tp
 import warnings
@@ -63,7 +64,16 @@ def ours_model(model: str, state: tp.Optional[tp.Dict[str, torch.Tensor]] = None
 
 
 def random_state(model: str, seed: int = 0) -> tp.Dict[str, torch.Tensor]:
-    """Random weights (torch seed), random GroupNorm affines, data-like codebooks."""
+    """Random weights (torch seed), random GroupNorm affines, data-like codebooks. Made once per
+    process for each (model, seed) (about 1 s: the codebooks come from running the encoder);
+    every call returns its own copy and leaves torch's generator where making it leaves it."""
+    state, rng = _random_state(model, seed)
+    torch.set_rng_state(rng)
+    return {k: v.clone() for k, v in state.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _random_state(model: str, seed: int) -> tp.Tuple[tp.Dict[str, torch.Tensor], torch.Tensor]:
     torch.manual_seed(seed)
     net = ours_model(model)
     with torch.no_grad():
@@ -73,7 +83,7 @@ def random_state(model: str, seed: int = 0) -> tp.Dict[str, torch.Tensor]:
             elif key.endswith("norm.bias"):
                 value.copy_(0.1 * torch.randn_like(value))
     data_like_codebooks(net, seed)
-    return {k: v.clone() for k, v in net.state_dict().items()}
+    return {k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state()
 
 
 class Codec:

@@ -17,12 +17,14 @@ benchmark `stream_command`) runs the same `measure` on shorter files.
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,8 +71,9 @@ def write_input(path: Path, sample_rate: int, channels: int, minutes: float) -> 
             done += n
 
 
-def run_step(cmd, limit_gb: float, timeout: float):
-    """Run cmd under an address-space limit -> (wall seconds, peak RSS MB, error or None)."""
+def run_step(cmd, limit_gb: float, timeout: float, env: tp.Optional[tp.Dict[str, str]] = None):
+    """Run cmd under an address-space limit (and `env` added to the environment) -> (wall seconds,
+    peak RSS MB, error or None)."""
     def limit():
         size = int(limit_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
@@ -83,7 +86,7 @@ def run_step(cmd, limit_gb: float, timeout: float):
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=limit, cwd=ROOT)
+                              preexec_fn=limit, cwd=ROOT, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return None, None, f"did not finish within {timeout:.0f} s"
     wall = time.perf_counter() - t0
@@ -99,42 +102,58 @@ def run_step(cmd, limit_gb: float, timeout: float):
 
 
 def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Sequence[str], limit_gb: float,
-            timeout: float, workdir: Path, log: tp.Callable[[tp.Dict[str, tp.Any]], None] = lambda row: None
-            ) -> tp.List[tp.Dict[str, tp.Any]]:
-    """One row per (model, minutes, implementation, step): seconds, peak RSS (MB), or the error."""
+            timeout: float, workdir: Path, log: tp.Callable[[tp.Dict[str, tp.Any]], None] = lambda row: None,
+            at_once: bool = False) -> tp.List[tp.Dict[str, tp.Any]]:
+    """One row per (model, minutes, implementation, step): seconds, peak RSS (MB), or the error.
+    `at_once`: the implementations run side by side (a plumbing check: their times then share the
+    machine, its cores shared out: `bench.core.side_by_side_env`), else one after the other."""
     import torch
 
+    from bench.core import side_by_side_env
     from bench.peers import random_state
     rows = []
     for model in models:
-        name = f"encodec_{model}"
-        rate, channels = (24000, 1) if model == "24khz" else (48000, 2)
         ckpt = workdir / f"{model}.th"
         torch.save(random_state(model, seed=0), ckpt)
         for length in minutes:
             wav = workdir / f"in_{model}_{length:g}.wav"
+            rate, channels = (24000, 1) if model == "24khz" else (48000, 2)
             write_input(wav, rate, channels, length)
-            for impl in impls:
-                ecdc, back = workdir / f"{impl}.ecdc", workdir / f"{impl}_out.wav"
-                for p in (ecdc, back):
-                    p.unlink(missing_ok=True)
-                hq = ["--hq"] if model == "48khz" else []
-                for step, (src, dst) in (("compress", (wav, ecdc)), ("decompress", (ecdc, back))):
-                    if impl == "ours":
-                        cmd = ["-m", "encodec_fast", str(src), str(dst), "--checkpoint", str(ckpt), "-b", "6", "-f", *hq]
-                    else:
-                        cmd = ["-c", UPSTREAM_CHILD, str(ckpt), name, str(src), str(dst), "-b", "6", "-f", *hq]
-                    if step == "decompress" and not ecdc.exists():
-                        wall, rss, err = None, None, "no .ecdc file (compress failed)"
-                    else:
-                        wall, rss, err = run_step([sys.executable, *cmd], limit_gb, timeout)
-                    rows.append({"model": model, "minutes": length, "impl": impl, "step": step, "seconds": wall,
-                                 "peak_rss_mb": rss if err is None else None, "error": err,
-                                 "realtime_x": (length * 60 / wall) if wall else None})
-                    log(rows[-1])
-                for p in (ecdc, back):
-                    p.unlink(missing_ok=True)
+
+            def steps(impl: str) -> tp.List[tp.Dict[str, tp.Any]]:
+                return _steps(impl, model, length, wav, ckpt, workdir, limit_gb, timeout, log,
+                              side_by_side_env(len(impls)) if at_once else None)
+            with ThreadPoolExecutor(max_workers=len(impls) if at_once else 1) as pool:
+                for done in pool.map(steps, impls):
+                    rows += done
             wav.unlink()
+    return rows
+
+
+def _steps(impl: str, model: str, length: float, wav: Path, ckpt: Path, workdir: Path, limit_gb: float,
+           timeout: float, log: tp.Callable[[tp.Dict[str, tp.Any]], None], env: tp.Optional[tp.Dict[str, str]]
+           ) -> tp.List[tp.Dict[str, tp.Any]]:
+    """One implementation's compress then decompress of `wav`: a row per step."""
+    rows = []
+    ecdc, back = workdir / f"{impl}.ecdc", workdir / f"{impl}_out.wav"
+    for p in (ecdc, back):
+        p.unlink(missing_ok=True)
+    hq = ["--hq"] if model == "48khz" else []
+    for step, (src, dst) in (("compress", (wav, ecdc)), ("decompress", (ecdc, back))):
+        if impl == "ours":
+            cmd = ["-m", "encodec_fast", str(src), str(dst), "--checkpoint", str(ckpt), "-b", "6", "-f", *hq]
+        else:
+            cmd = ["-c", UPSTREAM_CHILD, str(ckpt), f"encodec_{model}", str(src), str(dst), "-b", "6", "-f", *hq]
+        if step == "decompress" and not ecdc.exists():
+            wall, rss, err = None, None, "no .ecdc file (compress failed)"
+        else:
+            wall, rss, err = run_step([sys.executable, *cmd], limit_gb, timeout, env)
+        rows.append({"model": model, "minutes": length, "impl": impl, "step": step, "seconds": wall,
+                     "peak_rss_mb": rss if err is None else None, "error": err,
+                     "realtime_x": (length * 60 / wall) if wall else None})
+        log(rows[-1])
+    for p in (ecdc, back):
+        p.unlink(missing_ok=True)
     return rows
 
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from bench import peers  # noqa: E402
+from bench.core import side_by_side_env  # noqa: E402
 
 RATES = (16000, 22050, 44100, 48000)
 SENTENCES = [
@@ -263,20 +265,28 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
     checkpoint = args.work / "weights.th"
     torch.save(random_state("24khz", seed=1), checkpoint)
     workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
-    results = {}
-    for which in ("upstream", "ours", "transformers"):
+    skip = getattr(args, "skip", {})  # {implementation: the caller's reason for not running it}
+    # One after the other, unless the caller asks for them at once (the suite's smoke run: a
+    # plumbing check, whose times then share the machine, its cores shared out).
+    order = [which for which in ("upstream", "ours", "transformers") if which not in skip]
+    at_once = len(order) if getattr(args, "at_once", False) else 1
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(side_by_side_env(at_once) if at_once > 1 else {})}
+
+    def run(which: str) -> tp.Dict[str, tp.Any]:
         cmd = [sys.executable, __file__, "--run", which, "--corpus", str(args.corpus), "--work", str(args.work),
                "--checkpoint", str(checkpoint), "--device", args.device, "--workers", str(workers),
                "--hf-batch", str(args.hf_batch)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:  # a peer that cannot run here (e.g. not installed): its reason, not a number
             tail = (proc.stderr or proc.stdout).strip().splitlines()
-            results[which] = {"error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
             print(f"{which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
-            continue
-        results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
-        results[which]["audio_hours_per_hour"] = seconds / results[which]["wall_seconds"]
-        print(which, results[which], flush=True)
+            return {"error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["audio_hours_per_hour"] = seconds / out["wall_seconds"]
+        print(which, out, flush=True)
+        return out
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        results = {**dict(zip(order, pool.map(run, order))), **{which: {"error": why} for which, why in skip.items()}}
     if "error" not in results["upstream"]:
         for which in ("ours", "transformers"):
             if "error" not in results[which]:

@@ -67,6 +67,15 @@ def test_smoke_suite_runs_every_benchmark_and_writes_the_report(smoke_run):
     quality = [r for r in results["records"] if r["benchmark"] == "quality" and r["metric"] == "si_snr"
                and not r.get("na")]
     assert {r["params"]["kbps"] for r in quality} == {1.5, 3.0, 6.0, 12.0, 24.0}
+    # the smoke shortcuts are on the records, not hidden: transformers' own processes are left
+    # out with the reason; processes run side by side say so (and with how many threads)
+    for name in ("tokenize", "long_file"):
+        recs = [r for r in results["records"] if r["benchmark"] == name and r["metric"] == "time"]
+        assert {r["implementation"] for r in recs if not r.get("na")} == {"ours", "upstream"}, name
+        assert all(r["na"] == core.SMOKE_LEFT_OUT for r in recs if r["implementation"] == "transformers"), name
+        assert all("ran at once, OMP_NUM_THREADS=" in r["note"] for r in recs if not r.get("na")), name
+    memory = [r for r in codec if r["metric"] == "peak_memory"]
+    assert {r["implementation"] for r in memory} == {"ours", "upstream"}
     report = (out / "REPORT.md").read_text()
     assert "| workload | unit | ours | upstream | transformers |" in report
     for png in ("throughput_vs_batch.png", "throughput_vs_length.png", "memory_vs_length.png",
@@ -163,6 +172,26 @@ def test_bad_arguments_are_refused(tmp_path):
     assert proc.returncode == 2 and "unknown benchmarks ['nope']" in proc.stderr
     proc = run_bench("--compare", str(tmp_path / "missing"), "--out", str(tmp_path), "--no-run", timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_random_state_is_made_once_and_each_call_gets_its_own_copy():
+    """peers.random_state caches per (model, seed) and still behaves as making it afresh: equal
+    weights, a copy the caller may change, torch's generator left where making it leaves it."""
+    import torch
+
+    from bench import peers
+    peers._random_state.cache_clear()
+    first = peers.random_state("small", seed=4)
+    after_first = torch.rand(4)
+    key = next(k for k in first if k.endswith("embed"))
+    first[key].add_(1.0)
+    second = peers.random_state("small", seed=4)
+    after_second = torch.rand(4)
+    assert peers._random_state.cache_info().hits == 1
+    assert torch.equal(after_first, after_second)
+    assert not torch.equal(first[key], second[key]) and torch.allclose(first[key] - 1.0, second[key], atol=1e-6)
+    other = peers.random_state("small", seed=5)
+    assert not torch.equal(other[key], second[key])
 
 
 def test_quality_checkpoint_is_recognised_by_its_architecture(tmp_path):

@@ -98,7 +98,7 @@ METRICS = {"si_snr": ("dB", True), "mel_distance": ("", False), "stft_distance":
 def run(ctx: Context) -> None:
     from encodec_fast.audio import convert_audio
     from encodec_fast.train.metrics import mel_distance, si_snr, stft_distance
-    count, seconds = ctx.pick(1, 6, 24), ctx.pick(2.0, 5.0, 10.0)
+    count, seconds = ctx.pick(1, 6, 24), ctx.pick(1.0, 5.0, 10.0)
     clips, missing = heldout_clips(("speech", "music"), count, seconds)
     for model, state, source in checkpoints(ctx):
         codecs = peers.build_all(model, state, ("ours", "upstream"))

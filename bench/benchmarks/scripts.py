@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core import ROOT, Context, benchmark
+from bench.core import ROOT, SMOKE_LEFT_OUT, Context, benchmark, side_by_side_note
 
 
 def _script(name: str):
@@ -42,8 +42,10 @@ def _upstream_missing() -> tp.Optional[str]:
 def tokenize(ctx: Context) -> None:
     mod = _script("tokenize_corpus")
     clips = ctx.pick(2, 24, 200)
-    args = argparse.Namespace(clips=clips, corpus=Path(os.environ.get("ENCODEC_FAST_BENCH_CORPUS", ctx.workdir /
-                                                                      f"tokenize_corpus_{clips}")),
+    _, left_out = ctx.in_own_process(("ours", "upstream", "transformers"))
+    corpus = Path(os.environ.get("ENCODEC_FAST_BENCH_CORPUS", ctx.workdir / f"tokenize_corpus_{clips}"))
+    args = argparse.Namespace(clips=clips, corpus=corpus, skip={impl: SMOKE_LEFT_OUT for impl in left_out},
+                              at_once=ctx.suite == "smoke",
                               work=ctx.workdir / "tokenize_work", device=ctx.device, workers=1 if ctx.suite != "full"
                               else None, hf_batch=8, smoke=ctx.suite == "smoke")
     try:
@@ -60,7 +62,9 @@ def tokenize(ctx: Context) -> None:
             ctx.na(params, impl, "time", "s", r["error"])
             continue
         ctx.record(params, impl, "time", "s", [r["wall_seconds"]], audio_seconds=hours * 3600, headline=True,
-                   note="one run, in its own process (ours: the encodec-fast tokenize command)",
+                   note="one run, in its own process (ours: the encodec-fast tokenize command)" + (
+                       f"; {side_by_side_note(len(report['results']) - len(left_out))}" if args.at_once else ""),
+                   threads=r["threads"],
                    peak_rss_mb=r["peak_rss_mb"], peak_rss_worker_mb=r["peak_rss_worker_mb"])
         if "codes_equal_upstream" in r:
             ctx.record(params, impl, "codes_equal_upstream", "%", [100 * r["codes_equal_upstream"]],
@@ -69,7 +73,7 @@ def tokenize(ctx: Context) -> None:
 
 @benchmark("lm", "LM-mode .ecdc compress and decompress (vs upstream)", priority=50)
 def lm(ctx: Context) -> None:
-    params = {"model": "24khz", "seconds": ctx.pick(1.0, 5.0, 10.0), "kbps": 6.0, "device": "cpu"}
+    params = {"model": "24khz", "seconds": ctx.pick(0.5, 5.0, 10.0), "kbps": 6.0, "device": "cpu"}
     missing = _upstream_missing()
     if missing:  # the script builds both sides from upstream's modules
         for op in ("compress", "decompress"):
@@ -129,7 +133,7 @@ def quantizer(ctx: Context) -> None:
            priority=70)
 def train_step(ctx: Context) -> None:
     mod = _script("train_step")
-    params = {"model": "24khz", "batch": ctx.pick(1, 2, 8), "seconds": ctx.pick(0.5, 1.0, 1.0), "device": ctx.device}
+    params = {"model": "24khz", "batch": ctx.pick(1, 2, 8), "seconds": ctx.pick(0.25, 1.0, 1.0), "device": ctx.device}
     missing = _upstream_missing()
     if missing and ctx.device == "cpu":
         ctx.na(params, "upstream", "time", "s", missing)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core import Context, benchmark
+from bench.core import Context, benchmark, side_by_side_note
 
 
 @benchmark("streaming", "Streaming encoder / decoder: latency, compute per push, real-time factor (1 thread), "
@@ -24,7 +24,7 @@ from bench.core import Context, benchmark
 def streaming(ctx: Context) -> None:
     from bench import streaming_latency as sl
     chunks = ctx.pick([20, 320], [10, 20, 40, 80, 320], [10, 20, 40, 80, 320])
-    seconds = ctx.pick(2.0, 10.0, 30.0)
+    seconds = ctx.pick(1.0, 10.0, 30.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -66,28 +66,30 @@ def stream_command(ctx: Context) -> None:
     missing = _upstream_missing()
     impls = ["ours"] + ([] if missing else ["upstream"])
     limit_gb = 16.0
+    together = len(impls) if ctx.suite == "smoke" else 1  # the smoke run is a plumbing check: side by side
     with tempfile.TemporaryDirectory(prefix="stream-command-", dir=ctx.workdir) as tmp:
         for model in models:
             for length in minutes:
                 ctx.check_time(f"{model}, {length:g} min")
                 rows = sc.measure([model], [length], impls, limit_gb, timeout=max(120.0, 40 * 60 * length),
-                                  workdir=Path(tmp))
+                                  workdir=Path(tmp), at_once=together > 1)
                 for step in ("compress", "decompress"):
                     params = {"model": model, "minutes": length, "step": step, "kbps": 6.0, "device": "cpu"}
                     if missing:
                         ctx.na(params, "upstream", "time", "s", missing)
                     for r in (r for r in rows if r["step"] == step):
-                        _record(ctx, params, r, headline=length == minutes[-1], limit_gb=limit_gb)
+                        _record(ctx, params, r, headline=length == minutes[-1], limit_gb=limit_gb, together=together)
 
 
 def _record(ctx: Context, params: tp.Dict[str, tp.Any], row: tp.Dict[str, tp.Any], headline: bool,
-            limit_gb: float) -> None:
+            limit_gb: float, together: int) -> None:
     impl = row["impl"]
     if row["error"]:
         for metric, unit in (("time", "s"), ("peak_memory", "MB")):
             ctx.na(params, impl, metric, unit, row["error"])
         return
-    note = f"the command in its own process under a {limit_gb:g} GB address-space limit; random weights"
+    note = f"the command in its own process under a {limit_gb:g} GB address-space limit; random weights" + (
+        f"; {side_by_side_note(together)}" if together > 1 else "")
     ctx.record(params, impl, "time", "s", [row["seconds"]], audio_seconds=60 * params["minutes"], headline=headline,
                note=note)
     ctx.record(params, impl, "peak_memory", "MB", [row["peak_rss_mb"]], memory="peak RSS of the process", note=note)
