@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,10 +105,10 @@ def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Seq
             at_once: bool = False) -> tp.List[tp.Dict[str, tp.Any]]:
     """One row per (model, minutes, implementation, step): seconds, peak RSS (MB), or the error.
     `at_once`: the implementations run side by side (a plumbing check: their times then share the
-    machine, its cores shared out: `bench.core.side_by_side_env`), else one after the other."""
+    machine, its cores shared out: `bench.core.map_processes`), else one after the other."""
     import torch
 
-    from bench.core import side_by_side_env
+    from bench.core import map_processes
     from bench.peers import random_state
     rows = []
     for model in models:
@@ -120,12 +119,10 @@ def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Seq
             rate, channels = (24000, 1) if model == "24khz" else (48000, 2)
             write_input(wav, rate, channels, length)
 
-            def steps(impl: str) -> tp.List[tp.Dict[str, tp.Any]]:
-                return _steps(impl, model, length, wav, ckpt, workdir, limit_gb, timeout, log,
-                              side_by_side_env(len(impls)) if at_once else None)
-            with ThreadPoolExecutor(max_workers=len(impls) if at_once else 1) as pool:
-                for done in pool.map(steps, impls):
-                    rows += done
+            def steps(impl: str, env: tp.Optional[tp.Dict[str, str]]) -> tp.List[tp.Dict[str, tp.Any]]:
+                return _steps(impl, model, length, wav, ckpt, workdir, limit_gb, timeout, log, env)
+            for done in map_processes(steps, impls, at_once):
+                rows += done
             wav.unlink()
     return rows
 

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from bench import peers  # noqa: E402
-from bench.core import side_by_side_env  # noqa: E402
+from bench.core import map_processes  # noqa: E402
 
 RATES = (16000, 22050, 44100, 48000)
 SENTENCES = [
@@ -269,14 +268,14 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
     # One after the other, unless the caller asks for them at once (the suite's smoke run: a
     # plumbing check, whose times then share the machine, its cores shared out).
     order = [which for which in ("upstream", "ours", "transformers") if which not in skip]
-    at_once = len(order) if getattr(args, "at_once", False) else 1
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(side_by_side_env(at_once) if at_once > 1 else {})}
+    together = getattr(args, "at_once", False) and len(order) > 1
 
-    def run(which: str) -> tp.Dict[str, tp.Any]:
+    def run(which: str, threads: tp.Optional[tp.Dict[str, str]]) -> tp.Dict[str, tp.Any]:
         cmd = [sys.executable, __file__, "--run", which, "--corpus", str(args.corpus), "--work", str(args.work),
                "--checkpoint", str(checkpoint), "--device", args.device, "--workers", str(workers),
                "--hf-batch", str(args.hf_batch)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **(threads or {})})
         if proc.returncode:  # a peer that cannot run here (e.g. not installed): its reason, not a number
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             print(f"{which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
@@ -285,8 +284,8 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
         out["audio_hours_per_hour"] = seconds / out["wall_seconds"]
         print(which, out, flush=True)
         return out
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        results = {**dict(zip(order, pool.map(run, order))), **{which: {"error": why} for which, why in skip.items()}}
+    results = {**dict(zip(order, map_processes(run, order, together))),
+               **{which: {"error": why} for which, why in skip.items()}}
     if "error" not in results["upstream"]:
         for which in ("ours", "transformers"):
             if "error" not in results[which]:
@@ -297,6 +296,7 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
             return None
         return results[peer]["wall_seconds"] / results["ours"]["wall_seconds"]
     report = {**machine(), "device": args.device, "clips": len(paths), "audio_hours": seconds / 3600,
+              "processes_at_once": len(order) if together else 1,
               "workers": workers, "hf_batch": args.hf_batch, "results": results,
               "speedup_vs_upstream": speedup("upstream"), "speedup_vs_transformers": speedup("transformers")}
     lines = [f"# Tokenizing a corpus: ours vs upstream vs transformers ({report['date'][:10]})", "",

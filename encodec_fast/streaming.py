@@ -432,8 +432,8 @@ class StreamingEncoder:
         that handles a tensor's last few values and gives other last bits."""
         return n - n % self.step if self.exact and n >= self.step else n
 
-    def _encode(self, x: torch.Tensor, last: bool, split: bool = False) -> torch.Tensor:
-        if split and self.exact and not self.split:
+    def _encode(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+        if self.exact and not last and x.shape[-1] and not self.split:  # the first call that splits the signal
             self.net.pad_short_calls()
             self.split = True
         with torch.no_grad():
@@ -457,7 +457,7 @@ class StreamingEncoder:
                 not self.exact and self.held_samples):
             # calls of at most MAX_CALL_SECONDS: a big push does not make big activations
             n = self._aligned(min(self.held_samples - keep, max(self.chunk, self.max_call)))
-            parts.append(self._encode(self._take(n), False, split=True))
+            parts.append(self._encode(self._take(n), False))
         if not parts:
             return self._encode(audio[:, :0], False)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
@@ -473,7 +473,7 @@ class StreamingEncoder:
             return self._segments(final=True)
         parts = []
         while self.held_samples > max(self.chunk, self.max_call) + self.chunk and self.samples_in >= self.min_split:
-            parts.append(self._encode(self._take(self._aligned(max(self.chunk, self.max_call))), False, split=True))
+            parts.append(self._encode(self._take(self._aligned(max(self.chunk, self.max_call))), False))
         rest = self._take(self.held_samples) if self.held_samples else torch.zeros(
             self.model.channels, 0, device=next(self.model.parameters()).device)
         parts.append(self._encode(rest, True))

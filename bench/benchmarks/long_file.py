@@ -10,13 +10,12 @@ import gc
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from bench import peers
-from bench.core import (SMOKE_LEFT_OUT, Context, benchmark, hwm_mb, memory_reason, peak_rss_mb, reset_peak_rss,
-                        rss_mb, run_child, side_by_side_env, side_by_side_note, trim_heap)
+from bench.core import (SMOKE_LEFT_OUT, Context, benchmark, hwm_mb, map_processes, memory_reason, peak_rss_mb,
+                        reset_peak_rss, rss_mb, run_child, side_by_side_note, trim_heap)
 
 
 def memory_limit_gb() -> float:
@@ -45,14 +44,12 @@ def run(ctx: Context) -> None:
         for metric, unit in (("time", "s"), ("peak_memory", "MB")):
             ctx.na(params, impl, metric, unit, SMOKE_LEFT_OUT)
     # One at a time (each may take most of the machine's memory), except in the smoke suite.
-    at_once = ctx.pick(len(impls), 1, 1)
+    together = ctx.suite == "smoke" and len(impls) > 1
 
-    def one(impl: str):
+    def one(impl: str, env):
         return run_child(["-m", "bench.child", "long_file", impl, model, str(path), str(seconds), ctx.device],
-                         timeout=max(120.0, min(4 * 3600.0, ctx.time_left() + 120)), memory_limit_gb=limit,
-                         env=side_by_side_env(at_once) if at_once > 1 else None)
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        outcomes = list(pool.map(one, impls))
+                         timeout=max(120.0, min(4 * 3600.0, ctx.time_left() + 120)), memory_limit_gb=limit, env=env)
+    outcomes = map_processes(one, impls, together)
     for impl, (out, reason) in zip(impls, outcomes):
         how = "chunked (encode_long)" if impl == "ours" else "whole file"
         if out is None or "error" in out:
@@ -64,7 +61,7 @@ def run(ctx: Context) -> None:
             continue
         ctx.record(params, impl, "time", "s", [out["seconds"]], audio_seconds=seconds, how=how, weights=source,
                    headline=ctx.suite != "smoke",
-                   note=side_by_side_note(at_once) if at_once > 1 else "one run, in its own process")
+                   note=side_by_side_note(len(impls)) if together else "one run, in its own process")
         ctx.record(params, impl, "peak_memory", "MB", [out["peak_over_baseline_mb"]], how=how,
                    process_peak_mb=out["peak_mb"], memory_limit_gb=limit,
                    memory="cuda max allocated" if ctx.device == "cuda" else

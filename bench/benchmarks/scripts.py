@@ -57,13 +57,14 @@ def tokenize(ctx: Context) -> None:
     hours = report["audio_hours"]
     params = {"clips": report["clips"], "audio_hours": round(hours, 4), "model": "24khz", "kbps": 6.0,
               "device": ctx.device, "workers": report["workers"]}
+    together = report["processes_at_once"]
     for impl, r in report["results"].items():
         if "error" in r:
             ctx.na(params, impl, "time", "s", r["error"])
             continue
         ctx.record(params, impl, "time", "s", [r["wall_seconds"]], audio_seconds=hours * 3600, headline=True,
                    note="one run, in its own process (ours: the encodec-fast tokenize command)" + (
-                       f"; {side_by_side_note(len(report['results']) - len(left_out))}" if args.at_once else ""),
+                       f"; {side_by_side_note(together)}" if together > 1 else ""),
                    threads=r["threads"],
                    peak_rss_mb=r["peak_rss_mb"], peak_rss_worker_mb=r["peak_rss_worker_mb"])
         if "codes_equal_upstream" in r:
