@@ -31,9 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import machine, save  # noqa: E402
+
 from encodec_fast import entropy  # noqa: E402
 from encodec_fast.ops import arith  # noqa: E402
-from report import machine, save  # noqa: E402
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:

@@ -230,6 +230,7 @@ def capture(full: bool, archs: tp.Sequence[int] = (90,)) -> tp.List[Launch]:
     it); returns the distinct launches in the order first seen, each with the architectures that
     launch it."""
     import torch
+
     from encodec_fast.modules.lstm import SLSTM
     from encodec_fast.ops import backend
 
@@ -267,8 +268,9 @@ def capture(full: bool, archs: tp.Sequence[int] = (90,)) -> tp.List[Launch]:
 def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
     """Every launch of both models, the RVQ kernels and the discriminator, on meta tensors."""
     import torch
-    from encodec_fast.model import EncodecModel
     from encodec_fast.kernels import rvq as krvq
+
+    from encodec_fast.model import EncodecModel
     from encodec_fast.train.msstftd import MultiScaleSTFTDiscriminator
     meta = torch.device("meta")
     # SEANet encoder and decoder of both models: 1 s and 10 s, batch 1 and 64.

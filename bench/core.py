@@ -350,6 +350,7 @@ def _git(*args: str) -> str:
 def context(device: str) -> tp.Dict[str, tp.Any]:
     """Machine, CPU model and cores, GPU, versions, commit, date, threads, allocator setting."""
     import torch
+
     from encodec_fast import cpu
     info: tp.Dict[str, tp.Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),

@@ -623,6 +623,7 @@ def time_train_step(device: str, quick: bool) -> list:
     """The whole training step of the 24 kHz model (bench/train_step.py): ours in fp32 with the
     Triton quantizer, with the torch quantizer, in bf16, and the step built from upstream's modules."""
     import argparse as _argparse
+
     import train_step
     args = _argparse.Namespace(model="24khz", batch=1 if SMOKE else 2 if quick else 16, seconds=0.5 if SMOKE else 1.0,
                                reps=1 if quick else 5, bandwidths=[6.0] if SMOKE else [6.0, 24.0], device=device)
@@ -766,9 +767,11 @@ STAGES = ("correctness", "rvq", "conv", "stft", "conv2d", "training", "train_ste
 
 def legacy_configs() -> None:
     """The launch configurations before issue 13's compile check, patched into the wrappers."""
-    from encodec_fast.kernels import conv as kconv, rvq as krvq
-    from encodec_fast.ops.backend import interpreting
     import triton
+    from encodec_fast.kernels import conv as kconv
+    from encodec_fast.kernels import rvq as krvq
+
+    from encodec_fast.ops.backend import interpreting
     default_blocks, default_config = kconv._blocks, krvq._config
 
     def blocks(C_in, C_out, T, kind="conv1d"):

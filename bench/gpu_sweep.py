@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu  # noqa: E402  (sizes, test data, launch records)
+
 from encodec_fast import ops  # noqa: E402
 from encodec_fast.ops import rvq  # noqa: E402
 

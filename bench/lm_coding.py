@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from report import machine, save  # noqa: E402
+
 import encodec_fast  # noqa: E402
 from encodec_fast.lm import lm_threads  # noqa: E402
-from report import machine, save  # noqa: E402
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:

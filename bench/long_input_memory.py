@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def child(mode: str, seconds: float, chunk: float) -> None:
     import torch
     sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import make_model_pair
     from encodec_fast.streaming import encode_long
+    from helpers import make_model_pair
     _, model = make_model_pair("encodec_24khz", seed=1)
     model.set_target_bandwidth(6.0)
     x = torch.randn(1, 1, int(24000 * seconds), generator=torch.Generator().manual_seed(0)).mul_(0.1)
@@ -82,6 +82,7 @@ def _tree(pid: int) -> list:
 
 def run_tokenize(args) -> dict:
     import torch
+
     from encodec_fast.model import EncodecModel
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -65,6 +65,7 @@ def _espeak(text: str, voice: str, speed: int, pitch: int, path: Path) -> np.nda
                    check=True, capture_output=True)
     import soundfile as sf
     import torch
+
     from encodec_fast.audio import resample
     wav, rate = sf.read(path, dtype="float32")
     if wav.ndim > 1:

@@ -93,6 +93,7 @@ def _music(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
 def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[Path]:
     import soundfile as sf
     import torch
+
     from encodec_fast.dsp import resample
     root.mkdir(parents=True, exist_ok=True)
     done = root / "_complete.json"
@@ -188,6 +189,7 @@ def run_transformers(paths: tp.List[Path], out: Path, checkpoint: Path, device: 
 
 def child(args) -> int:
     import torch
+
     from encodec_fast.cpu import tune_cpu_allocator
     # The allocator setting the encodec-fast command applies, in every implementation's process
     # (so that the comparison is of the code, not of glibc's settings); threads: torch's default.

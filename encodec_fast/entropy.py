@@ -15,8 +15,19 @@ Decoding needs bit-identical pdfs: build them on the CPU in float32 from the sam
 
 import typing as tp
 
-from .ops.arith import (MIN_RANGE, ROUNDOFF, TOTAL_RANGE_BITS, CorruptStreamError, Decoder, Encoder, build_cdfs,
-                        coder_backend, cpp_available, decode, encode)
+from .ops.arith import (
+    MIN_RANGE,
+    ROUNDOFF,
+    TOTAL_RANGE_BITS,
+    CorruptStreamError,
+    Decoder,
+    Encoder,
+    build_cdfs,
+    coder_backend,
+    cpp_available,
+    decode,
+    encode,
+)
 
 SymbolDecoder = Decoder
 SymbolEncoder = Encoder

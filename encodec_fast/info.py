@@ -109,6 +109,7 @@ def _backend_facts(torch_facts: Facts, triton_facts: Facts) -> Facts:
 def _checkpoint_facts() -> Facts:
     try:
         import torch
+
         from .pretrained import CHECKPOINTS, ROOT_URL
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}

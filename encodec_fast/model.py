@@ -17,8 +17,8 @@ from torch import nn
 from . import modules as m
 from . import quantization as qt
 from .lm import LMModel
-from .pretrained import CHECKPOINTS, CheckpointError, get_checkpoint, load_state_dict_file
 from .modules.groups import Group, Groups
+from .pretrained import CHECKPOINTS, CheckpointError, get_checkpoint, load_state_dict_file
 
 EncodedFrame = tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]
 PathLike = tp.Union[str, Path]

@@ -3,10 +3,10 @@
 import math
 import warnings
 
+import encodec
 import numpy as np
 import torch
 
-import encodec
 import encodec_fast
 
 

@@ -1,11 +1,11 @@
 """Audio I/O and conversion."""
 
+import encodec.utils
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-import encodec.utils
 from encodec_fast import audio
 from helpers import make_signal
 

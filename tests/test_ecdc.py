@@ -1,15 +1,14 @@
 """`.ecdc` files: bytes identical to upstream's, decodable both ways, and bad files rejected."""
 
+import importlib
 import io
 import random
 import struct
 
+import encodec.binary
 import pytest
 import torch
 
-import importlib
-
-import encodec.binary
 import encodec_fast
 from encodec_fast import ecdc
 from helpers import make_signal, rel_err

@@ -3,15 +3,15 @@
 
 import io
 import threading
-import typing as tp
 import time
+import typing as tp
 import warnings
 
 import numpy as np
 import pytest
 import torch
-
 from encodec.quantization import ac as upstream
+
 from encodec_fast import entropy, ops
 from encodec_fast.ops import arith
 

@@ -7,11 +7,11 @@ import io
 import json
 import struct
 
+import encodec
 import pytest
 import torch
 from torch.nn import functional as F
 
-import encodec
 import encodec_fast
 from encodec_fast import ecdc
 from encodec_fast.lm import LMStream, lm_threads
@@ -244,8 +244,8 @@ def test_codes_crc_is_order_and_value_sensitive():
 
 def test_command_lm_round_trip(tmp_path, checkpoint_24, lms_24):
     """encodec-fast --lm with a local LM checkpoint: compress, then decompress the LM file."""
-    from test_cli import run  # the command tests' subprocess helper
     from encodec_fast import audio
+    from test_cli import run  # the command tests' subprocess helper
     lm_path = tmp_path / "lm.th"
     torch.save(lms_24[1].state_dict(), lm_path)
     wav_path = tmp_path / "in.wav"

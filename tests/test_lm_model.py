@@ -2,10 +2,10 @@
 
 import warnings
 
+import encodec
 import pytest
 import torch
 
-import encodec
 import encodec_fast
 from encodec_fast import pretrained
 

@@ -3,10 +3,10 @@
 import math
 import warnings
 
+import encodec
 import pytest
 import torch
 
-import encodec
 import encodec_fast
 from helpers import lengths_for, make_signal, rel_err
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from encodec import msstftd as upstream
+
 from encodec_fast.train import MultiScaleSTFTDiscriminator
 from helpers import make_signal
 

@@ -5,11 +5,11 @@ random weights), and the command, `.ecdc` files and the tokenizer use it by name
 import json
 import warnings
 
+import encodec
 import pytest
 import soundfile as sf
 import torch
 
-import encodec
 from encodec_fast import EncodecModel, cli, ecdc, pretrained
 from encodec_fast.train.metrics import mel_distance, si_snr
 from helpers import make_signal

@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import encodec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
 
-import encodec
 from encodec_fast.cli import main as cli_main
 from encodec_fast.tokenize import CodesDataset, list_items, read_codes, tokenize
 from encodec_fast.tokenize.sources import parse_shard

@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import soundfile as sf
 import ray
+import soundfile as sf
 import torch
 
 from encodec_fast.tokenize import read_codes, tokenize

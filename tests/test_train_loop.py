@@ -11,12 +11,12 @@ import time
 import warnings
 from pathlib import Path
 
+import encodec
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-import encodec
 from encodec_fast.train import data as D
 from encodec_fast.train import reference
 from encodec_fast.train import trainer as T

@@ -3,9 +3,11 @@ and that autotuning never runs under the interpreter (where these tests run)."""
 
 import torch
 import triton
+from encodec_fast.kernels import conv as kconv
+from encodec_fast.kernels import rvq as krvq
+from encodec_fast.kernels import tuning
 
 from encodec_fast import ops
-from encodec_fast.kernels import conv as kconv, rvq as krvq, tuning
 
 
 def test_size_classes():

@@ -17,8 +17,16 @@ import typing as tp
 import torch
 
 from bench import peers
-from bench.core import (SMOKE_LEFT_OUT, Context, benchmark, hwm_mb, release_freed_memory, reset_peak_rss, rss_mb,
-                        run_child)
+from bench.core import (
+    SMOKE_LEFT_OUT,
+    Context,
+    benchmark,
+    hwm_mb,
+    release_freed_memory,
+    reset_peak_rss,
+    rss_mb,
+    run_child,
+)
 
 # (model, batch, seconds, kbps) per suite; sweeps share the base case.
 BASE = {"smoke": {"24khz": (1, 0.25, 6.0), "48khz": (1, 0.5, 6.0)},

@@ -14,8 +14,20 @@ import time
 import torch
 
 from bench import peers
-from bench.core import (SMOKE_LEFT_OUT, Context, benchmark, hwm_mb, map_processes, memory_reason, peak_rss_mb,
-                        reset_peak_rss, rss_mb, run_child, side_by_side_note, trim_heap)
+from bench.core import (
+    SMOKE_LEFT_OUT,
+    Context,
+    benchmark,
+    hwm_mb,
+    map_processes,
+    memory_reason,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    run_child,
+    side_by_side_note,
+    trim_heap,
+)
 
 
 def memory_limit_gb() -> float:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..model import EncodecModel
-from .loading import load_or_error
 from ..streaming import LongInputs
+from .loading import load_or_error
 from .local import Progress, encode_or_errors, encode_streamed, make_row, segment_arrays
 from .sink import ShardSink
 from .sources import Item

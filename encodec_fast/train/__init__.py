@@ -3,7 +3,12 @@
 training data pipeline and the validation metrics."""
 
 from .balancer import Balancer  # noqa: F401
-from .losses import (MultiScaleMelLoss, discriminator_hinge_loss, generator_hinge_loss,  # noqa: F401
-                     relative_feature_matching, time_l1)
+from .losses import (  # noqa: F401
+                     MultiScaleMelLoss,
+                     discriminator_hinge_loss,
+                     generator_hinge_loss,
+                     relative_feature_matching,
+                     time_l1,
+)
 from .msstftd import DiscriminatorSTFT, MultiScaleSTFTDiscriminator  # noqa: F401
 from .trainer import TrainConfig, Trainer, TrainingError, train  # noqa: F401

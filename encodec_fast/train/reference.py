@@ -22,8 +22,9 @@ def upstream_copy(trainer) -> tp.Tuple[torch.nn.Module, torch.nn.Module]:
     and codebooks (loaded strictly: the layouts are upstream's)."""
     import encodec
     import encodec.msstftd
-    from .trainer import MODELS
+
     from ..model import MODEL_CONFIGS
+    from .trainer import MODELS
     base, changes = MODELS[trainer.config.model]
     cfg = MODEL_CONFIGS[base]
     arch = {**cfg.get("arch", {}), **changes}

@@ -49,8 +49,13 @@ from ..pretrained import load_state_dict_file
 from ..quantization.core_vq import EuclideanCodebook
 from . import data as D
 from .balancer import Balancer
-from .losses import (MultiScaleMelLoss, discriminator_hinge_loss, generator_hinge_loss, relative_feature_matching,
-                     time_l1)
+from .losses import (
+    MultiScaleMelLoss,
+    discriminator_hinge_loss,
+    generator_hinge_loss,
+    relative_feature_matching,
+    time_l1,
+)
 from .metrics import codebook_usage, mel_distance, si_snr, stft_distance
 from .msstftd import MultiScaleSTFTDiscriminator
 
