@@ -1,7 +1,7 @@
 """Arithmetic-coder throughput on CPU: ours (C++, and the Python reference) vs upstream encodec
 0.1.1's Python coder and vs constriction's range coder, on the same distributions, in one run.
 
-    python bench/coder.py [--symbols 20000] [--upstream-symbols 1000] [--rounds 3] [--out bench/results]
+    python -m bench.coder [--symbols 20000] [--upstream-symbols 1000] [--rounds 3] [--out bench/results]
 
 Distributions: T rows of N = 1024 (EnCodec's codebooks), softmax of scaled noise (about 5 bits
 per symbol), symbols drawn from them. Reported: microseconds per symbol and symbols per second,
@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import machine, save
+from encodec_fast import entropy
+from encodec_fast.ops import arith
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from report import machine, save  # noqa: E402
-
-from encodec_fast import entropy  # noqa: E402
-from encodec_fast.ops import arith  # noqa: E402
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
@@ -146,8 +144,10 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {
-        "encode vs upstream (CDF construction included)": med["upstream encode (Python)"] / med["ours (C++) encode, from pdfs"],
-        "decode vs upstream (CDF construction included)": med["upstream decode (Python)"] / med["ours (C++) decode, from pdfs"],
+        "encode vs upstream (CDF construction included)":
+            med["upstream encode (Python)"] / med["ours (C++) encode, from pdfs"],
+        "decode vs upstream (CDF construction included)":
+            med["upstream decode (Python)"] / med["ours (C++) decode, from pdfs"],
     }
     if constriction is not None:
         ratios["encode vs constriction (ours with CDF construction)"] = (
@@ -160,7 +160,7 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
     lines = [f"# Arithmetic coder throughput ({report['date'][:10]})", "",
              f"CPU: {report['cpu']}, {report['torch_threads']} torch threads; torch "
              f"{torch.__version__}; {T} symbols, alphabet {N} (upstream and the Python reference: first {U}); "
-             f"medians of {args.rounds} interleaved rounds. `python bench/coder.py`", "",
+             f"medians of {args.rounds} interleaved rounds. `python -m bench.coder`", "",
              "| coder | µs / symbol | symbols / s |", "|---|---|---|"]
     lines += [f"| {k} | {1e6 * v:.3f} | {1 / v:,.0f} |" for k, v in med.items()]
     lines += ["", "| ratio | × |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ratios.items()]

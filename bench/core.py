@@ -311,7 +311,8 @@ def run_child(args: tp.Sequence[str], timeout: float, memory_limit_gb: tp.Option
         if memory_limit_gb:
             size = int(memory_limit_gb * 2 ** 30)
             resource.setrlimit(resource.RLIMIT_AS, (size, size))
-    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    full_env = dict(os.environ,
+                    PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     full_env.update(env or {})
     try:
         proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=full_env,
@@ -358,7 +359,8 @@ def context(device: str) -> tp.Dict[str, tp.Any]:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "device": device,
         "allocator": "glibc tuned (encodec_fast.cpu.tune_cpu_allocator: freed memory kept in the heap), "
                      "the same for every implementation" if cpu.is_tuned() else "glibc default",
-        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain",
+                                                                        "--untracked-files=no")),
     }
     try:
         with open("/proc/cpuinfo") as f:

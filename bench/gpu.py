@@ -1,8 +1,8 @@
 """GPU check and benchmark: every Triton kernel against its PyTorch path, on one CUDA device.
 
-    python bench/gpu.py [--quick] [--configs default|legacy|autotune] [--stages NAME,...]
+    python -m bench.gpu [--quick] [--configs default|legacy|autotune] [--stages NAME,...]
                         [--budget-seconds S] [--out bench/results]
-    python bench/gpu.py --smoke      # no GPU: tiny shapes on CPU in Triton's interpreter (plumbing only)
+    python -m bench.gpu --smoke      # no GPU: tiny shapes on CPU in Triton's interpreter (plumbing only)
 
 --configs picks the kernels' launch configurations: `default` (the no-spill table in the kernel
 wrappers), `legacy` (the block sizes, warps and stages before the compile check, issue 13: RVQ
@@ -50,12 +50,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from encodec_fast import EncodecModel, ops
+from encodec_fast.ops import rvq
+from encodec_fast.quantization import ResidualVectorQuantizer
 
-from encodec_fast import EncodecModel, ops  # noqa: E402
-from encodec_fast.ops import rvq  # noqa: E402
-from encodec_fast.quantization import ResidualVectorQuantizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 # Dense peaks (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets, by device name.
 PEAKS = {
@@ -390,7 +390,8 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
         for precision in ("ieee", "tf32x3", "tf32"):
             with ops.use_backend("triton"), Precision(precision):
                 got = rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)
-                ms, launches = bench_ms_launches(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked), quick)
+                ms, launches = bench_ms_launches(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked),
+                                                 quick)
             agreement = rvq.code_agreement(x, books, ref, got)
             peak = None if peaks is None else peaks["fp32" if precision == "ieee" else "tf32"]
             rows.append({
@@ -519,7 +520,8 @@ def time_stft(device: str, quick: bool) -> list:
         with ops.use_backend(backend):
             logits, fmaps = disc(x)
         (sum(lg.mean() for lg in logits) + sum(f.mean() for fm in fmaps for f in fm)).backward()
-    entry = {"op": f"MS-STFT discriminator fwd+bwd (filters={filters}; triton: spectrogram kernel + fused Conv2d)", "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
+    entry = {"op": f"MS-STFT discriminator fwd+bwd (filters={filters}; triton: spectrogram kernel + fused Conv2d)",
+             "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
              "triton_ms": bench_ms(lambda: disc_step("triton"), quick), "rel_err": None}
     entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
     rows.append(entry)
@@ -624,7 +626,7 @@ def time_train_step(device: str, quick: bool) -> list:
     Triton quantizer, with the torch quantizer, in bf16, and the step built from upstream's modules."""
     import argparse as _argparse
 
-    import train_step
+    from bench import train_step
     args = _argparse.Namespace(model="24khz", batch=1 if SMOKE else 2 if quick else 16, seconds=0.5 if SMOKE else 1.0,
                                reps=1 if quick else 5, bandwidths=[6.0] if SMOKE else [6.0, 24.0], device=device)
     rows = train_step.run(args)
@@ -683,12 +685,14 @@ def markdown(report: dict) -> str:
              f"CUDA {report['cuda']}; Python {report['python']}. Launch configurations: "
              f"**{report.get('configs', 'default')}** ({CONFIG_TEXT[report.get('configs', 'default')]}); stages run: "
              f"{', '.join(report.get('stages_run', []))}"
-             + (f"; skipped for the time budget: {', '.join(report['stages_skipped'])}" if report.get("stages_skipped") else "")
+             + (f"; skipped for the time budget: {', '.join(report['stages_skipped'])}"
+                if report.get("stages_skipped") else "")
              + ".", "",
              "## Correctness on the GPU", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'pass' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in report["checks"]]
     lines += ["", "## RVQ kernels (median ms, do_bench)", "",
-              "| op | kbps | precision | torch ms | triton ms | speed-up | TFLOP/s or GB/s | roofline | frames equal | ties | non-ties | launch: config, resources |",
+              "| op | kbps | precision | torch ms | triton ms | speed-up | TFLOP/s or GB/s | roofline | frames equal "
+              "| ties | non-ties | launch: config, resources |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("rvq", []):
         rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbs']:.0f} GB/s"
@@ -697,7 +701,8 @@ def markdown(report: dict) -> str:
                      f"{r['speedup']:.2f}x | {rate} | {roof} | {r.get('frames_equal', 1.0):.4f} | "
                      f"{r.get('ties', '-')} | {r.get('non_ties', '-')} | {launch_text(r.get('launches', []))} |")
     lines += ["", "## Fused convolutions: ELU + pad + conv (+ skip) in torch (cuDNN) vs one kernel (median ms)", "",
-              "| layer | dtype | input | torch ms | triton ms | speed-up | TFLOP/s | roofline | max rel. error | launch: config, resources |",
+              "| layer | dtype | input | torch ms | triton ms | speed-up | TFLOP/s | roofline | max rel. error "
+              "| launch: config, resources |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("conv", []):
         roof = "-" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.0f}%"
@@ -709,7 +714,8 @@ def markdown(report: dict) -> str:
     for r in report.get("stft", []):
         lines.append(f"| {r['op']} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.2f}x |")
     lines += ["", "## Discriminator Conv2d + LeakyReLU: cuDNN + LeakyReLU vs the fused kernel (median ms)", "",
-              "| layer | dtype | input | torch fwd | triton fwd | speed-up | torch fwd+bwd | triton fwd+bwd | speed-up | "
+              "| layer | dtype | input | torch fwd | triton fwd | speed-up | torch fwd+bwd | triton fwd+bwd "
+              "| speed-up | "
               "TFLOP/s | roofline | max rel. error | launch: config, resources |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("conv2d", []):
@@ -719,15 +725,18 @@ def markdown(report: dict) -> str:
                      f"{r['triton_fwd_bwd_ms']:.3f} | {r['fwd_bwd_speedup']:.2f}x | {r['triton_fwd_tflops']:.1f} | "
                      f"{roof} | {r['rel_err']:.1e} | {launch_text(r.get('launches', []))} |")
     lines += ["", "## Quantizer training step (forward + backward + EMA, median ms)", "",
-              "| stages | upstream | ours torch | ours triton | vs upstream | vs torch backend |", "|---|---|---|---|---|---|"]
+              "| stages | upstream | ours torch | ours triton | vs upstream | vs torch backend |",
+              "|---|---|---|---|---|---|"]
     for r in report.get("training", []):
         up = "-" if r["upstream_ms"] is None else f"{r['upstream_ms']:.2f}"
         vs = "-" if r["upstream_ms"] is None else f"{r['speedup_vs_upstream']:.2f}x"
         lines.append(f"| {r['stages']} | {up} | {r['ours_torch_ms']:.2f} | {r['ours_triton_ms']:.2f} | {vs} | "
                      f"{r['speedup_vs_torch_backend']:.2f}x |")
     lines += ["", "## Training step, 24 kHz model, discriminator update every step (median ms)", "",
-              "| kbps | implementation | median ms | quantizer share | upstream modules / this |", "|---|---|---|---|---|"]
-    base = {r["kbps"]: r["median_ms"] for r in report.get("train_step", []) if r["implementation"] == "upstream modules"}
+              "| kbps | implementation | median ms | quantizer share | upstream modules / this |",
+              "|---|---|---|---|---|"]
+    base = {r["kbps"]: r["median_ms"] for r in report.get("train_step",
+                                                          []) if r["implementation"] == "upstream modules"}
     for r in report.get("train_step", []):
         ratio = f"{base[r['kbps']] / r['median_ms']:.2f}x" if r["kbps"] in base else "-"
         lines.append(f"| {r['kbps']:g} | {r['implementation']} | {r['median_ms']:.1f} | "

@@ -1,6 +1,6 @@
 """LM-mode `.ecdc` compress and decompress, ours vs upstream encodec 0.1.1, on CPU in one run.
 
-    python bench/lm_coding.py [--model 24khz|48khz] [--seconds 10] [--bandwidth 6] [--out bench/results]
+    python -m bench.lm_coding [--model 24khz|48khz] [--seconds 10] [--bandwidth 6] [--out bench/results]
 
 The 24 kHz model and its LM with random weights (the official ones need a download; the LM's
 heads scaled so that its distributions are peaked, like a trained LM's), the same weights on
@@ -21,14 +21,11 @@ from pathlib import Path
 
 import torch
 
+import encodec_fast
+from bench.report import machine, save
+from encodec_fast.lm import lm_threads
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from report import machine, save  # noqa: E402
-
-import encodec_fast  # noqa: E402
-from encodec_fast.lm import lm_threads  # noqa: E402
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
@@ -54,8 +51,7 @@ def main() -> int:
 
 def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str, bool]:
     """(report with every run's seconds in 'all_runs', markdown, whether the checks passed)."""
-    from helpers import make_model_pair, make_signal
-    from test_lm_coding import lm_pair
+    from encodec_fast.testing import lm_pair, make_model_pair, make_signal
     upc = importlib.import_module("encodec.compress")
 
     name = f"encodec_{args.model}"
@@ -103,7 +99,8 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str, bool]:
     lines = [f"# LM-mode .ecdc, ours vs upstream ({report['date'][:10]})", "",
              f"CPU: {report['cpu']}, {default_threads} threads by default; torch {torch.__version__}; "
              f"{args.seconds:g} s, {name}, {args.bandwidth:g} kbps, random model and LM weights (same on both "
-             f"sides); medians of {args.rounds} interleaved rounds. `python bench/lm_coding.py --model {args.model}`", "",
+             f"sides); medians of {args.rounds} interleaved rounds. `python -m bench.lm_coding --model {args.model}`",
+             "",
              "| run | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rows.items()]
     lines += ["", "| ours faster than | × |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ratios.items()]

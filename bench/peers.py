@@ -33,27 +33,6 @@ def signal(sample_rate: int, seconds: float, channels: int, batch: int = 1, seed
     return torch.stack(rows)[..., :n]
 
 
-def data_like_codebooks(model, seed: int = 0) -> None:
-    """Give a randomly initialised model codebooks drawn from its own encoder's latents, stage by
-    stage (what k-means starts from), so that codes spread over the codebooks as with trained
-    weights (random codebooks would send most frames to a few codes)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = signal(model.sample_rate, 1.0, model.channels, batch=4, seed=seed)
-    with torch.no_grad():
-        residual = model.encoder(x).transpose(1, 2).reshape(-1, model.quantizer.dimension).float()
-        for layer in model.quantizer.vq.layers:
-            cb = layer._codebook
-            k = cb.embed.shape[0]
-            embed = residual[torch.randint(0, residual.shape[0], (k,), generator=gen)]
-            embed = embed * (0.6 + 0.8 * torch.rand(k, 1, generator=gen))
-            embed = embed + 0.05 * residual.std() * torch.randn(embed.shape, generator=gen)
-            cb.embed.copy_(embed)
-            cb.embed_avg.copy_(embed)
-            cb.cluster_size.fill_(2.0)
-            cb.inited.fill_(1.0)
-            residual = residual - cb.decode(cb.encode(residual))
-
-
 def ours_model(model: str, state: tp.Optional[tp.Dict[str, torch.Tensor]] = None):
     """Our model of that architecture, with `state` loaded (strict)."""
     from encodec_fast.model import FACTORIES
@@ -74,15 +53,11 @@ def random_state(model: str, seed: int = 0) -> tp.Dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def _random_state(model: str, seed: int) -> tp.Tuple[tp.Dict[str, torch.Tensor], torch.Tensor]:
+    from encodec_fast.testing import randomize_norms, set_data_like_codebooks
     torch.manual_seed(seed)
     net = ours_model(model)
-    with torch.no_grad():
-        for key, value in net.state_dict().items():
-            if key.endswith("norm.weight"):
-                value.copy_(1 + 0.1 * torch.randn_like(value))
-            elif key.endswith("norm.bias"):
-                value.copy_(0.1 * torch.randn_like(value))
-    data_like_codebooks(net, seed)
+    randomize_norms(net)
+    set_data_like_codebooks(net, seed)
     return {k: v.clone() for k, v in net.state_dict().items()}, torch.get_rng_state()
 
 

@@ -2,7 +2,7 @@
 product, ENCODEC_FAST_VQ_STATS=onehot) against upstream `encodec`'s `core_vq`, interleaved in one
 process with the same threads, weights and inputs.
 
-    python bench/quantizer_cpu.py [--threads 2] [--batch 8] [--seconds 1] [--reps 7] [--out DIR]
+    python -m bench.quantizer_cpu [--threads 2] [--batch 8] [--seconds 1] [--reps 7] [--out DIR]
 
 Latents of a 24 kHz batch (75 frames per second, D=128, 1024 codes), 6 kbps (8 stages) and 24 kbps
 (32 stages); forward (assignment, EMA update, straight-through output, commitment loss) and the
@@ -23,8 +23,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def step(quantizer, x: torch.Tensor, n_q_bandwidth: float) -> None:
@@ -115,7 +113,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        import report
+        from bench import report
         data = {"machine": report.machine(), "args": {**vars(args), "out": str(args.out)}, "rows": rows}
         stem = report.save(args.out, "quantizer_cpu", data, f"# {text}\n")
         print(f"saved {stem}.json and .md")

@@ -1,6 +1,6 @@
 """Peak memory and time of the `encodec-fast` command on long files, against upstream's command.
 
-    python bench/streaming_command.py [--minutes 1 10 60] [--models 24khz 48khz] [--impls ours upstream]
+    python -m bench.streaming_command [--minutes 1 10 60] [--models 24khz 48khz] [--impls ours upstream]
                                       [--memory-limit-gb 16] [--out DIR]
 
 For each model (24 kHz mono, 48 kHz stereo; random weights with data-like codebooks, 6 kbps) and
@@ -27,7 +27,6 @@ import typing as tp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 UPSTREAM_CHILD = r"""
 import importlib, sys, torch, soundfile as sf, numpy as np
@@ -186,7 +185,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
         rows = measure(args.models, args.minutes, args.impls, args.memory_limit_gb, args.timeout, Path(tmp),
                        log=lambda row: print(json.dumps(row), flush=True))
-    head = (f"The command on long files\n\n`python bench/streaming_command.py {' '.join(sys.argv[1:])}`; random "
+    head = (f"The command on long files\n\n`python -m bench.streaming_command {' '.join(sys.argv[1:])}`; random "
             f"weights, 6 kbps, each step in its own process under a {args.memory_limit_gb:g} GB address-space limit; "
             "peak RSS is the process's maximum.\n\n")
     report.publish(head + table(rows), args.out, "streaming_command", args, rows)

@@ -1,6 +1,6 @@
 """Latency and real-time factor of the streaming encoder and decoder (24 kHz models), one thread.
 
-    python bench/streaming_latency.py [--seconds 20] [--chunks-ms 10 20 40 80 320]
+    python -m bench.streaming_latency [--seconds 20] [--chunks-ms 10 20 40 80 320]
                                       [--model 24khz|small] [--checkpoint PATH] [--audio tones|speech|music]
                                       [--threads 1] [--device cpu|cuda] [--out DIR]
 
@@ -30,7 +30,6 @@ import typing as tp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 STARTUP_FRAMES = 7  # frames the start-up holds (reflect padding of the last convolution)
 
@@ -143,7 +142,8 @@ def table(rows: tp.Sequence[tp.Dict[str, tp.Any]]) -> str:
     for r in rows:
         eq = (f"{100 * r['codes_equal']:.2f}% / {100 * r['codes_equal_first_codebook']:.2f}%"
               if "codes_equal" in r else "—")
-        lines.append(f"| {r['part']} | {r['mode']} | {r['chunk_ms']:g} | {fmt(r['latency_ms'])} | {fmt(r['startup_ms'])} "
+        lines.append(f"| {r['part']} | {r['mode']} | {r['chunk_ms']:g} | {fmt(r['latency_ms'])} "
+                     f"| {fmt(r['startup_ms'])} "
                      f"| {r['compute_ms_median']:.2f} / {r['compute_ms_p95']:.2f} | {r['rtf']:.3f} | {eq} |")
     return "\n".join(lines)
 
@@ -206,7 +206,7 @@ def main() -> int:
     rows = measure(model, x, args.chunks_ms, log=lambda r: print(json.dumps({k: v for k, v in r.items()
                                                                               if k != "times_s"}), flush=True))
     audio_s = x.shape[-1] / model.sample_rate
-    head = (f"Streaming latency and real-time factor\n\n`python bench/streaming_latency.py {' '.join(sys.argv[1:])}`; "
+    head = (f"Streaming latency and real-time factor\n\n`python -m bench.streaming_latency {' '.join(sys.argv[1:])}`; "
             f"{args.threads} torch thread(s) on {args.device}, {args.model} model, {weights} weights, "
             f"{args.bandwidth:g} kbps, {audio_s:g} s of {args.audio} audio.\n\nLatency: audio time from a frame's "
             f"last sample to the end of the chunk whose push returned its codes, the largest over frames after "

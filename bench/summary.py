@@ -86,7 +86,8 @@ def headline_rows(results: tp.Dict[str, tp.Any]) -> tp.List[tp.Dict[str, tp.Any]
                 return None
             return audio / rec["median"] if audio else rec["median"]
         row = {"workload": _label(key[0], first["params"]), "unit": unit, "ours_impl": ours,
-               "ours": value(impls[ours]), "spread": first.get("iqr", 0) / first["median"] if first.get("median") else 0}
+               "ours": value(impls[ours]), "spread": first.get("iqr",
+                                                               0) / first["median"] if first.get("median") else 0}
         for peer in PEERS:
             rec = impls.get(peer)
             row[peer] = value(rec)
@@ -109,7 +110,8 @@ def headline_table(results: tp.Dict[str, tp.Any]) -> str:
                          f"n/a ({_short(r[peer + '_na'])})" if r[peer + "_na"] else "—")
         ratios = [f"{r[p + '_ratio']:.2f}x" if r[p + "_ratio"] else "n/a" if r[p + "_na"] else "—" for p in PEERS]
         ours = _fmt(r["ours"]) + ("" if r["ours_impl"] == "ours" else f" ({r['ours_impl']})")
-        lines.append(f"| {r['workload']} | {r['unit']} | {ours} | {cells[0]} | {cells[1]} | {ratios[0]} | {ratios[1]} |")
+        lines.append(f"| {r['workload']} | {r['unit']} | {ours} | {cells[0]} | {cells[1]} | {ratios[0]} "
+                     f"| {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -237,7 +239,8 @@ def plot_memory(results, path: Path) -> bool:
         ax.set_title(op)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    kind = "CUDA max allocated" if results["context"].get("gpu") else "CPU peak RSS during the call, one process per model"
+    kind = ("CUDA max allocated" if results["context"].get("gpu")
+            else "CPU peak RSS during the call, one process per model")
     title = f"Peak memory against clip length ({kind}); lower is better"
     fig.suptitle(title if len(ops) > 1 else title.replace(" (", "\n(", 1))
     return _save(fig, path)
@@ -367,7 +370,8 @@ def detail_tables(results) -> tp.List[str]:
         recs = by_bench.get(name, [])
         if not recs:
             continue
-        lines += ["", "| case | implementation | metric | median | IQR | min - max | n |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| case | implementation | metric | median | IQR | min - max | n |",
+                  "|---|---|---|---|---|---|---|"]
         for r in recs:
             case = _label(name, r["params"]).split(": ", 1)[1]
             metric = r["metric"] + (f" ({r['unit']})" if r["unit"] else "")
@@ -395,7 +399,8 @@ def write(out: Path, results: tp.Dict[str, tp.Any]) -> None:
     lines += ["", "## Headline", "",
               "Throughput in seconds of audio per second (higher is better) where the work is audio, else the "
               "metric's unit (lower is better); ratios are the peer's time over ours (> 1: ours is faster). "
-              "Medians over the repetitions; n/a says why a peer could not run; — : the peer has no such job.", "", headline_table(results), ""]
+              "Medians over the repetitions; n/a says why a peer could not run; — : the peer has no such job.", "",
+              headline_table(results), ""]
     for file, title in made:
         lines += [f"![{title}]({file})" if file else f"- {title}", ""]
     if results.get("skipped"):

@@ -1,8 +1,8 @@
 """Tokenizing a corpus on one machine: ours vs upstream encodec's per-file loop vs Hugging Face
 transformers' EncodecModel in padded batches, same weights, one run.
 
-    python bench/tokenize_corpus.py [--clips 200] [--device cpu|cuda] [--workers N] [--out bench/results]
-    python bench/tokenize_corpus.py --smoke          # a few short clips: checks the script runs
+    python -m bench.tokenize_corpus [--clips 200] [--device cpu|cuda] [--workers N] [--out bench/results]
+    python -m bench.tokenize_corpus --smoke          # a few short clips: checks the script runs
 
 The corpus (made once under --corpus): `--clips` clips of 1-30 s (log-uniform), mono and stereo,
 16, 22.05, 44.1 and 48 kHz, wav and flac: speech from espeak-ng (Debian package), synthesized
@@ -35,13 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+from bench import peers
+from bench.core import map_processes
 
-from bench import peers  # noqa: E402
-from bench.core import map_processes  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 RATES = (16000, 22050, 44100, 48000)
 SENTENCES = [
@@ -244,7 +242,7 @@ def main() -> int:
     report, md = measure(args)
     print(md)
     if not args.smoke:
-        from report import save
+        from bench.report import save
         save(args.out, f"tokenize_corpus_{args.device}", report, md)
     return 0
 
@@ -254,7 +252,8 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
     after the other; (report, markdown)."""
     import soundfile as sf
     import torch
-    from report import machine
+
+    from bench.report import machine
     if args.smoke:
         args.clips = min(args.clips, 6)
     paths = make_corpus(args.corpus, args.clips, args.smoke)
@@ -273,7 +272,8 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
     together = getattr(args, "at_once", False) and len(order) > 1
 
     def run(which: str, threads: tp.Optional[tp.Dict[str, str]]) -> tp.Dict[str, tp.Any]:
-        cmd = [sys.executable, __file__, "--run", which, "--corpus", str(args.corpus), "--work", str(args.work),
+        cmd = [sys.executable, "-m", "bench.tokenize_corpus", "--run", which, "--corpus", str(args.corpus),
+               "--work", str(args.work),
                "--checkpoint", str(checkpoint), "--device", args.device, "--workers", str(workers),
                "--hf-batch", str(args.hf_batch)]
         proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -306,7 +306,7 @@ def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
              f"{len(paths)} clips, {seconds / 3600:.3f} h (1-30 s; 16/22.05/44.1/48 kHz; mono/stereo; wav/flac; "
              f"espeak-ng speech, synthesized music, both); 24 kHz model, 6 kbps, random weights; ours with "
              f"{workers} decoding workers; transformers in padded batches of {args.hf_batch}. "
-             f"`python bench/tokenize_corpus.py --clips {args.clips} --device {args.device}`", "",
+             f"`python -m bench.tokenize_corpus --clips {args.clips} --device {args.device}`", "",
              "| implementation | wall s | audio h per h | peak RSS MB (main / workers) | codes equal upstream |",
              "|---|---|---|---|---|"]
     for which in ("ours", "upstream", "transformers"):

@@ -3,7 +3,7 @@ from upstream `encodec`'s modules (`encodec_fast.train.reference`: its SEANet, q
 MS-STFT discriminator, our losses and balancer), interleaved in one process with the same
 threads, weights, codebooks and batch.
 
-    python bench/train_step.py [--threads 2] [--batch 8] [--seconds 1] [--reps 3] [--model 24khz]
+    python -m bench.train_step [--threads 2] [--batch 8] [--seconds 1] [--reps 3] [--model 24khz]
                                [--device cpu|cuda] [--out DIR]
 
 Each step: generator forward, losses through the balancer, commitment, the discriminator's update
@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 class QuantizerClock:
@@ -167,8 +165,9 @@ def main() -> int:
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kbps']:g} | {r['implementation']} | {r['median_ms']:.0f} | {r['min_ms']:.0f}-"
-                     f"{r['max_ms']:.0f} | {100 * r['quantizer_share']:.1f}% | {base[r['kbps']] / r['median_ms']:.2f}x |")
-    import report
+                     f"{r['max_ms']:.0f} | {100 * r['quantizer_share']:.1f}% | "
+                     f"{base[r['kbps']] / r['median_ms']:.2f}x |")
+    from bench import report
     report.publish("\n".join(lines), args.out, f"train_step_{args.device}", args, rows)
     return 0
 

@@ -29,8 +29,10 @@ def get_parser() -> argparse.ArgumentParser:
         "encodec-fast",
         description="High fidelity neural audio codec (fast EnCodec). If input is a .ecdc, decompresses it. "
                     "Otherwise compresses it; if output is .wav (or .flac), does a compression/decompression cycle.")
-    parser.add_argument("input", type=Path, help="Input file: audio (wav, flac, ogg, mp3...) or .ecdc; - reads standard input.")
-    parser.add_argument("output", type=Path, nargs="?", help="Output file, otherwise inferred from input file; - writes standard output "
+    parser.add_argument("input", type=Path,
+                        help="Input file: audio (wav, flac, ogg, mp3...) or .ecdc; - reads standard input.")
+    parser.add_argument("output", type=Path, nargs="?",
+                        help="Output file, otherwise inferred from input file; - writes standard output "
                              "(.ecdc from audio, WAV from .ecdc).")
     parser.add_argument("-b", "--bandwidth", type=float, default=6, choices=[1.5, 3.0, 6.0, 12.0, 24.0],
                         help="Target bandwidth (1.5, 3, 6, 12 or 24). 1.5 is not supported with --hq.")
@@ -46,7 +48,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-r", "--rescale", action="store_true",
                         help="Automatically rescale the output to avoid clipping.")
     parser.add_argument("--checkpoint", type=Path,
-                        help="State dict of a compatible model (e.g. your own training) instead of the official weights.")
+                        help="State dict of a compatible model (e.g. your own training) instead of the official "
+                             "weights.")
     parser.add_argument("--lm-checkpoint", type=Path,
                         help="State dict of the entropy-coding LM (with --lm, or to read LM-coded files) instead of "
                              "the official one.")
@@ -233,7 +236,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
                              "torchrun without Ray); all shards may share one OUT_DIR.")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="Rows per Parquet file (default 1000).")
     parser.add_argument("--engine", choices=["local", "ray"], default="local",
-                        help="local (default): worker processes on this machine; ray: Ray Data (pip install ray[data]).")
+                        help="local (default): worker processes on this machine; ray: Ray Data "
+                             "(pip install ray[data]).")
     parser.add_argument("--ray-address", default=None,
                         help="With --engine ray: the cluster to join (e.g. auto, ray://host:10001); default: "
                              "start a local Ray instance.")

@@ -108,7 +108,8 @@ class CodePacker:
         if codes.size and (codes.min() < 0 or codes.max() >= 1 << self.bits):
             raise ValueError(f"codes must be in [0, {1 << self.bits})")
         flat = codes.T.reshape(-1).astype(np.int64)
-        bit_array = np.concatenate([self._rest, ((flat[:, None] >> np.arange(self.bits)) & 1).astype(np.uint8).reshape(-1)])
+        bit_array = np.concatenate([self._rest,
+                                    ((flat[:, None] >> np.arange(self.bits)) & 1).astype(np.uint8).reshape(-1)])
         whole = bit_array.shape[0] // 8 * 8
         self._rest = bit_array[whole:]
         return np.packbits(bit_array[:whole], bitorder="little").tobytes()

@@ -43,7 +43,8 @@ def _torch_facts() -> Facts:
     try:
         facts["cuda_available"] = bool(torch.cuda.is_available())
         if facts["cuda_available"]:
-            facts["devices"] = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            facts["devices"] = [f"{torch.cuda.get_device_name(i)} "
+                                f"(sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
                                 for i in range(torch.cuda.device_count())]
     except Exception as err:  # a driver problem
         facts["cuda_available"] = False
@@ -97,7 +98,8 @@ def _backend_facts(torch_facts: Facts, triton_facts: Facts) -> Facts:
                         if facts["interpreter"] else "" if cuda else "; CPU tensors will be refused without "
                         "TRITON_INTERPRET=1"))
     elif facts["interpreter"]:
-        facts["ops"], facts["why"] = "torch", "TRITON_INTERPRET is set: auto keeps the reference (force triton to test kernels)"
+        facts["ops"] = "torch"
+        facts["why"] = "TRITON_INTERPRET is set: auto keeps the reference (force triton to test kernels)"
     elif cuda:
         facts["ops"] = "triton"
         facts["why"] = f"CUDA tensors on {torch_facts['devices'][0]}; CPU tensors take the PyTorch reference"
@@ -169,7 +171,8 @@ def problems(facts: Facts) -> tp.List[str]:
     for name, fix in (("torch", "pip install torch"), ("numpy", "pip install numpy"),
                       ("soundfile", "pip install soundfile")):
         if "error" in facts[name] or not facts[name].get("installed"):
-            out.append(f"{name} {'does not import: ' + facts[name]['error'] if 'error' in facts[name] else 'is missing'}"
+            problem = "does not import: " + facts[name]["error"] if "error" in facts[name] else "is missing"
+            out.append(f"{name} {problem}"
                        f" (required): {fix}")
     if "error" in facts["triton"]:
         out.append(f"triton is installed but does not import ({facts['triton']['error']}): the ops use the PyTorch "
@@ -178,7 +181,8 @@ def problems(facts: Facts) -> tp.List[str]:
     if tv and nv and interpreter_numpy_problem(tv, nv):
         out.append(interpreter_numpy_problem(tv, nv))
     if "error" in facts["torchaudio"]:
-        out.append(f"torchaudio is installed but does not import ({facts['torchaudio']['error'].splitlines()[0][:160]}). "
+        first = facts["torchaudio"]["error"].splitlines()[0][:160]
+        out.append(f"torchaudio is installed but does not import ({first}). "
                    "encodec_fast does not need it; the tests' oracle (upstream encodec) does: " + TORCHAUDIO_PAIRS)
     if not facts["coder"].get("built"):
         out.append(f"the C++ arithmetic coder is not built ({facts['coder'].get('error')}): LM-coded .ecdc files use "
@@ -210,7 +214,8 @@ def format_facts(facts: Facts) -> str:
     lines.append(f"  triton      {version('triton')}")
     lines.append(f"  numpy       {version('numpy')}")
     sf = facts["soundfile"]
-    lines.append(f"  soundfile   {version('soundfile')}" + (f" (libsndfile {sf['libsndfile']})" if "libsndfile" in sf else ""))
+    lines.append(f"  soundfile   {version('soundfile')}"
+                 + (f" (libsndfile {sf['libsndfile']})" if "libsndfile" in sf else ""))
     lines.append(f"  torchaudio  {version('torchaudio')} (optional: only the tests' oracle uses it)")
     c = facts["coder"]
     lines.append("  C++ coder   " + (f"built ({Path(c['path']).name})" if c.get("built") else "NOT built (see below)"))

@@ -262,7 +262,8 @@ class EncodecModel(nn.Module):
                 for row, (i, s, _, n) in enumerate(chunk):
                     frames = math.ceil(n / self.hop_length)
                     scale = scales[row]
-                    results[i][s] = (codes[row:row + 1, :, :frames].clone(), None if scale is None else scale.view(-1, 1))
+                    results[i][s] = (codes[row:row + 1, :, :frames].clone(), None if scale is None else scale.view(-1,
+                                                                                                                   1))
         return tp.cast(tp.List[tp.List[EncodedFrame]], results)
 
     # -- decoding ------------------------------------------------------------------------------
@@ -312,7 +313,8 @@ class EncodecModel(nn.Module):
         return self.decode(self.encode(x))[:, :, : x.shape[-1]]
 
     # -- LM ------------------------------------------------------------------------------------
-    def get_lm_model(self, repository: tp.Optional[PathLike] = None, checkpoint: tp.Optional[PathLike] = None) -> LMModel:
+    def get_lm_model(self, repository: tp.Optional[PathLike] = None,
+                     checkpoint: tp.Optional[PathLike] = None) -> LMModel:
         """The entropy-coding LM for this model, with the official weights (or `checkpoint`).
 
         Defaults: the attributes `lm_checkpoint` and `lm_repository` (the command sets them from

@@ -62,7 +62,8 @@ def _how_to_supply(file_name: str) -> str:
             f"to {cache}/")
 
 
-def load_state_dict_file(path: tp.Union[str, Path], expected_hash: tp.Optional[str] = None) -> tp.Dict[str, torch.Tensor]:
+def load_state_dict_file(path: tp.Union[str, Path], expected_hash: tp.Optional[str] = None) -> tp.Dict[str,
+                                                                                                       torch.Tensor]:
     """Load a state dict saved with `torch.save` (tensors only), optionally checking a hash prefix."""
     path = Path(path)
     if not path.is_file():

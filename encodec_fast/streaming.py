@@ -353,14 +353,13 @@ class StreamingEncoder:
       oneDNN: such calls are padded on the right to run on oneDNN, as the whole-file call does
       (the first split waits until the signal is long enough for that: `min_split`, 2.15 s for
       the small model); calls are multiples of 8 frames (`_aligned`: the ELUs' scalar tails give
-      other bits); and calls must still be long (measured on 2026-12-02, small and 24 kHz
-      models: chunk_seconds 0.5 gave the whole-file encoder output bit for bit, 0.1 did not; not
-      traced to one op). The price is latency: audio is held until
-      2 x chunk_seconds are buffered and the last chunk_seconds are always held back, so a
-      frame's codes come out 1.07-2.13 s after its last sample (`latency_samples`). `exact=False` encodes each push at once
-      (after a start-up of 7 frames, 2240 samples, which the last convolution's reflect padding
-      at the start reads, each frame comes out with its last sample): the low-latency mode, whose agreement with the whole-file codes is
-      measured by bench/streaming_latency.py and reported in the README.
+      other bits); and calls must still be long (chunk_seconds 0.5 gives the whole-file encoder
+      output bit for bit, 0.1 does not: docs/streaming.md). The price is latency: audio is held
+      until 2 x chunk_seconds are buffered and the last chunk_seconds are always held back
+      (`latency_samples` says how much). `exact=False` encodes each push at once (after a start-up
+      of 7 frames, 2240 samples, which the last convolution's reflect padding at the start reads,
+      each frame comes out with its last sample): the low-latency mode, whose agreement with the
+      whole-file codes is measured by the `streaming` benchmark (docs/streaming.md).
     - 48 kHz model (1 s segments, 1% overlap, per-segment scale): `push` and `flush` return a
       list of (codes [K, T], scale [1]) per completed segment, exactly the pairs of
       `model.encode` of the whole signal (batch dimension dropped). A segment comes out once its
@@ -408,7 +407,8 @@ class StreamingEncoder:
         if self.ended:
             raise RuntimeError("this StreamingEncoder has been flushed; make a new one for the next signal")
         if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
-            raise ValueError(f"push audio [C, n], got {tuple(audio.shape) if isinstance(audio, torch.Tensor) else audio!r}")
+            got = tuple(audio.shape) if isinstance(audio, torch.Tensor) else repr(audio)
+            raise ValueError(f"push audio [C, n], got {got}")
         if audio.shape[0] != self.model.channels:
             raise ValueError(f"the model takes {self.model.channels} channel(s), got {audio.shape[0]}; "
                              "use encodec_fast.convert_audio")
@@ -556,7 +556,8 @@ class StreamingDecoder:
         if self.ended:
             raise RuntimeError("this StreamingDecoder has been flushed; make a new one for the next signal")
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-            raise ValueError(f"push codes [K, t], got {tuple(codes.shape) if isinstance(codes, torch.Tensor) else codes!r}")
+            got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else repr(codes)
+            raise ValueError(f"push codes [K, t], got {got}")
         if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"codes must be integers, got {codes.dtype}")
         if not 1 <= codes.shape[0] <= self.model.quantizer.n_q:

@@ -151,7 +151,7 @@ def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         h_in = h * sh + kh * dh - ph
         row_ok = p_ok & (h_in >= 0) & (h_in < H)
         # A loop, not unrolled: with the 27 taps of a 3x9 kernel unrolled, ptxas spilled 2-6 KB per
-        # thread on sm_80/sm_90 (bench/compile_gpu.py); looping over kw: none.
+        # thread on sm_80/sm_90 (tools/compile_gpu.py); looping over kw: none.
         for kw in range(KW):
             w_in = w_out * sw + kw * dw - pw
             src_ok = row_ok & (w_in >= 0) & (w_in < W)
@@ -175,7 +175,7 @@ def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
     conv_transpose1d, conv2d; T is the number of output positions per program row).
 
     On a GPU: 8 warps and no software pipelining of the input-channel loop. Compiled for sm_80 and
-    sm_90 (bench/compile_gpu.py, triton 3.6), the pipelined loop (num_stages 2-3) with ELU applied
+    sm_90 (tools/compile_gpu.py, triton 3.6), the pipelined loop (num_stages 2-3) with ELU applied
     to each loaded tile made ptxas fall to 32 registers with 11-226 KB of spills per thread for
     every fp32 layer with ELU; timed on an H200 (bench/gpu.py, batch 64 x 10 s), those layers took
     190-370 ms with the old 4 warps and 3 stages against 15-28 ms with these.
@@ -199,7 +199,7 @@ def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
 #: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as
 #: (BLOCK_CO, BLOCK_CI, BLOCK_positions, num_warps, num_stages), clamped to each launch's sizes:
 #: the former default and the ones the H200 picked for some layer (bench/results/gpu_*_autotune).
-#: bench/compile_gpu.py compiles every one of them for every layer.
+#: tools/compile_gpu.py compiles every one of them for every layer.
 LISTED = [(64, 32, 128, 8, 1), (32, 16, 128, 4, 1), (32, 16, 256, 4, 2), (64, 16, 256, 8, 1)]
 
 

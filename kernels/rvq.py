@@ -124,9 +124,9 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
 
     Under the interpreter, where each loop iteration costs milliseconds whatever its size: large
     blocks. On a GPU, a table by architecture and Triton version, from timing every block size on
-    an H200 with triton 3.6 (bench/gpu_sweep.py, bench/results/gpu_sweep_2026-11-30.md; 48,000
+    an H200 with triton 3.6 (tools/gpu_sweep.py, bench/results/gpu_sweep_2026-11-30.md; 48,000
     frames, D=128, K=1024) and compiling the candidates for sm_80/90/100 with triton 3.6 and 3.9
-    (bench/compile_gpu.py):
+    (tools/compile_gpu.py):
     - encode, triton 3.6 on sm_80/sm_90: 64 rows x 64 codewords, 4 warps, 2 stages, the fastest of
       21 configurations in exact fp32 (7.7 ms for 8 stages; the fastest without local memory,
       32 x 64, 14.0 ms; 32 x 32 with 8 warps, the table before, 27.5 ms) and within 5% of the
@@ -164,7 +164,7 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
 
 
 #: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as
-#: (BLOCK_N, BLOCK_K, num_warps, num_stages), clamped to each launch's sizes; bench/compile_gpu.py
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages), clamped to each launch's sizes; tools/compile_gpu.py
 #: compiles every one of them.
 #: From the H200 sweep: the fastest in exact fp32 and its runners-up (64 x 64 with 3 stages,
 #: 64 x 128 with 8 warps), the fastest in tf32 (64 x 32), the fastest without local memory

@@ -1,7 +1,7 @@
 """Launch configurations: one no-spill default per launch, and on a GPU an optional autotuned list.
 
 Each kernel wrapper computes a default configuration (block sizes, num_warps, num_stages) that
-compiles without register spills for every layer of both models (`bench/compile_gpu.py`), and
+compiles without register spills for every layer of both models (`tools/compile_gpu.py`), and
 names a short list of other configurations worth timing. With `ENCODEC_FAST_AUTOTUNE=1` on a GPU,
 `launch` hands that list (default first) to `triton.autotune`, which times each on the first call
 and keeps the fastest for the rest of the process. The tuning key is the kernel's shape arguments
@@ -29,7 +29,7 @@ _TUNERS: tp.Dict[tp.Tuple[tp.Any, int, tp.Tuple[str, ...]], tp.Any] = {}
 
 def target_arch() -> int:
     """The compute capability of the GPU Triton compiles for, as 80, 90, 100... (what the active
-    driver reports: the current CUDA device, or the stand-in of bench/compile_gpu.py)."""
+    driver reports: the current CUDA device, or the stand-in of tools/compile_gpu.py)."""
     from triton.runtime import driver
     active = driver.active
     key = (id(active), active.get_current_device())
@@ -40,7 +40,7 @@ def target_arch() -> int:
 
 
 _ARCHS: tp.Dict[tp.Tuple[int, int], int] = {}
-#: Triton >= 3.7 compiles our loops with more registers than 3.6 (bench/compile_gpu.py): some
+#: Triton >= 3.7 compiles our loops with more registers than 3.6 (tools/compile_gpu.py): some
 #: configurations that fit 3.6's registers spill with 3.9, so the tables below differ.
 TRITON_3_7 = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) >= (3, 7)
 

@@ -49,13 +49,13 @@ warnings.filterwarnings("ignore", message=".*weight_norm.*")
 @pytest.fixture(scope="session")
 def pair_24():
     """(upstream model, our model) with the same random weights and data-like codebooks."""
-    from helpers import make_model_pair
+    from encodec_fast.testing import make_model_pair
     return make_model_pair("encodec_24khz", seed=1)
 
 
 @pytest.fixture(scope="session")
 def pair_48():
-    from helpers import make_model_pair
+    from encodec_fast.testing import make_model_pair
     return make_model_pair("encodec_48khz", seed=2)
 
 

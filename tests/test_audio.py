@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 from encodec_fast import audio
-from helpers import make_signal
+from encodec_fast.testing import make_signal
 
 
 @pytest.mark.parametrize("channels,sr,target_sr,target_ch", [(1, 16000, 24000, 1), (2, 44100, 24000, 1),

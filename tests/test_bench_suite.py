@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import compare, core
 
-from bench import compare, core  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # runs the benchmark suite end to end (CI: the readme environment only)
 
@@ -41,7 +40,6 @@ def test_smoke_suite_runs_every_benchmark_and_writes_the_report(smoke_run):
     out, proc, seconds = smoke_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((out / "results.json").read_text())
-    sys.path.insert(0, str(ROOT))
     import bench.benchmarks  # noqa: F401
     cpu_benchmarks = {name for name, b in core.REGISTRY.items() if "cpu" in b.devices}
     assert set(results["benchmarks"]) == set(core.REGISTRY)

@@ -9,7 +9,7 @@ import torch
 
 import encodec_fast
 from encodec_fast import audio
-from helpers import make_signal, rel_err
+from encodec_fast.testing import make_signal, rel_err
 
 
 def run(*args, env=None):

@@ -1,4 +1,4 @@
-"""bench/compile_gpu.py, the ahead-of-time compile check for real GPUs: capture covers every kernel
+"""tools/compile_gpu.py, the ahead-of-time compile check for real GPUs: capture covers every kernel
 and scenario, a compile of real launches works without a GPU, and the judge can fail.
 
 The full check (every launch, sm_80/sm_90/sm_100) runs as its own step of .ci/run, with each tested
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # compiles GPU code (CI: readme environment; gpu and newest run bench/compile_gpu.py)
+pytestmark = pytest.mark.slow  # compiles GPU code (CI: readme environment; gpu and newest run tools/compile_gpu.py)
 
-SCRIPT = Path(__file__).parent.parent / "bench" / "compile_gpu.py"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_check(*args, cache=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if cache is not None:
         env["ENCODEC_FAST_COMPILE_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=1200)
+    return subprocess.run([sys.executable, "-m", "tools.compile_gpu", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,12 @@ def test_compile_and_judge_real_launches(tmp_path):
 
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.compile_gpu", "--list"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr

@@ -11,7 +11,7 @@ import torchaudio
 
 from encodec_fast import dsp
 from encodec_fast.audio import convert_audio
-from helpers import make_signal
+from encodec_fast.testing import make_signal
 
 # Every rate a corpus commonly has, to both model rates, plus the model rates to each other.
 RATE_PAIRS = [(sr, target) for target in (24000, 48000)

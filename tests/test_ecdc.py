@@ -11,7 +11,7 @@ import torch
 
 import encodec_fast
 from encodec_fast import ecdc
-from helpers import make_signal, rel_err
+from encodec_fast.testing import make_signal, rel_err
 
 upc = importlib.import_module("encodec.compress")  # `encodec.compress` is the function
 

@@ -112,7 +112,7 @@ def test_bytes_equal_upstream_both_ways(kind, T, N, off_distribution, coder):
     ref = upstream_bytes(p, symbols)
     # A symbol whose cdf value passes 2**24 (float32 probabilities summing past 1, seen with 2-3
     # symbols): upstream's coder asserts, or writes a stream that its decoder cannot read back
-    # (bench/fuzz_coder.py found one). We refuse with a clear error instead.
+    # (tools/fuzz_coder.py found one). We refuse with a clear error instead.
     over = bool((entropy.build_cdfs(p).gather(1, symbols[:, None]) > 2 ** 24).any())
     assert over or ref is not None
     if over:

@@ -15,24 +15,10 @@ from torch.nn import functional as F
 import encodec_fast
 from encodec_fast import ecdc
 from encodec_fast.lm import LMStream, lm_threads
-from helpers import make_signal, rel_err
+from encodec_fast.testing import lm_pair, make_signal, rel_err
 
 upc = importlib.import_module("encodec.compress")  # `encodec.compress` is the function
 ours_compress = importlib.import_module("encodec_fast.compress")  # likewise
-
-
-def lm_pair(n_q: int, past: int, seed: int):
-    """(upstream LM, our LM) with the same random weights; the heads scaled up so that the
-    distributions are peaked, as a trained LM's (files then compress, and coding is exercised
-    over the whole range from near-certain to flat)."""
-    torch.manual_seed(seed)
-    up = encodec.model.LMModel(n_q, 1024, num_layers=5, dim=200, past_context=past).eval()
-    with torch.no_grad():
-        for lin in up.linears:
-            lin.weight.mul_(6.0)
-    ours = encodec_fast.LMModel(n_q, 1024, num_layers=5, dim=200, past_context=past).eval()
-    ours.load_state_dict(up.state_dict(), strict=True)
-    return up, ours
 
 
 @pytest.fixture(scope="module")

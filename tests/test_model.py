@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import encodec_fast
-from helpers import lengths_for, make_signal, rel_err
+from encodec_fast.testing import lengths_for, make_signal, rel_err
 
 DECODE_RTOL = 1e-5
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from encodec import msstftd as upstream
 
+from encodec_fast.testing import make_signal
 from encodec_fast.train import MultiScaleSTFTDiscriminator
-from helpers import make_signal
 
 
 def pair(channels: int, seed: int = 0):

@@ -179,7 +179,7 @@ def test_models_with_triton_convolutions(name, request):
     between codewords (any difference then runs through the later stages of that frame), which
     with these test codebooks is a few percent of codes."""
     from encodec_fast.ops import rvq
-    from helpers import make_signal
+    from encodec_fast.testing import make_signal
     _, model = request.getfixturevalue(f"pair_{name[:2]}")
     model.set_target_bandwidth(6.0)
     sr = model.sample_rate

@@ -260,7 +260,7 @@ def test_model_codes_and_audio_with_triton_backend(pair_24, bandwidth):
     equidistant: there, every difference must still be a tie within fp32 rounding, but ties are
     common (the kernel, without the reference's ||x||^2 term, is the more accurate one: checked
     against float64 while writing this test)."""
-    from helpers import make_signal
+    from encodec_fast.testing import make_signal
     _, model = pair_24
     model.set_target_bandwidth(bandwidth)
     x = torch.stack([make_signal(24000, 12000, 1, seed=s) for s in (1, 2)]).to(DEVICE)

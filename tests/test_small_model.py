@@ -11,8 +11,8 @@ import soundfile as sf
 import torch
 
 from encodec_fast import EncodecModel, cli, ecdc, pretrained
+from encodec_fast.testing import make_signal
 from encodec_fast.train.metrics import mel_distance, si_snr
-from helpers import make_signal
 
 
 @pytest.fixture(scope="module")

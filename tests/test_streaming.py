@@ -11,10 +11,10 @@ import torch
 
 from encodec_fast.audio import StreamingResampler, convert_audio, resampled_length
 from encodec_fast.streaming import chunk_bounds, encode_long, encode_pieces
+from encodec_fast.testing import make_signal
 from encodec_fast.tokenize import read_codes, tokenize
 from encodec_fast.tokenize.loading import load_item, stream_item
 from encodec_fast.tokenize.sources import Item
-from helpers import make_signal
 
 
 def long_signal(sr: int, num_samples: int, channels: int, seed: int) -> torch.Tensor:
@@ -161,6 +161,7 @@ def test_long_inputs_that_go_bad_midway_are_errors(tmp_path, pair_24):
     summary = tokenize([tmp_path], tmp_path / "out", model=ours, bandwidth=6.0, workers=1, chunk_seconds=2.0,
                        stream_seconds=4.0, quiet=True)
     assert (summary.tokenized, summary.failed) == (1, 2)
-    errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "_errors.jsonl").read_text().splitlines())}
+    errors = {e["id"]: e["error"] for e in map(json.loads,
+                                               (tmp_path / "out" / "_errors.jsonl").read_text().splitlines())}
     assert "NaN or infinite" in errors["nan.wav"] and "unreadable audio" in errors["cut.flac"]
     assert [r["id"] for r in read_codes(tmp_path / "out")] == ["ok.wav"]

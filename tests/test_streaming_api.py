@@ -22,8 +22,8 @@ from encodec_fast import model as model_module
 from encodec_fast.compress import compress_iter, decompress_iter
 from encodec_fast.lm import lm_threads
 from encodec_fast.streaming import StreamingDecoder, StreamingEncoder
-from helpers import make_signal, rel_err
-from test_lm_coding import lm_pair, split_header, with_lms
+from encodec_fast.testing import lm_pair, make_signal, rel_err
+from test_lm_coding import split_header, with_lms
 
 upc = importlib.import_module("encodec.compress")
 

@@ -17,9 +17,9 @@ import soundfile as sf
 import torch
 
 from encodec_fast.cli import main as cli_main
+from encodec_fast.testing import make_signal
 from encodec_fast.tokenize import CodesDataset, list_items, read_codes, tokenize
 from encodec_fast.tokenize.sources import parse_shard
-from helpers import make_signal
 
 RATES = [16000, 22050, 44100, 48000]
 
@@ -160,7 +160,8 @@ def test_bad_inputs_are_recorded_and_never_stop_the_job(tmp_path, pair_48, check
     rc = cli_main(["tokenize", str(tmp_path / "in"), str(tmp_path / "list.txt"), "-o", str(tmp_path / "out"),
                    "--model", "48khz", "-b", "6", "--checkpoint", str(checkpoint_48), "--workers", "2",
                    "--device", "cpu", "--quiet"])
-    errors = {e["id"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "_errors.jsonl").read_text().splitlines())}
+    errors = {e["id"]: e["error"] for e in map(json.loads,
+                                               (tmp_path / "out" / "_errors.jsonl").read_text().splitlines())}
     expected[str(gone)] = "no such file"
     assert rc == len(expected) == len(errors)
     for name, words in expected.items():

@@ -17,12 +17,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from encodec_fast.testing import make_signal, rel_err
 from encodec_fast.train import data as D
 from encodec_fast.train import reference
 from encodec_fast.train import trainer as T
 from encodec_fast.train.balancer import Balancer
 from encodec_fast.train.losses import MultiScaleMelLoss, time_l1
-from helpers import make_signal, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 

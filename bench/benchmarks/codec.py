@@ -37,7 +37,8 @@ SWEEPS = {
               "48khz": {"batch": [1], "seconds": [0.5, 1.2], "kbps": [6.0]}},
     "quick": {"24khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0], "kbps": [1.5, 6.0, 24.0]},
               "48khz": {"batch": [1, 8], "seconds": [1.0, 5.0], "kbps": [3.0, 24.0]}},
-    "full": {"24khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0, 300.0], "kbps": [1.5, 3.0, 6.0, 12.0, 24.0]},
+    "full": {"24khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0, 300.0], "kbps": [1.5, 3.0, 6.0, 12.0,
+                                                                                             24.0]},
              "48khz": {"batch": [1, 8, 32, 64], "seconds": [1.0, 5.0, 30.0, 300.0], "kbps": [3.0, 6.0, 12.0, 24.0]}},
 }
 # Cases shown in the report's headline table (suite -> model -> (batch, seconds, kbps)).
@@ -61,7 +62,8 @@ def _params(model: str, op: str, batch: int, seconds: float, kbps: float, device
     return {"model": model, "op": op, "batch": batch, "seconds": seconds, "kbps": kbps, "device": device}
 
 
-@benchmark("codec", "Encode / decode throughput and memory over batch, length and bandwidth (vs upstream, transformers)",
+@benchmark("codec",
+           "Encode / decode throughput and memory over batch, length and bandwidth (vs upstream, transformers)",
            priority=10)
 def run(ctx: Context) -> None:
     for model in ("24khz", "48khz"):
@@ -90,7 +92,8 @@ def run(ctx: Context) -> None:
                     ctx.na(_params(model, "decode", batch, seconds, kbps, ctx.device), name, "time", "s",
                            f"encode failed: {type(err).__name__}: {err}"[:300])
             ctx.timed(_params(model, "decode", batch, seconds, kbps, ctx.device),
-                      {name: (lambda c=live[name], e=e: c.decode(e)) for name, e in encoded.items()}, sync=sync, **extra)
+                      {name: (lambda c=live[name], e=e: c.decode(e)) for name, e in encoded.items()}, sync=sync,
+                      **extra)
             _agreement(ctx, live, encoded, _params(model, "encode", batch, seconds, kbps, ctx.device))
             if ctx.device == "cuda":
                 _cuda_memory(ctx, live, x, kbps, _params(model, "", batch, seconds, kbps, ctx.device))
@@ -122,7 +125,8 @@ def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[s
         equal = (codes[:, :k, :frames] == ref_codes[:, :k, :frames]).double().mean().item()
         ctx.record(params, name, "codes_equal_upstream", "%", [100 * equal], higher_is_better=True,
                    note=f"over {frames} common frames" + ("" if codes.shape == ref_codes.shape else
-                                                           f"; shapes {tuple(codes.shape)} vs {tuple(ref_codes.shape)}"))
+                                                           f"; shapes {tuple(codes.shape)} vs "
+                                                           f"{tuple(ref_codes.shape)}"))
         audio = live[name].decode(encoded[name])
         n = min(audio.shape[-1], ref_audio.shape[-1])
         diff = (audio[..., :n] - ref_audio[..., :n]).abs().max().item()
@@ -157,7 +161,8 @@ def _cpu_memory(ctx: Context, model: str, state, source: str) -> None:
     ctx.check_time(f"{model} memory")
     impls, left_out = ctx.in_own_process(peers.IMPLS)
     out, reason = run_child(["-m", "bench.child", "codec", ",".join(impls), model, str(path), json.dumps(todo),
-                             "tuned" if _tuned() else "default"], timeout=max(60.0, min(4 * 3600.0, ctx.time_left() + 60)))
+                             "tuned" if _tuned() else "default"], timeout=max(60.0, min(4 * 3600.0,
+                                                                                        ctx.time_left() + 60)))
     done = {(r["impl"], r["op"], *r["case"]): r for r in (out or {}).get("cases", [])}
     for impl in peers.IMPLS:
         for op in ("encode", "decode"):
@@ -165,7 +170,8 @@ def _cpu_memory(ctx: Context, model: str, state, source: str) -> None:
                 params = _params(model, op, *case, "cpu")
                 r = done.get((impl, op, *case))
                 if case not in todo:
-                    ctx.na(params, impl, "peak_memory", "MB", "the smoke suite measures memory on the headline case only")
+                    ctx.na(params, impl, "peak_memory", "MB",
+                           "the smoke suite measures memory on the headline case only")
                 elif impl in left_out:
                     ctx.na(params, impl, "peak_memory", "MB", SMOKE_LEFT_OUT)
                 elif r is None:

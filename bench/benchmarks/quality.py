@@ -1,6 +1,6 @@
 """Codec quality against bitrate on held-out audio the suite generates: speech (espeak-ng voices
 and languages not in the small model's training set) and synthesized music, the same clips as
-`bench/make_train_corpus.py`'s held-out split. For each bandwidth: SI-SNR, mel distance and
+`tools/make_train_corpus.py`'s held-out split. For each bandwidth: SI-SNR, mel distance and
 multi-scale STFT distance (encodec_fast.train.metrics), PESQ and STOI when the `pesq` / `pystoi`
 packages are installed; ours encodes, and ours and upstream each decode the same codes, so their
 difference is measured (reported per bandwidth), not assumed.
@@ -25,7 +25,7 @@ def heldout_clips(kinds: tp.Sequence[str], count: int, seconds: float, seed: int
                   ) -> tp.Tuple[tp.Dict[str, tp.List[torch.Tensor]], tp.Dict[str, str]]:
     """{kind: [mono 24 kHz clips]} (first `seconds` of each), and {kind: reason} for kinds that
     cannot be made here (speech without espeak-ng)."""
-    from bench import make_train_corpus as corpus
+    from tools import make_train_corpus as corpus
     clips: tp.Dict[str, tp.List[torch.Tensor]] = {}
     missing: tp.Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,8 +122,10 @@ def run(ctx: Context) -> None:
                         outputs["upstream"] = up.decode(enc)[..., :x.shape[-1]]
                         diffs.append((outputs["upstream"] - outputs["ours"]).abs().max().item())
                     for impl, y in outputs.items():
-                        row = {"si_snr": float(si_snr(x, y)[0]), "mel_distance": float(mel_distance(x, y, ours.sample_rate)[0]),
-                               "stft_distance": float(stft_distance(x, y)[0]), **_optional_scores(x[0], y[0], ours.sample_rate)}
+                        row = {"si_snr": float(si_snr(x, y)[0]),
+                               "mel_distance": float(mel_distance(x, y, ours.sample_rate)[0]),
+                               "stft_distance": float(stft_distance(x, y)[0]), **_optional_scores(x[0], y[0],
+                                                                                                  ours.sample_rate)}
                         for metric, value in row.items():
                             scores[impl].setdefault(metric, []).append(value)
                 for impl, by_metric in scores.items():

@@ -97,5 +97,6 @@ def run(ctx: Context) -> None:
             if rec.get("na"):
                 continue
             rates = [work / t for t in rec["reps"]]
-            ctx.record({**params, "op": op}, impl, "fraction_of_matmul_peak", "", [r / peak_rec["median"] for r in rates],
+            ctx.record({**params, "op": op}, impl, "fraction_of_matmul_peak", "",
+                       [r / peak_rec["median"] for r in rates],
                        higher_is_better=True, achieved_gflops=sorted(rates)[len(rates) // 2], weights=source)

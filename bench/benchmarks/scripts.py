@@ -18,12 +18,9 @@ from bench.core import ROOT, SMOKE_LEFT_OUT, Context, benchmark, side_by_side_no
 
 
 def _script(name: str):
-    """Import bench/<name>.py as the scripts do (bench/ and tests/ on the path)."""
+    """The module bench/<name>.py, whose measuring function the benchmark calls."""
     import importlib
-    for folder in (ROOT / "bench", ROOT / "tests", ROOT):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
-    return importlib.import_module(name)
+    return importlib.import_module(f"bench.{name}")
 
 
 def _upstream_missing() -> tp.Optional[str]:
@@ -126,7 +123,8 @@ def quantizer(ctx: Context) -> None:
     rows = mod.measure(batch, seconds, ctx.reps)
     for r in rows:
         impl = "upstream" if r["implementation"].startswith("upstream") else r["implementation"]
-        ctx.record({"kbps": r["kbps"], "stages": r["stages"], "frames": r["frames"], "device": "cpu"}, impl, "time", "ms",
+        ctx.record({"kbps": r["kbps"], "stages": r["stages"], "frames": r["frames"], "device": "cpu"}, impl, "time",
+                   "ms",
                    r["times_ms"], headline=impl in ("ours (scatter)", "upstream"))
 
 
@@ -159,7 +157,7 @@ def kernels(ctx: Context) -> None:
     out = ctx.workdir / "gpu"
     stages = "correctness,rvq,conv,stft,conv2d,training"
     budget = max(0.0, ctx.time_left() - 60) if ctx.deadline is not None else None
-    cmd = ["bench/gpu.py", "--stages", stages, "--out", str(out)]
+    cmd = ["-m", "bench.gpu", "--stages", stages, "--out", str(out)]
     if ctx.suite != "full":
         cmd.append("--quick")
     if budget is not None:

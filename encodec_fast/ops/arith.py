@@ -367,5 +367,6 @@ def decode(table: Table, data: tp.Union[bytes, bytearray, memoryview], offset: i
     return symbols, dec.offset
 
 
-__all__ = ["CorruptStreamError", "Decoder", "Encoder", "PythonDecoder", "PythonEncoder", "build_cdfs", "build_cdfs_torch",
+__all__ = ["CorruptStreamError", "Decoder", "Encoder", "PythonDecoder", "PythonEncoder", "build_cdfs",
+           "build_cdfs_torch",
            "coder_backend", "cpp_available", "decode", "encode"]

@@ -59,7 +59,7 @@ def use_backend(name: str) -> tp.Iterator[None]:
 def kernels_on_any_device() -> tp.Iterator[None]:
     """Inside the block, ops take the Triton kernels for tensors on any device (CPU, meta) unless the
     torch backend is forced. Only for recording launch configurations without a GPU
-    (`bench/compile_gpu.py` runs the models this way under a stand-in driver that launches nothing)."""
+    (`tools/compile_gpu.py` runs the models this way under a stand-in driver that launches nothing)."""
     token = _any_device.set(True)
     try:
         yield

@@ -198,7 +198,8 @@ class EuclideanCodebook(nn.Module):
             self.expire_codes_(flat)
             ema_inplace(self.cluster_size, counts, self.decay)
             ema_inplace(self.embed_avg, embed_sum, self.decay)
-            cluster_size = laplace_smoothing(self.cluster_size, self.codebook_size, self.epsilon) * self.cluster_size.sum()
+            cluster_size = laplace_smoothing(self.cluster_size, self.codebook_size,
+                                             self.epsilon) * self.cluster_size.sum()
             self._set_embed(self.embed_avg / cluster_size.unsqueeze(1))
         return quantize, embed_ind
 

@@ -60,7 +60,7 @@ class Progress:
 
 def _batches(pool: tp.List[Loaded], budget: int) -> tp.Iterator[tp.List[Loaded]]:
     """Length-sorted batches whose padded size (count x longest) stays within `budget` samples."""
-    for batch in length_batches([l.wav.shape[-1] for l in pool], budget):
+    for batch in length_batches([ld.wav.shape[-1] for ld in pool], budget):
         yield [pool[i] for i in batch]
 
 
@@ -105,8 +105,8 @@ class _Writer(threading.Thread):
         items, loaded, frames, event = payload
         if event is not None:
             event.synchronize()
-        for item, l, segments in zip(items, loaded, frames):
-            self.sink.add(make_row(item, l.source_rate, l.source_channels, num_samples(l), segment_arrays(segments),
+        for item, ld, segments in zip(items, loaded, frames):
+            self.sink.add(make_row(item, ld.source_rate, ld.source_channels, num_samples(ld), segment_arrays(segments),
                                    self.sample_rate, self.bandwidth, self.segmented))
 
 
@@ -115,7 +115,8 @@ def num_samples(loaded: Loaded) -> int:
 
 
 def segment_arrays(segments) -> tp.Tuple[np.ndarray, tp.List[float], tp.List[int]]:
-    """One item's [(codes [1, K, T_i], scale or None)] on CPU -> (codes int16 [K, sum T_i], scales, frames per segment)."""
+    """One item's [(codes [1, K, T_i], scale or None)] on CPU -> (codes int16 [K, sum T_i], scales, frames per
+    segment)."""
     codes = np.concatenate([c[0].numpy() for c, _ in segments], axis=-1).astype(np.int16)
     scales = [float(s.reshape(-1)[0]) for _, s in segments if s is not None]
     return codes, scales, [int(c.shape[-1]) for c, _ in segments]
@@ -150,7 +151,8 @@ def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, l
     return out
 
 
-def encode_or_errors(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, long: LongInputs) -> tp.List[tp.Any]:
+def encode_or_errors(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int,
+                     long: LongInputs) -> tp.List[tp.Any]:
     """`encode_wavs`; where the batch fails (out of memory, an input the model refuses), each clip
     alone, so that only the culprit fails: per clip its frames, or the reason (a str)."""
     try:
@@ -198,8 +200,8 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        writer.put(("rows", ([items[l.index] for l in batch], batch, frames, event)))
-        progress.update(done=len(batch), seconds=sum(num_samples(l) for l in batch) / model.sample_rate)
+        writer.put(("rows", ([items[ld.index] for ld in batch], batch, frames, event)))
+        progress.update(done=len(batch), seconds=sum(num_samples(ld) for ld in batch) / model.sample_rate)
 
     def fail(loaded: Loaded, error: str) -> None:
         writer.put(("error", (items[loaded.index], error)))
@@ -216,7 +218,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
 
     def encode(pool: tp.List[Loaded]) -> None:
         for batch in _batches(pool, budget):
-            wavs = [(_pin(l) if cuda else l).wav.to(device, non_blocking=True) for l in batch]
+            wavs = [(_pin(ld) if cuda else ld).wav.to(device, non_blocking=True) for ld in batch]
             submit_or_fail(batch, encode_or_errors(model, wavs, budget, long))
 
     try:

@@ -72,7 +72,8 @@ def _manifest_item(base: Path, record: tp.Dict[str, tp.Any]) -> Item:
     full = path if os.path.isabs(path) else str(base / path)
     item_id = record.get("id")
     if item_id in (None, ""):
-        item_id = path if start is None and end is None else f"{path}@{start or 0:g}-{'' if end is None else f'{end:g}'}"
+        item_id = (path if start is None and end is None
+                   else f"{path}@{start or 0:g}-{'' if end is None else f'{end:g}'}")
     return Item(str(item_id), full, start, end)
 
 

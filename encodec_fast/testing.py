@@ -1,9 +1,12 @@
-"""Test signals (never silence) and model pairs (upstream vs ours) with data-like codebooks."""
+"""Test fixtures shared by the tests and the benchmarks: test signals (never silence), random models with
+data-like codebooks, and pairs of upstream's and our models (or LMs) with the same weights.
+
+The pairs need upstream `encodec` 0.1.1 (the test extra); the rest needs only this package.
+"""
 
 import math
 import warnings
 
-import encodec
 import numpy as np
 import torch
 
@@ -20,8 +23,9 @@ def make_signal(sample_rate: int, num_samples: int, channels: int = 1, seed: int
         f0 = rng.uniform(90, 220) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.2, 1.5) * t))
         f0 *= 1 + 0.01 * np.sin(2 * np.pi * 5.5 * t)
         phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-        voice = sum(np.sin(h * phase + rng.uniform(0, 6)) / h ** 1.2 for h in range(1, 12)
-                    if h * f0.max() < sample_rate / 2)
+        voice = sum(
+            np.sin(h * phase + rng.uniform(0, 6)) / h**1.2 for h in range(1, 12) if h * f0.max() < sample_rate / 2
+        )
         envelope = np.clip(np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 6)), 0, None) ** 0.5
         chord = sum(np.sin(2 * np.pi * f * t) for f in rng.choice([220, 277.2, 329.6, 440, 554.4], 3))
         noise = np.convolve(rng.standard_normal(num_samples), np.ones(8) / 8)[:num_samples]
@@ -39,8 +43,9 @@ def set_data_like_codebooks(model, seed: int = 0) -> None:
     (k-means-like spread; never zeros, which would make every code 0)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        x = torch.stack([make_signal(model.sample_rate, model.sample_rate, model.channels, seed=seed + i)
-                         for i in range(4)])
+        x = torch.stack(
+            [make_signal(model.sample_rate, model.sample_rate, model.channels, seed=seed + i) for i in range(4)]
+        )
         emb = model.encoder(x).transpose(1, 2).reshape(-1, model.quantizer.dimension)
         residual = emb
         for layer in model.quantizer.vq.layers:
@@ -57,20 +62,26 @@ def set_data_like_codebooks(model, seed: int = 0) -> None:
             residual = residual - cb.decode(cb.encode(residual))
 
 
-def make_model_pair(name: str, seed: int = 0):
-    """(upstream model, our model), same weights; named as the official model so that
-    `.ecdc` files can be written."""
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        up = getattr(encodec.EncodecModel, f"encodec_model_{name.split('_')[1]}")(pretrained=False)
-    # Random (not freshly initialised) norm affine parameters, so that GroupNorm's are exercised.
+def randomize_norms(model) -> None:
+    """Random (not freshly initialised) GroupNorm / LayerNorm affine parameters, so that they are
+    exercised; draws from torch's global generator."""
     with torch.no_grad():
-        for key, value in up.state_dict().items():
+        for key, value in model.state_dict().items():
             if key.endswith("norm.weight"):
                 value.copy_(1 + 0.1 * torch.randn_like(value))
             elif key.endswith("norm.bias"):
                 value.copy_(0.1 * torch.randn_like(value))
+
+
+def make_model_pair(name: str, seed: int = 0):
+    """(upstream model, our model), same weights; named as the official model so that
+    `.ecdc` files can be written. Needs upstream `encodec` 0.1.1."""
+    encodec = _upstream()
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        up = getattr(encodec.EncodecModel, f"encodec_model_{name.split('_')[1]}")(pretrained=False)
+    randomize_norms(up)
     set_data_like_codebooks(up, seed)
     up.name = name
     ours = getattr(encodec_fast.EncodecModel, f"encodec_model_{name.split('_')[1]}")(pretrained=False)
@@ -86,3 +97,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def lengths_for(sample_rate: int) -> list:
     """1 sample, shorter than a hop, not a multiple of the hop, and longer clips."""
     return [1, 5, 319, 320, 321, 7 * 320 + 13, math.ceil(0.37 * sample_rate)]
+
+
+def lm_pair(n_q: int, past: int, seed: int):
+    """(upstream LM, our LM) with the same random weights; the heads scaled up so that the
+    distributions are peaked, as a trained LM's (files then compress, and coding is exercised
+    over the whole range from near-certain to flat). Needs upstream `encodec` 0.1.1."""
+    encodec = _upstream()
+    torch.manual_seed(seed)
+    up = encodec.model.LMModel(n_q, 1024, num_layers=5, dim=200, past_context=past).eval()
+    with torch.no_grad():
+        for lin in up.linears:
+            lin.weight.mul_(6.0)
+    ours = encodec_fast.LMModel(n_q, 1024, num_layers=5, dim=200, past_context=past).eval()
+    ours.load_state_dict(up.state_dict(), strict=True)
+    return up, ours
+
+
+def _upstream():
+    """Upstream `encodec` 0.1.1, the oracle (`pip install encodec==0.1.1`, in the test extra)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import encodec
+    return encodec

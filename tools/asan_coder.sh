@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the C++ coder with AddressSanitizer + UndefinedBehaviorSanitizer and fuzz it.
-#   bash bench/asan_coder.sh [SECONDS]
+#   bash tools/asan_coder.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -10,5 +10,5 @@ g++ -O1 -g -std=c++17 -ffp-contract=off -fno-omit-frame-pointer -fsanitize=addre
     -fno-sanitize-recover=undefined -shared -fPIC -I"$include" kernels/arith/arith.cpp -o "$out/_arith$suffix"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 LD_PRELOAD=$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=libubsan.so) \
-    python bench/fuzz_coder.py --seconds "${1:-60}" --so "$out/_arith$suffix"
+    python -m tools.fuzz_coder --seconds "${1:-60}" --so "$out/_arith$suffix"
 echo "ASan/UBSan: no error reported"

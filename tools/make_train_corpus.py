@@ -1,7 +1,7 @@
 """A training corpus anyone can regenerate offline: espeak-ng speech in many voices and languages,
 and synthesized music, as 24 kHz mono WAV files.
 
-    python bench/make_train_corpus.py OUT_DIR [--speech-clips 600] [--music-clips 150] [--seed 0]
+    python -m tools.make_train_corpus OUT_DIR [--speech-clips 600] [--music-clips 150] [--seed 0]
 
 OUT_DIR/train/ and OUT_DIR/heldout/ (speech in languages and voice variants not used for
 training, music from other seeds and instruments' settings; for validation and quality reports).
@@ -19,8 +19,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RATE = 24_000
 

@@ -2,7 +2,7 @@
 """Ahead-of-time compile check of every Triton launch our models make, for real GPUs, on a
 machine without one.
 
-    python bench/compile_gpu.py [--archs 80,90] [--listed-archs 90|none] [--set default|full]
+    python -m tools.compile_gpu [--archs 80,90] [--listed-archs 90|none] [--set default|full]
                                 [--budget BYTES] [--only REGEX] [--jobs N] [--list] [--out DIR]
 
 1. Capture. The models and ops run on `meta` tensors (shapes, no data, no memory) with the Triton
@@ -450,7 +450,8 @@ def compile_all(launches: tp.Sequence[Launch], archs: tp.Sequence[int], jobs: in
     bar = None
     if progress and todo:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="compiling", unit="kernel", file=sys.stderr, disable=None)  # no bar off a terminal
+        bar = tqdm(total=len(todo), desc="compiling", unit="kernel", file=sys.stderr,
+                   disable=None)  # no bar off a terminal
     with cf.ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(compile_launch, launches[i], arch): (i, arch, path) for i, arch, path in todo}
         for future in cf.as_completed(futures):
@@ -592,15 +593,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     for line in failures:
         print("  " + line)
     if args.out:
-        sys.path.insert(0, str(Path(__file__).parent))
-        import report
+        from bench import report
         data = {"machine": report.machine(), "triton": triton.__version__, "archs": archs, "budget": args.budget,
                 "set": args.set, "seconds": elapsed, "fresh_compiles": fresh, "problems": failures,
-                "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "roles": {str(a): r for a, r in x.roles.items()},
+                "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "roles": {str(a): r for a,
+                                                                                                 r in x.roles.items()},
                               "labels": x.labels, "results": {str(a): results.get((i, a)) for a in archs}}
                              for i, x in enumerate(launches)]}
         header = (f"# Ahead-of-time compile check (triton {triton.__version__}, {data['machine']['date']})\n\n"
-                  f"`python bench/compile_gpu.py --set {args.set}`: {summary}.\n\n")
+                  f"`python -m tools.compile_gpu --set {args.set}`: {summary}.\n\n")
         stem = report.save(args.out, "compile_gpu_triton" + triton.__version__.replace(".", "-"), data,
                            header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md + "\n\n"
                            + "\n".join(f"- {f}" for f in failures) + "\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a session lent a GPU runs, in one call (device tool: `run`, carry .whl), within ~9 minutes:
-#   bench/gpu_session.sh [OUT_DIR]
+#   tools/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser and
 #    upstream encodec for the quantizer comparison; see the device README for how to fetch them);
 # 2. the suite on the GPU (`python -m bench --suite quick --device cuda`, priority order within

@@ -1,8 +1,8 @@
 """Time the Triton kernels over a grid of launch configurations on one GPU: the data behind the
 defaults in the kernel wrappers and the autotuning lists.
 
-    python bench/gpu_sweep.py [--only rvq_encode,vq_assign,conv] [--budget-seconds S] [--out DIR]
-    TRITON_INTERPRET=1 python bench/gpu_sweep.py --smoke   # tiny shapes on CPU (plumbing only)
+    python -m tools.gpu_sweep [--only rvq_encode,vq_assign,conv] [--budget-seconds S] [--out DIR]
+    TRITON_INTERPRET=1 python -m tools.gpu_sweep --smoke   # tiny shapes on CPU (plumbing only)
 
 Each configuration is forced through `encodec_fast.kernels.tuning.launch` (every wrapper launches
 through it), checked against the first configuration's output (RVQ codes equal, or ties only;
@@ -25,14 +25,11 @@ from pathlib import Path
 
 import torch
 
+from bench import gpu  # sizes, test data, launch records
+from encodec_fast import ops
+from encodec_fast.ops import rvq
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu  # noqa: E402  (sizes, test data, launch records)
-
-from encodec_fast import ops  # noqa: E402
-from encodec_fast.ops import rvq  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -211,7 +208,7 @@ def main() -> int:
             return 2
         gpu.SMOKE, gpu.SIZES = True, gpu.SMOKE_SIZES
     elif not torch.cuda.is_available():
-        print("bench/gpu_sweep.py needs a CUDA device (or --smoke)", file=sys.stderr)
+        print("tools/gpu_sweep.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
     import triton
     gpu.LaunchLog.install()

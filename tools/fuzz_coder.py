@@ -1,9 +1,9 @@
 """Fuzz the C++ arithmetic coder for a fixed time: random byte strings and random distributions
 into the decoder (only symbols, EOFError or CorruptStreamError may come out), random
 encode/decode round trips (must be exact), and the Python reference on the same data (must
-agree). Used by bench/asan_coder.sh under AddressSanitizer.
+agree). Used by tools/asan_coder.sh under AddressSanitizer.
 
-    python bench/fuzz_coder.py [--seconds 60] [--so path/to/_arith.so]
+    python -m tools.fuzz_coder [--seconds 60] [--so path/to/_arith.so]
 """
 
 import argparse
@@ -15,11 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from encodec_fast import entropy  # noqa: E402
-from encodec_fast.ops import arith  # noqa: E402
+from encodec_fast import entropy
+from encodec_fast.ops import arith
 
 
 def load_extension(path: Path):
