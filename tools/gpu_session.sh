@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What a session lent a GPU runs, in one call (device tool: `run`, carry .whl), within ~9 minutes:
+# A time-limited run on one GPU machine, in one call (about 9 minutes; wheels that the machine cannot download go in .whl/):
 #   tools/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser and
-#    upstream encodec for the quantizer comparison; see the device README for how to fetch them);
+#    upstream encodec for the quantizer comparison; `pip download` them where a registry is reachable);
 # 2. the suite on the GPU (`python -m bench --suite quick --device cuda`, priority order within
 #    SUITE_BUDGET seconds: codec throughput and memory, then bench/gpu.py's kernels and checks with
 #    the default configurations, then the rest), into OUT_DIR/suite;
@@ -31,7 +31,7 @@ export PYTHONUNBUFFERED=1
 run() {  # run LIMIT_SECONDS ARGS...
     local limit=$1; shift
     say "bench/gpu.py $* (limit ${limit} s)"
-    timeout -k 10 "$limit" python3 bench/gpu.py --quick --out "$out" "$@" >> "$log" 2>&1
+    timeout -k 10 "$limit" python3 -m bench.gpu --quick --out "$out" "$@" >> "$log" 2>&1
     say "exit status $?"
 }
 # Measured on 2026-11-30: bench/gpu.py's default run takes about 200 s (100 s of it the correctness
