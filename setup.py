@@ -65,7 +65,7 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "torchaudio>=2.4", "duckdb>=1.0",
                  "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9", "matplotlib>=3.5",
                  "triton>=3.2; sys_platform == 'linux'", "ruff>=0.6"],
-        # bench/coder.py compares the coder with constriction's (speed only: other bytes); the
+        # the `coder` benchmark compares the coder with constriction's (speed only: other bytes); the
         # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed.
         "bench": ["constriction>=0.4", "pesq>=0.0.4", "pystoi>=0.4"],
         # `encodec-fast train report` (plots) without the test extra.

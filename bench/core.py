@@ -72,6 +72,18 @@ SMOKE_LEFT_OUT = ("not run in the smoke suite (its own process would spend ~4 s 
                   "quick and full suites run it)")
 
 
+def upstream_missing() -> tp.Optional[str]:
+    """Why upstream encodec 0.1.1 cannot run here (not installed, or its torchaudio does not load), or None."""
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import encodec  # noqa: F401
+    except Exception as err:
+        return f"encodec 0.1.1 cannot be imported ({type(err).__name__}: {err})"[:200]
+    return None
+
+
 class BudgetExceeded(Exception):
     """Raised by `Context.check_time()` when the run's time budget is spent."""
 
@@ -101,7 +113,7 @@ class Context:
         """(run, left out): the implementations a benchmark runs in processes of their own. The
         smoke suite (a plumbing check that has to stay under a minute on 2 cores) leaves out
         transformers there: its process spends ~4 s importing transformers before any work. It
-        still runs in this process (codec), in quick and full, and in tests/test_bench_scripts.py.
+        still runs in this process (codec), in quick and full, and in tests/test_bench_modules.py.
         Record the left-out ones with `SMOKE_LEFT_OUT` as the reason."""
         out = [i for i in impls if self.suite == "smoke" and i == "transformers"]
         return [i for i in impls if i not in out], out
@@ -133,11 +145,13 @@ class Context:
 
     def timed(self, params: tp.Dict[str, tp.Any], impls: tp.Dict[str, tp.Callable[[], tp.Any]],
               metric: str = "time", unit: str = "s", reps: tp.Optional[int] = None,
-              sync: tp.Callable[[], None] = lambda: None, **extra: tp.Any) -> tp.Dict[str, Record]:
+              sync: tp.Callable[[], None] = lambda: None, scale: float = 1.0, **extra: tp.Any
+              ) -> tp.Dict[str, Record]:
         """Time each implementation: one warm-up each, then `reps` rounds in which every
         implementation runs once, the order alternating between rounds (this kind of VM drifts
-        by +-20% over minutes; interleaving spreads the drift over all of them). An implementation
-        that raises is recorded as n/a with the error."""
+        by +-20% over minutes; interleaving spreads the drift over all of them). Times are recorded
+        in seconds times `scale` (1e3 with unit "ms"). An implementation that raises is recorded as
+        n/a with the error."""
         reps = self.reps if reps is None else reps
         failed: tp.Dict[str, str] = {}
         for name, fn in impls.items():
@@ -157,7 +171,7 @@ class Context:
                     t0 = time.perf_counter()
                     impls[name]()
                     sync()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(scale * (time.perf_counter() - t0))
                 except Exception as err:
                     failed[name] = _reason(err)
         out = {}

@@ -177,7 +177,7 @@ def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
     On a GPU: 8 warps and no software pipelining of the input-channel loop. Compiled for sm_80 and
     sm_90 (tools/compile_gpu.py, triton 3.6), the pipelined loop (num_stages 2-3) with ELU applied
     to each loaded tile made ptxas fall to 32 registers with 11-226 KB of spills per thread for
-    every fp32 layer with ELU; timed on an H200 (bench/gpu.py, batch 64 x 10 s), those layers took
+    every fp32 layer with ELU; timed on an H200 (the `kernels` benchmark, batch 64 x 10 s), those layers took
     190-370 ms with the old 4 warps and 3 stages against 15-28 ms with these.
     Convolutions over few input channels (C_in <= 32: the first encoder layers and the decoder's
     last) run 16 channels x 256 positions per step: on the H200, 1.15-1.75x faster than 32 x 128
@@ -198,7 +198,7 @@ def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
 
 #: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as
 #: (BLOCK_CO, BLOCK_CI, BLOCK_positions, num_warps, num_stages), clamped to each launch's sizes:
-#: the former default and the ones the H200 picked for some layer (bench/results/gpu_*_autotune).
+#: the former default and the ones the H200 picked for some layer (bench/results/gpu_h200_2026-11-30/gpu_*_autotune).
 #: tools/compile_gpu.py compiles every one of them for every layer.
 LISTED = [(64, 32, 128, 8, 1), (32, 16, 128, 4, 1), (32, 16, 256, 4, 2), (64, 16, 256, 8, 1)]
 

@@ -124,7 +124,7 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
 
     Under the interpreter, where each loop iteration costs milliseconds whatever its size: large
     blocks. On a GPU, a table by architecture and Triton version, from timing every block size on
-    an H200 with triton 3.6 (tools/gpu_sweep.py, bench/results/gpu_sweep_2026-11-30.md; 48,000
+    an H200 with triton 3.6 (tools/gpu_sweep.py, bench/results/gpu_h200_2026-11-30/gpu_sweep_2026-11-30.md; 48,000
     frames, D=128, K=1024) and compiling the candidates for sm_80/90/100 with triton 3.6 and 3.9
     (tools/compile_gpu.py):
     - encode, triton 3.6 on sm_80/sm_90: 64 rows x 64 codewords, 4 warps, 2 stages, the fastest of

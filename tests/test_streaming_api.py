@@ -111,7 +111,7 @@ def test_low_latency_mode_gives_each_frame_at_once_and_agrees_with_the_whole_fil
     tail = enc.flush()
     codes = torch.cat(parts + [tail], dim=-1)
     assert tail.shape[-1] <= 1 and codes.shape == ref[0].shape
-    assert (codes == ref[0]).float().mean() >= 0.99  # measured per chunk size in bench/streaming_latency.py
+    assert (codes == ref[0]).float().mean() >= 0.99  # measured per chunk size by the `streaming` benchmark
 
 
 @pytest.mark.parametrize("bandwidth, seconds, chunking, stacked", [(3.0, 2.73, "large", False),

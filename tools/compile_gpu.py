@@ -22,7 +22,7 @@ machine without one.
    frame are reported). Why stores and 512: on an H200 the fastest exact-fp32 RVQ configuration
    keeps 440 B of spill stores (256 B of local memory) and runs 1.8x faster than the best one
    without any, while the configurations that ran 10-30x slower spilled 5-20 KB
-   (bench/results/gpu_sweep_2026-11-30.md). `--set default` (what CI runs) is the default
+   (bench/results/gpu_h200_2026-11-30/gpu_sweep_2026-11-30.md). `--set default` (what CI runs) is the default
    precision (exact fp32) and the half dtypes; `--set full` adds the tf32x3 and tf32 modes of
    every kernel, reported but not judged for spills (not the default precision).
 
@@ -593,8 +593,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     for line in failures:
         print("  " + line)
     if args.out:
-        from bench import report
-        data = {"machine": report.machine(), "triton": triton.__version__, "archs": archs, "budget": args.budget,
+        from bench.core import context
+        data = {"machine": context("cpu"), "triton": triton.__version__, "archs": archs, "budget": args.budget,
                 "set": args.set, "seconds": elapsed, "fresh_compiles": fresh, "problems": failures,
                 "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "roles": {str(a): r for a,
                                                                                                  r in x.roles.items()},
@@ -602,9 +602,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                              for i, x in enumerate(launches)]}
         header = (f"# Ahead-of-time compile check (triton {triton.__version__}, {data['machine']['date']})\n\n"
                   f"`python -m tools.compile_gpu --set {args.set}`: {summary}.\n\n")
-        stem = report.save(args.out, "compile_gpu_triton" + triton.__version__.replace(".", "-"), data,
-                           header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md + "\n\n"
-                           + "\n".join(f"- {f}" for f in failures) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"compile_gpu_triton{triton.__version__.replace('.', '-')}_{data['machine']['date'][:10]}"
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+        stem.with_suffix(".md").write_text(header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md
+                                           + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n")
         print(f"saved {stem}.json and .md")
     return 1 if failures else 0
 

@@ -17,7 +17,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 import typing as tp
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu  # sizes, test data, launch records
+from bench.benchmarks import kernels as gpu  # sizes, test data, launch records
+from bench.core import context
 from encodec_fast import ops
 from encodec_fast.ops import rvq
 
@@ -206,7 +206,7 @@ def main() -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--smoke needs TRITON_INTERPRET=1", file=sys.stderr)
             return 2
-        gpu.SMOKE, gpu.SIZES = True, gpu.SMOKE_SIZES
+        gpu.use_interpreter(True)
     elif not torch.cuda.is_available():
         print("tools/gpu_sweep.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
@@ -217,8 +217,7 @@ def main() -> int:
     device = "cpu" if args.smoke else "cuda"
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-              "rows": []}
+              "torch": torch.__version__, "triton": triton.__version__, "context": context(device), "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_sweep_{datetime.date.today().isoformat()}" + ("_smoke" if args.smoke else "")
     deadline = time.perf_counter() + args.budget_seconds

@@ -1,3 +1,17 @@
-"""Every benchmark of the suite; importing this package registers them (bench.core.REGISTRY)."""
+"""Every benchmark of the suite, one module each; importing this package registers them (bench.core.REGISTRY)."""
 
-from bench.benchmarks import codec, long_file, quality, roofline, scripts, streaming  # noqa: F401
+from bench.benchmarks import (  # noqa: F401
+    codec,
+    coder,
+    kernels,
+    lm,
+    long_file,
+    ops,
+    quality,
+    quantizer,
+    roofline,
+    stream_command,
+    streaming,
+    tokenize,
+    train_step,
+)

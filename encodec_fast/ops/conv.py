@@ -213,7 +213,7 @@ class _Conv2dLeakyReLU(torch.autograd.Function):
 
 def conv2d_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
     """'triton' only where asked for: in `auto` mode cuDNN runs, because the fused kernel has not
-    been measured faster on a GPU yet (`bench/gpu.py` times both)."""
+    been measured faster on a GPU yet (the `kernels` benchmark times both)."""
     if requested_backend() != "triton":
         return "torch"
     return select(x, weight)

@@ -10,7 +10,7 @@ The Triton kernels compute the same things in one launch; their distances are `|
 with exact fp32 products (`precision="ieee"`), so their codes equal the reference's except where
 two codewords are tied within fp32 rounding (a different summation order may pick the other).
 `precision="tf32x3"` (near fp32 on tensor cores) and `"tf32"` are opt-in speed modes whose
-agreement is measured in bench/gpu.py.
+agreement is measured by the `kernels` benchmark.
 """
 
 import typing as tp
@@ -71,7 +71,7 @@ def vq_assign_torch(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, s
     The statistics as upstream computes them (`scatter=False`: a one-hot [N, K] matrix, its column
     sums and `x^T @ onehot`), or by `bincount`/`index_add_` (`scatter=True`: the same counts, the
     sums in another order, within 1e-6 relative; the training step at 24 kbps 1.9x faster on CPU,
-    bench/quantizer_cpu.py)."""
+    the `quantizer` benchmark)."""
     idx = nearest_code_torch(x, embed, norms.view(1, -1))
     quant = F.embedding(idx, embed)
     if not stats:

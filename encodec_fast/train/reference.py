@@ -1,6 +1,6 @@
 """A training step written plainly on upstream `encodec`'s modules (its SEANet, its quantizer, its
 MS-STFT discriminator) with our losses and balancer: the reference the trainer's step is tested
-against (tests/test_train_loop.py) and timed against (bench/train_step.py). Needs the `encodec`
+against (tests/test_train_loop.py) and timed against (the `train_step` benchmark). Needs the `encodec`
 package (a test dependency).
 
 The step: generator losses against the discriminator as it is, through the balancer, the

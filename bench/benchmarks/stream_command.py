@@ -1,22 +1,15 @@
-"""Peak memory and time of the `encodec-fast` command on long files, against upstream's command.
-
-    python -m bench.streaming_command [--minutes 1 10 60] [--models 24khz 48khz] [--impls ours upstream]
-                                      [--memory-limit-gb 16] [--out DIR]
+"""`stream_command`: peak memory and time of the `encodec-fast` command on long files, against upstream's
+command.
 
 For each model (24 kHz mono, 48 kHz stereo; random weights with data-like codebooks, 6 kbps) and
 length, a WAV at the model's rate is written block by block (`peers.signal` tones), then each
-implementation compresses it to `.ecdc` and decompresses it back to WAV, each step in its own
-process under an address-space limit (`--memory-limit-gb`), with its peak RSS (ru_maxrss of the
-child) and wall time. Upstream's command is `python -m encodec` (0.1.1) in a process whose
-`MODELS` give it the same weights, and whose audio I/O goes through soundfile (torchaudio >= 2.9
-needs TorchCodec to read files): otherwise its own code. A run that dies (out of memory, the
-limit) is recorded with its reason, never a number. Prints a markdown table; with --out, writes
-DIR/streaming_command_<date>.json and .md with the machine. The suite (`python -m bench`,
-benchmark `stream_command`) runs the same `measure` on shorter files.
+implementation compresses it to `.ecdc` and decompresses it back to WAV, each step in its own process
+under an address-space limit, with its peak RSS (ru_maxrss of the child) and wall time. Upstream's
+command is `python -m encodec` (0.1.1) in a process whose `MODELS` give it the same weights, and whose
+audio I/O goes through soundfile (torchaudio >= 2.9 needs TorchCodec to read files): otherwise its own
+code. A run that dies (out of memory, the limit) is recorded with its reason, never a number.
 """
 
-import argparse
-import json
 import os
 import resource
 import subprocess
@@ -26,7 +19,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.core import ROOT, Context, benchmark, map_processes, side_by_side_note, upstream_missing
 
 UPSTREAM_CHILD = r"""
 import importlib, sys, torch, soundfile as sf, numpy as np
@@ -107,7 +100,6 @@ def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Seq
     machine, its cores shared out: `bench.core.map_processes`), else one after the other."""
     import torch
 
-    from bench.core import map_processes
     from bench.peers import random_state
     rows = []
     for model in models:
@@ -153,44 +145,38 @@ def _steps(impl: str, model: str, length: float, wav: Path, ckpt: Path, workdir:
     return rows
 
 
-def table(rows: tp.Sequence[tp.Dict[str, tp.Any]]) -> str:
-    lines = ["| model | minutes | step | ours: time (s) | ours: peak RSS (MB) | upstream: time (s) | "
-             "upstream: peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["model"], r["minutes"], r["step"]) for r in rows))
-    for model, length, step in keys:
-        cells = []
-        for impl in ("ours", "upstream"):
-            r = next((r for r in rows if (r["model"], r["minutes"], r["step"], r["impl"]) ==
-                      (model, length, step, impl)), None)
-            if r is None:
-                cells += ["—", "—"]
-            elif r["error"]:
-                cells += [f"n/a: {r['error'][:70]}", "n/a"]
-            else:
-                cells += [f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"]
-        lines.append(f"| {model} | {length:g} | {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+@benchmark("stream_command", "The encodec-fast command on long files: time and peak memory (vs upstream's command)",
+           priority=48, devices=("cpu",))
+def stream_command(ctx: Context) -> None:
+    minutes = ctx.pick([0.05], [1.0], [1.0, 10.0, 60.0])
+    models = ctx.pick(["24khz"], ["24khz"], ["24khz", "48khz"])
+    missing = upstream_missing()
+    impls = ["ours"] + ([] if missing else ["upstream"])
+    limit_gb = 16.0
+    together = len(impls) if ctx.suite == "smoke" else 1  # the smoke run is a plumbing check: side by side
+    with tempfile.TemporaryDirectory(prefix="stream-command-", dir=ctx.workdir) as tmp:
+        for model in models:
+            for length in minutes:
+                ctx.check_time(f"{model}, {length:g} min")
+                rows = measure([model], [length], impls, limit_gb, timeout=max(120.0, 40 * 60 * length),
+                                  workdir=Path(tmp), at_once=together > 1)
+                for step in ("compress", "decompress"):
+                    params = {"model": model, "minutes": length, "step": step, "kbps": 6.0, "device": "cpu"}
+                    if missing:
+                        ctx.na(params, "upstream", "time", "s", missing)
+                    for r in (r for r in rows if r["step"] == step):
+                        _record(ctx, params, r, headline=length == minutes[-1], limit_gb=limit_gb, together=together)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
-    parser.add_argument("--models", nargs="+", default=["24khz", "48khz"], choices=["24khz", "48khz"])
-    parser.add_argument("--impls", nargs="+", default=["ours", "upstream"], choices=["ours", "upstream"])
-    parser.add_argument("--memory-limit-gb", type=float, default=16.0)
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    from bench import report
-    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
-        rows = measure(args.models, args.minutes, args.impls, args.memory_limit_gb, args.timeout, Path(tmp),
-                       log=lambda row: print(json.dumps(row), flush=True))
-    head = (f"The command on long files\n\n`python -m bench.streaming_command {' '.join(sys.argv[1:])}`; random "
-            f"weights, 6 kbps, each step in its own process under a {args.memory_limit_gb:g} GB address-space limit; "
-            "peak RSS is the process's maximum.\n\n")
-    report.publish(head + table(rows), args.out, "streaming_command", args, rows)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _record(ctx: Context, params: tp.Dict[str, tp.Any], row: tp.Dict[str, tp.Any], headline: bool,
+            limit_gb: float, together: int) -> None:
+    impl = row["impl"]
+    if row["error"]:
+        for metric, unit in (("time", "s"), ("peak_memory", "MB")):
+            ctx.na(params, impl, metric, unit, row["error"])
+        return
+    note = f"the command in its own process under a {limit_gb:g} GB address-space limit; random weights" + (
+        f"; {side_by_side_note(together)}" if together > 1 else "")
+    ctx.record(params, impl, "time", "s", [row["seconds"]], audio_seconds=60 * params["minutes"], headline=headline,
+               note=note)
+    ctx.record(params, impl, "peak_memory", "MB", [row["peak_rss_mb"]], memory="peak RSS of the process", note=note)

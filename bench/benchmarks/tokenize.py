@@ -1,27 +1,22 @@
-"""Tokenizing a corpus on one machine: ours vs upstream encodec's per-file loop vs Hugging Face
-transformers' EncodecModel in padded batches, same weights, one run.
+"""`tokenize`: tokenizing a corpus on one machine, ours (the `encodec-fast tokenize` command) against
+upstream encodec's per-file loop and Hugging Face transformers' EncodecModel in padded batches, on the
+same weights, each implementation in its own process.
 
-    python -m bench.tokenize_corpus [--clips 200] [--device cpu|cuda] [--workers N] [--out bench/results]
-    python -m bench.tokenize_corpus --smoke          # a few short clips: checks the script runs
-
-The corpus (made once under --corpus): `--clips` clips of 1-30 s (log-uniform), mono and stereo,
-16, 22.05, 44.1 and 48 kHz, wav and flac: speech from espeak-ng (Debian package), synthesized
-music (notes with harmonics and envelopes), and speech over music; never silence. The model is
-the 24 kHz one with random weights (the official ones need a download), the same for all three,
-converted to transformers' layout for it. Each implementation runs in its own process (peak
-memory is that process's maximum RSS), with torch's default threads and the allocator setting
-the `encodec-fast` command applies (`encodec_fast.cpu.tune_cpu_allocator`) in all three; the
-results record both. Also a benchmark of the suite (`python -m bench --only tokenize`):
-- ours: the `encodec-fast tokenize` command (DataLoader workers, Parquet shards);
+The corpus (made once, or $ENCODEC_FAST_BENCH_CORPUS): clips of 1-30 s (log-uniform), mono and
+stereo, 16, 22.05, 44.1 and 48 kHz, wav and flac: speech from espeak-ng (Debian package),
+synthesized music (notes with harmonics and envelopes), and speech over music; never silence. The
+24 kHz model with random weights, converted to transformers' layout for it. Each process has torch's
+default threads and the allocator setting of the `encodec-fast` command; peak memory is the
+process's maximum RSS (and its workers').
+- ours: `encodec-fast tokenize` (DataLoader workers, Parquet shards);
 - upstream: for each file, read (soundfile), `encodec.utils.convert_audio`, `model.encode`,
   `torch.save` the codes;
 - transformers: read and convert each file the same way, then `EncodecModel.encode` on padded
-  batches of --hf-batch clips (length-sorted, with the padding mask), codes saved per file.
-Reported: audio hours per hour of wall time, peak memory, and the share of codes equal to
-upstream's.
+  batches (length-sorted, with the padding mask), codes saved per file.
+Recorded: wall time (audio hours per hour in the report), peak memory, and the share of codes equal
+to upstream's.
 """
 
-import argparse
 import json
 import math
 import os
@@ -36,10 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import peers
-from bench.core import map_processes
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from bench.core import ROOT, SMOKE_LEFT_OUT, Context, benchmark, map_processes, side_by_side_note
 
 RATES = (16000, 22050, 44100, 48000)
 SENTENCES = [
@@ -185,27 +177,28 @@ def run_transformers(paths: tp.List[Path], out: Path, checkpoint: Path, device: 
     return {"items": len(paths)}
 
 
-def child(args) -> int:
+def child(which: str, corpus: str, work: str, checkpoint: str, device: str, workers: str, hf_batch: str) -> None:
+    """One implementation in this (child) process; prints one JSON line (`python -m bench.child tokenize ...`)."""
     import torch
 
     from encodec_fast.cpu import tune_cpu_allocator
     # The allocator setting the encodec-fast command applies, in every implementation's process
     # (so that the comparison is of the code, not of glibc's settings); threads: torch's default.
     tuned = tune_cpu_allocator()
-    paths = sorted(p for p in args.corpus.rglob("*") if p.suffix in (".wav", ".flac"))
+    corpus_dir, work_dir = Path(corpus), Path(work)
+    paths = sorted(p for p in corpus_dir.rglob("*") if p.suffix in (".wav", ".flac"))
     t0 = time.perf_counter()
-    if args.run == "ours":
-        info = run_ours(args.corpus, args.work / "ours", args.checkpoint, args.device, args.workers)
-    elif args.run == "upstream":
-        info = run_upstream(paths, args.work / "upstream", args.checkpoint, args.device)
+    if which == "ours":
+        info = run_ours(corpus_dir, work_dir / "ours", Path(checkpoint), device, int(workers))
+    elif which == "upstream":
+        info = run_upstream(paths, work_dir / "upstream", Path(checkpoint), device)
     else:
-        info = run_transformers(paths, args.work / "transformers", args.checkpoint, args.device, args.hf_batch)
+        info = run_transformers(paths, work_dir / "transformers", Path(checkpoint), device, int(hf_batch))
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"wall_seconds": wall, "peak_rss_mb": peak, "peak_rss_worker_mb": children,
                       "allocator": "tuned" if tuned else "default", "threads": torch.get_num_threads(), **info}))
-    return 0
 
 
 def agreement(work: Path, paths: tp.List[Path], which: str) -> float:
@@ -224,105 +217,77 @@ def agreement(work: Path, paths: tp.List[Path], which: str) -> float:
     return same / max(total, 1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=200)
-    parser.add_argument("--corpus", type=Path, default=Path("/tmp/encodec_fast_bench_corpus"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/encodec_fast_bench_work"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--hf-batch", type=int, default=8)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--run", choices=["ours", "upstream", "transformers"], help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run:
-        return child(args)
-    report, md = measure(args)
-    print(md)
-    if not args.smoke:
-        from bench.report import save
-        save(args.out, f"tokenize_corpus_{args.device}", report, md)
-    return 0
-
-
-def measure(args) -> tp.Tuple[tp.Dict[str, tp.Any], str]:
-    """Make (or reuse) the corpus, run the three implementations, each in its own process, one
-    after the other; (report, markdown)."""
+def measure(clips: int, corpus: Path, work: Path, device: str, workers: tp.Optional[int], hf_batch: int, smoke: bool,
+            skip: tp.Dict[str, str], at_once: bool) -> tp.Dict[str, tp.Any]:
+    """Make (or reuse) the corpus, run the implementations not in `skip` ({name: reason}), each in its own
+    process: one after the other, or at once with the cores shared out (`at_once`, the smoke suite's
+    plumbing check)."""
     import soundfile as sf
     import torch
 
-    from bench.report import machine
-    if args.smoke:
-        args.clips = min(args.clips, 6)
-    paths = make_corpus(args.corpus, args.clips, args.smoke)
+    if smoke:
+        clips = min(clips, 6)
+    paths = make_corpus(corpus, clips, smoke)
     seconds = sum(sf.info(str(p)).duration for p in paths)
-    if args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True)
-    from bench.peers import random_state
-    checkpoint = args.work / "weights.th"
-    torch.save(random_state("24khz", seed=1), checkpoint)
-    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
-    skip = getattr(args, "skip", {})  # {implementation: the caller's reason for not running it}
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    checkpoint = work / "weights.th"
+    torch.save(peers.random_state("24khz", seed=1), checkpoint)
+    workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     # One after the other, unless the caller asks for them at once (the suite's smoke run: a
     # plumbing check, whose times then share the machine, its cores shared out).
     order = [which for which in ("upstream", "ours", "transformers") if which not in skip]
-    together = getattr(args, "at_once", False) and len(order) > 1
+    together = at_once and len(order) > 1
 
-    def run(which: str, threads: tp.Optional[tp.Dict[str, str]]) -> tp.Dict[str, tp.Any]:
-        cmd = [sys.executable, "-m", "bench.tokenize_corpus", "--run", which, "--corpus", str(args.corpus),
-               "--work", str(args.work),
-               "--checkpoint", str(checkpoint), "--device", args.device, "--workers", str(workers),
-               "--hf-batch", str(args.hf_batch)]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), **(threads or {})})
+    def start(which: str, threads: tp.Optional[tp.Dict[str, str]]) -> tp.Dict[str, tp.Any]:
+        cmd = [sys.executable, "-m", "bench.child", "tokenize", which, str(corpus), str(work), str(checkpoint),
+               device, str(workers), str(hf_batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(threads or {})})
         if proc.returncode:  # a peer that cannot run here (e.g. not installed): its reason, not a number
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             print(f"{which} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
             return {"error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         out["audio_hours_per_hour"] = seconds / out["wall_seconds"]
-        print(which, out, flush=True)
         return out
-    results = {**dict(zip(order, map_processes(run, order, together))),
+    results = {**dict(zip(order, map_processes(start, order, together))),
                **{which: {"error": why} for which, why in skip.items()}}
     if "error" not in results["upstream"]:
         for which in ("ours", "transformers"):
             if "error" not in results[which]:
-                results[which]["codes_equal_upstream"] = agreement(args.work, paths, which)
+                results[which]["codes_equal_upstream"] = agreement(work, paths, which)
+    return {"clips": len(paths), "audio_hours": seconds / 3600, "processes_at_once": len(order) if together else 1,
+            "workers": workers, "results": results}
 
-    def speedup(peer: str) -> tp.Optional[float]:
-        if "error" in results[peer] or "error" in results["ours"]:
-            return None
-        return results[peer]["wall_seconds"] / results["ours"]["wall_seconds"]
-    report = {**machine(), "device": args.device, "clips": len(paths), "audio_hours": seconds / 3600,
-              "processes_at_once": len(order) if together else 1,
-              "workers": workers, "hf_batch": args.hf_batch, "results": results,
-              "speedup_vs_upstream": speedup("upstream"), "speedup_vs_transformers": speedup("transformers")}
-    lines = [f"# Tokenizing a corpus: ours vs upstream vs transformers ({report['date'][:10]})", "",
-             f"{report['cpu']}, {report['cpu_count']} cores, torch {torch.__version__}, device {args.device}; "
-             f"{len(paths)} clips, {seconds / 3600:.3f} h (1-30 s; 16/22.05/44.1/48 kHz; mono/stereo; wav/flac; "
-             f"espeak-ng speech, synthesized music, both); 24 kHz model, 6 kbps, random weights; ours with "
-             f"{workers} decoding workers; transformers in padded batches of {args.hf_batch}. "
-             f"`python -m bench.tokenize_corpus --clips {args.clips} --device {args.device}`", "",
-             "| implementation | wall s | audio h per h | peak RSS MB (main / workers) | codes equal upstream |",
-             "|---|---|---|---|---|"]
-    for which in ("ours", "upstream", "transformers"):
-        r = results[which]
+
+@benchmark("tokenize", "Corpus tokenization end to end (audio hours per hour), each implementation in its own process",
+           priority=30)
+def run(ctx: Context) -> None:
+    clips = ctx.pick(2, 24, 200)
+    _, left_out = ctx.in_own_process(("ours", "upstream", "transformers"))
+    corpus = Path(os.environ.get("ENCODEC_FAST_BENCH_CORPUS", ctx.workdir / f"tokenize_corpus_{clips}"))
+    try:
+        report = measure(clips, corpus, ctx.workdir / "tokenize_work", ctx.device, 1 if ctx.suite != "full" else None,
+                         hf_batch=8, smoke=ctx.suite == "smoke", skip={impl: SMOKE_LEFT_OUT for impl in left_out},
+                         at_once=ctx.suite == "smoke")
+    except SystemExit as err:  # the script's refusal (e.g. no espeak-ng for the speech clips): its reason
+        for impl in ("ours", "upstream", "transformers"):
+            ctx.na({"clips": clips, "model": "24khz", "device": ctx.device}, impl, "time", "s", str(err))
+        return
+    hours = report["audio_hours"]
+    params = {"clips": report["clips"], "audio_hours": round(hours, 4), "model": "24khz", "kbps": 6.0,
+              "device": ctx.device, "workers": report["workers"]}
+    together = report["processes_at_once"]
+    for impl, r in report["results"].items():
         if "error" in r:
-            lines.append(f"| {which} | n/a ({r['error']}) | | | |")
+            ctx.na(params, impl, "time", "s", r["error"])
             continue
-        agree = f"{100 * r['codes_equal_upstream']:.4f}%" if "codes_equal_upstream" in r else "(reference)"
-        lines.append(f"| {which} | {r['wall_seconds']:.1f} | {r['audio_hours_per_hour']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} / {r['peak_rss_worker_mb']:.0f} | {agree} |")
-    lines += ["", "; ".join(f"ours vs {peer}: " + ("n/a" if report[key] is None else f"{report[key]:.2f}x")
-                            for peer, key in (("upstream's loop", "speedup_vs_upstream"),
-                                              ("transformers", "speedup_vs_transformers")))]
-    md = "\n".join(lines) + "\n"
-    return report, md
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        ctx.record(params, impl, "time", "s", [r["wall_seconds"]], audio_seconds=hours * 3600, headline=True,
+                   note="one run, in its own process (ours: the encodec-fast tokenize command)" + (
+                       f"; {side_by_side_note(together)}" if together > 1 else ""),
+                   threads=r["threads"],
+                   peak_rss_mb=r["peak_rss_mb"], peak_rss_worker_mb=r["peak_rss_worker_mb"])
+        if "codes_equal_upstream" in r:
+            ctx.record(params, impl, "codes_equal_upstream", "%", [100 * r["codes_equal_upstream"]],
+                       higher_is_better=True)

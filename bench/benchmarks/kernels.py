@@ -1,0 +1,553 @@
+"""`kernels`: every Triton kernel against its PyTorch path on one CUDA device (cuDNN / cuBLAS in exact
+fp32: TF32 off for the PyTorch side), with the launches each op made.
+
+Timed with `triton.testing.do_bench` (median ms), each kernel beside its PyTorch path:
+- `rvq`: RVQ encode and decode at batch 64 x 10 s of 24 kHz audio (48,000 frames, D=128, K=1024),
+  6 kbps (8 stages) and 24 kbps (32 stages); precisions ieee (exact fp32), tf32x3, tf32, with their
+  code agreement against exact fp32; FLOPs, bytes and the fraction of the roofline;
+- `conv`: each SEANet convolution kind, fused ELU + pad + conv (+ skip) against the separate torch
+  ops, fp32 and bf16;
+- `stft`, `conv2d`: the MS-STFT discriminator's spectrogram front end, each Conv2d + LeakyReLU layer
+  (forward and forward + backward, fp32 and bf16), the whole discriminator;
+- `training`: a quantizer training step (forward + backward, EMA update), ours on each backend and
+  upstream's `core_vq` when `encodec` is importable;
+- `train_step`: the whole training step (the `train_step` benchmark's), fp32 and bf16;
+- `model`: whole-model 24 kHz encode and decode, audio seconds per second, torch fp32, Triton fp32
+  and bf16 autocast with its code agreement.
+Each Triton timing records the launches it made (kernel, block sizes, warps, stages) with the
+compiled kernel's registers, local memory (spills and stack) and shared memory (`LaunchLog`).
+ENCODEC_FAST_AUTOTUNE=1 times the autotuned configurations instead of the defaults (records say
+which). Correctness on the GPU is the tests' job (`python -m pytest -m gpu`); here a kernel that loses
+is reported as losing. In Triton's interpreter (TRITON_INTERPRET=1, device cpu) the stages run at
+tiny sizes as a plumbing check.
+"""
+
+import copy
+import math
+import os
+import statistics
+import time
+import typing as tp
+
+import torch
+
+from bench import peers
+from bench.core import Context, benchmark, upstream_missing
+from encodec_fast import ops
+from encodec_fast.ops import rvq
+from encodec_fast.quantization import ResidualVectorQuantizer
+
+# Dense peaks (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets, by device name.
+PEAKS = {
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "hbm_tbs": 2.0},
+    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 3.35},
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 4.8},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "hbm_tbs": 2.0},
+}
+
+
+def peaks_for(name: str) -> tp.Optional[dict]:
+    for key in sorted(PEAKS, key=len, reverse=True):
+        if key in name:
+            return PEAKS[key]
+    return None
+
+
+#: Sizes: the realistic ones, or tiny ones in Triton's interpreter (CPU; numbers mean nothing): `use_interpreter`.
+FULL_SIZES = {"rvq": (64, 750), "train": (64, 75), "model": (64, 10.0), "big_checks": True}
+SMOKE_SIZES = {"rvq": (2, 40), "train": (2, 20), "model": (1, 0.05), "big_checks": False}
+SIZES, SMOKE = FULL_SIZES, False
+
+
+def use_interpreter(on: bool) -> None:
+    """Tiny sizes and single untimed calls (Triton's interpreter on CPU: a plumbing check), or the real ones."""
+    global SIZES, SMOKE
+    SIZES, SMOKE = (SMOKE_SIZES, True) if on else (FULL_SIZES, False)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn: tp.Callable[[], tp.Any], quick: bool) -> float:
+    if SMOKE:  # do_bench needs a GPU driver; one call, no warm-up (the interpreter is slow)
+        return 1e3 * timed_seconds(fn, 1)
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+
+
+def timed_seconds(fn: tp.Callable[[], tp.Any], reps: int) -> float:
+    if not SMOKE:  # warm-up (compilation, autotuning); the smoke run's timings mean nothing anyway
+        fn()
+        sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_books(Q: int, K: int, D: int, seed: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([0.85 ** q for q in range(Q)]).view(Q, 1, 1)
+    return (torch.randn(Q, K, D, generator=g) * scales).to(device)
+
+
+def make_latents(books: torch.Tensor, B: int, T: int, seed: int) -> torch.Tensor:
+    Q, K, D = books.shape
+    g = torch.Generator(device=books.device).manual_seed(seed)
+    idx = torch.randint(0, K, (Q, B * T), generator=g, device=books.device)
+    x = sum(books[q][idx[q]] for q in range(Q))
+    x = x + 0.5 * float(books[-1].std()) * torch.randn(B * T, D, generator=g, device=books.device)
+    return x.view(B, T, D).transpose(1, 2).contiguous()
+
+
+class Precision:
+    """Set $ENCODEC_FAST_RVQ_PRECISION inside a block."""
+
+    def __init__(self, value: str):
+        self.value, self.old = value, None
+
+    def __enter__(self):
+        self.old = os.environ.get("ENCODEC_FAST_RVQ_PRECISION")
+        os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("ENCODEC_FAST_RVQ_PRECISION", None)
+        else:
+            os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.old
+
+
+class LaunchLog:
+    """Records the Triton launches made inside `record()`: kernel, constexpr block sizes, warps,
+    stages and the compiled kernel's resources (from the driver: registers per thread, local memory
+    per thread, which holds spills and stack, and shared memory per block)."""
+
+    active: tp.Optional[list] = None
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed or SMOKE:  # the interpreter's kernels have no compiled resources
+            return
+        from triton.runtime.jit import JITFunction
+        original = JITFunction.run
+
+        def run(self, *args, grid, warmup, **kwargs):
+            kernel = original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            if cls.active is not None and not warmup and kernel is not None:
+                try:
+                    entry = {"kernel": getattr(self, "__name__", None) or self.fn.__name__}
+                    entry.update({k: v for k, v in kwargs.items() if k.startswith("BLOCK_")})
+                    entry.update(num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
+                                 registers=int(kernel.n_regs), local_bytes=4 * int(kernel.n_spills),
+                                 shared_bytes=int(kernel.metadata.shared))
+                except Exception as exc:  # never let the record break a benchmark
+                    entry["error"] = repr(exc)
+                if entry not in cls.active:
+                    cls.active.append(entry)
+            return kernel
+        JITFunction.run = run
+        cls.installed = True
+
+    @classmethod
+    def of(cls, fn: tp.Callable[[], tp.Any]) -> list:
+        """The distinct launches one call of fn makes."""
+        cls.active = []
+        try:
+            fn()
+            sync()
+            return cls.active
+        finally:
+            cls.active = None
+
+
+def timed_launches(fn: tp.Callable[[], tp.Any], reps: int) -> tp.Tuple[float, list]:
+    """(timed_seconds(fn, reps), LaunchLog.of(fn)); the smoke run times one call under the capture
+    (in the interpreter every call counts)."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        launches = LaunchLog.of(fn)
+        return time.perf_counter() - t0, launches
+    return timed_seconds(fn, reps), LaunchLog.of(fn)
+
+
+def bench_ms_launches(fn: tp.Callable[[], tp.Any], quick: bool) -> tp.Tuple[float, list]:
+    """(bench_ms(fn, quick), LaunchLog.of(fn)), one call for both in the smoke run."""
+    if SMOKE:
+        seconds, launches = timed_launches(fn, 1)
+        return 1e3 * seconds, launches
+    return bench_ms(fn, quick), LaunchLog.of(fn)
+
+
+def launch_text(launches: list) -> str:
+    """'kernel CO64 CI32 T128 w8 s1: 128 regs, 0 B local' for each launch (markdown cell)."""
+    parts = []
+    for e in launches:
+        blocks = " ".join(f"{k[6:]}{v}" for k, v in e.items() if k.startswith("BLOCK_"))
+        res = (f"{e['registers']} regs, {e['local_bytes']} B local" if "registers" in e else e.get("error", ""))
+        parts.append(f"{e['kernel'].strip('_').replace('_kernel', '')} {blocks} w{e.get('num_warps')} "
+                     f"s{e.get('num_stages')}: {res}")
+    return "<br>".join(parts) if parts else "-"
+
+
+def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    rows = []
+    (B, T), D, K = SIZES["rvq"], 128, 1024  # 64 x 10 s at 75 frames/s
+    for Q, kbps in ((8, 6), (32, 24)):
+        books = make_books(Q, K, D, seed=Q, device=device)
+        x = make_latents(books, B, T, seed=Q)
+        embeds, norms = list(books), [b.pow(2).sum(-1)[None] for b in books]
+        N = B * T
+        with ops.use_backend("torch"):
+            ref = rvq.rvq_encode(x, embeds, norms)
+            torch_ms = bench_ms(lambda: rvq.rvq_encode(x, embeds, norms), quick)
+            codes = ref
+            torch_dec_ms = bench_ms(lambda: rvq.rvq_decode(codes, embeds), quick)
+        stacked = (books.contiguous(), torch.stack([n.view(-1) for n in norms]))
+        flops = 2.0 * N * K * D * Q
+        for precision in ("ieee", "tf32x3", "tf32"):
+            with ops.use_backend("triton"), Precision(precision):
+                got = rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)
+                ms, launches = bench_ms_launches(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked),
+                                                 quick)
+            agreement = rvq.code_agreement(x, books, ref, got)
+            peak = None if peaks is None else peaks["fp32" if precision == "ieee" else "tf32"]
+            rows.append({
+                "op": "rvq_encode", "kbps": kbps, "stages": Q, "frames": N, "precision": precision,
+                "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms,
+                "tflops": flops / ms / 1e9, "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak,
+                "frames_equal": agreement.equal / agreement.rows, "ties": agreement.ties,
+                "non_ties": agreement.non_ties, "launches": launches})
+        with ops.use_backend("triton"):
+            ms, launches = bench_ms_launches(lambda: rvq.rvq_decode(codes, embeds, stacked=lambda: stacked), quick)
+        nbytes = N * Q * 8 + N * D * 4  # codes read, output written (codebooks stay in L2)
+        rows.append({"op": "rvq_decode", "kbps": kbps, "stages": Q, "frames": N, "precision": "fp32",
+                     "torch_ms": torch_dec_ms, "triton_ms": ms, "speedup": torch_dec_ms / ms,
+                     "gbs": nbytes / ms / 1e6, "launches": launches,
+                     "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"]})
+    return rows
+
+
+# (name, C_in, C_out, K, stride, dilation, input length at 24 kHz x 10 s, residual, transposed)
+CONV_LAYERS = [
+    ("enc first conv", 1, 32, 7, 1, 1, 240000, False, False),
+    ("enc res k3", 32, 16, 3, 1, 1, 240000, False, False),
+    ("enc res k1 + skip", 16, 32, 1, 1, 1, 240000, True, False),
+    ("enc down s2", 32, 64, 4, 2, 1, 240000, False, False),
+    ("enc down s4", 64, 128, 8, 4, 1, 120000, False, False),
+    ("enc down s5", 128, 256, 10, 5, 1, 30000, False, False),
+    ("enc down s8", 256, 512, 16, 8, 1, 6000, False, False),
+    ("enc last conv", 512, 128, 7, 1, 1, 750, False, False),
+    ("dec up s8", 512, 256, 16, 8, 1, 750, False, True),
+    ("dec up s5", 256, 128, 10, 5, 1, 6000, False, True),
+    ("dec up s4", 128, 64, 8, 4, 1, 30000, False, True),
+    ("dec up s2", 64, 32, 4, 2, 1, 120000, False, True),
+    ("dec last conv", 32, 1, 7, 1, 1, 240000, False, False),
+]
+
+
+def conv_case(device: str, layer: tuple, dtype: torch.dtype):
+    """(triton fn, torch fn, name, flops) for one of CONV_LAYERS at batch 64 x 10 s (smoke: tiny):
+    ELU + pad + conv (+ skip) as separate torch ops (cuDNN) against the fused kernel."""
+    from encodec_fast.ops import conv
+    name, C_in, C_out, K, s, d, L, residual, transposed = layer
+    batch = SIZES["rvq"][0]
+    scale_len = 1.0 if SIZES["big_checks"] else 1 / 2000
+    L = max(4 * K, int(L * scale_len))
+    if not SIZES["big_checks"]:  # smoke: fewer channels too
+        C_in, C_out = max(1, C_in // 8), max(1, C_out // 8)
+    g = torch.Generator(device=device).manual_seed(C_in + C_out)
+    x = torch.randn(batch, C_in, L, device=device, generator=g).to(dtype)
+    if transposed:
+        w = (torch.randn(C_in, C_out, K, device=device, generator=g) / (C_in * 2) ** 0.5).to(dtype)
+        b = torch.zeros(C_out, device=device, dtype=dtype)
+        total = K - s
+        start, length = total - total // 2, (L - 1) * s + K - total
+        args = (x, w, b, s, start, length, True)
+        ref_fn, fn = conv.conv_transpose1d_torch, conv.conv_transpose1d
+        flops = 2.0 * batch * L * C_in * C_out * K
+    else:
+        w = (torch.randn(C_out, C_in, K, device=device, generator=g) / (C_in * K) ** 0.5).to(dtype)
+        b = torch.zeros(C_out, device=device, dtype=dtype)
+        p = (K - 1) * d - (s - 1)
+        extra = math.ceil(L / s) * s - L
+        pads = (p - p // 2, p // 2 + extra)
+        T = math.ceil(L / s)
+        res = torch.randn(batch, C_out, T, device=device, generator=g).to(dtype) if residual else None
+        args = (x, w, b, s, d, pads, "reflect", K > 1, res)
+        ref_fn, fn = conv.conv1d_torch, conv.conv1d
+        flops = 2.0 * batch * T * C_in * C_out * K
+    return (lambda: fn(*args)), (lambda: ref_fn(*args)), name, flops, [batch, C_in, L]
+
+
+def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """Each SEANet convolution kind at batch 64 x 10 s (24 kHz): ELU + pad + conv (+ skip) as
+    separate torch ops (cuDNN) against the fused kernel, fp32 (exact products) and bf16."""
+    rows = []
+    for layer in CONV_LAYERS:
+        for dtype in (torch.float32, torch.bfloat16):
+            fn, ref_fn, name, flops, shape = conv_case(device, layer, dtype)
+            with torch.no_grad():
+                ref = ref_fn()
+                with ops.use_backend("triton"):
+                    got = fn()
+                err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                torch_ms = bench_ms(ref_fn, quick)
+                with ops.use_backend("triton"):
+                    ms, launches = bench_ms_launches(fn, quick)
+            peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
+            rows.append({"op": f"conv: {name}", "dtype": str(dtype).replace("torch.", ""), "shape": shape,
+                         "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
+                         "tflops": flops / ms / 1e9, "launches": launches,
+                         "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak})
+    return rows
+
+
+def time_stft(device: str, quick: bool) -> list:
+    """The MS-STFT discriminator's spectrogram front end (forward + backward) and the whole
+    discriminator (forward + backward), torch vs the Triton layout kernel, at a training batch."""
+    from encodec_fast.ops import stft
+    from encodec_fast.train import MultiScaleSTFTDiscriminator
+    batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (1, 0.1)
+    x = torch.randn(batch, 1, int(24000 * seconds), device=device)
+    rows = []
+    for n_fft, hop in ((1024, 256), (2048, 512), (512, 128)):
+        window = torch.hann_window(n_fft, device=device)
+
+        def step(backend):
+            xin = x.clone().requires_grad_(True)
+            with ops.use_backend(backend):
+                z = stft.spectrogram(xin, window, n_fft, hop, n_fft, True)
+            z.sum().backward()
+            return z
+        ref, got = step("torch"), step("triton")
+        err = float((got - ref).abs().max() / ref.abs().max())
+        entry = {"op": f"spectrogram n_fft={n_fft} fwd+bwd", "torch_ms": bench_ms(lambda: step("torch"), quick),
+                 "rel_err": err}
+        entry["triton_ms"], entry["launches"] = bench_ms_launches(lambda: step("triton"), quick)
+        entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
+        rows.append(entry)
+    torch.manual_seed(0)
+    filters = 32 if SIZES["big_checks"] else 8
+    disc = MultiScaleSTFTDiscriminator(filters=filters).to(device)
+
+    def disc_step(backend):
+        with ops.use_backend(backend):
+            logits, fmaps = disc(x)
+        (sum(lg.mean() for lg in logits) + sum(f.mean() for fm in fmaps for f in fm)).backward()
+    entry = {"op": f"MS-STFT discriminator fwd+bwd (filters={filters}; triton: spectrogram kernel + fused Conv2d)",
+             "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
+             "triton_ms": bench_ms(lambda: disc_step("triton"), quick), "rel_err": None}
+    entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
+    rows.append(entry)
+    return rows
+
+
+def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """The discriminator's Conv2d + LeakyReLU layers (n_fft=1024 scale, filters=32, a training
+    batch): cuDNN conv + LeakyReLU against the fused kernel, forward alone and forward + backward
+    (the kernel's backward is torch's), fp32 and bf16. The shapes are read off the module."""
+    from encodec_fast.ops import conv
+    from encodec_fast.train.msstftd import DiscriminatorSTFT
+    batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (1, 0.1)
+    torch.manual_seed(0)
+    disc = DiscriminatorSTFT(filters=32 if SIZES["big_checks"] else 8).to(device)
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0].detach())))
+             for m in list(disc.convs) + [disc.conv_post]]
+    with torch.no_grad():
+        disc(torch.randn(batch, 1, int(24000 * seconds), device=device))
+    for h in hooks:
+        h.remove()
+    rows = []
+    for i, (module, x) in enumerate(seen):
+        c = module.conv
+        slope = None if module is disc.conv_post else 0.2
+        w = module.weight().detach()
+        cfg = (c.stride, c.dilation, c.padding, slope)
+        B, C_in, H, W = x.shape
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, wd, bd = x.to(dtype), w.to(dtype), c.bias.detach().to(dtype)
+            def fwd(backend):
+                with torch.no_grad(), ops.use_backend(backend):
+                    return conv.conv2d_leaky_relu(xd, wd, bd, *cfg)
+
+            def fwd_bwd(backend):
+                xin, win = xd.clone().requires_grad_(True), wd.clone().requires_grad_(True)
+                with ops.use_backend(backend):
+                    y = conv.conv2d_leaky_relu(xin, win, bd, *cfg)
+                y.backward(torch.ones_like(y))
+            ref, got = fwd("torch"), fwd("triton")
+            err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+            flops = 2.0 * B * ref.shape[2] * ref.shape[3] * C_in * ref.shape[1] * c.kernel_size[0] * c.kernel_size[1]
+            entry = {"op": f"conv2d{'+lrelu' if slope else ''} #{i}", "dtype": str(dtype).replace("torch.", ""),
+                     "shape": [B, C_in, H, W], "out_channels": ref.shape[1], "kernel": list(c.kernel_size),
+                     "stride": list(c.stride), "dilation": list(c.dilation), "rel_err": err,
+                     "torch_fwd_ms": bench_ms(lambda: fwd("torch"), quick),
+                     "torch_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("torch"), quick),
+                     "triton_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("triton"), quick)}
+            entry["triton_fwd_ms"], entry["launches"] = bench_ms_launches(lambda: fwd("triton"), quick)
+            entry["fwd_speedup"] = entry["torch_fwd_ms"] / entry["triton_fwd_ms"]
+            entry["fwd_bwd_speedup"] = entry["torch_fwd_bwd_ms"] / entry["triton_fwd_bwd_ms"]
+            entry["triton_fwd_tflops"] = flops / entry["triton_fwd_ms"] / 1e9
+            peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
+            entry["roofline_fraction"] = None if peak is None else entry["triton_fwd_tflops"] / peak
+            rows.append(entry)
+    return rows
+
+
+def time_training(device: str, quick: bool) -> list:
+    rows = []
+    for n_q in (8, 32):
+        torch.manual_seed(0)
+        ours = ResidualVectorQuantizer(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
+        x = torch.randn(SIZES["train"][0], 128, SIZES["train"][1], device=device)
+
+        def step(model, backend=None):
+            xin = x.clone().requires_grad_(True)
+            if backend is None:
+                res = model(xin, sample_rate=75)
+                loss = res.quantized.pow(2).mean() + res.penalty.sum()
+            else:
+                with ops.use_backend(backend):
+                    res = model(xin, 75)
+                    loss = res.quantized.pow(2).mean() + res.penalty.sum()
+            loss.backward()
+
+        entry = {"op": "quantizer training step", "stages": n_q, "frames": x.shape[0] * x.shape[2]}
+        model = copy.deepcopy(ours)
+        entry["ours_torch_ms"] = bench_ms(lambda: step(model, "torch"), quick)
+        model = copy.deepcopy(ours)
+        entry["ours_triton_ms"], entry["launches"] = bench_ms_launches(lambda: step(model, "triton"), quick)
+        try:
+            from encodec.quantization import ResidualVectorQuantizer as Upstream
+            upstream = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
+            upstream.load_state_dict(ours.state_dict())
+            entry["upstream_ms"] = bench_ms(lambda: step(upstream), quick)
+            entry["speedup_vs_upstream"] = entry["upstream_ms"] / entry["ours_triton_ms"]
+        except ImportError:
+            entry["upstream_ms"] = None
+            entry["note"] = "encodec not installed: no upstream timing"
+        entry["speedup_vs_torch_backend"] = entry["ours_torch_ms"] / entry["ours_triton_ms"]
+        rows.append(entry)
+    return rows
+
+
+def time_model(device: str, quick: bool) -> list:
+    model = peers.ours_model("24khz", peers.random_state("24khz")).to(device)
+    batch, duration = SIZES["model"]
+    x = peers.signal(24000, duration, 1, batch=batch).to(device)
+    seconds = batch * duration
+    reps = 1 if SMOKE else 2 if quick else 5
+    rows = []
+    with torch.no_grad():
+        for kbps in (6.0,) if SMOKE else (6.0, 24.0):
+            model.set_target_bandwidth(kbps)
+            with ops.use_backend("torch"):
+                ref = model.encode(x)
+            entry: dict = {"op": f"24 kHz model, {batch} x {duration} s", "kbps": kbps}
+            for label, backend, dtype in (("torch_fp32", "torch", None), ("triton_fp32", "triton", None),
+                                          ("triton_bf16", "triton", torch.bfloat16)):
+                def run(fn, backend=backend, dtype=dtype):
+                    with ops.use_backend(backend), torch.autocast(device, dtype=dtype or torch.float32,
+                                                                  enabled=dtype is not None):
+                        return fn()
+                result = {}
+
+                def encode(run=run, result=result):
+                    result["frames"] = run(lambda: model.encode(x))
+                if label == "triton_fp32":
+                    enc_s, entry["launches_encode"] = timed_launches(encode, reps)
+                    dec_s, entry["launches_decode"] = timed_launches(lambda: run(lambda: model.decode(ref)), reps)
+                else:
+                    enc_s = timed_seconds(encode, reps)
+                    dec_s = timed_seconds(lambda: run(lambda: model.decode(ref)), reps)
+                codes = result["frames"][0][0]  # the last timed call's
+                entry[f"{label}_encode_audio_s_per_s"] = seconds / enc_s
+                entry[f"{label}_decode_audio_s_per_s"] = seconds / dec_s
+                # Against the torch path's codes; the Triton convolutions' latents differ in the last
+                # bits, so a few codes on codeword boundaries differ (ties are checked in `correctness`).
+                entry[f"{label}_codes_equal_to_fp32"] = float((codes == ref[0][0]).float().mean())
+            entry["encode_speedup_triton_fp32"] = (entry["triton_fp32_encode_audio_s_per_s"]
+                                                   / entry["torch_fp32_encode_audio_s_per_s"])
+            rows.append(entry)
+    return rows
+
+
+def time_train_step(device: str, quick: bool) -> list:
+    """The whole training step of the 24 kHz model (the `train_step` benchmark's measure): ours in fp32
+    with the Triton quantizer, with the torch quantizer, in bf16, and the step built from upstream's
+    modules when upstream is installed."""
+    from bench.benchmarks import train_step
+    return train_step.measure("24khz", 1 if SMOKE else 2 if quick else 16, 0.5 if SMOKE else 1.0, 1 if quick else 5,
+                              [6.0] if SMOKE else [6.0, 24.0], device, with_upstream=upstream_missing() is None)
+
+
+STAGES = ("rvq", "conv", "stft", "conv2d", "training", "train_step", "model")
+#: The row fields that name a case (the rest are measurements).
+PARAMS = ("op", "kbps", "stages", "frames", "precision", "dtype", "shape", "out_channels", "kernel", "stride",
+          "dilation")
+EXTRAS = ("speedup", "tflops", "gbs", "roofline_fraction", "rel_err", "frames_equal", "ties", "non_ties", "launches")
+
+
+def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], configs: str) -> None:
+    """Records of one stage's rows: a time (or throughput) record per implementation, the row's other
+    measures as extras."""
+    for row in rows:
+        params = {k: "x".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items() if k in PARAMS}
+        params.update(stage=stage, configs=configs, device=ctx.device)
+        extra = {k: row[k] for k in EXTRAS if k in row}
+        if stage == "conv2d":
+            for impl in ("torch", "triton"):
+                for kind in ("fwd", "fwd_bwd"):
+                    ctx.record({**params, "pass": kind.replace("_", "+")}, impl, "time", "ms",
+                               [row[f"{impl}_{kind}_ms"]], note="do_bench median", **extra)
+        elif stage == "training":
+            for impl, key in (("torch", "ours_torch_ms"), ("triton", "ours_triton_ms"), ("upstream", "upstream_ms")):
+                if row.get(key) is not None:
+                    ctx.record(params, impl, "time", "ms", [row[key]], note="do_bench median", **extra)
+        elif stage == "train_step":
+            ctx.record(params, row["implementation"], "time", "ms", row["times_ms"],
+                       quantizer_share=row["quantizer_share"])
+        elif stage == "model":
+            for label in ("torch_fp32", "triton_fp32", "triton_bf16"):
+                impl, precision = label.split("_")
+                for op in ("encode", "decode"):
+                    ctx.record({**params, "case": row["op"], "op": op, "precision": precision}, impl, "throughput",
+                               "audio s / s",
+                               [row[f"{label}_{op}_audio_s_per_s"]], higher_is_better=True,
+                               codes_equal_to_fp32=row[f"{label}_codes_equal_to_fp32"],
+                               launches=row.get(f"launches_{op}", []) if impl == "triton" else [])
+        else:
+            for impl in ("torch", "triton"):
+                ctx.record(params, impl, "time", "ms", [row[f"{impl}_ms"]], note="do_bench median", **extra)
+
+
+@benchmark("kernels", "Triton kernels vs their PyTorch paths (exact fp32 and bf16), roofline fraction, launches",
+           priority=20, devices=("cuda",))
+def run(ctx: Context) -> None:
+    interpreted = ctx.device == "cpu"  # only reached in Triton's interpreter (a test's plumbing check)
+    use_interpreter(interpreted)
+    configs = "autotune" if os.environ.get("ENCODEC_FAST_AUTOTUNE") == "1" else "default"
+    quick = ctx.suite != "full"
+    LaunchLog.install()
+    allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the exact fp32 reference
+    peaks = None if interpreted else peaks_for(torch.cuda.get_device_name())
+    stages = {"rvq": lambda: time_rvq(ctx.device, quick, peaks), "conv": lambda: time_convs(ctx.device, quick, peaks),
+              "stft": lambda: time_stft(ctx.device, quick), "conv2d": lambda: time_conv2d(ctx.device, quick, peaks),
+              "training": lambda: time_training(ctx.device, quick),
+              "train_step": lambda: time_train_step(ctx.device, quick),
+              "model": lambda: time_model(ctx.device, quick)}
+    try:
+        for stage in STAGES:
+            ctx.check_time(f"stage {stage}")
+            _record_rows(ctx, stage, stages[stage](), configs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+        use_interpreter(False)

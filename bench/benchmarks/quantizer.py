@@ -1,0 +1,72 @@
+"""`quantizer`: the quantizer's training step on CPU, ours (scatter statistics, the default; upstream's
+one-hot product, ENCODEC_FAST_VQ_STATS=onehot) against upstream `encodec`'s `core_vq`, interleaved in
+one process with the same threads, weights and inputs.
+
+Latents of a 24 kHz batch (75 frames per second, D=128, 1024 codes), 6 kbps (8 stages) and 24 kbps
+(32 stages); forward (assignment, EMA update, straight-through output, commitment loss) and the
+backward of a loss on the output. k-means init is off and the codebooks are set from the data, so
+every step does the same work.
+"""
+
+import copy
+import os
+import warnings
+
+import torch
+
+from bench.core import Context, benchmark, upstream_missing
+
+
+def _step(quantizer, x: torch.Tensor, kbps: float) -> None:
+    xin = x.clone().requires_grad_(True)
+    res = quantizer(xin, 75, kbps)
+    (res.quantized.pow(2).mean() + res.penalty.sum()).backward()
+
+
+def _ours(x: torch.Tensor, n_q: int, gen: torch.Generator):
+    from encodec_fast.quantization import ResidualVectorQuantizer
+    torch.manual_seed(0)
+    ours = ResidualVectorQuantizer(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).train()
+    with torch.no_grad():  # codebooks from the data (with replacement: fewer frames than codes)
+        flat = x.transpose(1, 2).reshape(-1, 128)
+        for layer in ours.vq.layers:
+            idx = torch.randint(0, flat.shape[0], (1024,), generator=gen)
+            layer._codebook.embed.copy_(flat[idx] * 0.5)
+            layer._codebook.embed_avg.copy_(layer._codebook.embed)
+            layer._codebook.cluster_size.fill_(1.0)
+            flat = flat * 0.7
+    return ours
+
+
+@benchmark("quantizer", "Quantizer training step (forward + backward + EMA) vs upstream's core_vq", priority=60)
+def run(ctx: Context) -> None:
+    from encodec_fast import ops
+    warnings.simplefilter("ignore")  # upstream's issue-25 warning on every training forward
+    batch, seconds = ctx.pick(1, 8, 8), ctx.pick(0.2, 1.0, 1.0)
+    frames = int(75 * seconds)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 128, frames, generator=gen)
+    missing = upstream_missing()
+    for kbps, n_q in ((6.0, 8), (24.0, 32)):
+        ctx.check_time(f"{kbps:g} kbps")
+        params = {"kbps": kbps, "stages": n_q, "frames": batch * frames, "device": "cpu"}
+        ours = _ours(x, n_q, gen)
+        impls = {}
+        for method in ("scatter", "onehot"):
+            def step(model=copy.deepcopy(ours), method=method) -> None:
+                os.environ["ENCODEC_FAST_VQ_STATS"] = method
+                try:
+                    with ops.use_backend("torch"):
+                        _step(model, x, kbps)
+                finally:
+                    os.environ.pop("ENCODEC_FAST_VQ_STATS", None)
+            impls[f"ours ({method})"] = step
+        if missing:
+            ctx.na(params, "upstream", "time", "ms", missing)
+        else:
+            from encodec.quantization import ResidualVectorQuantizer as Upstream
+            up = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).train()
+            up.load_state_dict(ours.state_dict())
+            impls["upstream"] = lambda up=up: _step(up, x, kbps)
+        for impl, rec in ctx.timed(params, impls, unit="ms", scale=1e3).items():
+            rec["headline"] = impl in ("ours (scatter)", "upstream")

@@ -1,0 +1,82 @@
+"""Benchmark modules and tools beyond what the smoke suite shows: the GPU benchmark's stages in Triton's
+interpreter, the launch-configuration sweep, tokenize with every peer, the training-corpus tool and the
+training step on a tiny model. Their numbers are not checked: speed is measured, not asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import core
+
+pytestmark = pytest.mark.slow  # end-to-end runs (CI: the readme environment only)
+
+ROOT = Path(__file__).resolve().parent.parent
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the kernels in Triton's interpreter (set when no GPU is present)")
+
+
+@interpreter
+def test_kernels_benchmark_stages_in_the_interpreter(tmp_path):
+    """Every stage of the `kernels` benchmark runs at tiny sizes on CPU and records torch and Triton side by
+    side; the kernels' results agree with the PyTorch paths (RVQ: ties only; convolutions within tolerance)."""
+    from bench.benchmarks import kernels
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="kernels")
+    kernels.run(ctx)
+    assert kernels.SIZES is kernels.FULL_SIZES  # the tiny sizes do not leak out of the run
+    by_stage = {}
+    for r in ctx.records:
+        by_stage.setdefault(r["params"]["stage"], []).append(r)
+    assert set(by_stage) == set(kernels.STAGES)
+    rvq = [r for r in by_stage["rvq"] if r["implementation"] == "triton"]
+    assert {r["params"]["op"] for r in rvq} == {"rvq_encode", "rvq_decode"}
+    assert all(r["non_ties"] == 0 for r in rvq if r["params"]["op"] == "rvq_encode")
+    for stage in ("conv", "conv2d"):
+        assert all(r["rel_err"] < 2e-2 for r in by_stage[stage]), stage
+    assert len(by_stage["conv"]) == 2 * 2 * len(kernels.CONV_LAYERS)  # torch and triton, fp32 and bf16
+    assert {r["implementation"] for r in by_stage["model"]} == {"torch", "triton"}
+    assert all(r["median"] > 0 for r in ctx.records)
+
+
+@interpreter
+def test_gpu_sweep_smoke_run(tmp_path):
+    """python -m tools.gpu_sweep --smoke: forced configurations give the reference's codes (ties only)."""
+    proc = subprocess.run([sys.executable, "-m", "tools.gpu_sweep", "--smoke", "--only", "rvq_encode,vq_assign",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("gpu_sweep_*_smoke.json")).read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"rvq_encode", "vq_assign"}
+    assert all("error" not in r and r["non_ties"] == 0 for r in rows)
+    assert len({json.dumps(r["config"], sort_keys=True) for r in rows if r["kernel"] == "rvq_encode"}) == 3
+
+
+def test_tokenize_with_every_peer(tmp_path):
+    """A few clips through ours, upstream's loop and transformers (weights converted to its layout), one
+    process each; our codes equal upstream's."""
+    from bench.benchmarks import tokenize
+    report = tokenize.measure(4, tmp_path / "corpus", tmp_path / "work", "cpu", 1, hf_batch=8, smoke=True, skip={},
+                              at_once=False)
+    results = report["results"]
+    assert set(results) == {"ours", "upstream", "transformers"}
+    assert all("error" not in r for r in results.values()), results
+    assert results["ours"]["codes_equal_upstream"] == 1.0
+    assert 0 < results["transformers"]["codes_equal_upstream"] <= 1.0
+
+
+def test_training_corpus_tool_and_training_step(tmp_path):
+    """python -m tools.make_train_corpus (a few clips) writes train and held-out audio; the training step
+    of the tiny model runs ours and the step on upstream's modules."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    corpus = tmp_path / "corpus"
+    proc = subprocess.run([sys.executable, "-m", "tools.make_train_corpus", str(corpus), "--speech-clips", "2",
+                           "--music-clips", "1", "--heldout-clips", "1", "--allow-no-speech"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list((corpus / "train" / "music").glob("*.wav")) and list((corpus / "heldout" / "music").glob("*.wav"))
+    from bench.benchmarks import train_step
+    rows = train_step.measure("tiny", batch=1, seconds=0.3, reps=1, bandwidths=[1.5], device="cpu")
+    assert {r["implementation"] for r in rows} == {"ours", "upstream modules"}
+    assert all(r["median_ms"] > 0 and 0 <= r["quantizer_share"] <= 1 for r in rows)

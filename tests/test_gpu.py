@@ -1,0 +1,185 @@
+"""The Triton kernels on a real GPU (marker `gpu`; skipped without CUDA): what Triton's interpreter on
+CPU cannot show (TF32, real atomics, bf16, compiled code). `python -m pytest -m gpu` on a GPU machine.
+
+RVQ encode against the exact-fp32 PyTorch path (differences must be ties), decode bit-exact, one
+training stage (codes, counts, sums), a quantizer training step against the PyTorch backend, the
+24 kHz model end to end, and every convolution kind, spectrogram and discriminator layer within its
+dtype's tolerance of the PyTorch path. The shapes and inputs are the `kernels` benchmark's.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from bench import peers
+from bench.benchmarks import kernels
+from encodec_fast import ops
+from encodec_fast.ops import rvq
+from encodec_fast.quantization import ResidualVectorQuantizer
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (python -m pytest -m gpu)")]
+DEVICE = "cuda"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def exact_torch_path():
+    """The PyTorch side in exact fp32 (no TF32), as the reference."""
+    allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+
+
+@pytest.mark.parametrize("B,D,T,K,Q", [(1, 128, 1, 1024, 3), (3, 8, 37, 16, 4), (1, 130, 50, 100, 2),
+                                       (2, 256, 20, 4096, 1), (4, 128, 750, 1024, 32), (2, 64, 333, 2048, 17)])
+def test_rvq_encode_codes_are_the_exact_paths_up_to_ties(B, D, T, K, Q):
+    books = kernels.make_books(Q, K, D, seed=B + D + T + K + Q, device=DEVICE)
+    x = kernels.make_latents(books, B, T, seed=T)
+    norms = [b.pow(2).sum(-1)[None] for b in books]
+    with ops.use_backend("torch"):
+        ref = rvq.rvq_encode(x, list(books), norms)
+    with ops.use_backend("triton"), kernels.Precision("ieee"):
+        got = rvq.rvq_encode(x, list(books), norms)
+        strided = rvq.rvq_encode(x.transpose(1, 2).contiguous().transpose(1, 2), list(books), norms)
+    agreement = rvq.code_agreement(x, books, ref, got)
+    assert agreement.non_ties == 0, agreement
+    assert torch.equal(got, strided)
+
+
+def test_rvq_decode_is_bit_exact():
+    books = kernels.make_books(32, 1024, 128, seed=1, device=DEVICE)
+    codes = torch.randint(0, 1024, (32, 3, 500), device=DEVICE)
+    with ops.use_backend("torch"):
+        ref = rvq.rvq_decode(codes, list(books))
+    with ops.use_backend("triton"):
+        got = rvq.rvq_decode(codes, list(books))
+    assert torch.equal(ref, got)
+
+
+def test_vq_assign_with_ema_statistics():
+    books = kernels.make_books(1, 1024, 128, seed=2, device=DEVICE)
+    x = kernels.make_latents(books, 1, 5000, seed=2)[0].t()
+    norm = books[0].pow(2).sum(-1)
+    with ops.use_backend("torch"):
+        c, q, n, s = rvq.vq_assign(x, books[0], norm, stats=True)
+    with ops.use_backend("triton"):
+        kc, kq, kn, ks = rvq.vq_assign(x, books[0], norm, stats=True)
+    agreement = rvq.code_agreement(x.t()[None], books, c.view(1, 1, -1), kc.view(1, 1, -1))
+    assert agreement.non_ties == 0, agreement
+    if agreement.equal == agreement.rows:
+        assert torch.equal(q, kq) and torch.equal(n, kn)
+        torch.testing.assert_close(ks, s, rtol=1e-5, atol=1e-5)
+
+
+def test_quantizer_training_steps_match_the_torch_backend():
+    # No k-means: with fewer frames than codewords it repeats frames, and repeated codewords are exact
+    # ties that either side may break.
+    torch.manual_seed(0)
+    ref_q = ResidualVectorQuantizer(dimension=128, n_q=8, bins=1024, kmeans_init=False).to(DEVICE).train()
+    fast_q = copy.deepcopy(ref_q)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    batch, frames = kernels.FULL_SIZES["train"]
+    for step in range(3):
+        x = torch.randn(batch, 128, frames, generator=g, device=DEVICE)
+        books = torch.stack([layer._codebook.embed.detach().clone() for layer in ref_q.vq.layers])
+        res = []
+        for backend, model in (("torch", ref_q), ("triton", fast_q)):
+            xin = x.clone().requires_grad_(True)
+            torch.manual_seed(100 + step)  # dead-code expiry draws random frames
+            with ops.use_backend(backend):
+                r = model(xin, sample_rate=75)
+            (r.quantized.pow(2).mean() + r.penalty.sum()).backward()
+            res.append((r, xin.grad))
+        (a, ga), (b, gb) = res
+        if not torch.equal(a.codes, b.codes):  # ties only; the states diverge from there
+            assert rvq.code_agreement(x, books, a.codes, b.codes).non_ties == 0
+            return
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+        for (name, x1), (_, x2) in zip(ref_q.named_buffers(), fast_q.named_buffers()):
+            torch.testing.assert_close(x2, x1, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_24khz_model_end_to_end():
+    model = peers.ours_model("24khz", peers.random_state("24khz")).to(DEVICE)
+    model.set_target_bandwidth(6.0)
+    x = peers.signal(24000, 1.0, 1, batch=2).to(DEVICE)
+    with torch.no_grad():
+        with ops.use_backend("torch"):
+            emb_ref = model.encoder(x)
+            ref = model.encode(x)[0][0]
+            audio_ref = model.decode([(ref, None)])
+        with ops.use_backend("triton"):
+            emb = model.encoder(x)
+            got = model.encode(x)[0][0]
+            own = model.quantizer.encode(emb, model.frame_rate, 6.0)
+            audio = model.decode([(ref, None)])
+        with ops.use_backend("torch"):
+            own_ref = model.quantizer.encode(emb, model.frame_rate, 6.0)
+    books, _ = model.quantizer.vq.stacked_codebooks(ref.shape[1])
+    # The RVQ kernel on the kernels' latents: ties only. Convolutions: latents and audio close.
+    agreement = rvq.code_agreement(emb, books, own_ref, own)
+    assert agreement.non_ties == 0 and torch.equal(own, got.transpose(0, 1)), agreement
+    assert float((emb - emb_ref).abs().max() / emb_ref.abs().max()) <= 1e-5
+    assert float((audio - audio_ref).abs().max() / audio_ref.abs().max()) <= 1e-5
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+
+
+LIMITS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer", kernels.CONV_LAYERS, ids=[layer[0] for layer in kernels.CONV_LAYERS])
+def test_conv_layers_within_tolerance(layer, dtype):
+    fn, ref_fn, *_ = kernels.conv_case(DEVICE, layer, dtype)
+    with torch.no_grad():
+        ref = ref_fn()
+        with ops.use_backend("triton"):
+            got = fn()
+    assert _rel_err(got, ref) <= LIMITS[dtype]
+
+
+@pytest.mark.parametrize("n_fft,hop", [(1024, 256), (2048, 512), (512, 128)])
+def test_spectrogram_forward_and_backward(n_fft, hop):
+    from encodec_fast.ops import stft
+    x = torch.randn(4, 1, 24000, device=DEVICE)
+    window = torch.hann_window(n_fft, device=DEVICE)
+    out = {}
+    for backend in ("torch", "triton"):
+        xin = x.clone().requires_grad_(True)
+        with ops.use_backend(backend):
+            z = stft.spectrogram(xin, window, n_fft, hop, n_fft, True)
+        z.sum().backward()
+        out[backend] = (z, xin.grad)
+    assert _rel_err(out["triton"][0], out["torch"][0]) <= 1e-5
+    assert _rel_err(out["triton"][1], out["torch"][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_discriminator_conv2d_layers_within_tolerance(dtype):
+    from encodec_fast.ops import conv
+    from encodec_fast.train.msstftd import DiscriminatorSTFT
+    torch.manual_seed(0)
+    disc = DiscriminatorSTFT(filters=32).to(DEVICE)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0].detach())))
+             for m in list(disc.convs) + [disc.conv_post]]
+    with torch.no_grad():
+        disc(torch.randn(2, 1, 24000, device=DEVICE))
+    for h in hooks:
+        h.remove()
+    for module, x in seen:
+        c = module.conv
+        slope = None if module is disc.conv_post else 0.2
+        args = (x.to(dtype), module.weight().detach().to(dtype), c.bias.detach().to(dtype), c.stride, c.dilation,
+                c.padding, slope)
+        with torch.no_grad():
+            with ops.use_backend("torch"):
+                ref = conv.conv2d_leaky_relu(*args)
+            with ops.use_backend("triton"):
+                got = conv.conv2d_leaky_relu(*args)
+        assert _rel_err(got, ref) <= LIMITS[dtype], (module, dtype)
