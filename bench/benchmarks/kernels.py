@@ -326,7 +326,7 @@ def time_stft(device: str, quick: bool) -> list:
             z.sum().backward()
             return z
         ref, got = step("torch"), step("triton")
-        err = float((got - ref).abs().max() / ref.abs().max())
+        err = float((got - ref).detach().abs().max() / ref.detach().abs().max())
         entry = {"op": f"spectrogram n_fft={n_fft} fwd+bwd", "torch_ms": bench_ms(lambda: step("torch"), quick),
                  "rel_err": err}
         entry["triton_ms"], entry["launches"] = bench_ms_launches(lambda: step("triton"), quick)
