@@ -93,8 +93,7 @@ def run_step(cmd, limit_gb: float, timeout: float, env: tp.Optional[tp.Dict[str,
 
 
 def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Sequence[str], limit_gb: float,
-            timeout: float, workdir: Path, log: tp.Callable[[tp.Dict[str, tp.Any]], None] = lambda row: None,
-            at_once: bool = False) -> tp.List[tp.Dict[str, tp.Any]]:
+            timeout: float, workdir: Path, at_once: bool = False) -> tp.List[tp.Dict[str, tp.Any]]:
     """One row per (model, minutes, implementation, step): seconds, peak RSS (MB), or the error.
     `at_once`: the implementations run side by side (a plumbing check: their times then share the
     machine, its cores shared out: `bench.core.map_processes`), else one after the other."""
@@ -111,7 +110,7 @@ def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Seq
             write_input(wav, rate, channels, length)
 
             def steps(impl: str, env: tp.Optional[tp.Dict[str, str]]) -> tp.List[tp.Dict[str, tp.Any]]:
-                return _steps(impl, model, length, wav, ckpt, workdir, limit_gb, timeout, log, env)
+                return _steps(impl, model, length, wav, ckpt, workdir, limit_gb, timeout, env)
             for done in map_processes(steps, impls, at_once):
                 rows += done
             wav.unlink()
@@ -119,7 +118,7 @@ def measure(models: tp.Sequence[str], minutes: tp.Sequence[float], impls: tp.Seq
 
 
 def _steps(impl: str, model: str, length: float, wav: Path, ckpt: Path, workdir: Path, limit_gb: float,
-           timeout: float, log: tp.Callable[[tp.Dict[str, tp.Any]], None], env: tp.Optional[tp.Dict[str, str]]
+           timeout: float, env: tp.Optional[tp.Dict[str, str]]
            ) -> tp.List[tp.Dict[str, tp.Any]]:
     """One implementation's compress then decompress of `wav`: a row per step."""
     rows = []
@@ -139,7 +138,6 @@ def _steps(impl: str, model: str, length: float, wav: Path, ckpt: Path, workdir:
         rows.append({"model": model, "minutes": length, "impl": impl, "step": step, "seconds": wall,
                      "peak_rss_mb": rss if err is None else None, "error": err,
                      "realtime_x": (length * 60 / wall) if wall else None})
-        log(rows[-1])
     for p in (ecdc, back):
         p.unlink(missing_ok=True)
     return rows

@@ -18,7 +18,6 @@ agreement: trained codebooks have near-ties where real audio goes).
 import statistics
 import time
 import typing as tp
-from pathlib import Path
 
 import torch
 
@@ -29,8 +28,6 @@ STARTUP_FRAMES = 7  # frames the start-up holds (reflect padding of the last con
 
 def encoder_run(model, x, chunk: int, exact: bool):
     """Push x [C, n] in chunks -> (codes [K, T], seconds per push, (frame, delay in samples) pairs)."""
-    import torch
-
     from encodec_fast.streaming import StreamingEncoder
     enc = StreamingEncoder(model, exact=exact)
     times, codes, delays = [], [], []
@@ -78,7 +75,6 @@ def decoder_run(model, codes, frames_per_push: int) -> tp.List[float]:
 
 
 def _sync(t):
-    import torch
     return torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
 
 
@@ -92,7 +88,6 @@ def measure(model, x, chunks_ms: tp.Sequence[float], modes: tp.Sequence[str] = (
             ) -> tp.List[tp.Dict[str, tp.Any]]:
     """Rows for the streaming encoder (each mode) and decoder of `model` (at its current
     bandwidth) on x [C, n], per chunk size; each row keeps every push's compute time (`times_s`)."""
-    import torch
     sr, hop = model.sample_rate, model.hop_length
     with torch.no_grad():
         (whole, _), = model.encode(x[None])
@@ -126,15 +121,11 @@ def measure(model, x, chunks_ms: tp.Sequence[float], modes: tp.Sequence[str] = (
     return rows
 
 
-def load_model(name: str, checkpoint: tp.Optional[Path], device: str = "cpu"):
+def load_model(name: str, device: str = "cpu"):
     """(model, description of its weights): `24khz` random with data-like codebooks, `small` the
-    shipped trained weights; `checkpoint` loads into that architecture."""
-    import torch
-
+    shipped trained weights."""
     from bench.peers import ours_model, random_state
-    if checkpoint is not None:
-        state, weights = torch.load(checkpoint, map_location="cpu"), str(checkpoint)
-    elif name == "small":
+    if name == "small":
         from encodec_fast import EncodecModel
         state, weights = EncodecModel.encodec_model_24khz_small().state_dict(), "the shipped small model (trained)"
     else:
@@ -145,8 +136,6 @@ def load_model(name: str, checkpoint: tp.Optional[Path], device: str = "cpu"):
 def load_audio(kind: str, sample_rate: int, seconds: float, device: str = "cpu"):
     """Mono audio [1, n] of `kind`: tones, or held-out speech / music clips joined (None and the
     reason when it cannot be made here)."""
-    import torch
-
     from bench.peers import signal
     if kind == "tones":
         return signal(sample_rate, seconds, 1, batch=1, seed=5)[0].to(device), None
@@ -167,7 +156,7 @@ def streaming(ctx: Context) -> None:
     torch.set_num_threads(1)
     try:
         for model_name, kinds in (("24khz", ("tones",)), ("small", ("speech", "music"))):
-            model, weights = load_model(model_name, None, ctx.device)
+            model, weights = load_model(model_name, ctx.device)
             model.set_target_bandwidth(6.0)
             for kind in kinds:
                 base = {"model": model_name, "audio": kind, "kbps": 6.0, "device": ctx.device, "threads": 1}
