@@ -88,6 +88,16 @@ def test_encodec_fast_kernels_in_this_install(where):
     assert backend == "cpp"
 
 
+def _can_build_wheels_here() -> bool:
+    import importlib.metadata
+    import importlib.util
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
 @pytest.mark.slow
 def test_regular_install_from_a_wheel(tmp_path, throwaway_kernels):
     """A wheel built from a copy of the sources, unpacked as site-packages: `encodec_fast.kernels` holds
@@ -99,7 +109,10 @@ def test_regular_install_from_a_wheel(tmp_path, throwaway_kernels):
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
     for name in ("encodec_fast", "kernels"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    # This environment's setuptools when it can build wheels by itself (>= 70.1, or with `wheel`); else pip's
+    # isolated build environment (which downloads pyproject.toml's build requirements).
+    isolation = ["--no-build-isolation"] if _can_build_wheels_here() else []
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("encodec_fast-*.whl")
