@@ -23,16 +23,6 @@ class Unavailable(Exception):
     """This implementation cannot run here (not installed, or cannot do the job)."""
 
 
-def signal(sample_rate: int, seconds: float, channels: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """[batch, channels, n] speech-like test audio (voiced harmonics, vibrato, envelope, noise):
-    never zeros, different per item and channel."""
-    from encodec_fast.demo import _clip
-    n = max(1, int(round(sample_rate * seconds)))
-    rows = [torch.cat([_clip(sample_rate, n / sample_rate, seed=seed + 7 * b + c) for c in range(channels)])
-            for b in range(batch)]
-    return torch.stack(rows)[..., :n]
-
-
 def ours_model(model: str, state: tp.Optional[tp.Dict[str, torch.Tensor]] = None):
     """Our model of that architecture, with `state` loaded (strict)."""
     from encodec_fast.model import FACTORIES

@@ -12,24 +12,12 @@ for its quality); with --official, the official 24 kHz weights (a download).
 """
 
 import argparse
-import math
 import time
 from pathlib import Path
 
-import torch
-
 from . import cli
 from .audio import save_audio
-
-
-def _clip(sample_rate: int, seconds: float, seed: int = 0) -> torch.Tensor:
-    t = torch.arange(int(sample_rate * seconds)) / sample_rate
-    f0 = (140 + 15 * seed) * (1 + 0.2 * torch.sin(2 * math.pi * 0.7 * t))
-    phase = 2 * math.pi * torch.cumsum(f0, 0) / sample_rate
-    voice = sum(torch.sin(h * phase) / h for h in range(1, 10))
-    envelope = torch.sin(2 * math.pi * 3 * t).clamp(min=0).sqrt()
-    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)) * 0.02
-    return (0.3 * voice * envelope + noise)[None]
+from .testing import voice
 
 
 def main() -> int:
@@ -40,7 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     wav_path = args.out_dir / "demo.wav"
-    save_audio(_clip(24000, 5.0), wav_path, 24000)
+    save_audio(voice(24000, 5.0), wav_path, 24000)
     extra = [] if args.official else ["--model", "small"]
     if not args.official:
         print("the small shipped codec (--model small); pass --official to download the official weights")
@@ -48,7 +36,7 @@ def main() -> int:
     corpus.mkdir(exist_ok=True)
     for i in range(12):
         rate, channels = (16000, 22050, 44100, 48000)[i % 4], 1 + i % 2
-        clip = _clip(rate, 1.0 + 0.5 * i, seed=i)
+        clip = voice(rate, 1.0 + 0.5 * i, seed=i)
         save_audio(clip.expand(channels, -1), corpus / f"clip{i:02d}.{'flac' if i % 3 else 'wav'}", rate)
     status = cli.main(["tokenize", str(corpus), "-o", str(args.out_dir / "codes"), "-b", "6", "--overwrite",
                        "--workers", "1", *extra])

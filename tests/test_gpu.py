@@ -17,6 +17,7 @@ from bench.benchmarks import kernels
 from encodec_fast import ops
 from encodec_fast.ops import rvq
 from encodec_fast.quantization import ResidualVectorQuantizer
+from encodec_fast.testing import voice_batch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (python -m pytest -m gpu)")]
@@ -104,7 +105,7 @@ def test_quantizer_training_steps_match_the_torch_backend():
 def test_24khz_model_end_to_end():
     model = peers.ours_model("24khz", peers.random_state("24khz")).to(DEVICE)
     model.set_target_bandwidth(6.0)
-    x = peers.signal(24000, 1.0, 1, batch=2).to(DEVICE)
+    x = voice_batch(24000, 1.0, 1, batch=2).to(DEVICE)
     with torch.no_grad():
         with ops.use_backend("torch"):
             emb_ref = model.encoder(x)

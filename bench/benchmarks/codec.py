@@ -27,6 +27,7 @@ from bench.core import (
     rss_mb,
     run_child,
 )
+from encodec_fast.testing import voice_batch
 
 # (model, batch, seconds, kbps) per suite; sweeps share the base case.
 BASE = {"smoke": {"24khz": (1, 0.25, 6.0), "48khz": (1, 0.5, 6.0)},
@@ -73,7 +74,7 @@ def run(ctx: Context) -> None:
         for batch, seconds, kbps in cases(ctx.suite, model):
             ctx.check_time(f"{model} batch {batch} x {seconds:g} s at {kbps:g} kbps")
             headline = (batch, seconds, kbps) == HEADLINE[ctx.suite][model]
-            x = peers.signal(ours.sample_rate, seconds, ours.channels, batch=batch).to(ctx.device)
+            x = voice_batch(ours.sample_rate, seconds, ours.channels, batch=batch).to(ctx.device)
             audio_s = batch * seconds
             extra = dict(audio_seconds=audio_s, weights=source, headline=headline)
             sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
@@ -211,13 +212,13 @@ def child(impls: str, model: str, state_path: str, todo: str, allocator: str) ->
             result["unavailable"][impl] = str(err)
             continue
         # one tiny call first: one-time costs (thread pools, lazy imports, first use) are not a case's
-        warm = peers.signal(codec.sample_rate, 0.1, codec.channels)
+        warm = voice_batch(codec.sample_rate, 0.1, codec.channels)
         codec.decode(codec.encode(warm, cases_[0][2]))
         for op, (batch, seconds, kbps) in [(op, case) for op in ("encode", "decode") for case in cases_]:
             entry: tp.Dict[str, tp.Any] = {"impl": impl, "op": op, "case": [batch, seconds, kbps]}
             try:
                 if op == "encode":
-                    args = (peers.signal(codec.sample_rate, seconds, codec.channels, batch=batch), kbps)
+                    args = (voice_batch(codec.sample_rate, seconds, codec.channels, batch=batch), kbps)
                     fn = codec.encode
                 else:
                     args = (codec.random_codes(batch, seconds, kbps),)

@@ -36,6 +36,7 @@ from bench.core import Context, benchmark, upstream_missing
 from encodec_fast import ops
 from encodec_fast.ops import rvq
 from encodec_fast.quantization import ResidualVectorQuantizer
+from encodec_fast.testing import voice_batch
 
 # Dense peaks (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets, by device name.
 PEAKS = {
@@ -441,7 +442,7 @@ def time_training(device: str, quick: bool) -> list:
 def time_model(device: str, quick: bool) -> list:
     model = peers.ours_model("24khz", peers.random_state("24khz")).to(device)
     batch, duration = SIZES["model"]
-    x = peers.signal(24000, duration, 1, batch=batch).to(device)
+    x = voice_batch(24000, duration, 1, batch=batch).to(device)
     seconds = batch * duration
     reps = 1 if SMOKE else 2 if quick else 5
     rows = []

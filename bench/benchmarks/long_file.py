@@ -28,6 +28,7 @@ from bench.core import (
     side_by_side_note,
     trim_heap,
 )
+from encodec_fast.testing import voice_batch
 
 
 def memory_limit_gb() -> float:
@@ -91,9 +92,9 @@ def child(impl: str, model: str, state_path: str, seconds: str, device: str) -> 
     except peers.Unavailable as err:
         print(json.dumps({"error": str(err)}))
         return
-    warm = peers.signal(codec.sample_rate, 0.1, codec.channels).to(device)
+    warm = voice_batch(codec.sample_rate, 0.1, codec.channels).to(device)
     codec.encode(warm, 6.0)  # one-time costs (thread pools, lazy imports) are not the long file's
-    x = peers.signal(codec.sample_rate, seconds, codec.channels).to(device)
+    x = voice_batch(codec.sample_rate, seconds, codec.channels).to(device)
     # Making the input leaves freed heap behind (the tuned allocator keeps it): hand it back, so
     # that the call's peak is new pages, not pages it reuses.
     gc.collect()

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import peers
 from bench.core import Context, benchmark
+from encodec_fast.testing import voice_batch
 
 
 def matmul_gflops(n: int, reps: int, device: str) -> tp.List[float]:
@@ -48,7 +49,7 @@ def _lstm_flops(module: torch.nn.Module, frames: int) -> float:
 def count_gflops(codec: peers.Codec, seconds: float, kbps: float) -> tp.Dict[str, float]:
     """GFLOP of encoding and decoding `seconds` of one channel group at `kbps`."""
     net = codec.net
-    x = peers.signal(codec.sample_rate, seconds, codec.channels)
+    x = voice_batch(codec.sample_rate, seconds, codec.channels)
     frames = math.ceil(x.shape[-1] / 320)
     net.set_target_bandwidth(kbps)
     stages = net.quantizer.get_num_quantizers_for_bandwidth(net.frame_rate, kbps)
@@ -84,7 +85,7 @@ def run(ctx: Context) -> None:
     for op in ("encode", "decode"):
         ctx.record({**params, "op": op}, "model", "gflop_per_audio_second", "GFLOP", [flops[op] / seconds],
                    note="convolutions counted by FlopCounterMode, LSTM and codebook search from their shapes")
-    x = peers.signal(24000, seconds, 1, batch=batch).to(device)
+    x = voice_batch(24000, seconds, 1, batch=batch).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     enc = ctx.timed({**params, "op": "encode"}, {k: (lambda c=c: c.encode(x, kbps)) for k, c in codecs.items()},
                     metric="time", unit="s", sync=sync, audio_seconds=batch * seconds)

@@ -2,7 +2,7 @@
 command.
 
 For each model (24 kHz mono, 48 kHz stereo; random weights with data-like codebooks, 6 kbps) and
-length, a WAV at the model's rate is written block by block (`peers.signal` tones), then each
+length, a WAV at the model's rate is written block by block (`encodec_fast.testing.voice_batch`), then each
 implementation compresses it to `.ecdc` and decompresses it back to WAV, each step in its own process
 under an address-space limit, with its peak RSS (ru_maxrss of the child) and wall time. Upstream's
 command is `python -m encodec` (0.1.1) in a process whose `MODELS` give it the same weights, and whose
@@ -51,8 +51,8 @@ with torch.no_grad():
 def write_input(path: Path, sample_rate: int, channels: int, minutes: float) -> None:
     import soundfile as sf
 
-    from bench.peers import signal
-    block = signal(sample_rate, 30.0, channels, batch=1, seed=3)[0].numpy().T
+    from encodec_fast.testing import voice_batch
+    block = voice_batch(sample_rate, 30.0, channels, batch=1, seed=3)[0].numpy().T
     total = int(minutes * 60 * sample_rate)
     with sf.SoundFile(str(path), "w", sample_rate, channels, subtype="PCM_16") as f:
         done = 0

@@ -136,9 +136,9 @@ def load_model(name: str, device: str = "cpu"):
 def load_audio(kind: str, sample_rate: int, seconds: float, device: str = "cpu"):
     """Mono audio [1, n] of `kind`: tones, or held-out speech / music clips joined (None and the
     reason when it cannot be made here)."""
-    from bench.peers import signal
+    from encodec_fast.testing import voice_batch
     if kind == "tones":
-        return signal(sample_rate, seconds, 1, batch=1, seed=5)[0].to(device), None
+        return voice_batch(sample_rate, seconds, 1, batch=1, seed=5)[0].to(device), None
     from bench.benchmarks.quality import heldout_clips
     clips, missing = heldout_clips([kind], count=max(1, int(seconds // 4) + 1), seconds=12.0)
     if kind in missing:

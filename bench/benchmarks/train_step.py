@@ -44,9 +44,9 @@ class QuantizerClock:
 def _corpus(folder: Path, seconds: float) -> None:
     import soundfile as sf
 
-    from encodec_fast.demo import _clip  # speech-like test signals, no upstream needed
+    from encodec_fast.testing import voice
     for i in range(4):
-        sf.write(folder / f"clip{i}.wav", _clip(24000, seconds + 1, seed=i)[0].numpy(), 24000)
+        sf.write(folder / f"clip{i}.wav", voice(24000, seconds + 1, seed=i)[0].numpy(), 24000)
 
 
 def measure(model: str, batch: int, seconds: float, reps: int, bandwidths: tp.Sequence[float], device: str,
