@@ -17,7 +17,6 @@ settings), and the context records both.
 import argparse
 import datetime
 import json
-import os
 import sys
 import tempfile
 import time
@@ -66,6 +65,17 @@ def parse(argv: tp.Optional[tp.Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    """The command; an I/O failure writing the results (a full disk, an unwritable --out) is one line and
+    exit status 1, and leaves no partial results.json."""
+    from encodec_fast.jobs import describe_os_error
+    try:
+        return _main(argv)
+    except OSError as err:
+        print(f"python -m bench: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: tp.Optional[tp.Sequence[str]]) -> int:
     args = parse(argv)
     load_benchmarks()
     if args.list:
@@ -148,6 +158,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
 
 def _save(out: Path, results: tp.Dict[str, tp.Any]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, out / "results.json")
+    from encodec_fast.jobs import written_then_renamed
+    with written_then_renamed(out / "results.json", out / "results.json.tmp") as tmp:
+        tmp.write_text(json.dumps(results, indent=1, default=str))

@@ -6,6 +6,7 @@ windowed-sinc resampler (`encodec_fast.dsp`, the bits of torchaudio's `transform
 upstream's `convert_audio` uses).
 """
 
+import errno
 import os
 import typing as tp
 from pathlib import Path
@@ -207,7 +208,11 @@ class AudioWriter:
         self.peak = max(self.peak, float(wav.abs().max()))
         if not self.rescale:
             wav = wav.clamp(-self.LIMIT, self.LIMIT)
-        self._file.write(wav.numpy().T)
+        try:
+            self._file.write(wav.numpy().T)
+        except sf.LibsndfileError as err:  # libsndfile says "System error." for a full disk
+            raise OSError(errno.EIO, f"writing audio failed (libsndfile: {err}; is the disk full?)",
+                          str(self.path)) from None
 
     def close(self, block: int = 1 << 20) -> None:
         """Finish the file and move it into place."""

@@ -12,6 +12,7 @@ weights offline), --device. User errors print one line and exit with status 1.
 """
 
 import argparse
+import signal
 import sys
 import typing as tp
 from pathlib import Path
@@ -56,12 +57,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repository", type=Path,
                         help="Folder holding the official checkpoint files (offline use).")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu).")
+    parser.add_argument("--debug", action="store_true", help="On an error, show the Python traceback.")
     return parser
 
 
 def _check_output(output: Path, force: bool) -> None:
     if not output.parent.exists():
         raise UserError(f"Output folder for {output} does not exist.")
+    if output.is_dir():
+        raise UserError(f"Output {output} is a directory; give a file name.")
     if output.exists() and not force:
         raise UserError(f"Output file {output} exists. Use -f / --force to overwrite.")
 
@@ -227,6 +231,7 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="State dict of a compatible model instead of the official one.")
     parser.add_argument("--repository", type=Path, help="Folder holding the official checkpoint (offline use).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+    parser.add_argument("--debug", action="store_true", help="On an error, show the Python traceback.")
     parser.add_argument("--batch-seconds", type=float, default=120.0,
                         help="Audio per encoder call, padding included (default 120).")
     parser.add_argument("--workers", type=int, default=None,
@@ -251,6 +256,7 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
     import torch
 
     from .cpu import tune_cpu_allocator
+    from .jobs import Interrupted, JobLockError, describe_os_error
     from .pretrained import CheckpointError
     from .tokenize import tokenize
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,9 +268,15 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
                            batch_seconds=args.batch_seconds, workers=args.workers, shard=args.shard,
                            overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard,
                            engine=args.engine, ray_address=args.ray_address)
-    except (ValueError, CheckpointError, OSError, ImportError) as err:
-        print(f"encodec-fast tokenize: error: {err}", file=sys.stderr)
+    except (ValueError, CheckpointError, OSError, ImportError, JobLockError) as err:
+        if args.debug:
+            raise
+        print(f"encodec-fast tokenize: error: {describe_os_error(err) if isinstance(err, OSError) else err}",
+              file=sys.stderr)
         return 101
+    except Interrupted as err:
+        print(f"encodec-fast tokenize: interrupted ({signal.Signals(err.signum).name}): {err}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         print("encodec-fast tokenize: interrupted (finished shards are kept; run the command again to resume)",
               file=sys.stderr)
@@ -286,11 +298,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return info_main(argv[1:])
     args = get_parser().parse_args(argv)
     from .audio import AudioError
+    from .jobs import describe_os_error
     from .pretrained import CheckpointError
     try:
         run(args)
-    except (UserError, AudioError, CheckpointError, ValueError, EOFError, NotImplementedError) as err:
-        print(f"encodec-fast: error: {err}", file=sys.stderr)
+    except (UserError, AudioError, CheckpointError, ValueError, EOFError, NotImplementedError, OSError) as err:
+        if args.debug:
+            raise
+        message = describe_os_error(err, args.output) if isinstance(err, OSError) else err
+        print(f"encodec-fast: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("encodec-fast: interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..jobs import GracefulStop
 from ..model import FACTORIES, MODEL_CONFIGS, SHORT_NAMES, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
 from .local import Progress, run_local
@@ -100,30 +101,38 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,
               "codebooks": net.num_codebooks, "checkpoint_sha256": state_dict_sha256(net.state_dict()),
               "encodec_fast_version": __version__}
-    sink = ShardSink(out_dir, config, shard=shard, overwrite=overwrite, rows_per_shard=rows_per_shard)
-    items, problems = list_items(inputs, shard)
-    todo = [it for it in items if it.id not in sink.done]
-    ours = {it.id for it in items} | {p.id for p in problems}
-    failed_before = len(ours & sink.failed_before)
-    new_problems = [p for p in problems if p.id not in sink.done]
-    progress = Progress(len(items) + len(problems), len(items) + len(problems) - len(todo) - len(new_problems), quiet)
-    committed = False
-    try:
-        for p in new_problems:
-            sink.add_error(p.id, p.path, p.error)
-            progress.update(failed=1)
-        if engine == "ray":
-            from .ray_engine import run_ray
-            run_ray(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
-                    address=ray_address)
-        else:
-            run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long)
-        sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed}})
-        committed = True
-    finally:
-        if not committed:
-            sink.commit()  # keep what is finished (Ctrl-C, an error); SIGKILL loses only the open shard
-        progress.finish()
+    with GracefulStop() as stop:
+        sink = ShardSink(out_dir, config, shard=shard, overwrite=overwrite, rows_per_shard=rows_per_shard)
+        items, problems = list_items(inputs, shard)
+        todo = [it for it in items if it.id not in sink.done]
+        ours = {it.id for it in items} | {p.id for p in problems}
+        failed_before = len(ours & sink.failed_before)
+        new_problems = [p for p in problems if p.id not in sink.done]
+        progress = Progress(len(items) + len(problems), len(items) + len(problems) - len(todo) - len(new_problems),
+                            quiet)
+        committed = False
+        try:
+            for p in new_problems:
+                sink.add_error(p.id, p.path, p.error)
+                progress.update(failed=1)
+            if engine == "ray":
+                from .ray_engine import run_ray
+                complete = run_ray(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
+                                   address=ray_address, stop=stop)
+            else:
+                complete = run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
+                                     stop=stop)
+            sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed,
+                                     "interrupted": not complete}})
+            committed = True
+        finally:
+            if not committed:
+                sink.commit()  # keep what is finished (an error, a second signal); SIGKILL loses the open shard
+            sink.release()
+            progress.finish()
+        if not complete:
+            stop.raise_if_requested("finished shards and the manifest are written; run the same command again "
+                                    "to resume")
     return Summary(total=progress.total, skipped=progress.skipped, tokenized=progress.done, failed=progress.failed,
                    failed_before=failed_before,
                    audio_seconds=progress.seconds, wall_seconds=time.perf_counter() - start, out_dir=str(out_dir))

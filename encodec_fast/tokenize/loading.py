@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 from ..audio import StreamingResampler, convert_channels, resample, resampled_length
+from ..jobs import ignore_stop_signals
 from .sources import Item
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
@@ -137,4 +138,5 @@ class ItemAudio(torch.utils.data.Dataset):
 
 
 def worker_init(_: int) -> None:
+    ignore_stop_signals()  # the main process stops the job at a safe point, then shuts the workers down
     torch.set_num_threads(1)  # resampling in each worker; the encoder has the main process's threads

@@ -10,6 +10,7 @@ import typing as tp
 import numpy as np
 import torch
 
+from ..jobs import GracefulStop
 from ..model import EncodecModel, length_batches
 from ..streaming import LongInputs, encode_long, encode_pieces
 from .loading import ItemAudio, Loaded, stream_item, worker_init
@@ -179,8 +180,10 @@ def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
-              long: LongInputs = LongInputs(), pool_batches: int = 4) -> None:
-    """Tokenize `items` (none of them done yet) into `sink`."""
+              long: LongInputs = LongInputs(), pool_batches: int = 4, stop: tp.Optional[GracefulStop] = None) -> bool:
+    """Tokenize `items` (none of them done yet) into `sink`; False when it stopped early. When `stop` is
+    requested (SIGTERM, SIGINT), no new item starts; what was encoded reaches the sink, the items read
+    but not yet encoded are left for the next run."""
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         ItemAudio(items, model.sample_rate, model.channels, long_after=long.after(model.sample_rate)),
@@ -223,6 +226,8 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
 
     try:
         for loaded in loader:
+            if stop is not None and stop.requested is not None:
+                return False
             if loaded.long:
                 submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])
                 continue
@@ -236,5 +241,6 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
                 pool, pooled = [], 0
         if pool:
             encode(pool)
+        return True
     finally:
         writer.close()

@@ -14,6 +14,7 @@ import typing as tp
 import numpy as np
 import torch
 
+from ..jobs import GracefulStop
 from ..model import EncodecModel
 from ..streaming import LongInputs
 from .loading import load_or_error
@@ -74,10 +75,12 @@ class _Encoder:
 
 def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
             device: torch.device, batch_seconds: float, workers: int, progress: Progress, long: LongInputs,
-            address: tp.Optional[str] = None, encoders: tp.Optional[int] = None) -> None:
+            address: tp.Optional[str] = None, encoders: tp.Optional[int] = None,
+            stop: tp.Optional[GracefulStop] = None) -> bool:
+    """Tokenize `items` into `sink` with Ray Data; False when `stop` ended it early."""
     import ray
     if not items:
-        return
+        return True
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     cuda = device.type == "cuda"
@@ -95,6 +98,8 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
         batch_format="numpy")
     segmented = model.segment is not None
     for row in ds.iter_rows():
+        if stop is not None and stop.requested is not None:
+            return False  # the rows not taken yet are done again by the next run
         item = items[int(row["index"])]
         if row["error"]:
             sink.add_error(item.id, item.path, str(row["error"]))
@@ -105,3 +110,4 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
         sink.add(make_row(item, int(row["source_rate"]), int(row["source_channels"]), int(row["num_samples"]),
                           arrays, model.sample_rate, bandwidth, segmented))
         progress.update(done=1, seconds=int(row["num_samples"]) / model.sample_rate)
+    return True

@@ -9,6 +9,10 @@
 Names starting with "_" or "." are what pyarrow, DuckDB globs of part-*.parquet and Hugging Face
 `datasets` leave out, so the directory reads as one Parquet dataset as it is.
 
+One job writes each `--shard i/n` of a directory: the sink holds OUT_DIR/.lock-s{i}of{n}
+(`encodec_fast.jobs.OutputLock`, dropped by the OS when the process ends); a second job on the same
+shard is refused at once. Jobs on different shards of one directory run side by side.
+
 A shard is written to a temporary name, flushed to disk, then renamed: a killed job leaves
 only whole shards. Its errors file is committed first, then the shard. The ids in committed
 shards and error files are the done-list: a restarted job skips them, so every item lands
@@ -18,7 +22,6 @@ ones are already recorded).
 
 import hashlib
 import json
-import os
 import typing as tp
 from pathlib import Path
 
@@ -27,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from ..jobs import OutputLock, written_then_renamed
 
 FORMAT = "encodec_fast.codes/1"
 
@@ -50,24 +55,9 @@ SCHEMA = pa.schema([
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: CodesDataset reads one group at a time
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    try:
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # directories cannot be opened for fsync on some systems
-        pass
-
-
 def write_json_atomic(path: Path, obj: tp.Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    _fsync_replace(tmp, path)
+    with written_then_renamed(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def state_dict_sha256(state: tp.Mapping[str, tp.Any]) -> str:
@@ -107,6 +97,14 @@ class ShardSink:
         self.rows_per_shard = rows_per_shard
         self.config = {"format": FORMAT, **config}
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = OutputLock(self.out / f".lock-{self.tag}", f"{self.out} (shard {shard[0]}/{shard[1]})").acquire()
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
         (self.out / "_errors").mkdir(exist_ok=True)
         if overwrite:
             self._remove_outputs()
@@ -121,6 +119,10 @@ class ShardSink:
         self.seq = max(existing, default=-1) + 1
         self.rows: tp.List[tp.Dict[str, tp.Any]] = []
         self.errors: tp.List[tp.Dict[str, str]] = []
+
+    def release(self) -> None:
+        """Let another job write this shard (the process's end does the same)."""
+        self.lock.release()
 
     def _remove_outputs(self) -> None:
         for p in [*self.out.glob("part-*.parquet"), *self.out.glob(".part-*.tmp"), *self.out.glob("_errors/*"),
@@ -160,13 +162,12 @@ class ShardSink:
             return
         name = f"part-{self.tag}-{self.seq:06d}"
         if self.errors:
-            tmp = self.out / "_errors" / f".{name}.tmp"
-            tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in self.errors))
-            _fsync_replace(tmp, self.out / "_errors" / f"{name}.jsonl")
+            errors_dir = self.out / "_errors"
+            with written_then_renamed(errors_dir / f"{name}.jsonl", errors_dir / f".{name}.tmp") as tmp:
+                tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in self.errors))
         if self.rows:
-            tmp = self.out / f".{name}.tmp"
-            pq.write_table(codes_table(self.rows), tmp, row_group_size=ROW_GROUP_ROWS)
-            _fsync_replace(tmp, self.out / f"{name}.parquet")
+            with written_then_renamed(self.out / f"{name}.parquet", self.out / f".{name}.tmp") as tmp:
+                pq.write_table(codes_table(self.rows), tmp, row_group_size=ROW_GROUP_ROWS)
         self.done.update(r["id"] for r in self.rows)
         self.done.update(e["id"] for e in self.errors)
         self.rows, self.errors = [], []
@@ -177,9 +178,8 @@ class ShardSink:
         committed in the directory (all shards of the job). Returns the manifest."""
         self.commit()
         errors = read_errors(self.out)
-        tmp = self.out / f"._errors.jsonl.{os.getpid()}.tmp"
-        tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
-        _fsync_replace(tmp, self.out / "_errors.jsonl")
+        with written_then_renamed(self.out / "_errors.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
         shards = sorted(self.out.glob("part-*.parquet"))
         items = frames = 0
         seconds = 0.0

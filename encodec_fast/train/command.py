@@ -15,6 +15,7 @@ run stopped on non-finite losses; 130 on Ctrl-C (after writing a checkpoint).
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import typing as tp
 from pathlib import Path
@@ -38,6 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", type=Path, required=True, help="Run directory.")
     parser.add_argument("--resume", action="store_true", help="Continue the run in RUN_DIR from its checkpoint.")
     parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+    parser.add_argument("--debug", action="store_true", help="On an error, show the Python traceback.")
     for field in dataclasses.fields(TrainConfig):
         meta = dict(field.metadata)
         if not meta.pop("cli", True):
@@ -95,14 +97,21 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from .report import main as report_main
         return report_main(argv[1:])
     args = get_parser().parse_args(argv)
+    from ..jobs import Interrupted, JobLockError, describe_os_error
     from ..pretrained import CheckpointError
     from .trainer import TrainingError, train
     try:
         config = config_from_args(args)
         summary = train(config, args.out, resume=args.resume, quiet=args.quiet)
-    except (ValueError, CheckpointError, OSError) as err:
-        print(f"encodec-fast train: error: {err}", file=sys.stderr)
+    except (ValueError, CheckpointError, OSError, JobLockError) as err:
+        if args.debug:
+            raise
+        print(f"encodec-fast train: error: {describe_os_error(err) if isinstance(err, OSError) else err}",
+              file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(f"encodec-fast train: interrupted ({signal.Signals(err.signum).name}): {err}", file=sys.stderr)
+        return err.exit_status
     except TrainingError as err:
         print(f"encodec-fast train: {err}", file=sys.stderr)
         return 2

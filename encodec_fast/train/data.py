@@ -22,6 +22,7 @@ import soundfile as sf
 import torch
 
 from ..audio import convert_channels, resample
+from ..jobs import ignore_stop_signals
 from ..tokenize.loading import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from ..tokenize.sources import Item, in_shard, list_items
 
@@ -185,7 +186,12 @@ def loader(dataset: CropDataset, sampler: StepBatches, workers: int) -> torch.ut
     resumed run draws what an uninterrupted one does (the crops themselves are seeded by index)."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                                        persistent_workers=False, prefetch_factor=4 if workers else None,
-                                       generator=torch.Generator().manual_seed(dataset.seed))
+                                       generator=torch.Generator().manual_seed(dataset.seed),
+                                       worker_init_fn=_worker_init if workers else None)
+
+
+def _worker_init(_: int) -> None:
+    ignore_stop_signals()  # the trainer stops at the end of a step, then shuts its workers down
 
 
 def load_validation(clips: tp.Sequence[Clip], sample_rate: int, channels: int, seconds: float

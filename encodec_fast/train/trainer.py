@@ -28,6 +28,7 @@ mean of the real features, and the codebooks run with `EuclideanCodebook.sync_st
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from torch import nn
 
 from .. import distrib
 from ..audio import save_audio
+from ..jobs import GracefulStop, Interrupted, OutputLock, written_then_renamed
 from ..model import MODEL_CONFIGS, EncodecModel
 from ..pretrained import load_state_dict_file
 from ..quantization.core_vq import EuclideanCodebook
@@ -212,12 +214,12 @@ class WeightEMA:
 
 
 def _atomic_save(obj: tp.Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with written_then_renamed(path, path.with_name(path.name + ".tmp")) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as a RuntimeError
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OSError(errno.EIO, f"writing failed ({first[:120]}); is the disk full?", str(path)) from None
 
 
 def _rng_state() -> tp.Dict[str, tp.Any]:
@@ -267,8 +269,10 @@ class Trainer:
         self.micro_batch = config.batch_size // self.world // config.accumulate
         checkpoint = self.run_dir / CHECKPOINT
         if resume and not checkpoint.exists():
-            raise ValueError(f"--resume: no {CHECKPOINT} in {self.run_dir}")
-        if not resume and (checkpoint.exists() or (self.run_dir / METRICS).exists()):
+            if not (self.run_dir / CONFIG).exists():
+                raise ValueError(f"--resume: no {CHECKPOINT} in {self.run_dir}")
+            resume = False  # the run stopped before its first checkpoint (a full disk, a kill): start at step 0
+        elif not resume and (checkpoint.exists() or (self.run_dir / METRICS).exists()):
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
                              "another directory")
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
@@ -565,19 +569,35 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _out_of_time(self, deadline: float) -> bool:
-        """Every worker stops at the same step (rank 0's clock decides)."""
-        late = torch.tensor([float(time.monotonic() > deadline)], device=self.device)
+    def _stop_now(self, deadline: float, stop: GracefulStop) -> tp.Tuple[bool, int]:
+        """(out of time, the signal that asks to stop or 0): every worker stops at the same step, rank 0's
+        clock and signals decide (one broadcast per step under torchrun)."""
+        flags = torch.tensor([float(time.monotonic() > deadline), float(stop.requested or 0)], device=self.device)
         if distrib.is_distributed():
-            torch.distributed.broadcast(late, src=0)
-        return bool(late.item())
+            torch.distributed.broadcast(flags, src=0)
+        return bool(flags[0].item()), int(flags[1].item())
 
     def run(self) -> tp.Dict[str, tp.Any]:
+        """Train to `config.steps` (or the time limit). SIGTERM or SIGINT stops at the end of the step in
+        progress: a checkpoint of that step is written and `Interrupted` raised (a rerun with --resume
+        continues bit for bit); a second signal stops at once, and the last checkpoint stands."""
+        lock = OutputLock(self.run_dir / ".lock", f"run directory {self.run_dir}") if self.rank == 0 else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with GracefulStop() as stop:
+                return self._run(stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, stop: GracefulStop) -> tp.Dict[str, tp.Any]:
         cfg = self.config
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.tensorboard = self._open_tensorboard()
-            (self.run_dir / CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            with written_then_renamed(self.run_dir / CONFIG) as tmp:
+                tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             self._log({"split": "start", "step": self.step, "time": time.time(), "world": self.world,
                        "train_files": len(self.train_clips), "valid_files": len(self.valid_audio),
                        "skipped_files": len(self.skipped_files), "device": str(self.device),
@@ -589,9 +609,10 @@ class Trainer:
         audio_per_step = cfg.batch_size * cfg.segment_seconds
         last: tp.Dict[str, float] = {}
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
+        signum = 0
         try:
             late = False
-            while self.step < cfg.steps and not late:
+            while self.step < cfg.steps and not late and not signum:
                 micro = [next(batches) for _ in range(cfg.accumulate)]
                 for _, problems in micro:
                     for path, reason in problems:
@@ -604,7 +625,7 @@ class Trainer:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("l1", "mel", "adv", "feat") if k in last},
                                     refresh=False)
                 bar.update(1)
-                late = self._out_of_time(deadline)  # one check (a broadcast under torchrun) per step
+                late, signum = self._stop_now(deadline, stop)  # one check (a broadcast under torchrun) per step
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or late:
                     elapsed = time.perf_counter() - window_start
                     self._log({"split": "train", "step": self.step, "time": time.time(), **last,
@@ -617,15 +638,17 @@ class Trainer:
                         self._log(row)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal, or no handler (not the main thread): mid-step
             bar.close()
-            self.save_checkpoint()
             if self.rank == 0:
-                print(f"encodec-fast train: interrupted at step {self.step}; checkpoint written to "
-                      f"{self.run_dir / CHECKPOINT} (continue with --resume)", file=sys.stderr)
+                print(f"encodec-fast train: interrupted during step {self.step + 1}; the last checkpoint in "
+                      f"{self.run_dir} stands (continue with --resume)", file=sys.stderr)
             raise
         bar.close()
         self.save_checkpoint()
+        if signum:
+            raise Interrupted(signum, f"stopped after step {self.step}; checkpoint written to "
+                                      f"{self.run_dir / CHECKPOINT} (continue with --resume)")
         rows = self.validate()
         for row in rows:
             self._log(row)
