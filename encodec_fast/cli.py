@@ -12,7 +12,6 @@ weights offline), --device. User errors print one line and exit with status 1.
 """
 
 import argparse
-import signal
 import sys
 import typing as tp
 from pathlib import Path
@@ -256,7 +255,7 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
     import torch
 
     from .cpu import tune_cpu_allocator
-    from .jobs import Interrupted, JobLockError, describe_os_error
+    from .jobs import Interrupted, JobLockError, report_failure, report_interruption
     from .pretrained import CheckpointError
     from .tokenize import tokenize
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,14 +268,9 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
                            overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard,
                            engine=args.engine, ray_address=args.ray_address)
     except (ValueError, CheckpointError, OSError, ImportError, JobLockError) as err:
-        if args.debug:
-            raise
-        print(f"encodec-fast tokenize: error: {describe_os_error(err) if isinstance(err, OSError) else err}",
-              file=sys.stderr)
-        return 101
+        return report_failure("encodec-fast tokenize", err, 101, args.debug)
     except Interrupted as err:
-        print(f"encodec-fast tokenize: interrupted ({signal.Signals(err.signum).name}): {err}", file=sys.stderr)
-        return err.exit_status
+        return report_interruption("encodec-fast tokenize", err)
     except KeyboardInterrupt:
         print("encodec-fast tokenize: interrupted (finished shards are kept; run the command again to resume)",
               file=sys.stderr)
@@ -298,16 +292,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return info_main(argv[1:])
     args = get_parser().parse_args(argv)
     from .audio import AudioError
-    from .jobs import describe_os_error
+    from .jobs import report_failure
     from .pretrained import CheckpointError
     try:
         run(args)
     except (UserError, AudioError, CheckpointError, ValueError, EOFError, NotImplementedError, OSError) as err:
-        if args.debug:
-            raise
-        message = describe_os_error(err, args.output) if isinstance(err, OSError) else err
-        print(f"encodec-fast: error: {message}", file=sys.stderr)
-        return 1
+        return report_failure("encodec-fast", err, 1, args.debug, path=args.output)
     except KeyboardInterrupt:
         print("encodec-fast: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 import threading
 import typing as tp
 from pathlib import Path
@@ -194,3 +195,20 @@ def written_then_renamed(final: tp.Union[str, Path], tmp: tp.Optional[tp.Union[s
         if isinstance(exc, OSError) and not exc.filename:
             exc.filename = str(final)  # a library's write error often names no file
         raise
+
+
+def report_failure(prog: str, err: BaseException, status: int, debug: bool = False,
+                   path: tp.Optional[tp.Union[str, Path]] = None) -> int:
+    """A command's error as one line on stderr (`PROG: error: ...`; an OSError names its file, or `path`);
+    returns `status`. With `debug`, re-raises instead (the traceback)."""
+    if debug:
+        raise err
+    message = describe_os_error(err, path) if isinstance(err, OSError) else str(err)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
+
+
+def report_interruption(prog: str, err: Interrupted) -> int:
+    """`PROG: interrupted (SIGTERM): ...` on stderr; returns the exit status (128 + the signal)."""
+    print(f"{prog}: interrupted ({signal.Signals(err.signum).name}): {err}", file=sys.stderr)
+    return err.exit_status

@@ -15,7 +15,6 @@ run stopped on non-finite losses; 130 on Ctrl-C (after writing a checkpoint).
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import typing as tp
 from pathlib import Path
@@ -97,21 +96,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from .report import main as report_main
         return report_main(argv[1:])
     args = get_parser().parse_args(argv)
-    from ..jobs import Interrupted, JobLockError, describe_os_error
+    from ..jobs import Interrupted, JobLockError, report_failure, report_interruption
     from ..pretrained import CheckpointError
     from .trainer import TrainingError, train
     try:
         config = config_from_args(args)
         summary = train(config, args.out, resume=args.resume, quiet=args.quiet)
     except (ValueError, CheckpointError, OSError, JobLockError) as err:
-        if args.debug:
-            raise
-        print(f"encodec-fast train: error: {describe_os_error(err) if isinstance(err, OSError) else err}",
-              file=sys.stderr)
-        return 1
+        return report_failure("encodec-fast train", err, 1, args.debug)
     except Interrupted as err:
-        print(f"encodec-fast train: interrupted ({signal.Signals(err.signum).name}): {err}", file=sys.stderr)
-        return err.exit_status
+        return report_interruption("encodec-fast train", err)
     except TrainingError as err:
         print(f"encodec-fast train: {err}", file=sys.stderr)
         return 2
