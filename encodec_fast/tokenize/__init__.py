@@ -21,7 +21,7 @@ from ..model import FACTORIES, MODEL_CONFIGS, SHORT_NAMES, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
 from .local import Progress, run_local
 from .reader import CodesDataset, read_codes
-from .sink import ShardSink, state_dict_sha256
+from .sink import ShardSink, shard_lock, state_dict_sha256
 from .sources import Item, Problem, list_items, parse_shard
 
 MODEL_NAMES = SHORT_NAMES
@@ -92,16 +92,18 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu)")
-    net = _model(model, checkpoint, repository).to(device).eval()
-    if bandwidth not in net.target_bandwidths:
-        raise ValueError(f"bandwidth {bandwidth} is not supported by {net.name} (choose from {net.target_bandwidths})")
-    net.set_target_bandwidth(bandwidth)
-    if workers is None:
-        workers = max(0, min(8, (os.cpu_count() or 1) - 1))
-    config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,
-              "codebooks": net.num_codebooks, "checkpoint_sha256": state_dict_sha256(net.state_dict()),
-              "encodec_fast_version": __version__}
-    with GracefulStop() as stop:
+    # The lock before the model loads: a second job on this output is refused at once.
+    with shard_lock(out_dir, shard), GracefulStop() as stop:
+        net = _model(model, checkpoint, repository).to(device).eval()
+        if bandwidth not in net.target_bandwidths:
+            raise ValueError(f"bandwidth {bandwidth} is not supported by {net.name} "
+                             f"(choose from {net.target_bandwidths})")
+        net.set_target_bandwidth(bandwidth)
+        if workers is None:
+            workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+        config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,
+                  "codebooks": net.num_codebooks, "checkpoint_sha256": state_dict_sha256(net.state_dict()),
+                  "encodec_fast_version": __version__}
         sink = ShardSink(out_dir, config, shard=shard, overwrite=overwrite, rows_per_shard=rows_per_shard)
         items, problems = list_items(inputs, shard)
         todo = [it for it in items if it.id not in sink.done]
@@ -128,7 +130,6 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         finally:
             if not committed:
                 sink.commit()  # keep what is finished (an error, a second signal); SIGKILL loses the open shard
-            sink.release()
             progress.finish()
         if not complete:
             stop.raise_if_requested("finished shards and the manifest are written; run the same command again "

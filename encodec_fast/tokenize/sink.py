@@ -9,9 +9,9 @@
 Names starting with "_" or "." are what pyarrow, DuckDB globs of part-*.parquet and Hugging Face
 `datasets` leave out, so the directory reads as one Parquet dataset as it is.
 
-One job writes each `--shard i/n` of a directory: the sink holds OUT_DIR/.lock-s{i}of{n}
-(`encodec_fast.jobs.OutputLock`, dropped by the OS when the process ends); a second job on the same
-shard is refused at once. Jobs on different shards of one directory run side by side.
+One job writes each `--shard i/n` of a directory: it holds `shard_lock` (OUT_DIR/.lock-s{i}of{n},
+an `encodec_fast.jobs.OutputLock`, dropped by the OS when the process ends) before it opens a sink; a
+second job on the same shard is refused at once. Jobs on different shards run side by side.
 
 A shard is written to a temporary name, flushed to disk, then renamed: a killed job leaves
 only whole shards. Its errors file is committed first, then the shard. The ids in committed
@@ -87,8 +87,13 @@ def codes_table(rows: tp.Sequence[tp.Dict[str, tp.Any]]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
+def shard_lock(out_dir: tp.Union[str, Path], shard: tp.Tuple[int, int] = (0, 1)) -> OutputLock:
+    """The lock a job holds while it writes `shard` of `out_dir` (acquire it before opening a sink)."""
+    return OutputLock(Path(out_dir) / f".lock-s{shard[0]}of{shard[1]}", f"{out_dir} (shard {shard[0]}/{shard[1]})")
+
+
 class ShardSink:
-    """Commits rows and errors of one job (one `--shard i/n`) to `out_dir`."""
+    """Commits rows and errors of one job (one `--shard i/n`) to `out_dir`; the caller holds `shard_lock`."""
 
     def __init__(self, out_dir: tp.Union[str, Path], config: tp.Dict[str, tp.Any], shard: tp.Tuple[int, int] = (0, 1),
                  overwrite: bool = False, rows_per_shard: int = 1000):
@@ -97,14 +102,6 @@ class ShardSink:
         self.rows_per_shard = rows_per_shard
         self.config = {"format": FORMAT, **config}
         self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = OutputLock(self.out / f".lock-{self.tag}", f"{self.out} (shard {shard[0]}/{shard[1]})").acquire()
-        try:
-            self._open(overwrite)
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def _open(self, overwrite: bool) -> None:
         (self.out / "_errors").mkdir(exist_ok=True)
         if overwrite:
             self._remove_outputs()
@@ -119,10 +116,6 @@ class ShardSink:
         self.seq = max(existing, default=-1) + 1
         self.rows: tp.List[tp.Dict[str, tp.Any]] = []
         self.errors: tp.List[tp.Dict[str, str]] = []
-
-    def release(self) -> None:
-        """Let another job write this shard (the process's end does the same)."""
-        self.lock.release()
 
     def _remove_outputs(self) -> None:
         for p in [*self.out.glob("part-*.parquet"), *self.out.glob(".part-*.tmp"), *self.out.glob("_errors/*"),
