@@ -11,7 +11,6 @@ implementations) and unavailable cases through `ctx.na(...)`. Every record has t
 `na` holds the reason when an implementation could not run a configuration (no value is made up).
 """
 
-import contextlib
 import datetime
 import json
 import os
@@ -21,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
@@ -266,28 +264,6 @@ def release_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(-3, 64 * 1024)) and bool(mallopt(-1, 128 * 1024))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-
-
-@contextlib.contextmanager
-def rss_sampler(interval: float = 0.005):
-    """Sample this process's RSS every `interval` s in a thread; yields a dict whose 'peak_mb'
-    and 'start_mb' are filled at exit (the peak over the block, sampled)."""
-    result = {"start_mb": rss_mb(), "peak_mb": 0.0}
-    stop = threading.Event()
-
-    def poll() -> None:
-        peak = result["start_mb"]
-        while not stop.is_set():
-            peak = max(peak, rss_mb())
-            stop.wait(interval)
-        result["peak_mb"] = max(peak, rss_mb())
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
 
 
 def side_by_side_env(processes: int) -> tp.Dict[str, str]:

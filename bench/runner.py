@@ -67,12 +67,11 @@ def parse(argv: tp.Optional[tp.Sequence[str]]) -> argparse.Namespace:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     """The command; an I/O failure writing the results (a full disk, an unwritable --out) is one line and
     exit status 1, and leaves no partial results.json."""
-    from encodec_fast.jobs import describe_os_error
+    from encodec_fast.jobs import report_failure
     try:
         return _main(argv)
     except OSError as err:
-        print(f"python -m bench: error: {describe_os_error(err)}", file=sys.stderr)
-        return 1
+        return report_failure("python -m bench", err, 1)
 
 
 def _main(argv: tp.Optional[tp.Sequence[str]]) -> int:

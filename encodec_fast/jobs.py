@@ -47,10 +47,11 @@ class OutputLock:
     def __init__(self, path: tp.Union[str, Path], what: str):
         self.path, self.what = Path(path), what
         self._fd: tp.Optional[int] = None
+        self._key = ""
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        key = str(self.path.resolve())
+        key = self._key = str(self.path.resolve())
         with _held_guard:
             if key in _held:
                 raise JobLockError(f"{self.what} is in use by another job in this process (pid {os.getpid()})")
@@ -78,7 +79,7 @@ class OutputLock:
         with _held_guard:
             os.close(self._fd)  # drops the lock
             self._fd = None
-            _held.discard(str(self.path.resolve()))
+            _held.discard(self._key)
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -185,17 +185,6 @@ def bench_ms_launches(fn: tp.Callable[[], tp.Any], quick: bool) -> tp.Tuple[floa
     return bench_ms(fn, quick), LaunchLog.of(fn)
 
 
-def launch_text(launches: list) -> str:
-    """'kernel CO64 CI32 T128 w8 s1: 128 regs, 0 B local' for each launch (markdown cell)."""
-    parts = []
-    for e in launches:
-        blocks = " ".join(f"{k[6:]}{v}" for k, v in e.items() if k.startswith("BLOCK_"))
-        res = (f"{e['registers']} regs, {e['local_bytes']} B local" if "registers" in e else e.get("error", ""))
-        parts.append(f"{e['kernel'].strip('_').replace('_kernel', '')} {blocks} w{e.get('num_warps')} "
-                     f"s{e.get('num_stages')}: {res}")
-    return "<br>".join(parts) if parts else "-"
-
-
 def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
     rows = []
     (B, T), D, K = SIZES["rvq"], 128, 1024  # 64 x 10 s at 75 frames/s

@@ -180,7 +180,7 @@ def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
-              long: LongInputs = LongInputs(), pool_batches: int = 4, stop: tp.Optional[GracefulStop] = None) -> bool:
+              long: LongInputs = LongInputs(), pool_batches: int = 4, *, stop: GracefulStop) -> bool:
     """Tokenize `items` (none of them done yet) into `sink`; False when it stopped early. When `stop` is
     requested (SIGTERM, SIGINT), no new item starts; what was encoded reaches the sink, the items read
     but not yet encoded are left for the next run."""
@@ -226,7 +226,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
 
     try:
         for loaded in loader:
-            if stop is not None and stop.requested is not None:
+            if stop.requested is not None:
                 return False
             if loaded.long:
                 submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])

@@ -75,8 +75,7 @@ class _Encoder:
 
 def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
             device: torch.device, batch_seconds: float, workers: int, progress: Progress, long: LongInputs,
-            address: tp.Optional[str] = None, encoders: tp.Optional[int] = None,
-            stop: tp.Optional[GracefulStop] = None) -> bool:
+            address: tp.Optional[str] = None, encoders: tp.Optional[int] = None, *, stop: GracefulStop) -> bool:
     """Tokenize `items` into `sink` with Ray Data; False when `stop` ended it early."""
     import ray
     if not items:
@@ -98,7 +97,7 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
         batch_format="numpy")
     segmented = model.segment is not None
     for row in ds.iter_rows():
-        if stop is not None and stop.requested is not None:
+        if stop.requested is not None:
             return False  # the rows not taken yet are done again by the next run
         item = items[int(row["index"])]
         if row["error"]:

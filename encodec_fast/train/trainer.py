@@ -581,15 +581,10 @@ class Trainer:
         """Train to `config.steps` (or the time limit). SIGTERM or SIGINT stops at the end of the step in
         progress: a checkpoint of that step is written and `Interrupted` raised (a rerun with --resume
         continues bit for bit); a second signal stops at once, and the last checkpoint stands."""
-        lock = OutputLock(self.run_dir / ".lock", f"run directory {self.run_dir}") if self.rank == 0 else None
-        if lock is not None:
-            lock.acquire()
-        try:
-            with GracefulStop() as stop:
-                return self._run(stop)
-        finally:
-            if lock is not None:
-                lock.release()
+        lock = OutputLock(self.run_dir / ".lock", f"run directory {self.run_dir}") if self.rank == 0 \
+            else contextlib.nullcontext()
+        with lock, GracefulStop() as stop:
+            return self._run(stop)
 
     def _run(self, stop: GracefulStop) -> tp.Dict[str, tp.Any]:
         cfg = self.config
