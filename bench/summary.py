@@ -264,6 +264,11 @@ def plot_quality(results, path: Path) -> bool:
                 continue
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, STYLES.get(model, "-"), marker="o", color=kinds.get(kind, "gray"), label=f"{model}, {kind}")
+        for r in results["records"]:  # the decoder on unquantized latents: the ceiling, dashed
+            if (r["benchmark"] == "quality" and r["implementation"] == "ours, unquantized" and not r.get("na")
+                    and r["metric"] == metric):
+                ax.axhline(r["mean"], linestyle=":", color=kinds.get(r["params"]["kind"], "gray"), linewidth=1,
+                           label=f"{r['params']['model']}, {r['params']['kind']}: unquantized latents")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1.5, 3, 6, 12, 24])
         ax.set_xticklabels(["1.5", "3", "6", "12", "24"])

@@ -79,6 +79,8 @@ def _backend_facts(torch_facts: Facts, triton_facts: Facts) -> Facts:
         from .ops import backend, conv, rvq
         facts["requested"] = backend.requested_backend()
         facts["rvq_precision"] = rvq.rvq_precision()
+        if facts["rvq_precision"] == "exact":
+            facts["rvq_precision"] = f"exact (certified, {rvq.certify_with()} tensor cores)"
         facts["conv_precision"] = conv.conv_precision()
     except Exception as err:  # a bad ENCODEC_FAST_* value
         facts["error"] = f"{type(err).__name__}: {err}"

@@ -140,3 +140,35 @@ def _upstream():
         warnings.simplefilter("ignore")
         import encodec
     return encodec
+
+
+def near_tie_books(K: int, D: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """[K, D] codewords: an eighth of them in pairs a few ulps apart, two one ulp apart, and a few
+    large ones."""
+    g = torch.Generator().manual_seed(seed)
+    books = torch.randn(K, D, generator=g) * scale
+    twins = K // 8
+    books[K - 3 - twins:K - 3] = books[2:2 + twins] * (1 + 2.0 ** -22 * torch.randn(twins, 1, generator=g))
+    books[1] = torch.nextafter(books[0], books[0] * 2)  # distances one ulp apart
+    books[-3:] *= 1000.0  # a few large codewords make max |c| useless as a bound
+    return books
+
+
+def adversarial_rows(books: torch.Tensor, N: int, seed: int) -> torch.Tensor:
+    """[N, D]: rows near codewords and near midpoints of codeword pairs (near-ties), noise, zero
+    rows, tiny (subnormal) and large rows."""
+    g = torch.Generator().manual_seed(seed + 1)
+    K, D = books.shape
+    i = torch.randint(0, K, (N,), generator=g)
+    j = torch.randint(0, K, (N,), generator=g)
+    rows = torch.randn(N, D, generator=g)
+    kind = torch.arange(N) % 8
+    rows[kind == 0] = books[i[kind == 0]]
+    mid = (books[i] + books[j]) / 2
+    rows[kind == 1] = mid[kind == 1] + 1e-6 * rows[kind == 1]
+    rows[kind == 2] = books[i[kind == 2]] + 1e-3 * rows[kind == 2]
+    rows[kind == 3] = 0.0
+    rows[kind == 4] = rows[kind == 4] * 1e-40
+    rows[kind == 5] = rows[kind == 5] * 1e15
+    rows[kind == 6] = (books[0] + books[1]) / 2
+    return rows

@@ -2,16 +2,22 @@
 
 - `rvq_encode`: every stage's nearest-codeword search for a block of frames in one program; the
   residual stays in registers between stages. Distances are `||e||^2 - 2 x.e` (the `||x||^2`
-  term does not change the argmin) with `tl.dot` in the chosen precision (`ieee` = exact fp32
-  products, fp32 accumulation); ties go to the lowest index.
+  term does not change the argmin); ties go to the lowest index. `exact` (the default): distances
+  on tensor cores, certified row by row, rows the certificate cannot decide searched again in fp32
+  (`_certified_nearest`): the codes of `ieee` (fp32 products on CUDA cores) on every input.
 - `rvq_decode`: gather-and-sum of the stages' codewords, in stage order (the same fp32 additions
   as the reference, so the same bits).
-- `vq_assign`: one stage for training: codes, the chosen codewords, and the per-codeword counts
-  and vector sums that the EMA update needs, accumulated with atomics (no one-hot matrix).
+- `vq_assign`: one stage's fp32 search (`ieee`) or approximate one (tf32), the chosen codewords,
+  and the per-codeword counts and vector sums that the EMA update needs; the default training
+  stage is `rvq_encode`'s certified search with one stage (`encodec_fast.ops.rvq.vq_assign`).
+- `segment_sums`: those statistics in a fixed order (sorted by code, no one-hot matrix, no
+  floating-point atomics: the same bits on every run).
 
 Inputs may be fp32, fp16 or bf16 (upcast to fp32 on load) and strided. The launch wrappers take
 tensors already validated by `encodec_fast.ops.rvq`; call that module, not these functions.
 """
+
+import typing as tp
 
 import torch
 import triton
@@ -22,35 +28,132 @@ from . import tuning
 
 
 @triton.jit
+def _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """||e_k||^2 - 2 r.e_k for the codewords k0 .. k0 + BLOCK_K (inf past K) -> ([BLOCK_N, BLOCK_K], ks, k_ok)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    e = tl.load(cb_ptr + ks[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    dot = tl.dot(r, tl.trans(e.to(tl.float32)), input_precision=PRECISION)
+    norm = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
+    dist = norm[None, :] - 2.0 * dot
+    return tl.where(k_ok[None, :], dist, float("inf")), ks, k_ok, norm
+
+
+@triton.jit
+def _keep_nearest(dist, k0, best, best_i):
+    """Running argmin over blocks: ties within a block go to the lowest index (`tl.argmin`), and an
+    equal later block keeps the earlier one (strict <), so the lowest index overall."""
+    block_min = tl.min(dist, axis=1)
+    block_arg = tl.argmin(dist, axis=1).to(tl.int32) + k0
+    better = block_min < best
+    return tl.where(better, block_min, best), tl.where(better, block_arg, best_i)
+
+
+@triton.jit
 def _nearest(r, cb_ptr, norm_ptr, K, D, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              PRECISION: tl.constexpr):
     """Index of the nearest of the K codewords at `cb_ptr` ([K, D] row-major) for each row of r."""
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        e = tl.load(cb_ptr + ks[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        dot = tl.dot(r, tl.trans(e.to(tl.float32)), input_precision=PRECISION)
-        norm = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
-        dist = norm[None, :] - 2.0 * dot
-        dist = tl.where(k_ok[None, :], dist, float("inf"))
-        block_min = tl.min(dist, axis=1)
-        block_arg = tl.argmin(dist, axis=1).to(tl.int32) + k0
-        better = block_min < best  # strict: an equal later block keeps the lower index
-        best = tl.where(better, block_min, best)
-        best_i = tl.where(better, block_arg, best_i)
+        dist, ks, k_ok, norm = _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K, PRECISION)
+        best, best_i = _keep_nearest(dist, k0, best, best_i)
     return best_i
+
+
+@triton.jit
+def _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+                perturb, lp_a, lp_b, seed, BLOCK_K: tl.constexpr, LOWP: tl.constexpr, PERTURB: tl.constexpr):
+    """Low-precision distances d~ [BLOCK_N, BLOCK_K] of a block and the lower ends of their
+    intervals, d~_k - e_k + q(|x|) with e_k = p |x| r_k + b (|x| + r_k)^2 + z (|x| + r_k) written
+    as P r_k + S_k + q: P = (p + 2 b) |x| per row, S_k = b r_k^2 + z r_k per codeword, q = b |x|^2 +
+    z |x| per row (left out here, added to the upper end). PERTURB (tests only) moves each d~ by up
+    to `perturb` times the low-precision side's own bound, deterministically per (row, codeword)."""
+    dist, ks, k_ok, norm = _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K, LOWP)
+    rad = tl.sqrt(norm * rad_c1) * rad_c2  # >= |e_k|
+    if PERTURB:
+        x = xnorm[:, None]
+        s = x + rad[None, :]
+        noise = tl.rand(seed, rows[:, None] * K + ks[None, :]) * 2.0 - 1.0
+        dist = dist + perturb * (lp_a * x * rad[None, :] + lp_b * s * s) * noise
+    slope = ((cert_p + 2.0 * cert_b) * xnorm)[:, None]
+    low = dist - (slope * rad[None, :] + ((cert_b * rad + cert_z) * rad)[None, :])
+    return dist, low
+
+
+@triton.jit
+def _certified_nearest(r, rows, row_ok, cb_ptr, norm_ptr, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+                       perturb, lp_a, lp_b, seed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_KR: tl.constexpr, LOWP: tl.constexpr, PERTURB: tl.constexpr):
+    """`_nearest`'s codes, from distances on tensor cores (LOWP) certified row by row.
+
+    Pass 1 (blocks of BLOCK_K codewords): low-precision distances d~ and the intervals
+    [d~_k - e_k, d~_k + e_k] that hold the exact search's d_k (encodec_fast.ops.rvq explains why);
+    keep k* = argmin d~, its upper end and the lowest lower end of every other codeword. A row is
+    certified when that lowest lower end is above the upper end: k* is the exact search's unique
+    argmin. Pass 2, only in a tile holding an uncertified row (a uniform branch), in blocks of
+    BLOCK_KR: a block holding a candidate of such a row (lower end <= its upper end; every block
+    when the bound is not finite) is searched again in fp32 with the exact kernel's own code
+    (`_block_distances(..., "ieee")`, `_keep_nearest`), so those rows get the exact kernel's codes:
+    its products are one fused multiply-add chain per element in the order of D, whatever the
+    tile (Triton's FMA dot lowering; the interpreter runs the same shapes in both kernels), and
+    blocks without a candidate hold neither the exact argmin nor a codeword tied with it.
+    -> (codes [BLOCK_N] int32, uncertified [BLOCK_N] bool, exact blocks searched: int32 scalar)."""
+    xnorm = tl.sqrt(tl.sum(r * r, axis=1))
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_i = tl.zeros([BLOCK_N], tl.int32)
+    others = tl.full([BLOCK_N], float("inf"), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        dist, low = _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b, cert_z,
+                                rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_K, LOWP, PERTURB)
+        block_min = tl.min(dist, axis=1)
+        block_arg = tl.argmin(dist, axis=1).to(tl.int32)
+        at = tl.arange(0, BLOCK_K)[None, :] == block_arg[:, None]
+        others = tl.minimum(others, tl.min(tl.where(at, float("inf"), low), axis=1))
+        block_low = tl.min(tl.where(at, low, float("inf")), axis=1)
+        better = block_min < best
+        # whichever of the two bests loses joins the others (its lower end: recomputed from its norm)
+        best_norm = tl.load(norm_ptr + best_i)
+        best_rad = tl.sqrt(best_norm * rad_c1) * rad_c2
+        best_low = best - (cert_p + 2.0 * cert_b) * xnorm * best_rad - (cert_b * best_rad + cert_z) * best_rad
+        others = tl.minimum(others, tl.where(better, best_low, block_low))
+        best = tl.where(better, block_min, best)
+        best_i = tl.where(better, block_arg + k0, best_i)
+    # the upper end of k*: d~ + e (with the q(|x|) the lower ends left out, twice)
+    best_rad = tl.sqrt(tl.load(norm_ptr + best_i) * rad_c1) * rad_c2
+    q = (cert_b * xnorm + cert_z) * xnorm
+    upper = best + (cert_p + 2.0 * cert_b) * xnorm * best_rad + (cert_b * best_rad + cert_z) * best_rad + 2.0 * q
+    uncertified = (others <= upper) | (upper != upper) | (others != others)
+    uncertified = uncertified & row_ok
+    searched = tl.full([], 0, tl.int32)
+    if tl.max(uncertified.to(tl.int32), axis=0) > 0:
+        whole = (upper >= float("inf")) | (upper != upper)  # overflow, inf or nan: every codeword
+        exact = tl.full([BLOCK_N], float("inf"), tl.float32)
+        exact_i = tl.zeros([BLOCK_N], tl.int32)
+        for k0 in range(0, K, BLOCK_KR):
+            dist, low = _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b, cert_z,
+                                    rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_KR, LOWP, PERTURB)
+            cand = ((low <= upper[:, None]) | whole[:, None]) & uncertified[:, None]
+            if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
+                dist_e, ks, k_ok, norm = _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_KR, "ieee")
+                exact, exact_i = _keep_nearest(dist_e, k0, exact, exact_i)
+                searched += 1
+        best_i = tl.where(uncertified, exact_i, best_i)
+    return best_i, uncertified, searched
 
 
 # n_q is not specialized: with n_q == 1 as a constant, the unrolled single stage compiled to 32
 # registers and 7.5 KB of spills per thread on sm_90 (the loop: 255 registers, 256 B).
 @triton.jit(do_not_specialize=["n_q"])
-def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, N, T, D, K, n_q,
-                       stride_xb, stride_xd, stride_xt,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """x [B, D, T] (rows n = b * T + t) -> codes [n_q, N] int64."""
+def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K, n_q,
+                       stride_xb, stride_xd, stride_xt, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+                       perturb, lp_a, lp_b, seed,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr, CERTIFY: tl.constexpr, PERTURB: tl.constexpr,
+                       STATS: tl.constexpr):
+    """x [B, D, T] (rows n = b * T + t) -> codes [n_q, N] int64. CERTIFY: `_certified_nearest` with
+    PRECISION as the low precision; STATS: per program and stage, the uncertified rows and the exact
+    blocks searched, stats [programs, n_q, 2] int32."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     b = (rows // T).to(tl.int64)
@@ -63,7 +166,16 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, N, T, D, K, n_q,
     code_ptrs = codes_ptr + rows.to(tl.int64)
     for q in range(n_q):
         cb_q = cb_ptr + q * K * D
-        idx = _nearest(r, cb_q, norm_ptr + q * K, K, D, d, d_ok, BLOCK_N, BLOCK_K, PRECISION)
+        if CERTIFY:
+            idx, uncertified, searched = _certified_nearest(
+                r, rows, row_ok, cb_q, norm_ptr + q * K, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+                perturb, lp_a, lp_b, seed + q, BLOCK_N, BLOCK_K, BLOCK_KR, PRECISION, PERTURB)
+            if STATS:
+                out = stats_ptr + (tl.program_id(0) * n_q + q) * 2
+                tl.store(out, tl.sum(uncertified.to(tl.int32), axis=0))
+                tl.store(out + 1, searched)
+        else:
+            idx = _nearest(r, cb_q, norm_ptr + q * K, K, D, d, d_ok, BLOCK_N, BLOCK_K, PRECISION)
         tl.store(code_ptrs, idx.to(tl.int64), mask=row_ok)
         code_ptrs += N
         chosen = tl.load(cb_q + idx[:, None] * D + d[None, :], mask=mask, other=0.0)
@@ -92,11 +204,10 @@ def _rvq_decode_kernel(codes_ptr, cb_ptr, out_ptr, N, T, D, K, n_q, stride_cq, s
 
 
 @triton.jit
-def _vq_assign_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, quant_ptr, counts_ptr, sums_ptr, N, D, K,
-                      stride_xn, stride_xd,
+def _vq_assign_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, quant_ptr, N, D, K, stride_xn, stride_xd,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr, STATS: tl.constexpr):
-    """One stage on x [N, D]: codes [N], quantized rows [N, D] and (STATS) counts [K], sums [K, D]."""
+                      PRECISION: tl.constexpr):
+    """One stage on x [N, D]: codes [N] and the quantized rows [N, D]."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
@@ -108,15 +219,41 @@ def _vq_assign_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, quant_ptr, counts_ptr,
     tl.store(codes_ptr + rows, idx.to(tl.int64), mask=row_ok)
     chosen = tl.load(cb_ptr + idx[:, None] * D + d[None, :], mask=mask, other=0.0)
     tl.store(quant_ptr + rows64[:, None] * D + d[None, :], chosen.to(quant_ptr.dtype.element_ty), mask=mask)
-    if STATS:
-        tl.atomic_add(counts_ptr + idx, tl.full([BLOCK_N], 1.0, tl.float32), mask=row_ok)
-        tl.atomic_add(sums_ptr + idx[:, None] * D + d[None, :], x, mask=mask)
+
+
+@triton.jit
+def _segment_sums_kernel(x_ptr, order_ptr, offsets_ptr, sums_ptr, K, D, stride_xn, stride_xd,
+                         GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sums[k] = the rows x[order[j]] for j in [offsets[k], offsets[k + 1]), added in that order in
+    blocks of BLOCK_R rows (a fixed tree within a block): the same bits on every run, no atomics.
+    A program takes GROUP consecutive codewords."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    for k in range(tl.program_id(0) * GROUP, tl.minimum(tl.program_id(0) * GROUP + GROUP, K)):
+        start = tl.load(offsets_ptr + k)
+        end = tl.load(offsets_ptr + k + 1)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for r0 in range(start, end, BLOCK_R):
+            j = r0 + tl.arange(0, BLOCK_R)
+            ok = j < end
+            rows = tl.load(order_ptr + j, mask=ok, other=0)
+            xb = tl.load(x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd, mask=ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            acc += tl.sum(xb.to(tl.float32), axis=0)
+        tl.store(sums_ptr + k * D + d, acc, mask=d_ok)
 
 
 # -- launch wrappers -------------------------------------------------------------------------------
 
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
+
+
+def _block_kr(K: int, block_k: int) -> int:
+    """Codewords per block of the certified search's fp32 rescoring: 16 on a GPU (a row's
+    candidates are a few codewords: the fewer searched with them the better); the interpreter
+    takes the exact kernel's block (the same shapes in both kernels, for numpy's products)."""
+    return block_k if interpreting() else min(16, block_k)
 
 
 def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
@@ -163,6 +300,24 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
     return block_n, block_k, warps, stages
 
 
+def _certified_config(N: int, D: int, K: int):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the certified search. Not timed yet (no GPU
+    since it was written); chosen by compiling the candidates with triton 3.6 and 3.9 for sm_80 and
+    sm_90 (tools/compile_gpu.py): 64 rows (wgmma needs 64 per warpgroup on sm_90) x 32 codewords
+    with 8 warps is the largest bf16x3 tile within the spill budget on both (at most 324 B of spill
+    stores; 64 x 64 spills 772 B on sm_80 with 3.6); tf32 and tf32x3 take the same tile (tf32: no
+    spills; tf32x3 spills 0.8-1.1 KB at any 64-row tile: not a default). Larger D: 32 x 32."""
+    if interpreting():
+        block_n, block_k, warps, stages = 128, 256, 4, 1
+    elif _block_d(D) > 128:
+        block_n, block_k, warps, stages = 32, 32, 4, 2
+    else:
+        block_n, block_k, warps, stages = 64, 32, 8, 2
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
+    return block_n, block_k, warps, stages
+
+
 #: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as
 #: (BLOCK_N, BLOCK_K, num_warps, num_stages), clamped to each launch's sizes; tools/compile_gpu.py
 #: compiles every one of them.
@@ -177,7 +332,12 @@ def _configs(listed):
     return [tuning.config({"BLOCK_N": n, "BLOCK_K": k}, w, st) for n, k, w, st in listed]
 
 
-_LISTED_CONFIGS = {"encode": _configs(LISTED_ENCODE), "assign": _configs(LISTED_ASSIGN)}
+#: The certified search: any tile gives the same codes (see `_certified_nearest`); candidates from
+#: the compile sweep (64 x 64 with 8 warps: no spills in tf32 on either architecture).
+LISTED_CERTIFIED = [(64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2)]
+
+_LISTED_CONFIGS = {"encode": _configs(LISTED_ENCODE), "assign": _configs(LISTED_ASSIGN),
+                   "certified": _configs(LISTED_CERTIFIED)}
 
 
 def _launch(kernel, args, constants, default, listed, N, K, key, reset_to_zero=()):
@@ -187,18 +347,49 @@ def _launch(kernel, args, constants, default, listed, N, K, key, reset_to_zero=(
                   key=key, size=N, extents={"BLOCK_N": N, "BLOCK_K": K}, reset_to_zero=reset_to_zero)
 
 
+#: Launch arguments of the certified search that only tests change (`rvq_encode`'s `perturb`).
+_NO_PERTURBATION = dict(perturb=0.0, lp_a=0.0, lp_b=0.0, seed=0)
+
+
 def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int,
-               precision: str = "ieee") -> torch.Tensor:
-    """x [B, D, T] (any strides), codebooks [Q, K, D] fp32 contiguous, norms [Q, K] -> codes [n_q, B*T]."""
+               precision: str = "exact", lowp: str = "bf16x3", perturb: float = 0.0,
+               stats: bool = False):
+    """x [B, D, T] (any strides), codebooks [Q, K, D] fp32 contiguous, norms [Q, K] -> codes [n_q, B*T].
+
+    precision: 'exact' (the certified search: distances in `lowp` on tensor cores, rows they cannot
+    decide rescored in fp32; the codes of 'ieee'), 'ieee' (fp32 products on CUDA cores), or an
+    approximate tensor-core mode ('tf32', 'tf32x3'). `perturb` (tests only, 'exact'): move each
+    low-precision distance by up to that multiple of its error bound. `stats` ('exact'): also return
+    [n_q, 2] int64, per stage the uncertified rows and the (64-row tile, codeword block) pairs
+    searched again in fp32."""
+    from encodec_fast.ops import rvq as ref
     B, D, T = x.shape
     K = codebooks.shape[1]
     N = B * T
     codes = torch.empty(n_q, N, dtype=torch.int64, device=x.device)
-    if N == 0 or n_q == 0:
-        return codes
-    _launch(_rvq_encode_kernel, (x, codebooks, norms, codes, N, T, D, K, n_q, *x.stride()),
-            dict(BLOCK_D=_block_d(D), PRECISION=precision), _config(N, D, K, encode=True),
-            _LISTED_CONFIGS["encode"], N, K, key=("D", "K", "n_q", "PRECISION"))
+    certify = precision == "exact"
+    config = _certified_config(N, D, K) if certify else _config(N, D, K, encode=True)
+    programs = triton.cdiv(N, config[0]) if stats and certify else 1
+    counts = torch.zeros(programs, max(n_q, 1), 2, dtype=torch.int32, device=x.device)
+    if N and n_q:
+        cert = ref.certificate(lowp, D) if certify else ref.Certificate(0.0, 0.0, 0.0, 0.0, 0.0)
+        extra = dict(_NO_PERTURBATION)
+        if perturb:
+            extra.update(perturb=float(perturb), lp_a=cert.lp_a, lp_b=cert.lp_b, seed=1234)
+        radius = ref.radius_factors(D)
+        # the interpreter computes every tl.dot in fp32 and knows only tf32, tf32x3 and ieee
+        dot = (lowp if certify else precision) if not interpreting() else "ieee"
+        args = (x, codebooks, norms, codes, counts, N, T, D, K, n_q, *x.stride(), cert.a, cert.b, cert.z,
+                *radius, extra["perturb"], extra["lp_a"], extra["lp_b"], extra["seed"])
+        consts = dict(BLOCK_D=_block_d(D), BLOCK_KR=_block_kr(K, config[1]), PRECISION=dot, CERTIFY=certify,
+                      PERTURB=bool(perturb),
+                      STATS=stats and certify)
+        listed = _LISTED_CONFIGS["certified" if certify else "encode"]
+        if stats and certify:
+            listed = []  # one launch: the counts are per program of the default tile
+        _launch(_rvq_encode_kernel, args, consts, config, listed, N, K, key=("D", "K", "n_q", "PRECISION", "CERTIFY"))
+    if stats:
+        return codes, counts.sum(0)[:n_q].long()
     return codes
 
 
@@ -220,20 +411,36 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor, B: int, T: int,
 def vq_assign(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor, stats: bool,
               precision: str = "ieee"):
     """x [N, D], codebook [K, D] fp32 contiguous, norms [K] -> (codes [N], quantized [N, D] in x's
-    dtype, counts [K] fp32 or None, sums [K, D] fp32 or None)."""
+    dtype, counts [K] fp32 or None, sums [K, D] fp32 or None).
+
+    The statistics are deterministic (a resumed training run repeats its bits): the rows are
+    sorted by code (a stable sort), counts are the sorted runs' lengths, and each codeword's sum
+    adds its rows in row order (`segment_sums`); no floating-point atomics."""
     N, D = x.shape
     K = codebook.shape[0]
     codes = torch.empty(N, dtype=torch.int64, device=x.device)
     quant = torch.empty(N, D, dtype=x.dtype, device=x.device)
-    counts = torch.zeros(K, dtype=torch.float32, device=x.device) if stats else None
-    sums = torch.zeros(K, D, dtype=torch.float32, device=x.device) if stats else None
-    if N == 0:
-        return codes, quant, counts, sums
-    dummy = codes  # unused pointers when STATS is off
-    _launch(_vq_assign_kernel, (x, codebook, norms, codes, quant, counts if stats else dummy,
-                                sums if stats else dummy, N, D, K, *x.stride()),
-            dict(BLOCK_D=_block_d(D), PRECISION=precision, STATS=stats),
-            _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16)),
-            _LISTED_CONFIGS["assign"], N, K, key=("D", "K", "PRECISION", "STATS"),
-            reset_to_zero=("counts_ptr", "sums_ptr"))
+    if N:
+        _launch(_vq_assign_kernel, (x, codebook, norms, codes, quant, N, D, K, *x.stride()),
+                dict(BLOCK_D=_block_d(D), PRECISION=precision),
+                _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16)),
+                _LISTED_CONFIGS["assign"], N, K, key=("D", "K", "PRECISION"))
+    if not stats:
+        return codes, quant, None, None
+    counts, sums = segment_sums(x, codes, K)
     return codes, quant, counts, sums
+
+
+def segment_sums(x: torch.Tensor, codes: torch.Tensor, K: int) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Per-codeword row counts [K] and row sums [K, D] (fp32) of x [N, D] under codes [N], in a fixed
+    order whatever the device: a stable sort of the codes, then each codeword's rows in row order."""
+    N, D = x.shape
+    sorted_codes, order = torch.sort(codes, stable=True)
+    offsets = torch.searchsorted(sorted_codes, torch.arange(K + 1, device=x.device, dtype=sorted_codes.dtype))
+    counts = (offsets[1:] - offsets[:-1]).to(torch.float32)
+    sums = torch.empty(K, D, dtype=torch.float32, device=x.device)
+    group = 128 if interpreting() else 4
+    _segment_sums_kernel[(triton.cdiv(K, group),)](x, order, offsets, sums, K, D, *x.stride(), GROUP=group,
+                                                   BLOCK_R=128 if interpreting() else 32, BLOCK_D=_block_d(D),
+                                                   num_warps=4)
+    return counts, sums

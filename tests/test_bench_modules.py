@@ -42,6 +42,25 @@ def test_kernels_benchmark_stages_in_the_interpreter(tmp_path):
 
 
 @interpreter
+def test_rvq_benchmark_gpu_part_in_the_interpreter(tmp_path):
+    """The `rvq` benchmark's GPU part runs in the interpreter: every implementation timed or n/a with a
+    reason, ours exact's codes equal to ours ieee's, each record with its roofline prediction."""
+    from bench.benchmarks import rvq as bench_rvq
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="rvq")
+    bench_rvq.time_kernels(ctx, device="cpu")
+    timed = [r for r in ctx.records if r["metric"] == "time"]
+    names = {r["implementation"] for r in timed}
+    assert {"ours exact", "ours exact, one launch per stage", "ours ieee", "ours tf32", "torch exact", "torch tf32",
+            "torch.compile exact"} <= names
+    for r in timed:
+        if r["implementation"] == "torch.compile exact":
+            assert "smoke" in r["na"]
+            continue
+        assert r["frames_equal_to_ieee"] == 1.0 and r["predicted_ms_h200"] > 0, r
+    assert {r["params"]["lowp"] for r in ctx.records if r["metric"] == "rescored_rows"} == {"tf32", "tf32x3", "bf16x3"}
+
+
+@interpreter
 def test_gpu_sweep_smoke_run(tmp_path):
     """python -m tools.gpu_sweep --smoke: forced configurations give the reference's codes (ties only)."""
     proc = subprocess.run([sys.executable, "-m", "tools.gpu_sweep", "--smoke", "--only", "rvq_encode,vq_assign",

@@ -43,6 +43,7 @@ def test_capture_covers_every_kernel_and_scenario(listing):
         assert scenario in listing, scenario
     for n_q in (1, 2, 4, 8, 16, 32):
         assert f"rvq encode N=48000 n_q={n_q} float32 ieee" in listing
+        assert f"rvq encode N=48000 n_q={n_q} float32 exact/bf16x3" in listing  # the certified search, default
     heads = [line for line in listing.splitlines() if line.startswith("[")]
     # Captured once per architecture; the default set is all judged (no "default"-only role), and
     # the autotuning lists add configurations of every tunable kernel.
@@ -65,6 +66,45 @@ def test_compile_and_judge_real_launches(tmp_path):
     # A second run takes every result from the cache; a budget below zero fails every launch.
     again = run_check("--only", "rvq_decode", "--archs", "90", "--budget", "-1", cache=tmp_path / "cache")
     assert again.returncode == 1 and "0 fresh" in again.stdout and "spill stores > budget -1 B" in again.stdout
+
+
+def test_certified_search_compiles_to_tensor_core_instructions(tmp_path):
+    """The default RVQ search's launches: wgmma (64-row tile) or mma.sync (16-row tile) in their PTX
+    for sm_90, recorded as `mma` per launch and architecture."""
+    out = tmp_path / "results"
+    proc = run_check("--only", "certified fp32/i32", "--archs", "90", "--listed-archs", "none", "--out", out,
+                     cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(next(out.glob("compile_gpu_*.json")).read_text())
+    results = {x["configuration"]: x["results"]["90"] for x in data["launches"]}
+    assert len(results) == 2 and all(r["mma"] > 0 for r in results.values()), results
+    assert any(r["wgmma"] > 0 for c, r in results.items() if c.startswith("N64")), results
+
+
+def test_judge_fails_a_tensor_core_launch_without_tensor_core_instructions():
+    code = """if True:
+        from tools import compile_gpu as cg
+        def launch(precision, half=False):
+            return cg.Launch("m", "k", {"PRECISION": "constexpr", "HALF_DOT": "constexpr"},
+                             {(0,): precision, (1,): half}, {}, {"num_warps": 4, "num_stages": 2},
+                             ("PRECISION", "HALF_DOT"), ["label"], {90: "judged"})
+        ok = {"ok": True, "shared": 0, "spill_st": 0, "spill_ld": 0, "stack": 0}
+        launches = [launch("tf32"), launch("ieee"), launch("ieee", True), launch("bf16x3")]
+        results = {(0, 90): {**ok, "mma": 0}, (1, 90): {**ok, "mma": 0}, (2, 90): {**ok, "mma": 0},
+                   (3, 90): {**ok, "mma": 24}}
+        for line in cg.verdicts(launches, results, [90], 512):
+            print(line)
+        print(cg.ptx_counts("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {..};\\n"
+                            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {..};\\n"
+                            "fma.rn.f32 %f1, %f2, %f3, %f4;\\nld.global.v4.b32 {..};"))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    failed = [line for line in lines if "meant for tensor cores" in line]
+    assert len(failed) == 2 and "[0]" in failed[0] and "[2]" in failed[1]  # tf32 and the half dot, not ieee
+    assert "'mma': 2" in lines[-1] and "'wgmma': 1" in lines[-1] and "'fma_f32': 1" in lines[-1]
 
 
 def test_refuses_the_interpreter():

@@ -11,13 +11,14 @@ import copy
 
 import pytest
 import torch
+from encodec_fast.kernels import rvq as krvq
 
 from bench import peers
 from bench.benchmarks import kernels
 from encodec_fast import ops
 from encodec_fast.ops import rvq
 from encodec_fast.quantization import ResidualVectorQuantizer
-from encodec_fast.testing import voice_batch
+from encodec_fast.testing import adversarial_rows, near_tie_books, voice_batch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (python -m pytest -m gpu)")]
@@ -47,6 +48,67 @@ def test_rvq_encode_codes_are_the_exact_paths_up_to_ties(B, D, T, K, Q):
     agreement = rvq.code_agreement(x, books, ref, got)
     assert agreement.non_ties == 0, agreement
     assert torch.equal(got, strided)
+
+
+@pytest.mark.parametrize("lowp", list(rvq.LOW_PRECISION))
+@pytest.mark.parametrize("K,D,Q,N", [(1024, 128, 8, 48000), (300, 32, 3, 3000), (1024, 16, 32, 5000)])
+def test_certified_search_gives_the_fp32_kernels_codes(lowp, K, D, Q, N):
+    """On real tensor cores, adversarial rows (near-ties, zero, tiny, huge), codebooks with twins and
+    large codewords: the certified search's codes are the fp32 kernel's, also with its distances moved
+    by up to the bound; rows were rescored (counters)."""
+    books = torch.stack([near_tie_books(K, D, seed=q, scale=0.8 ** q) for q in range(Q)])
+    x = adversarial_rows(books[0], N, seed=K).t().reshape(1, D, N).contiguous().to(DEVICE)
+    books = books.to(DEVICE)
+    norms = books.pow(2).sum(-1)
+    ref = krvq.rvq_encode(x, books, norms, Q, "ieee")
+    got, stats = krvq.rvq_encode(x, books, norms, Q, "exact", lowp, stats=True)
+    perturbed = krvq.rvq_encode(x, books, norms, Q, "exact", lowp, perturb=1.0)
+    assert torch.equal(got, ref)
+    assert torch.equal(perturbed, ref)
+    assert int(stats[0, 0]) > 0
+
+
+def test_certified_search_rows_with_nan_and_inf():
+    books = torch.stack([near_tie_books(256, 32, seed=q) for q in range(2)]).to(DEVICE)
+    norms = books.pow(2).sum(-1)
+    x = torch.randn(1, 32, 200, device=DEVICE)
+    x[0, 3, 0] = float("nan")
+    x[0, :, 1] = float("inf")
+    x[0, 5, 2] = float("-inf")
+    x[0, :, 3] = 1e30
+    for lowp in rvq.LOW_PRECISION:
+        got = krvq.rvq_encode(x, books, norms, 2, "exact", lowp)
+        assert torch.equal(got, krvq.rvq_encode(x, books, norms, 2, "ieee"))
+
+
+@pytest.mark.parametrize("mode", list(rvq.LOW_PRECISION))
+def test_tensor_core_dot_error_is_within_the_certificates_bound(mode):
+    """The certificate's error model on this GPU: |tl.dot in `mode` - x.c| <= g sum|x_i c_i| (fp64
+    reference) on 10^6 products of length 128, data whose products cancel; the fp32 dot likewise."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot_kernel(a_ptr, b_ptr, o_ptr, D: tl.constexpr, P: tl.constexpr):
+        i = tl.program_id(0) * 64 + tl.arange(0, 64)
+        j = tl.program_id(1) * 64 + tl.arange(0, 64)
+        d = tl.arange(0, D)
+        a = tl.load(a_ptr + i[:, None] * D + d[None, :])
+        b = tl.load(b_ptr + j[:, None] * D + d[None, :])
+        tl.store(o_ptr + i[:, None] * 1024 + j[None, :], tl.dot(a, tl.trans(b), input_precision=P))
+
+    D = 128
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(1024, D, device=DEVICE, generator=g) * torch.logspace(-2, 2, D, device=DEVICE)
+    c = torch.randn(1024, D, device=DEVICE, generator=g) * torch.logspace(2, -2, D, device=DEVICE)
+    c[:512] = x[:512] + 1e-3 * c[:512]
+    scale = x.double().abs() @ c.double().abs().t()
+    exact = x.double() @ c.double().t()
+    for precision in (mode, "ieee"):
+        out = torch.empty(1024, 1024, device=DEVICE)
+        dot_kernel[(16, 16)](x, c, out, D=D, P=precision, num_warps=4)
+        ratio = float(((out.double() - exact).abs() / scale).max())
+        assert ratio <= rvq.dot_error_bound(precision, D), (precision, ratio)
 
 
 def test_rvq_decode_is_bit_exact():

@@ -116,3 +116,45 @@ def test_kmeans_assignment_in_blocks_has_upstream_bits(monkeypatch):
     for elements in (1, 64 * 16 * 7, 1 << 24):
         monkeypatch.setattr(core_vq, "KMEANS_CHUNK_ELEMENTS", elements)
         assert torch.equal(core_vq._nearest_mean(x, means), expected)
+
+
+
+def _trained_quantizer(steps: int, defer: bool, monkeypatch, sync: bool = False):
+    """A 6-stage quantizer after `steps` training steps (k-means on the first), and the sizes of the
+    all-reduces its steps made (counted in a single process, where they change nothing)."""
+    from encodec_fast import distrib
+    from encodec_fast.quantization import core_vq
+    calls = []
+    monkeypatch.setattr(distrib, "all_reduce_sum_", lambda t: calls.append(t.numel()) or t)
+    monkeypatch.setattr(core_vq, "DEFER_UPDATES", defer)
+    torch.manual_seed(0)
+    q = ResidualVectorQuantizer(dimension=16, n_q=6, bins=64, kmeans_init=True, kmeans_iters=3,
+                                threshold_ema_dead_code=2).train()
+    for layer in q.vq.layers:
+        layer._codebook.sync_statistics = sync
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        q(torch.randn(2, 16, 40, generator=g), 75, 6.0)
+    monkeypatch.undo()
+    return q, calls
+
+
+def test_deferred_updates_equal_stage_by_stage_updates(monkeypatch):
+    """Every stage searches before any stage's EMA update (so one all-reduce can carry them all):
+    the same bits as updating stage by stage, expiry draws included."""
+    deferred, _ = _trained_quantizer(5, True, monkeypatch)
+    staged, _ = _trained_quantizer(5, False, monkeypatch)
+    replaced = sum(layer._codebook.replaced for layer in deferred.vq.layers)
+    assert replaced > 0, "expiry must have replaced codewords for the draws to be compared"
+    assert replaced == sum(layer._codebook.replaced for layer in staged.vq.layers)
+    for (name, a), (_, b) in zip(deferred.state_dict().items(), staged.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_one_all_reduce_per_step_for_every_stage(monkeypatch):
+    _, deferred = _trained_quantizer(3, True, monkeypatch, sync=True)
+    _, staged = _trained_quantizer(3, False, monkeypatch, sync=True)
+    per_stage = 64 + 64 * 16  # counts and sums of one stage
+    # step 1 runs k-means, stage by stage (two all-reduces per stage); then one per step
+    assert deferred == [64, 64 * 16] * 6 + [6 * per_stage] * 2
+    assert staged == [64, 64 * 16] * 6 * 3

@@ -333,6 +333,7 @@ def test_train_report_writes_plots_and_a_summary(corpus, tmp_path):
     assert all(np.isfinite(r["si_snr"]) for r in valid)
     books = [r for r in rows if r["split"] == "codebooks"]
     assert len(books[-1]["perplexity"]) == 32
+    assert len(books[-1]["replaced"]) == 32 and all(isinstance(n, int) and n >= 0 for n in books[-1]["replaced"])
     assert any((run / "samples").rglob("*_reference.wav"))
     from encodec_fast import cli
     assert cli.main(["train", "report", str(run)]) == 0

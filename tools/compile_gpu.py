@@ -77,8 +77,9 @@ class Launch(tp.NamedTuple):
     def constexpr_text(self) -> str:
         names = list(self.signature)
         short = {"BLOCK_CO": "CO", "BLOCK_CI": "CI", "BLOCK_T": "T", "BLOCK_J": "J", "BLOCK_P": "P", "BLOCK_N": "N",
-                 "BLOCK_K": "BK", "BLOCK_D": "BD", "PRECISION": "", "HAS_BIAS": "bias", "HAS_RES": "res",
-                 "HALF_DOT": "half", "REFLECT": "reflect", "ACTIVATE": "act", "STATS": "stats", "ELU": "elu"}
+                 "BLOCK_K": "BK", "BLOCK_KR": "KR", "BLOCK_D": "BD", "PRECISION": "", "HAS_BIAS": "bias",
+                 "HAS_RES": "res", "HALF_DOT": "half", "REFLECT": "reflect", "ACTIVATE": "act", "STATS": "stats",
+                 "ELU": "elu", "CERTIFY": "certified", "PERTURB": "perturb"}
         parts = []
         for name in self.constexpr_names:
             value = self.constexprs.get((names.index(name),))
@@ -298,15 +299,24 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
     D, K = 128, 1024
     codebooks = torch.empty(32, K, D, device=meta)
     norms = torch.empty(32, K, device=meta)
-    for precision in precisions:
-        judged = precision == "ieee"
+    # The search: 'exact' (certified, the default, on tensor cores in each low precision it can
+    # use) and 'ieee' (its fp32 fallback, a user's choice too) are judged; tf32x3 and tf32 are not.
+    from encodec_fast.ops.rvq import LOW_PRECISION, certify_with
+    searches = [("exact", certify_with())] + [(precision, "") for precision in precisions]
+    if len(precisions) > 1:  # --set full: the other low precisions under the certificate
+        searches += [("exact", lowp) for lowp in LOW_PRECISION if lowp != certify_with()]
+    for precision, lowp in searches:
+        judged = precision == "ieee" or (precision == "exact" and lowp == certify_with())
+        name = f"exact/{lowp}" if lowp else precision
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             tag = str(dtype).replace("torch.", "")
             for N in (1, 750 * 64):
                 x = torch.empty(1, D, N, device=meta, dtype=dtype)
                 for n_q in (1, 2, 4, 8, 16, 32):
-                    with _scenario(recorder, f"rvq encode N={N} n_q={n_q} {tag} {precision}", judged):
-                        krvq.rvq_encode(x, codebooks, norms, n_q, precision)
+                    with _scenario(recorder, f"rvq encode N={N} n_q={n_q} {tag} {name}", judged):
+                        krvq.rvq_encode(x, codebooks, norms, n_q, precision, lowp or "bf16x3")
+                if precision == "exact":
+                    continue  # the training stage has no certified search
                 rows = torch.empty(N, D, device=meta, dtype=dtype)  # the quantizer's flattened [B*T, D], contiguous
                 for stats in (False, True):
                     with _scenario(recorder, f"rvq train stage N={N} stats={stats} {tag} {precision}", judged):
@@ -355,7 +365,8 @@ _PTXAS = {"regs": r"Used (\d+) registers", "stack": r"(\d+) bytes stack frame",
 def _cache_key(launch: Launch, arch: int) -> str:
     import triton
     fn = getattr(importlib.import_module(launch.module), launch.kernel)
-    text = json.dumps([triton.__version__, arch, fn.cache_key, launch.kernel, sorted(launch.signature.items()),
+    text = json.dumps(["ptx counts", triton.__version__, arch, fn.cache_key, launch.kernel,
+                       sorted(launch.signature.items()),
                        sorted((str(k), str(v)) for k, v in launch.constexprs.items()),
                        sorted((str(k), str(v)) for k, v in launch.attrs.items()), sorted(launch.options.items())])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -403,9 +414,31 @@ def compile_launch(launch: Launch, arch: int) -> tp.Dict[str, tp.Any]:
     for name, pattern in _PTXAS.items():
         found = re.search(pattern, out.getvalue())
         result[name] = int(found.group(1)) if found else 0
+    result.update(ptx_counts(compiled.asm["ptx"]))
     if not re.search(_PTXAS["regs"], out.getvalue()):
         result.update(ok=False, error="no ptxas log (is this triton's NVIDIA backend?)")
     return result
+
+
+def ptx_counts(ptx: str) -> tp.Dict[str, int]:
+    """Static instruction counts in a kernel's PTX: `mma` = tensor-core instructions (`mma.sync` +
+    `wgmma.mma_async`), each kind too, fp32 FMAs, and vector / asynchronous global loads."""
+    counts = {"mma_sync": len(re.findall(r"\bmma\.sync\.", ptx)),
+              "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
+              "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+              "ld_vector": len(re.findall(r"\bld\.global[.\w]*\.v[248]\.", ptx)),
+              "cp_async": len(re.findall(r"\bcp\.async\.(?:cg|ca|bulk)", ptx))}
+    counts["mma"] = counts["mma_sync"] + counts["wgmma"]
+    return counts
+
+
+def meant_for_tensor_cores(launch: Launch) -> bool:
+    """A launch whose products are asked to run on tensor cores: a fp32 dot in a tensor-core
+    precision (tf32, tf32x3, bf16x3, bf16x6; the certified search's), or a half-precision dot."""
+    names = list(launch.signature)
+    value = lambda name: launch.constexprs.get((names.index(name),)) if name in names else None  # noqa: E731
+    precision = value("PRECISION")
+    return (isinstance(precision, str) and precision != "ieee") or value("HALF_DOT") is True
 
 
 def supported_archs() -> tp.List[int]:
@@ -496,6 +529,8 @@ def verdicts(launches, results, archs, budget) -> tp.List[str]:
                 out.append(f"{what}: compile failure: {r['error'].splitlines()[0] if r['error'] else ''}")
             elif r["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
                 out.append(f"{what}: {r['shared']} B of shared memory > the {SHARED_LIMIT[arch]} B limit")
+            elif meant_for_tensor_cores(launch) and r.get("mma", 0) == 0:
+                out.append(f"{what}: meant for tensor cores, but no mma.sync / wgmma in its PTX")
             elif launch.roles.get(arch) == "judged" and r["spill_st"] > budget:
                 out.append(f"{what}: {r['spill_st']} B of spill stores > budget {budget} B "
                            f"({r['spill_ld']} B of loads, {r['stack']} B stack frame)")
@@ -525,7 +560,7 @@ def worst_by_kernel(launches, results, archs) -> str:
 def table(launches, results, archs) -> str:
     head = ["#", "kernel", "configuration", "used by"]
     for arch in archs:
-        head += [f"sm_{arch} regs", "spill st/ld B", "stack B", "smem KiB", "occ."]
+        head += [f"sm_{arch} regs", "spill st/ld B", "stack B", "smem KiB", "occ.", "mma (wgmma)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, launch in enumerate(launches):
         used = launch.labels[0] + (f" (+{len(launch.labels) - 1})" if len(launch.labels) > 1 else "")
@@ -533,10 +568,11 @@ def table(launches, results, archs) -> str:
         for arch in archs:
             r = results.get((i, arch))
             if r is None or not r["ok"]:
-                cells += ["FAIL" if r else "-", "", "", "", ""]
+                cells += ["FAIL" if r else "-", "", "", "", "", ""]
                 continue
+            mma = f"{r['mma']} ({r['wgmma']})" if "mma" in r else "?"
             cells += [str(r["regs"]), f"{r['spill_st']}/{r['spill_ld']}", str(r["stack"]),
-                      f"{r['shared'] / 1024:.0f}", f"{occupancy(r, launch.options['num_warps'], arch):.0%}"]
+                      f"{r['shared'] / 1024:.0f}", f"{occupancy(r, launch.options['num_warps'], arch):.0%}", mma]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

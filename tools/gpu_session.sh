@@ -6,8 +6,8 @@
 #    upstream encodec for the peers' columns; `pip download` them where a registry is reachable);
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML in OUT_DIR);
 # 3. the suite on the GPU (`python -m bench --suite quick --device cuda`, priority order within
-#    SUITE_BUDGET seconds: codec throughput and memory, then the `kernels` benchmark, then the rest),
-#    into OUT_DIR/suite;
+#    SUITE_BUDGET seconds: codec throughput and memory, the `rvq` search, the `kernels` benchmark, then
+#    the rest; BENCH_ONLY="rvq kernels" for some only), into OUT_DIR/suite;
 # 4. the `kernels` benchmark again with ENCODEC_FAST_AUTOTUNE=1 (the autotuned configurations), into
 #    OUT_DIR/autotune.
 # Each step has its own time limit; the suite rewrites results.json after every benchmark, so a limit
@@ -38,8 +38,11 @@ step() {  # step LIMIT_SECONDS DESCRIPTION COMMAND...
 step "${GPU_TEST_LIMIT:-150}" "python -m pytest -m gpu" \
     python3 -m pytest -q -m gpu tests/test_gpu.py --junitxml "$out/gpu_tests.xml"
 budget=${SUITE_BUDGET:-300}
-step $(( budget + 90 )) "python -m bench --suite quick --device cuda --budget-seconds $budget" \
-    python3 -m bench --suite quick --device cuda --budget-seconds "$budget" --out "$out/suite"
+# BENCH_ONLY="rvq kernels" restricts the suite to those benchmarks (in priority order).
+only=()
+if [ -n "${BENCH_ONLY:-}" ]; then read -r -a names <<< "$BENCH_ONLY"; only=(--only "${names[@]}"); fi
+step $(( budget + 90 )) "python -m bench --suite quick --device cuda --budget-seconds $budget ${only[*]}" \
+    python3 -m bench --suite quick --device cuda --budget-seconds "$budget" --out "$out/suite" "${only[@]}"
 step "${GPU_AUTOTUNE_LIMIT:-120}" "ENCODEC_FAST_AUTOTUNE=1 python -m bench --only kernels" \
     env ENCODEC_FAST_AUTOTUNE=1 python3 -m bench --suite quick --device cuda --only kernels --budget-seconds 90 \
     --out "$out/autotune"

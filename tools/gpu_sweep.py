@@ -75,13 +75,15 @@ def sweep_rvq_encode(device: str, smoke: bool) -> list:
     with ops.use_backend("torch"):
         ref = rvq.rvq_encode(x, embeds, norms)
         torch_ms = gpu.bench_ms(lambda: rvq.rvq_encode(x, embeds, norms), True)
-    for precision in ("ieee", "tf32"):
+    searches = [("exact", lowp) for lowp in rvq.LOW_PRECISION] + [("ieee", ""), ("tf32", "")]
+    for precision, lowp in searches:
         for cfg in configs:
             fn = lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)  # noqa: E731
-            row = {"kernel": "rvq_encode", "shape": f"N={B * T} D={D} K={K} Q={Q}", "precision": precision,
-                   "config": cfg, "torch_ms": torch_ms}
+            row = {"kernel": "rvq_encode", "shape": f"N={B * T} D={D} K={K} Q={Q}",
+                   "precision": f"{precision}/{lowp}" if lowp else precision, "config": cfg, "torch_ms": torch_ms}
             try:
-                with forced(cfg), ops.use_backend("triton"), gpu.Precision(precision):
+                with forced(cfg), ops.use_backend("triton"), gpu.Precision(precision), \
+                        gpu.EnvSetting("ENCODEC_FAST_RVQ_CERTIFY_WITH", lowp or None):
                     got = fn()
                     row["ms"] = gpu.bench_ms(fn, True)
                     row["launches"] = gpu.LaunchLog.of(fn)

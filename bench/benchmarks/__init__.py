@@ -10,6 +10,7 @@ from bench.benchmarks import (  # noqa: F401
     quality,
     quantizer,
     roofline,
+    rvq,
     stream_command,
     streaming,
     tokenize,

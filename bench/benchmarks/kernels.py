@@ -3,8 +3,9 @@ fp32: TF32 off for the PyTorch side), with the launches each op made.
 
 Timed with `triton.testing.do_bench` (median ms), each kernel beside its PyTorch path:
 - `rvq`: RVQ encode and decode at batch 64 x 10 s of 24 kHz audio (48,000 frames, D=128, K=1024),
-  6 kbps (8 stages) and 24 kbps (32 stages); precisions ieee (exact fp32), tf32x3, tf32, with their
-  code agreement against exact fp32; FLOPs, bytes and the fraction of the roofline;
+  6 kbps (8 stages) and 24 kbps (32 stages); precisions exact (the certified search, the default),
+  ieee (fp32 on CUDA cores), tf32x3, tf32, with their code agreement against exact fp32; FLOPs,
+  bytes and the fraction of the roofline;
 - `conv`: each SEANet convolution kind, fused ELU + pad + conv (+ skip) against the separate torch
   ops, fp32 and bf16;
 - `stft`, `conv2d`: the MS-STFT discriminator's spectrogram front end, each Conv2d + LeakyReLU layer
@@ -106,21 +107,31 @@ def make_latents(books: torch.Tensor, B: int, T: int, seed: int) -> torch.Tensor
     return x.view(B, T, D).transpose(1, 2).contiguous()
 
 
-class Precision:
-    """Set $ENCODEC_FAST_RVQ_PRECISION inside a block."""
+class EnvSetting:
+    """Set (or, with None, unset) an environment variable inside a block."""
 
-    def __init__(self, value: str):
-        self.value, self.old = value, None
+    def __init__(self, name: str, value: tp.Optional[str]):
+        self.name, self.value, self.old = name, value, None
 
     def __enter__(self):
-        self.old = os.environ.get("ENCODEC_FAST_RVQ_PRECISION")
-        os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.value
+        self.old = os.environ.get(self.name)
+        if self.value is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.value
 
     def __exit__(self, *exc):
         if self.old is None:
-            os.environ.pop("ENCODEC_FAST_RVQ_PRECISION", None)
+            os.environ.pop(self.name, None)
         else:
-            os.environ["ENCODEC_FAST_RVQ_PRECISION"] = self.old
+            os.environ[self.name] = self.old
+
+
+class Precision(EnvSetting):
+    """Set $ENCODEC_FAST_RVQ_PRECISION inside a block."""
+
+    def __init__(self, value: str):
+        super().__init__("ENCODEC_FAST_RVQ_PRECISION", value)
 
 
 class LaunchLog:
@@ -200,13 +211,16 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
             torch_dec_ms = bench_ms(lambda: rvq.rvq_decode(codes, embeds), quick)
         stacked = (books.contiguous(), torch.stack([n.view(-1) for n in norms]))
         flops = 2.0 * N * K * D * Q
-        for precision in ("ieee", "tf32x3", "tf32"):
+        for precision in ("exact", "ieee", "tf32x3", "tf32"):
             with ops.use_backend("triton"), Precision(precision):
                 got = rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked)
                 ms, launches = bench_ms_launches(lambda: rvq.rvq_encode(x, embeds, norms, stacked=lambda: stacked),
                                                  quick)
             agreement = rvq.code_agreement(x, books, ref, got)
-            peak = None if peaks is None else peaks["fp32" if precision == "ieee" else "tf32"]
+            # exact: the certified search's tensor-core products (bf16x3 by default: 3 bf16 passes)
+            lowp_peak = "bf16" if rvq.certify_with() == "bf16x3" else "tf32"
+            kind = {"ieee": "fp32", "exact": lowp_peak}.get(precision, "tf32")
+            peak = None if peaks is None else peaks[kind]
             rows.append({
                 "op": "rvq_encode", "kbps": kbps, "stages": Q, "frames": N, "precision": precision,
                 "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms,

@@ -3,7 +3,8 @@ and languages not in the small model's training set) and synthesized music, the 
 `tools/make_train_corpus.py`'s held-out split. For each bandwidth: SI-SNR, mel distance and
 multi-scale STFT distance (encodec_fast.train.metrics), PESQ and STOI when the `pesq` / `pystoi`
 packages are installed; ours encodes, and ours and upstream each decode the same codes, so their
-difference is measured (reported per bandwidth), not assumed.
+difference is measured (reported per bandwidth), not assumed. "ours, unquantized": the decoder on the
+encoder's latents without the quantizer, the ceiling no bitrate can pass.
 
 Checkpoints: `--checkpoint PATH` (its architecture is found by loading it), else the shipped
 small model, plus the official 24 / 48 kHz weights when they are already on this machine.
@@ -93,6 +94,32 @@ METRICS = {"si_snr": ("dB", True), "mel_distance": ("", False), "stft_distance":
            "stoi": ("", True)}
 
 
+def _ceiling(ctx: Context, model: str, source: str, ours: "peers.Codec", clips, seconds: float) -> None:
+    """The decoder on the encoder's unquantized latents: the quality no bitrate can exceed (tells a
+    decoder ceiling from quantizer stages that learn nothing). Models without normalisation or
+    segments only (the 24 kHz ones), where that is one encoder and one decoder call."""
+    from encodec_fast.audio import convert_audio
+    from encodec_fast.train.metrics import mel_distance, si_snr
+    net = ours.net
+    if net.normalize or net.segment is not None:
+        return
+    for kind, wavs in clips.items():
+        ctx.check_time(f"{model} unquantized {kind}")
+        values: tp.Dict[str, tp.List[float]] = {"si_snr": [], "mel_distance": []}
+        with torch.no_grad():
+            for wav in wavs:
+                x = convert_audio(wav, 24000, ours.sample_rate, ours.channels)[None]
+                y = net.decoder(net.encoder(x))[..., :x.shape[-1]]
+                values["si_snr"].append(float(si_snr(x, y)[0]))
+                values["mel_distance"].append(float(mel_distance(x, y, ours.sample_rate)[0]))
+        params = {"model": model, "weights": source, "kind": kind, "quantizer": "none (decoder on the encoder's "
+                  "latents)", "files": len(wavs), "seconds": seconds}
+        for metric, vals in values.items():
+            unit, higher = METRICS[metric]
+            ctx.record(params, "ours, unquantized", metric, unit, vals, higher_is_better=higher,
+                       mean=float(np.mean(vals)), note="reps = files")
+
+
 @benchmark("quality", "Codec quality against bitrate on held-out speech and music (ours; upstream decoding our codes)",
            priority=35)
 def run(ctx: Context) -> None:
@@ -107,6 +134,7 @@ def run(ctx: Context) -> None:
         up = codecs["upstream"] if isinstance(codecs["upstream"], peers.Codec) else None
         for kind, reason in missing.items():
             ctx.na({"model": model, "kind": kind}, "ours", "si_snr", "dB", reason)
+        _ceiling(ctx, model, source, ours, clips, seconds)
         for kbps in ours.net.target_bandwidths:
             ctx.check_time(f"{model} at {kbps:g} kbps")
             for kind, wavs in clips.items():

@@ -6,11 +6,12 @@ References (the CPU path, bit-identical to upstream EnCodec):
 - `rvq_decode_torch`: sum of the stages' codewords, in stage order;
 - `vq_assign_torch`: one training stage, with upstream's one-hot counts and `x^T @ onehot` sums.
 
-The Triton kernels compute the same things in one launch; their distances are `||e||^2 - 2 x.e`
-with exact fp32 products (`precision="ieee"`), so their codes equal the reference's except where
-two codewords are tied within fp32 rounding (a different summation order may pick the other).
-`precision="tf32x3"` (near fp32 on tensor cores) and `"tf32"` are opt-in speed modes whose
-agreement is measured by the `kernels` benchmark.
+The Triton kernels compute the same things in one launch. Their default search (`exact`) takes
+its distances from tensor cores (bf16x3 by default) and certifies each row's code with an error
+bound, rescoring in fp32 the rows the bound cannot decide, so that its codes are those of the fp32
+kernel (`ieee`) on every input; both equal the reference's except where two codewords are tied
+within fp32 rounding (a different summation order may pick the other). `tf32` and `tf32x3` are
+approximate modes (no certificate) whose agreement the benchmarks measure.
 """
 
 import typing as tp
@@ -20,12 +21,18 @@ from torch.nn import functional as F
 
 from .backend import env_choice, select
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+PRECISIONS = ("exact", "ieee", "tf32x3", "tf32")
 
 
 def rvq_precision() -> str:
-    """The `tl.dot` precision of the RVQ kernels: $ENCODEC_FAST_RVQ_PRECISION, default 'ieee'."""
-    return env_choice("ENCODEC_FAST_RVQ_PRECISION", PRECISIONS, "ieee")
+    """The RVQ kernels' search: $ENCODEC_FAST_RVQ_PRECISION, default 'exact' (certified)."""
+    return env_choice("ENCODEC_FAST_RVQ_PRECISION", PRECISIONS, "exact")
+
+
+def certify_with() -> str:
+    """The tensor-core precision under the certified search: $ENCODEC_FAST_RVQ_CERTIFY_WITH,
+    default 'bf16x3' (fewest rows rescored per unit of tensor-core time; see docs/exactness.md)."""
+    return env_choice("ENCODEC_FAST_RVQ_CERTIFY_WITH", tuple(LOW_PRECISION), "bf16x3")
 
 
 # -- references ------------------------------------------------------------------------------------
@@ -36,10 +43,14 @@ def nearest_code_torch(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor
     Upstream computes -(||x||^2 - (2x) @ E^T + ||e||^2) and takes the argmax; doubling is exact in
     binary floating point, so ||x||^2 - 2 (x @ E^T) + ||e||^2 has the same bits.
     """
+    return exact_distances_torch(x, embed, norms).argmin(dim=-1)
+
+
+def exact_distances_torch(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """[N, K] distances as upstream computes them (`nearest_code_torch`'s)."""
     dist = torch.mm(x, embed.t())
     dist = torch.sub(x.pow(2).sum(1, keepdim=True), dist, alpha=2)
-    dist.add_(norms)
-    return dist.argmin(dim=-1)
+    return dist.add_(norms)
 
 
 def rvq_encode_torch(residual: torch.Tensor, embeds: tp.Sequence[torch.Tensor],
@@ -91,6 +102,187 @@ def stats_method() -> str:
     return env_choice("ENCODEC_FAST_VQ_STATS", ("scatter", "onehot"), "scatter")
 
 
+# -- certified search: distances on tensor cores, codes of the exact search ----------------------------
+#
+# The argument (docs/exactness.md, "Certified search"). For a row x and codewords c_k with stored fp32
+# norms n_k, the exact search's distances are d_k = fl(n_k - 2 fl(x.c_k)) (our kernel) or
+# fl(fl(|x|^2 - 2 fl(x.c_k)) + n_k) (the torch reference = upstream), and the low-precision search's
+# are d~_k = fl(n_k - 2 dot~_k) with dot~_k from the tensor cores. With g the relative error bound of
+# a dot product (|dot - x.c| <= g sum_i |x_i c_i| <= g |x| |c_k|) and u = 2^-24, d~_k and d_k (less the
+# reference's constant |x|^2) are each within their own bound of n_k - 2 x.c_k; together
+#     |d~_k - d_k| <= e_k = 2 (g_lowp + g_exact) |x| r_k + 3 u (|x| + r_k)^2 + tiny,   r_k >= |c_k|.
+# Let k* be the argmin of d~. If d~_k - e_k > d~_k* + e_k* for every k != k*, then k* is the exact
+# search's argmin, with no tie (d_k >= d~_k - e_k > d~_k* + e_k* >= d_k*). Otherwise the row is
+# rescored exactly over its candidates, the k with d~_k - e_k <= d~_k* + e_k*: they hold the exact
+# argmin k_e (d~_ke - e_ke <= d_ke <= d_k* <= d~_k* + e_k*) and every codeword tied with it. The
+# stage's codes are then the exact search's, its residual the same fp32 subtraction, and by induction
+# so are every later stage's. Per-codeword radii r_k matter: trained codebooks keep a few large
+# codewords (the small model's last stages: max |c| 1000-2000x the median).
+
+UNIT = 2.0 ** -24  # fp32 unit roundoff
+
+#: Low-precision `tl.dot` modes the certified search can use: (operand error of one product relative
+#: to |x_i c_i|, products accumulated per term). tf32: Triton hands the tensor cores raw fp32 bits,
+#: which keep 10 of 23 mantissa bits (truncation: < 2^-10 per operand). tf32x3: big = tf32 round to
+#: nearest (<= 2^-11), small = a - big truncated (<= 2^-21 |a|), small x small dropped. bf16x3: hi =
+#: bf16(a) (<= 2^-8), mid = bf16(a - hi), remainder <= 2^-16 |a|; mid x mid dropped.
+LOW_PRECISION = {
+    "tf32": (2 * 2.0 ** -10 + 2.0 ** -20, 1),
+    "tf32x3": (2.0 ** -20 + 2.0 ** -22 + 2.0 ** -29, 3),
+    "bf16x3": (3 * 2.0 ** -16 * (1 + 2.0 ** -7), 3),
+}
+#: Tensor-core accumulation is modelled as fp32 with truncation (unit 2^-23), doubled for the
+#: alignment of the products inside one instruction (Fasi et al. 2021 measured truncation there).
+TC_ACCUMULATION_UNIT = 2.0 ** -22
+#: Evaluating the bound in fp32 (|x| from a fp32 sum, the products) costs a few units; this covers them.
+MARGIN = 1 + 2.0 ** -8
+
+
+def _gamma(n: int, u: float) -> float:
+    return n * u / (1 - n * u)
+
+
+def dot_error_bound(mode: str, D: int) -> float:
+    """g with |fl(x.c) - x.c| <= g sum_i |x_i c_i| for a length-D dot in `mode` ('ieee' = fp32 with
+    any summation order: ours, cuBLAS, the CPU)."""
+    if mode == "ieee":
+        return _gamma(D, UNIT)
+    operand, passes = LOW_PRECISION[mode]
+    return operand + _gamma(passes * D, TC_ACCUMULATION_UNIT)
+
+
+class Certificate(tp.NamedTuple):
+    """e(|x|, r) = a |x| r + b (|x| + r)^2 + z (|x| + r): how far a low-precision distance may be
+    from the exact one; lp_a, lp_b: the low-precision side's own share (what a test may perturb
+    its distances by)."""
+    a: float
+    b: float
+    z: float
+    lp_a: float
+    lp_b: float
+
+
+def certificate(mode: str, D: int) -> Certificate:
+    g_lp, g_ref = dot_error_bound(mode, D), dot_error_bound("ieee", D)
+    # rounding: the distance once on our side, twice on the reference's (|x|^2 first), and three
+    # times more where the kernel forms the intervals' ends
+    return Certificate(a=2 * (g_lp + g_ref) * MARGIN, b=6 * UNIT * MARGIN, z=2.0 ** -116,
+                       lp_a=2 * g_lp, lp_b=UNIT)
+
+
+def radius_factors(D: int) -> tp.Tuple[float, float]:
+    """(c1, c2) with r_k = sqrt(n_k c1) c2 >= |c_k| when evaluated in fp32 from the fp32 squared norm
+    n_k (its own rounding: (D + 2) units; the kernel's sqrt is approximate: 2 units; the products: 2)."""
+    return 1 + (D + 8) * UNIT, 1 + 2.0 ** -19
+
+
+def codeword_radii(norms: torch.Tensor, D: int) -> torch.Tensor:
+    """r_k >= |c_k| from the fp32 squared norms (any shape), as the kernel computes them."""
+    c1, c2 = radius_factors(D)
+    return (norms.detach().float() * c1).sqrt() * c2
+
+
+def certificate_error(xnorm: torch.Tensor, radii: torch.Tensor, cert: Certificate) -> torch.Tensor:
+    """e [N, K] from |x| [N] and r [K], in fp32 as the kernel computes it."""
+    x, r = xnorm[:, None], radii[None, :]
+    s = x + r
+    return cert.a * x * r + cert.b * s * s + cert.z * s
+
+
+def _tf32(x: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """fp32 -> tf32 (10 mantissa bits): truncation as the tensor cores read raw fp32 bits, or
+    round-to-nearest-away (cvt.rna.tf32.f32) when `nearest`."""
+    bits = x.float().contiguous().view(torch.int32)
+    if nearest:
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+def lowp_dot(x: torch.Tensor, e: torch.Tensor, mode: str) -> torch.Tensor:
+    """x [N, D] @ e [K, D]^T with the operands rounded as `mode`'s tensor-core products see them;
+    the exact products summed in fp64 and rounded once (the operand error dominates the bound)."""
+    x, e = x.float(), e.float()
+    if mode == "tf32":
+        return (_tf32(x).double() @ _tf32(e).double().t()).float()
+    if mode == "tf32x3":
+        bx, be = _tf32(x, nearest=True), _tf32(e, nearest=True)
+        sx, se = _tf32(x - bx), _tf32(e - be)
+        bx, be, sx, se = bx.double(), be.double(), sx.double(), se.double()
+        return (bx @ be.t() + bx @ se.t() + sx @ be.t()).float()
+    if mode == "bf16x3":
+        hx, he = x.bfloat16().float(), e.bfloat16().float()
+        mx, me = (x - hx).bfloat16().double(), (e - he).bfloat16().double()
+        hx, he = hx.double(), he.double()
+        return (hx @ he.t() + hx @ me.t() + mx @ he.t()).float()
+    raise ValueError(f"unknown low-precision mode {mode!r}; choose one of {', '.join(LOW_PRECISION)}")
+
+
+class CertifiedStage(tp.NamedTuple):
+    codes: torch.Tensor        # [N] int64, the exact search's
+    rescored: torch.Tensor     # [N] bool: rows whose certificate failed
+    candidates: torch.Tensor   # [N, K] bool: the codewords rescored (none where certified)
+
+
+def certified_nearest_torch(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, mode: str,
+                            perturb: float = 0.0, generator: tp.Optional[torch.Generator] = None,
+                            exact: tp.Optional[torch.Tensor] = None) -> CertifiedStage:
+    """The certified search, emulated: x [N, D], embed [K, D], norms [K] or [1, K].
+
+    Low-precision distances from `lowp_dot`; `perturb` adds up to `perturb` times the low-precision
+    error bound to each (uniform in +-1, from `generator`), as a worse tensor core could. Rows whose
+    certificate fails take the argmin of the reference distances (`nearest_code_torch`'s, computed
+    for all rows at once as it does: a product's bits can depend on its shape) over their
+    candidates only. With perturb <= 1 the codes are `nearest_code_torch`'s on every input."""
+    N, D = x.shape
+    n = norms.reshape(-1).float()
+    cert = certificate(mode, D)
+    radii = codeword_radii(n, D)
+    xf = x.float()
+    dist = n[None] - 2 * lowp_dot(xf, embed, mode)
+    xnorm = xf.pow(2).sum(1).sqrt()
+    if perturb:
+        x_, r_ = xnorm[:, None], radii[None, :]
+        bound = cert.lp_a * x_ * r_ + cert.lp_b * (x_ + r_) ** 2
+        noise = torch.rand(dist.shape, generator=generator, dtype=torch.float64).mul(2).sub(1).float()
+        dist = dist + perturb * bound * noise
+    err = certificate_error(xnorm, radii, cert)
+    best, arg = dist.min(1)
+    upper = best + err.gather(1, arg[:, None])[:, 0]
+    low = dist - err
+    others = low.scatter(1, arg[:, None], float("inf")).min(1).values
+    rescored = ~(others > upper)  # nan anywhere in the row: rescored
+    codes = arg.clone()
+    cand = torch.zeros_like(dist, dtype=torch.bool)
+    if bool(rescored.any()):
+        # overflow, inf or nan: every codeword
+        whole = ~(upper < float("inf"))
+        cand = ((low <= upper[:, None]) | whole[:, None]) & rescored[:, None]
+        if exact is None:
+            exact = exact_distances_torch(xf, embed.float(), n[None])
+        ref = torch.where(cand, exact, torch.full_like(exact, float("inf")))[rescored]
+        # a row whose candidates' distances are all nan keeps the reference's own argmin
+        codes[rescored] = torch.where(torch.isinf(ref).all(1) | torch.isnan(ref).any(1),
+                                      exact[rescored].argmin(1), ref.argmin(1))
+    return CertifiedStage(codes, rescored, cand)
+
+
+def rvq_encode_certified_torch(residual: torch.Tensor, embeds: tp.Sequence[torch.Tensor],
+                               norms: tp.Sequence[torch.Tensor], mode: str, perturb: float = 0.0,
+                               generator: tp.Optional[torch.Generator] = None
+                               ) -> tp.Tuple[torch.Tensor, tp.List[CertifiedStage]]:
+    """`rvq_encode_torch` with each stage's search certified (emulated): residual [N, D] (overwritten)
+    -> (codes [Q, N], each stage's CertifiedStage)."""
+    codes = torch.empty(len(embeds), residual.shape[0], dtype=torch.long)
+    stages = []
+    for i, (embed, norm) in enumerate(zip(embeds, norms)):
+        stage = certified_nearest_torch(residual, embed, norm, mode, perturb=perturb, generator=generator)
+        codes[i] = stage.codes
+        stages.append(stage)
+        if i + 1 < len(embeds):
+            residual.sub_(F.embedding(stage.codes, embed))
+    return codes, stages
+
+
 # -- dispatch --------------------------------------------------------------------------------------
 
 def _kernels():
@@ -122,7 +314,7 @@ def rvq_encode(x: torch.Tensor, embeds: tp.Sequence[torch.Tensor], norms: tp.Seq
             nrm = torch.stack([n.reshape(-1).float() for n in norms]).contiguous()
         else:
             cb, nrm = stacked()
-        return _kernels().rvq_encode(x, cb, nrm, Q, rvq_precision()).view(Q, B, T)
+        return _kernels().rvq_encode(x, cb, nrm, Q, rvq_precision(), certify_with()).view(Q, B, T)
     rows = rows or B
     codes = torch.empty(Q, B, T, dtype=torch.long, device=x.device)
     for b0 in range(0, B, rows):
@@ -156,8 +348,16 @@ def vq_assign(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, stats: 
     (codes [N] int64, quantized [N, D], counts [K] or None, sums [K, D] or None): what the EMA
     update needs, without upstream's [N, K] one-hot matrix on the kernel path."""
     if select(x, embed) == "triton":
-        return _kernels().vq_assign(x, embed.float().contiguous(), norms.reshape(-1).float().contiguous(),
-                                    stats, rvq_precision())
+        k = _kernels()
+        book, norm = embed.float().contiguous(), norms.reshape(-1).float().contiguous()
+        precision = rvq_precision()
+        if precision != "exact":
+            return k.vq_assign(x, book, norm, stats, precision)
+        # the certified search (one stage), the quantized rows gathered, the statistics in fixed order
+        codes = k.rvq_encode(x.t()[None], book[None], norm[None], 1, "exact", certify_with())[0]
+        quant = F.embedding(codes, book).to(x.dtype)
+        counts, sums = k.segment_sums(x, codes, book.shape[0]) if stats else (None, None)
+        return codes, quant, counts, sums
     return vq_assign_torch(x, embed, norms, stats, scatter=stats and not x.is_cuda and stats_method() == "scatter")
 
 

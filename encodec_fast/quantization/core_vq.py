@@ -97,6 +97,11 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("embed_avg", embed.clone())
         self._norms: tp.Optional[torch.Tensor] = None
         self._norms_key: tp.Any = None
+        #: Codewords replaced by dead-code expiry since the trainer last read (and reset) it.
+        self.replaced = 0
+        #: Set by `ResidualVectorQuantization`: training statistics are appended here, and the
+        #: update waits for `update_` (one all-reduce for every stage), instead of running at once.
+        self._deferred: tp.Optional[list] = None
 
     # -- inference ---------------------------------------------------------------------------
     def _set_embed(self, value: torch.Tensor) -> None:
@@ -169,6 +174,7 @@ class EuclideanCodebook(nn.Module):
         expired = self.cluster_size < self.threshold_ema_dead_code
         if not torch.any(expired):
             return
+        self.replaced += int(expired.sum())
         samples = self._gather(batch_samples.reshape(-1, batch_samples.shape[-1]))
         vectors = sample_vectors(samples, self.codebook_size)
         self._set_embed(torch.where(expired[:, None], vectors, self.embed))
@@ -191,17 +197,24 @@ class EuclideanCodebook(nn.Module):
         embed_ind = embed_ind.view(*shape[:-1])
         quantize = quantize.view(*shape[:-1], -1)
         if self.training:
-            if self.sync_statistics:
-                from .. import distrib
-                distrib.all_reduce_sum_(counts)
-                distrib.all_reduce_sum_(embed_sum)
-            self.expire_codes_(flat)
-            ema_inplace(self.cluster_size, counts, self.decay)
-            ema_inplace(self.embed_avg, embed_sum, self.decay)
-            cluster_size = laplace_smoothing(self.cluster_size, self.codebook_size,
-                                             self.epsilon) * self.cluster_size.sum()
-            self._set_embed(self.embed_avg / cluster_size.unsqueeze(1))
+            if self._deferred is not None:
+                self._deferred.append((self, flat, counts, embed_sum))
+            else:
+                if self.sync_statistics:
+                    from .. import distrib
+                    distrib.all_reduce_sum_(counts)
+                    distrib.all_reduce_sum_(embed_sum)
+                self.update_(flat, counts, embed_sum)
         return quantize, embed_ind
+
+    def update_(self, flat: torch.Tensor, counts: torch.Tensor, embed_sum: torch.Tensor) -> None:
+        """Dead-code expiry, then the EMA update from this step's (already summed) statistics."""
+        self.expire_codes_(flat)
+        ema_inplace(self.cluster_size, counts, self.decay)
+        ema_inplace(self.embed_avg, embed_sum, self.decay)
+        cluster_size = laplace_smoothing(self.cluster_size, self.codebook_size,
+                                         self.epsilon) * self.cluster_size.sum()
+        self._set_embed(self.embed_avg / cluster_size.unsqueeze(1))
 
 
 class VectorQuantization(nn.Module):
@@ -255,6 +268,11 @@ class VectorQuantization(nn.Module):
         return quantize, embed_ind, loss
 
 
+#: Training: every stage searches before any stage's EMA update (`ResidualVectorQuantization.forward`;
+#: the same results, one all-reduce). False: update stage by stage, as upstream's code is written.
+DEFER_UPDATES = True
+
+
 class ResidualVectorQuantization(nn.Module):
     """Residual VQ: stage i quantizes what stages < i left over.
 
@@ -275,21 +293,53 @@ class ResidualVectorQuantization(nn.Module):
         self._stacked: tp.Dict[int, tp.Any] = {}
 
     def forward(self, x: torch.Tensor, n_q: tp.Optional[int] = None):
-        quantized_out: tp.Any = 0.0
-        residual = x
-        losses, indices = [], []
-        fix = self.commitment_all_stages and self.training
-        for layer in self.layers[: n_q or len(self.layers)]:
-            quantized, idx, loss = layer(residual)
-            if fix:
-                quantized = quantized.detach()
-            residual = residual - quantized
-            quantized_out = quantized_out + quantized
-            indices.append(idx)
-            losses.append(loss)
+        layers = self.layers[: n_q or len(self.layers)]
+        books = [layer._codebook for layer in layers]
+        # In training, every stage's EMA update waits until all stages have searched: a stage's
+        # update changes only its own codebook, so the results are the same, and under data
+        # parallelism one all-reduce carries every stage's statistics. Not on a step that runs a
+        # k-means init (its random draws would move past other stages' expiry draws).
+        defer = DEFER_UPDATES and self.training and bool(torch.cat([cb.inited for cb in books]).all())
+        pending: list = []
+        for cb in books:
+            cb._deferred = pending if defer else None
+        try:
+            quantized_out: tp.Any = 0.0
+            residual = x
+            losses, indices = [], []
+            fix = self.commitment_all_stages and self.training
+            for layer in layers:
+                quantized, idx, loss = layer(residual)
+                if fix:
+                    quantized = quantized.detach()
+                residual = residual - quantized
+                quantized_out = quantized_out + quantized
+                indices.append(idx)
+                losses.append(loss)
+        finally:
+            for cb in books:
+                cb._deferred = None
+        if pending:
+            self._update_stages(pending)
         if fix:
             quantized_out = x + (quantized_out - x).detach()
         return quantized_out, torch.stack(indices), torch.stack(losses)
+
+    @staticmethod
+    def _update_stages(pending: list) -> None:
+        """The deferred EMA updates, in stage order, after one all-reduce of every stage's counts
+        and sums (under `sync_statistics`)."""
+        if any(cb.sync_statistics for cb, *_ in pending):
+            from .. import distrib
+            flat = torch.cat([t.reshape(-1) for _, _, counts, sums in pending for t in (counts, sums)])
+            distrib.all_reduce_sum_(flat)
+            offset = 0
+            for _, _, counts, sums in pending:
+                for t in (counts, sums):
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+        for cb, rows, counts, sums in pending:
+            cb.update_(rows, counts, sums)
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:
         """[B, D, T] -> codes [n_q, B, T] (`encodec_fast.ops.rvq_encode`).

@@ -539,11 +539,16 @@ class Trainer:
                          **{k: float(np.mean(v)) for k, v in scores.items()}})
             if bw == top:
                 usage = codebook_usage(torch.cat(codes_top, dim=-1), model.quantizer.bins)
-                dead = [int((layer._codebook.cluster_size < layer._codebook.threshold_ema_dead_code).sum())
-                        for layer in self.model.quantizer.vq.layers]
+                books = [layer._codebook for layer in self.model.quantizer.vq.layers]
+                dead = [int((cb.cluster_size < cb.threshold_ema_dead_code).sum()) for cb in books]
+                # codewords replaced by dead-code expiry since the last such row (this rank's count:
+                # under sync_statistics every rank replaces the same ones)
+                replaced = [cb.replaced for cb in books]
+                for cb in books:
+                    cb.replaced = 0
                 rows.append({"split": "codebooks", "step": self.step,
                              "perplexity": [u["perplexity"] for u in usage],
-                             "unused": [u["unused"] for u in usage], "dead_ema": dead})
+                             "unused": [u["unused"] for u in usage], "dead_ema": dead, "replaced": replaced})
         model.bandwidth = None
         return rows
 
