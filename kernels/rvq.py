@@ -182,6 +182,78 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K
         r = r - chosen
 
 
+@triton.jit(do_not_specialize=["n_q"])
+def _rvq_train_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, inputs_ptr, out_ptr, sqerr_ptr, N, T, D, K, n_q,
+                      stride_xb, stride_xd, stride_xt, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PRECISION: tl.constexpr, CERTIFY: tl.constexpr):
+    """The training forward of every stage for a block of rows (upstream's values, stage by stage):
+    r_0 = x; code_i = nearest(r_i); st_i = r_i + (e_i - r_i) (the straight-through value);
+    out = sum of st_i; r_(i+1) = r_i - st_i. Writes codes [n_q, N], each
+    stage's input r_i [n_q, N, D] (for the statistics, expiry and the backward), out [N, D] and the
+    per-row squared commitment error sum_d (st_i - r_i)^2 [n_q, N]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    b = (rows // T).to(tl.int64)
+    t = (rows % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    mask = row_ok[:, None] & d_ok[None, :]
+    row_start = b * stride_xb + t * stride_xt  # [BLOCK_N] vectors: 2-D offsets are formed where used
+    r = tl.load(x_ptr + row_start[:, None] + d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    rows64 = rows.to(tl.int64)
+    tile = rows[:, None] * D + d[None, :]  # int32: N * D < 2^31 (checked by the wrapper)
+    tl.store(out_ptr + tile, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), mask=mask)
+    stage_inputs = inputs_ptr  # advanced by N * D per stage (64-bit pointer arithmetic)
+    for q in range(n_q):
+        cb_q = cb_ptr + q * K * D
+        tl.store(stage_inputs + tile, r, mask=mask)
+        stage_inputs += N * D
+        if CERTIFY:
+            idx, uncertified, searched = _certified_nearest(
+                r, rows, row_ok, cb_q, norm_ptr + q * K, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+                0.0, 0.0, 0.0, 0, BLOCK_N, BLOCK_K, BLOCK_KR, PRECISION, False)
+        else:
+            idx = _nearest(r, cb_q, norm_ptr + q * K, K, D, d, d_ok, BLOCK_N, BLOCK_K, PRECISION)
+        tl.store(codes_ptr + q * N + rows64, idx.to(tl.int64), mask=row_ok)
+        chosen = tl.load(cb_q + idx[:, None] * D + d[None, :], mask=mask, other=0.0)
+        st = r + (chosen - r)
+        err = tl.where(mask, st - r, 0.0)
+        tl.store(sqerr_ptr + q * N + rows64, tl.sum(err * err, axis=1), mask=row_ok)
+        acc = tl.load(out_ptr + tile, mask=mask, other=0.0)
+        tl.store(out_ptr + tile, acc + st, mask=mask)
+        r = r - st
+
+
+@triton.jit
+def _rvq_train_backward_kernel(grad_out_ptr, grad_x_ptr, cb_ptr, codes_ptr, inputs_ptr, scale_ptr, N, T, D, K,
+                               stages, stride_gb, stride_gd, stride_gt, stride_xb, stride_xd, stride_xt,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_x = grad_out + sum over the first `stages` stages of scale_i (r_i - st_i): the
+    straight-through estimator plus the commitment losses' gradients (scale_i = 2 w_i g_i / (N D)),
+    in stage order. grad_out and grad_x are [B, D, T] (each with its strides), the rest as
+    `_rvq_train_kernel`."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    b = (rows // T).to(tl.int64)
+    t = (rows % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    tile = rows[:, None] * D + d[None, :]  # int32: N * D < 2^31 (checked by the wrapper)
+    g = tl.load(grad_out_ptr + b[:, None] * stride_gb + d[None, :] * stride_gd + t[:, None] * stride_gt, mask=mask,
+                other=0.0).to(tl.float32)
+    stage_inputs = inputs_ptr
+    for q in range(stages):
+        r = tl.load(stage_inputs + tile, mask=mask, other=0.0)
+        stage_inputs += N * D
+        idx = tl.load(codes_ptr + q * N + rows64, mask=row_ok, other=0)
+        chosen = tl.load(cb_ptr + q * K * D + idx[:, None] * D + d[None, :], mask=mask, other=0.0)
+        st = r + (chosen - r)
+        g = g + tl.load(scale_ptr + q) * (r - st)
+    tl.store(grad_x_ptr + b[:, None] * stride_xb + d[None, :] * stride_xd + t[:, None] * stride_xt, g, mask=mask)
+
+
 @triton.jit
 def _rvq_decode_kernel(codes_ptr, cb_ptr, out_ptr, N, T, D, K, n_q, stride_cq, stride_cn,
                        stride_ob, stride_od, stride_ot,
@@ -444,3 +516,52 @@ def segment_sums(x: torch.Tensor, codes: torch.Tensor, K: int) -> tp.Tuple[torch
                                                    BLOCK_R=128 if interpreting() else 32, BLOCK_D=_block_d(D),
                                                    num_warps=4)
     return counts, sums
+
+
+def rvq_train_forward(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int, detach: bool,
+                      precision: str = "exact", lowp: str = "bf16x3"):
+    """`_rvq_train_kernel`: x [B, D, T] -> (codes [n_q, B*T], inputs [n_q, B*T, D], out [B*T, D],
+    squared commitment errors per row [n_q, B*T]), all fp32 but the codes. `detach`: out is
+    x + (sum - x) (audiocraft's fix: one straight-through estimator on the sum)."""
+    from encodec_fast.ops import rvq as ref
+    B, D, T = x.shape
+    K = codebooks.shape[1]
+    N = B * T
+    dev = x.device
+    codes = torch.empty(n_q, N, dtype=torch.int64, device=dev)
+    inputs = torch.empty(n_q, N, D, dtype=torch.float32, device=dev)
+    out = torch.empty(N, D, dtype=torch.float32, device=dev)
+    sqerr = torch.empty(n_q, N, dtype=torch.float32, device=dev)
+    if N == 0 or n_q == 0:
+        return codes, inputs, out.zero_(), sqerr
+    if N * D >= 2 ** 31:
+        raise ValueError(f"{N} rows of {D}: more than 2^31 elements per stage; train on smaller batches")
+    certify = precision == "exact"
+    config = _certified_config(N, D, K) if certify else _config(N, D, K, encode=True)
+    cert = ref.certificate(lowp, D) if certify else ref.Certificate(0.0, 0.0, 0.0, 0.0, 0.0)
+    dot = (lowp if certify else precision) if not interpreting() else "ieee"
+    args = (x, codebooks, norms, codes, inputs, out, sqerr, N, T, D, K, n_q, *x.stride(), cert.a, cert.b, cert.z,
+            *ref.radius_factors(D))
+    consts = dict(BLOCK_D=_block_d(D), BLOCK_KR=_block_kr(K, config[1]), PRECISION=dot, CERTIFY=certify)
+    _launch(_rvq_train_kernel, args, consts, config, [], N, K, key=())
+    if detach:  # one straight-through estimator on the sum: x + (sum - x), elementwise in fp32 as torch
+        rows = x.detach().float().transpose(1, 2).reshape(N, D)
+        out = rows + (out - rows)
+    return codes, inputs, out, sqerr
+
+
+def rvq_train_backward(grad_out: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, inputs: torch.Tensor,
+                       scales: torch.Tensor, stages: int) -> torch.Tensor:
+    """`_rvq_train_backward_kernel`: grad_out [B, D, T] -> grad_x [B, D, T] (fp32)."""
+    B, D, T = grad_out.shape
+    K = codebooks.shape[1]
+    N = B * T
+    grad_x = torch.empty(B, D, T, dtype=torch.float32, device=grad_out.device)
+    if N * D >= 2 ** 31:
+        raise ValueError(f"{N} rows of {D}: more than 2^31 elements per stage; train on smaller batches")
+    if N:
+        block_n = 128 if interpreting() else 32
+        _rvq_train_backward_kernel[(triton.cdiv(N, block_n),)](
+            grad_out, grad_x, codebooks, codes, inputs, scales.float().contiguous(), N, T, D, K, stages,
+            *grad_out.stride(), *grad_x.stride(), BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=4)
+    return grad_x

@@ -321,6 +321,16 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                 for stats in (False, True):
                     with _scenario(recorder, f"rvq train stage N={N} stats={stats} {tag} {precision}", judged):
                         krvq.vq_assign(rows, codebooks[0], norms[0], stats, precision)
+    # The training forward of every stage (the certified search) and its backward: a training batch
+    # of 8 x 1 s, 64 x 1 s and 64 x 10 s of 24 kHz frames.
+    for N in (75 * 8, 75 * 64, 750 * 64):
+        x = torch.empty(1, D, N, device=meta)
+        for detach in (False, True):
+            with _scenario(recorder, f"rvq train all stages N={N} n_q=32 detach={detach} exact/{certify_with()}"):
+                krvq.rvq_train_forward(x, codebooks, norms, 32, detach, "exact", certify_with())
+        with _scenario(recorder, f"rvq train backward N={N} n_q=32"):
+            krvq.rvq_train_backward(x, codebooks, torch.empty(32, N, dtype=torch.int64, device=meta),
+                                    torch.empty(32, N, D, device=meta), torch.empty(32, device=meta), 32)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for N in (1, 750 * 64):
             codes = torch.empty(32, N, dtype=torch.int64, device=meta)

@@ -1,11 +1,16 @@
-"""`quantizer`: the quantizer's training step on CPU, ours (scatter statistics, the default; upstream's
-one-hot product, ENCODEC_FAST_VQ_STATS=onehot) against upstream `encodec`'s `core_vq`, interleaved in
-one process with the same threads, weights and inputs.
+"""`quantizer`: the quantizer's training step, ours against upstream `encodec`'s `core_vq` and
+`vector-quantize-pytorch`'s `ResidualVQ` (when installed), interleaved in one process with the same
+threads, weights and inputs.
 
 Latents of a 24 kHz batch (75 frames per second, D=128, 1024 codes), 6 kbps (8 stages) and 24 kbps
 (32 stages); forward (assignment, EMA update, straight-through output, commitment loss) and the
 backward of a loss on the output. k-means init is off and the codebooks are set from the data, so
-every step does the same work.
+every step does the same work. On CPU: ours with scatter statistics (the default) and with upstream's
+one-hot product (ENCODEC_FAST_VQ_STATS=onehot). On CUDA: ours (every stage in one launch with the
+certified search, statistics in a fixed order: the default there) and ours on the torch path
+(cuBLAS search, one-hot statistics, stage by stage). vector-quantize-pytorch is configured as close
+as it allows (EMA 0.99, dead-code threshold 2, commitment weight 1, no k-means): its own
+implementation, not the same numbers.
 """
 
 import copy
@@ -38,35 +43,73 @@ def _ours(x: torch.Tensor, n_q: int, gen: torch.Generator):
     return ours
 
 
-@benchmark("quantizer", "Quantizer training step (forward + backward + EMA) vs upstream's core_vq", priority=60)
+def _vector_quantize_pytorch(n_q: int, device: str):
+    """vector-quantize-pytorch's ResidualVQ and its training step on x [B, D, T], or the reason it cannot run."""
+    try:
+        from vector_quantize_pytorch import ResidualVQ
+    except Exception as err:  # not installed (pip install vector-quantize-pytorch)
+        return f"vector-quantize-pytorch is not installed ({type(err).__name__})"
+    model = ResidualVQ(dim=128, num_quantizers=n_q, codebook_size=1024, decay=0.99, kmeans_init=False,
+                       threshold_ema_dead_code=2, commitment_weight=1.0).to(device).train()
+
+    def step(x: torch.Tensor) -> None:
+        xin = x.transpose(1, 2).contiguous().requires_grad_(True)
+        quantized, _, loss = model(xin)
+        (quantized.pow(2).mean() + loss.sum()).backward()
+    return step
+
+
+@benchmark("quantizer", "Quantizer training step (forward + backward + EMA) vs upstream's core_vq and "
+           "vector-quantize-pytorch", priority=60)
 def run(ctx: Context) -> None:
     from encodec_fast import ops
     warnings.simplefilter("ignore")  # upstream's issue-25 warning on every training forward
+    device = ctx.device
+    cuda = device == "cuda"
     batch, seconds = ctx.pick(1, 8, 8), ctx.pick(0.2, 1.0, 1.0)
+    if cuda:
+        batch = ctx.pick(2, 64, 64)
     frames = int(75 * seconds)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 128, frames, generator=gen)
+    x = torch.randn(batch, 128, frames, generator=gen).to(device)
     missing = upstream_missing()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for kbps, n_q in ((6.0, 8), (24.0, 32)):
         ctx.check_time(f"{kbps:g} kbps")
-        params = {"kbps": kbps, "stages": n_q, "frames": batch * frames, "device": "cpu"}
-        ours = _ours(x, n_q, gen)
+        params = {"kbps": kbps, "stages": n_q, "frames": batch * frames, "batch": batch,
+                  "device": torch.cuda.get_device_name() if cuda else "cpu"}
+        ours = _ours(x.cpu(), n_q, gen).to(device)
         impls = {}
-        for method in ("scatter", "onehot"):
-            def step(model=copy.deepcopy(ours), method=method) -> None:
-                os.environ["ENCODEC_FAST_VQ_STATS"] = method
-                try:
-                    with ops.use_backend("torch"):
-                        _step(model, x, kbps)
-                finally:
-                    os.environ.pop("ENCODEC_FAST_VQ_STATS", None)
-            impls[f"ours ({method})"] = step
+        if cuda:
+            def fused(model=copy.deepcopy(ours)) -> None:
+                _step(model, x, kbps)
+
+            def torch_path(model=copy.deepcopy(ours)) -> None:
+                with ops.use_backend("torch"):
+                    _step(model, x, kbps)
+            impls["ours"], impls["ours (torch path)"] = fused, torch_path
+        else:
+            for method in ("scatter", "onehot"):
+                def step(model=copy.deepcopy(ours), method=method) -> None:
+                    os.environ["ENCODEC_FAST_VQ_STATS"] = method
+                    try:
+                        with ops.use_backend("torch"):
+                            _step(model, x, kbps)
+                    finally:
+                        os.environ.pop("ENCODEC_FAST_VQ_STATS", None)
+                impls[f"ours ({method})"] = step
         if missing:
             ctx.na(params, "upstream", "time", "ms", missing)
         else:
             from encodec.quantization import ResidualVectorQuantizer as Upstream
-            up = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).train()
+            up = Upstream(dimension=128, n_q=n_q, bins=1024, kmeans_init=False).to(device).train()
             up.load_state_dict(ours.state_dict())
             impls["upstream"] = lambda up=up: _step(up, x, kbps)
-        for impl, rec in ctx.timed(params, impls, unit="ms", scale=1e3).items():
-            rec["headline"] = impl in ("ours (scatter)", "upstream")
+        vqp = _vector_quantize_pytorch(n_q, device)
+        if isinstance(vqp, str):
+            ctx.na(params, "vector-quantize-pytorch", "time", "ms", vqp)
+        else:
+            impls["vector-quantize-pytorch"] = lambda vqp=vqp: vqp(x)
+        headline = ("ours" if cuda else "ours (scatter)", "upstream")
+        for impl, rec in ctx.timed(params, impls, unit="ms", scale=1e3, sync=sync).items():
+            rec["headline"] = impl in headline

@@ -361,6 +361,51 @@ def vq_assign(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, stats: 
     return vq_assign_torch(x, embed, norms, stats, scatter=stats and not x.is_cuda and stats_method() == "scatter")
 
 
+class _TrainStages(torch.autograd.Function):
+    """Every training stage in one launch (`kernels.rvq.rvq_train_forward`) and its backward in
+    another: the straight-through output's gradient is the identity, the commitment losses add
+    2 w g (r_i - st_i) / numel for stage 0 (upstream: later stages' inputs have no gradient) or for
+    every stage (`detach`: audiocraft's fix)."""
+
+    @staticmethod
+    def forward(ctx, x, codebooks, norms, weights, n_q: int, detach: bool):
+        k = _kernels()
+        codes, inputs, out, sqerr = k.rvq_train_forward(x.detach(), codebooks, norms, n_q, detach, rvq_precision(),
+                                                        certify_with())
+        B, D, T = x.shape
+        losses = sqerr.sum(1).div(B * T * D).mul(weights)
+        ctx.save_for_backward(codebooks, codes, inputs, weights)
+        ctx.stages, ctx.shape = min(n_q, 1 if not detach else n_q), (B, D, T)
+        ctx.mark_non_differentiable(codes, inputs)
+        return out.view(B, T, D).transpose(1, 2).to(x.dtype), losses, codes, inputs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_losses, _codes, _inputs):
+        codebooks, codes, inputs, weights = ctx.saved_tensors
+        if grad_losses is None:
+            grad_losses = torch.zeros_like(weights)
+        B, D, T = ctx.shape
+        scales = 2.0 * weights * grad_losses / (B * D * T)
+        if grad_out is None:
+            grad_out = torch.zeros(ctx.shape, device=inputs.device)
+        grad_x = _kernels().rvq_train_backward(grad_out, codebooks, codes, inputs, scales, ctx.stages)
+        return grad_x, None, None, None, None, None
+
+
+def rvq_train(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, weights: torch.Tensor, detach: bool):
+    """The training forward of every stage at once (CUDA; the Triton backend): x [B, D, T],
+    codebooks [Q, K, D], norms [Q, K], commitment weights [Q] -> (out [B, D, T], commitment losses [Q],
+    codes [Q, B*T], each stage's input rows [Q, B*T, D]). The values of the stage-by-stage torch
+    path (`ResidualVectorQuantization`), its codes with the certified search; the losses' sums
+    and the gradients in another order of additions."""
+    return _TrainStages.apply(x, codebooks, norms, weights, codebooks.shape[0], detach)
+
+
+def stage_statistics(rows: torch.Tensor, codes: torch.Tensor, K: int) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Counts [K] and sums [K, D] of rows [N, D] by code, in a fixed order (`kernels.rvq.segment_sums`)."""
+    return _kernels().segment_sums(rows, codes, K)
+
+
 # -- measuring agreement ---------------------------------------------------------------------------
 
 class CodeAgreement(tp.NamedTuple):

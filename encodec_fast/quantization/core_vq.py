@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops
+from ..ops import rvq as rvq_ops
 
 
 def ema_inplace(moving_avg: torch.Tensor, new: torch.Tensor, decay: float) -> None:
@@ -300,6 +301,8 @@ class ResidualVectorQuantization(nn.Module):
         # parallelism one all-reduce carries every stage's statistics. Not on a step that runs a
         # k-means init (its random draws would move past other stages' expiry draws).
         defer = DEFER_UPDATES and self.training and bool(torch.cat([cb.inited for cb in books]).all())
+        if defer and self._fused_training(x, layers):
+            return self._forward_fused(x, layers)
         pending: list = []
         for cb in books:
             cb._deferred = pending if defer else None
@@ -324,6 +327,39 @@ class ResidualVectorQuantization(nn.Module):
         if fix:
             quantized_out = x + (quantized_out - x).detach()
         return quantized_out, torch.stack(indices), torch.stack(losses)
+
+    @staticmethod
+    def _fused_training(x: torch.Tensor, layers) -> bool:
+        """All stages in one launch: on the Triton backend (CUDA by default), fp32 latents, no
+        projections."""
+        return (ops.select(x, layers[0]._codebook.embed) == "triton" and x.dtype == torch.float32
+                and all(isinstance(layer.project_in, nn.Identity) and isinstance(layer.project_out, nn.Identity)
+                        for layer in layers))
+
+    def _forward_fused(self, x: torch.Tensor, layers):
+        """The training forward of `forward` (same values, codes and updates) with every stage's
+        search, straight-through output and commitment error in one launch (`ops.rvq_train`) and
+        each stage's statistics in a fixed order."""
+        for layer in layers:
+            if layer.warn:
+                warnings.warn("When using RVQ in training model, first check "
+                              "https://github.com/facebookresearch/encodec/issues/25 . "
+                              "The bug wasn't fixed here for reproducibility.")
+        books = [layer._codebook for layer in layers]
+        with torch.no_grad():
+            embeds = torch.stack([cb.embed.float() for cb in books]).contiguous()
+            norms = torch.stack([cb.embed_norms().reshape(-1).float() for cb in books]).contiguous()
+        weights = torch.tensor([float(layer.commitment_weight) if layer.commitment_weight > 0 else 0.0
+                                for layer in layers], device=x.device)
+        out, losses, codes, inputs = rvq_ops.rvq_train(x, embeds, norms, weights, self.commitment_all_stages)
+        pending = []
+        K = embeds.shape[1]
+        for i, cb in enumerate(books):
+            counts, sums = rvq_ops.stage_statistics(inputs[i], codes[i], K)
+            pending.append((cb, inputs[i], counts, sums))
+        self._update_stages(pending)
+        B, _, T = x.shape
+        return out, codes.view(len(layers), B, T), losses.view(-1, 1)
 
     @staticmethod
     def _update_stages(pending: list) -> None:
