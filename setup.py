@@ -66,8 +66,9 @@ setup(
                  "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9", "matplotlib>=3.5",
                  "triton>=3.2; sys_platform == 'linux'", "ruff>=0.6"],
         # the `coder` benchmark compares the coder with constriction's (speed only: other bytes); the
-        # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed.
-        "bench": ["constriction>=0.4", "pesq>=0.0.4", "pystoi>=0.4"],
+        # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed; the
+        # `quantizer` benchmark adds vector-quantize-pytorch's ResidualVQ as a peer.
+        "bench": ["constriction>=0.4", "pesq>=0.0.4", "pystoi>=0.4", "vector-quantize-pytorch>=1.14"],
         # `encodec-fast train report` (plots) without the test extra.
         "train": ["matplotlib>=3.5"],
         # --engine ray without the test extra.
