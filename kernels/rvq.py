@@ -142,6 +142,19 @@ def _certified_nearest(r, rows, row_ok, cb_ptr, norm_ptr, K, D, d, d_ok, cert_p,
     return best_i, uncertified, searched
 
 
+@triton.jit
+def _row_tile(N, T, D, stride_b, stride_t, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows n = b * T + t of a [B, D, T] tensor: (rows, row_ok, d, d_ok, mask, the
+    rows' offsets b * stride_b + t * stride_t [BLOCK_N] int64)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    b = (rows // T).to(tl.int64)
+    t = (rows % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    return rows, row_ok, d, d_ok, row_ok[:, None] & d_ok[None, :], b * stride_b + t * stride_t
+
+
 # n_q is not specialized: with n_q == 1 as a constant, the unrolled single stage compiled to 32
 # registers and 7.5 KB of spills per thread on sm_90 (the loop: 255 registers, 256 B).
 @triton.jit(do_not_specialize=["n_q"])
@@ -154,15 +167,8 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K
     """x [B, D, T] (rows n = b * T + t) -> codes [n_q, N] int64. CERTIFY: `_certified_nearest` with
     PRECISION as the low precision; STATS: per program and stage, the uncertified rows and the exact
     blocks searched, stats [programs, n_q, 2] int32."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    b = (rows // T).to(tl.int64)
-    t = (rows % T).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    mask = row_ok[:, None] & d_ok[None, :]
-    r = tl.load(x_ptr + b[:, None] * stride_xb + d[None, :] * stride_xd + t[:, None] * stride_xt,
-                mask=mask, other=0.0).to(tl.float32)
+    rows, row_ok, d, d_ok, mask, row_start = _row_tile(N, T, D, stride_xb, stride_xt, BLOCK_N, BLOCK_D)
+    r = tl.load(x_ptr + row_start[:, None] + d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     code_ptrs = codes_ptr + rows.to(tl.int64)
     for q in range(n_q):
         cb_q = cb_ptr + q * K * D
@@ -192,14 +198,7 @@ def _rvq_train_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, inputs_ptr, out_ptr, s
     out = sum of st_i; r_(i+1) = r_i - st_i. Writes codes [n_q, N], each
     stage's input r_i [n_q, N, D] (for the statistics, expiry and the backward), out [N, D] and the
     per-row squared commitment error sum_d (st_i - r_i)^2 [n_q, N]."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    b = (rows // T).to(tl.int64)
-    t = (rows % T).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    mask = row_ok[:, None] & d_ok[None, :]
-    row_start = b * stride_xb + t * stride_xt  # [BLOCK_N] vectors: 2-D offsets are formed where used
+    rows, row_ok, d, d_ok, mask, row_start = _row_tile(N, T, D, stride_xb, stride_xt, BLOCK_N, BLOCK_D)
     r = tl.load(x_ptr + row_start[:, None] + d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     rows64 = rows.to(tl.int64)
     tile = rows[:, None] * D + d[None, :]  # int32: N * D < 2^31 (checked by the wrapper)
