@@ -327,6 +327,12 @@ def _block_kr(K: int, block_k: int) -> int:
     return block_k if interpreting() else min(16, block_k)
 
 
+def _clamped(N: int, K: int, block_n: int, block_k: int, warps: int, stages: int):
+    """A configuration with its blocks no larger than the launch needs (at least 16)."""
+    return (min(block_n, max(16, triton.next_power_of_2(N))), min(block_k, max(16, triton.next_power_of_2(K))),
+            warps, stages)
+
+
 def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rvq_encode` (`encode`) or `vq_assign`.
 
@@ -366,9 +372,7 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
             block_n, block_k, warps, stages = 64, 128, 8, 3
         else:
             block_n, block_k, warps, stages = 16, 64, 4, 3
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    return block_n, block_k, warps, stages
+    return _clamped(N, K, block_n, block_k, warps, stages)
 
 
 def _certified_config(N: int, D: int, K: int):
@@ -384,9 +388,7 @@ def _certified_config(N: int, D: int, K: int):
         block_n, block_k, warps, stages = 32, 32, 4, 2
     else:
         block_n, block_k, warps, stages = 64, 32, 8, 2
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    return block_n, block_k, warps, stages
+    return _clamped(N, K, block_n, block_k, warps, stages)
 
 
 #: Other configurations timed by the autotuner (ENCODEC_FAST_AUTOTUNE=1, GPU only), as

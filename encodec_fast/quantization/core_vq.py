@@ -346,9 +346,7 @@ class ResidualVectorQuantization(nn.Module):
                               "https://github.com/facebookresearch/encodec/issues/25 . "
                               "The bug wasn't fixed here for reproducibility.")
         books = [layer._codebook for layer in layers]
-        with torch.no_grad():
-            embeds = torch.stack([cb.embed.float() for cb in books]).contiguous()
-            norms = torch.stack([cb.embed_norms().reshape(-1).float() for cb in books]).contiguous()
+        embeds, norms = self.stacked_codebooks(len(layers))
         weights = torch.tensor([float(layer.commitment_weight) if layer.commitment_weight > 0 else 0.0
                                 for layer in layers], device=x.device)
         out, losses, codes, inputs = rvq_ops.rvq_train(x, embeds, norms, weights, self.commitment_all_stages)
