@@ -477,7 +477,7 @@ def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor, B: int, T: int,
     block_n = min(64, max(16, triton.next_power_of_2(N)))
     grid = (triton.cdiv(N, block_n),)
     _rvq_decode_kernel[grid](codes, codebooks, out, N, T, D, K, n_q, *codes.stride(), *out.stride(),
-                             BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=4)
+                             BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=4, **tuning.LAUNCH_OPTIONS)
     return out
 
 
@@ -515,7 +515,7 @@ def segment_sums(x: torch.Tensor, codes: torch.Tensor, K: int) -> tp.Tuple[torch
     group = 128 if interpreting() else 4
     _segment_sums_kernel[(triton.cdiv(K, group),)](x, order, offsets, sums, K, D, *x.stride(), GROUP=group,
                                                    BLOCK_R=128 if interpreting() else 32, BLOCK_D=_block_d(D),
-                                                   num_warps=4)
+                                                   num_warps=4, **tuning.LAUNCH_OPTIONS)
     return counts, sums
 
 
@@ -564,5 +564,6 @@ def rvq_train_backward(grad_out: torch.Tensor, codebooks: torch.Tensor, codes: t
         block_n = 128 if interpreting() else 32
         _rvq_train_backward_kernel[(triton.cdiv(N, block_n),)](
             grad_out, grad_x, codebooks, codes, inputs, scales.float().contiguous(), N, T, D, K, stages,
-            *grad_out.stride(), *grad_x.stride(), BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=4)
+            *grad_out.stride(), *grad_x.stride(), BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=4,
+            **tuning.LAUNCH_OPTIONS)
     return grad_x

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..ops.backend import interpreting
+from . import tuning
 
 
 @triton.jit
@@ -42,5 +43,5 @@ def scaled_copy(src: torch.Tensor, scale: float) -> torch.Tensor:
         return dst
     block = 1 << 16 if interpreting() else 1024
     _scaled_copy_kernel[(triton.cdiv(numel, block),)](src, dst, float(scale), numel, *src.shape[1:], *src.stride(),
-                                                      BLOCK=block, num_warps=4)
+                                                      BLOCK=block, num_warps=4, **tuning.LAUNCH_OPTIONS)
     return dst

@@ -45,6 +45,14 @@ _ARCHS: tp.Dict[tp.Tuple[int, int], int] = {}
 TRITON_3_7 = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) >= (3, 7)
 
 
+#: Floating-point contraction (a * b + c as one FMA) in every launch, pinned: it changes the bits of
+#: ELU, of `norm - 2 * dot` and of residual updates, and Triton's default for it (on through 3.9,
+#: with a warning in 3.9 when TRITON_DEFAULT_FP_FUSION is unset) turns off in 3.10. Every launch passes
+#: `LAUNCH_OPTIONS`; the interpreter ignores it (numpy rounds every operation).
+FP_FUSION = True
+LAUNCH_OPTIONS = {"enable_fp_fusion": FP_FUSION}
+
+
 def autotune_enabled() -> bool:
     """$ENCODEC_FAST_AUTOTUNE is 1/true/on and kernels run on a GPU (never in the interpreter)."""
     return os.environ.get("ENCODEC_FAST_AUTOTUNE", "0").lower() in ("1", "true", "on", "yes") and not interpreting()
@@ -95,10 +103,10 @@ def launch(kernel, grid: tp.Callable[[tp.Dict[str, int]], tp.Tuple[int, ...]], a
             if tuner is None:
                 tuner = _TUNERS[ident] = triton.autotune(configs=configs, key=list(key),
                                                          reset_to_zero=list(reset_to_zero) or None)(kernel)
-            tuner[grid](*args, **constants)
+            tuner[grid](*args, **constants, **LAUNCH_OPTIONS)
             return
     kernel[grid(default.kwargs)](*args, **constants, **default.kwargs, num_warps=default.num_warps,
-                                 num_stages=default.num_stages)
+                                 num_stages=default.num_stages, **LAUNCH_OPTIONS)
 
 
 def chosen() -> tp.List[tp.Dict[str, tp.Any]]:

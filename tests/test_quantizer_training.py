@@ -160,15 +160,17 @@ def test_one_all_reduce_per_step_for_every_stage(monkeypatch):
     assert staged == [64, 64 * 16] * 6 * 3
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("fix", [False, True])
 @pytest.mark.parametrize("n_q,T", [(6, 40), (1, 37), (32, 9)])
-def test_fused_training_stages_equal_the_stage_by_stage_path(fix, n_q, T, monkeypatch):
-    """Every training stage in one launch (the Triton backend; CUDA by default) against the same
-    kernels stage by stage: the same codes, straight-through output and EMA state bit for bit, the
-    commitment losses and the encoder's gradient to fp32 rounding (another order of additions), for
-    upstream's gradient and with `commitment_all_stages`; and the same bits on a second run. (The
-    CPU torch path may break fp32 ties the other way: k-means on 80 rows leaves late stages whose
-    residuals are rounding noise.)"""
+def test_fused_training_stages_equal_the_stage_by_stage_path(backend, fix, n_q, T, monkeypatch):
+    """Every training stage at once (the Triton backend: one launch each way, CUDA by default; the
+    torch backend on CPU: their torch twins in one autograd node) against the same backend stage
+    by stage: the same codes, straight-through output and EMA state bit for bit, the commitment
+    losses and the encoder's gradient to fp32 rounding (another order of additions), for upstream's
+    gradient and with `commitment_all_stages`; and the same bits on a second run. (The CPU torch
+    path and the kernels may break fp32 ties differently: k-means on 80 rows leaves late stages
+    whose residuals are rounding noise.)"""
     import warnings
 
     from encodec_fast import ops
@@ -189,7 +191,7 @@ def test_fused_training_stages_equal_the_stage_by_stage_path(fix, n_q, T, monkey
         results = []
         for model in (ref, got, again):
             xin = x.clone().requires_grad_(True)
-            with ops.use_backend("triton"), monkeypatch.context() as m:
+            with ops.use_backend(backend), monkeypatch.context() as m:
                 if model is ref:
                     m.setattr(ref.vq, "_fused_training", lambda *a: False)
                 res = model(xin, 75, None)
@@ -204,3 +206,18 @@ def test_fused_training_stages_equal_the_stage_by_stage_path(fix, n_q, T, monkey
     for (name, a), b, c in zip(ref.state_dict().items(), got.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
         assert torch.equal(b, c), name
+
+
+def test_cpu_argmin_takes_torch_rule_for_ties_nan_and_inf():
+    """`argmin_rows` (numpy on CPU) against torch's argmin: first index of the minimum, first NaN."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.randint(0, 4, (300, 64), generator=g).float()  # ties everywhere
+    d[5, 10] = d[5, 20] = float("nan")
+    d[6] = float("inf")
+    d[7, 3] = d[7, 9] = -float("inf")
+    d[8] = float("nan")
+    d[9, 0], d[9, 1:] = 0.0, -0.0
+    d[10] = torch.randn(64, generator=g)
+    for t in (d, d.double(), d[:, :1], d[:0], d.t(), d[:, ::3]):
+        got = rvq.argmin_rows(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmin(-1))

@@ -48,3 +48,34 @@ def test_lists_are_well_formed():
         n, k, warps, stages = entry
         assert all(triton.next_power_of_2(v) == v for v in (n, k)) and warps in (4, 8) and stages >= 1
     assert len(set(kconv.LISTED)) == len(kconv.LISTED)
+
+
+def test_every_launch_pins_floating_point_contraction(monkeypatch):
+    """Each kernel launch passes `enable_fp_fusion` (Triton's default for it changes in 3.10): the
+    launches' keyword arguments are recorded at the interpreter's entry, before it drops them."""
+    from encodec_fast.kernels import stft as kstft
+    from triton.runtime.interpreter import InterpretedFunction
+    seen = {}
+    run = InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        seen[self.fn.__name__] = kwargs.get("enable_fp_fusion", "missing")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", recording)
+    g = torch.Generator().manual_seed(0)
+    books = torch.randn(2, 32, 8, generator=g)
+    norms = books.pow(2).sum(-1)
+    x = torch.randn(1, 8, 21, generator=g)
+    codes = krvq.rvq_encode(x, books, norms, 2)
+    krvq.rvq_decode(codes, books, 1, 21)
+    krvq.segment_sums(x[0].t().contiguous(), codes[0], 32)
+    _, inputs, _, _ = krvq.rvq_train_forward(x, books, norms, 2, False)
+    krvq.rvq_train_backward(x, books, codes, inputs, torch.ones(2), 1)
+    w = torch.randn(3, 4, 8, generator=g)
+    kconv.conv1d(x, w, None, 1, 1, 1, 1, True, True, None, "ieee", torch.float32)
+    kconv.conv_transpose1d(x, torch.randn(4, 4, 8, generator=g), None, 2, 0, 30, False, "ieee", torch.float32)
+    kconv.conv2d_leaky_relu(torch.randn(1, 2, 5, 6, generator=g), torch.randn(6, 3, 2, generator=g), 2, 3, None,
+                            (1, 1), (1, 1), (0, 1), 0.2, "ieee", torch.float32)
+    kstft.scaled_copy(torch.randn(1, 2, 3, 4, 5, generator=g), 0.5)
+    assert len(seen) == 9, seen
+    assert all(v is tuning.FP_FUSION for v in seen.values()), seen

@@ -67,7 +67,7 @@ class Launch(tp.NamedTuple):
     signature: tp.Dict[str, str]
     constexprs: tp.Dict[tp.Tuple[int, ...], tp.Any]
     attrs: tp.Dict[tp.Tuple[int, ...], tp.Any]
-    options: tp.Dict[str, int]          # num_warps, num_stages
+    options: tp.Dict[str, int]          # num_warps, num_stages, enable_fp_fusion
     constexpr_names: tp.Tuple[str, ...]
     labels: tp.List[str]
     roles: tp.Dict[int, str]            # per architecture: "judged" (a default launch, counted against
@@ -131,7 +131,8 @@ class _Recorder:
         signature = dict(compile["signature"])
         constexprs = dict(compile["constants"])
         names = tuple(p.name for p in jit.params if p.is_constexpr)
-        options = {"num_warps": compile["num_warps"], "num_stages": compile["num_stages"]}
+        options = {"num_warps": compile["num_warps"], "num_stages": compile["num_stages"],
+                   "enable_fp_fusion": compile["enable_fp_fusion"]}
         # Launches that differ in sizes only (hence in integer specializations) compile alike: one entry.
         ident = (jit.fn.__module__, jit.fn.__name__, tuple(sorted(signature.items())),
                  tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))

@@ -272,6 +272,9 @@ class VectorQuantization(nn.Module):
 #: Training: every stage searches before any stage's EMA update (`ResidualVectorQuantization.forward`;
 #: the same results, one all-reduce). False: update stage by stage, as upstream's code is written.
 DEFER_UPDATES = True
+#: Training on CPU: every stage in one autograd node (`ops.rvq.rvq_train` with the torch twins of the
+#: GPU launches) instead of a graph of per-stage operations; the same codes, outputs and EMA state.
+FUSED_CPU_TRAINING = True
 
 
 class ResidualVectorQuantization(nn.Module):
@@ -301,8 +304,9 @@ class ResidualVectorQuantization(nn.Module):
         # parallelism one all-reduce carries every stage's statistics. Not on a step that runs a
         # k-means init (its random draws would move past other stages' expiry draws).
         defer = DEFER_UPDATES and self.training and bool(torch.cat([cb.inited for cb in books]).all())
-        if defer and self._fused_training(x, layers):
-            return self._forward_fused(x, layers)
+        how = self._fused_training(x, layers) if defer else ""
+        if how:
+            return self._forward_fused(x, layers, how)
         pending: list = []
         for cb in books:
             cb._deferred = pending if defer else None
@@ -329,17 +333,22 @@ class ResidualVectorQuantization(nn.Module):
         return quantized_out, torch.stack(indices), torch.stack(losses)
 
     @staticmethod
-    def _fused_training(x: torch.Tensor, layers) -> bool:
-        """All stages in one launch: on the Triton backend (CUDA by default), fp32 latents, no
+    def _fused_training(x: torch.Tensor, layers) -> str:
+        """How every stage trains at once, or '' (stage by stage): 'kernels' (the Triton backend,
+        CUDA by default: one launch each way) or 'torch' (CPU: the torch twins of those launches,
+        without autograd's per-stage graph; `FUSED_CPU_TRAINING`). Needs fp32 latents and no
         projections."""
-        return (ops.select(x, layers[0]._codebook.embed) == "triton" and x.dtype == torch.float32
-                and all(isinstance(layer.project_in, nn.Identity) and isinstance(layer.project_out, nn.Identity)
-                        for layer in layers))
+        if x.dtype != torch.float32 or not all(isinstance(layer.project_in, nn.Identity)
+                                               and isinstance(layer.project_out, nn.Identity) for layer in layers):
+            return ""
+        if ops.select(x, layers[0]._codebook.embed) == "triton":
+            return "kernels"
+        return "torch" if FUSED_CPU_TRAINING and x.device.type == "cpu" else ""
 
-    def _forward_fused(self, x: torch.Tensor, layers):
+    def _forward_fused(self, x: torch.Tensor, layers, how: str = "kernels"):
         """The training forward of `forward` (same values, codes and updates) with every stage's
-        search, straight-through output and commitment error in one launch (`ops.rvq_train`) and
-        each stage's statistics in a fixed order."""
+        search, straight-through output and commitment error in one call (`ops.rvq_train`: one
+        launch, or its torch twin) and each stage's statistics after it."""
         for layer in layers:
             if layer.warn:
                 warnings.warn("When using RVQ in training model, first check "
@@ -349,11 +358,12 @@ class ResidualVectorQuantization(nn.Module):
         embeds, norms = self.stacked_codebooks(len(layers))
         weights = torch.tensor([float(layer.commitment_weight) if layer.commitment_weight > 0 else 0.0
                                 for layer in layers], device=x.device)
-        out, losses, codes, inputs = rvq_ops.rvq_train(x, embeds, norms, weights, self.commitment_all_stages)
+        kernels = how == "kernels"
+        out, losses, codes, inputs = rvq_ops.rvq_train(x, embeds, norms, weights, self.commitment_all_stages, kernels)
         pending = []
         K = embeds.shape[1]
         for i, cb in enumerate(books):
-            counts, sums = rvq_ops.stage_statistics(inputs[i], codes[i], K)
+            counts, sums = rvq_ops.stage_statistics(inputs[i], codes[i], K, kernels)
             pending.append((cb, inputs[i], counts, sums))
         self._update_stages(pending)
         B, _, T = x.shape
