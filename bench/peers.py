@@ -55,8 +55,18 @@ class Codec:
     """One implementation's model behind one interface. `encode(x [B, C, n], kbps)` returns what
     `decode` takes; `codes(enc)` the codes [B, K, frames] (segments concatenated)."""
 
-    def __init__(self, impl: str, net: torch.nn.Module, sample_rate: int, channels: int):
+    def __init__(self, impl: str, net: torch.nn.Module, sample_rate: int, channels: int,
+                 mode: tp.Optional[str] = None, backend: str = "auto"):
         self.impl, self.net, self.sample_rate, self.channels = impl, net, sample_rate, channels
+        #: ours only: the precision mode (`encodec_fast.precision`) and ops backend of every call
+        #: (None: the model's own mode; "torch": the PyTorch path, cuDNN / cuBLAS on CUDA).
+        self.mode, self.backend = mode, backend
+
+    def _ours(self):
+        from encodec_fast import ops
+        if self.mode is not None:
+            self.net.set_precision(self.mode)
+        return ops.use_backend(self.backend)
 
     def encode(self, x: torch.Tensor, kbps: float) -> tp.Any:
         with torch.no_grad():
@@ -64,14 +74,20 @@ class Codec:
                 out = self.net.encode(x, bandwidth=float(kbps))
                 return out.audio_codes, out.audio_scales, x.shape[-1]
             self.net.set_target_bandwidth(kbps)
-            return self.net.encode(x)
+            if self.impl != "ours":
+                return self.net.encode(x)
+            with self._ours():
+                return self.net.encode(x)
 
     def decode(self, enc: tp.Any) -> torch.Tensor:
         with torch.no_grad():
             if self.impl == "transformers":
                 codes, scales, n = enc
                 return self.net.decode(codes, scales)[0][..., :n]
-            return self.net.decode(enc)
+            if self.impl != "ours":
+                return self.net.decode(enc)
+            with self._ours():
+                return self.net.decode(enc)
 
     def codes(self, enc: tp.Any) -> torch.Tensor:
         if self.impl == "transformers":
@@ -173,6 +189,28 @@ def build(impl: str, model: str, state: tp.Dict[str, torch.Tensor], device: str 
     net = net.to(device)
     sample_rate = 48_000 if model == "48khz" else 24_000
     return Codec(impl, net, sample_rate, 2 if model == "48khz" else 1)
+
+
+#: The precision modes the GPU codec benchmark runs ours, the torch path and torch.compile in.
+MODES = ("exact", "tf32", "bf16")
+
+
+def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune") -> tp.Dict[str, "Codec"]:
+    """Ours in each precision mode (`ours <mode>`: our kernels where `auto` takes them), the same
+    model on the PyTorch path in the same mode (`torch <mode>`: cuDNN / cuBLAS with the mode's TF32
+    switches, autocast for bf16), and that path with the encoder and decoder under
+    `torch.compile(mode=compile_mode)` (`torch.compile <mode>`, compiled on first use)."""
+    import copy
+    out: tp.Dict[str, Codec] = {}
+    compiled = copy.deepcopy(ours.net)
+    compiled.encoder.forward = torch.compile(compiled.encoder.forward, mode=compile_mode)
+    compiled.decoder.forward_head = torch.compile(compiled.decoder.forward_head, mode=compile_mode)
+    compiled.decoder.forward_tail = torch.compile(compiled.decoder.forward_tail, mode=compile_mode)
+    for mode in MODES:
+        out[f"ours {mode}"] = Codec("ours", ours.net, ours.sample_rate, ours.channels, mode, "auto")
+        out[f"torch {mode}"] = Codec("ours", ours.net, ours.sample_rate, ours.channels, mode, "torch")
+        out[f"torch.compile {mode}"] = Codec("ours", compiled, ours.sample_rate, ours.channels, mode, "torch")
+    return out
 
 
 def build_all(model: str, state: tp.Dict[str, torch.Tensor], impls: tp.Sequence[str] = IMPLS,

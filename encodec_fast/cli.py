@@ -230,6 +230,9 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="State dict of a compatible model instead of the official one.")
     parser.add_argument("--repository", type=Path, help="Folder holding the official checkpoint (offline use).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+    parser.add_argument("--precision", choices=["exact", "tf32", "bf16"], default="exact",
+                        help="The encoder's precision mode (default exact: fp32 products everywhere, the CPU's "
+                             "codes; tf32 and bf16 run faster on GPUs, and their codes can differ).")
     parser.add_argument("--debug", action="store_true", help="On an error, show the Python traceback.")
     parser.add_argument("--batch-seconds", type=float, default=120.0,
                         help="Audio per encoder call, padding included (default 120).")
@@ -266,7 +269,7 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
                            checkpoint=args.checkpoint, repository=args.repository, device=device,
                            batch_seconds=args.batch_seconds, workers=args.workers, shard=args.shard,
                            overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard,
-                           engine=args.engine, ray_address=args.ray_address)
+                           engine=args.engine, ray_address=args.ray_address, precision=args.precision)
     except (ValueError, CheckpointError, OSError, ImportError, JobLockError) as err:
         return report_failure("encodec-fast tokenize", err, 101, args.debug)
     except Interrupted as err:

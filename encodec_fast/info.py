@@ -103,8 +103,12 @@ def _backend_facts(torch_facts: Facts, triton_facts: Facts) -> Facts:
         facts["ops"] = "torch"
         facts["why"] = "TRITON_INTERPRET is set: auto keeps the reference (force triton to test kernels)"
     elif cuda:
+        from .ops import dispatch
+        ours = sum(r["runs"] == "ours" for r in dispatch.table())
         facts["ops"] = "triton"
-        facts["why"] = f"CUDA tensors on {torch_facts['devices'][0]}; CPU tensors take the PyTorch reference"
+        facts["why"] = (f"CUDA tensors on {torch_facts['devices'][0]} (convolutions: ours on the {ours} of "
+                        f"{len(dispatch.table())} layer/mode pairs measured faster on an {dispatch.MEASURED_ON}, "
+                        "cuDNN elsewhere); CPU tensors take the PyTorch reference")
     else:
         facts["ops"], facts["why"] = "torch", "no CUDA device: the PyTorch reference (Triton kernels need a GPU)"
     return facts

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import modules as m
+from . import precision as precision_modes
 from . import quantization as qt
 from .lm import LMModel
 from .modules.groups import Group, Groups
@@ -99,6 +100,8 @@ class EncodecModel(nn.Module):
         #: Where `get_lm_model()` takes the LM from when not told (None: the official weights).
         self.lm_checkpoint: tp.Optional[PathLike] = None
         self.lm_repository: tp.Optional[PathLike] = None
+        #: The precision mode of encode / decode (`encodec_fast.precision`; `set_precision`).
+        self.precision = precision_modes.DEFAULT
         self.bits_per_codebook = int(math.log2(self.quantizer.bins))
         if 2 ** self.bits_per_codebook != self.quantizer.bins:
             raise ValueError("quantizer bins must be a power of 2.")
@@ -122,6 +125,18 @@ class EncodecModel(nn.Module):
             raise ValueError(f"This model doesn't support the bandwidth {bandwidth}. "
                              f"Select one of {self.target_bandwidths}.")
         self.bandwidth = bandwidth
+
+    def set_precision(self, mode: str) -> "EncodecModel":
+        """The precision mode of `encode`, `decode` and `encode_batch`: 'exact' (fp32 products
+        everywhere, the default; on CUDA torch's TF32 switches are turned off for the call), 'tf32'
+        (TF32 tensor cores for the convolutions and the LSTM) or 'bf16' (the encoder and decoder
+        under bf16 autocast). The codebook search runs in fp32 in every mode (see
+        `encodec_fast.precision`). Returns the model."""
+        self.precision = precision_modes.check(mode)
+        return self
+
+    def _precision_scope(self, device: torch.device):
+        return precision_modes.scope(getattr(self, "precision", precision_modes.DEFAULT), device)
 
     @property
     def num_codebooks(self) -> int:
@@ -161,7 +176,9 @@ class EncodecModel(nn.Module):
         The codebook search runs per group on that group's valid frames only: a matrix product's
         bits can depend on its number of rows.
         """
-        emb = self.encoder(x, groups)
+        with self._precision_scope(x.device):
+            emb = self.encoder(x, groups)
+        emb = emb.float()  # the codebook search runs in fp32 in every precision mode
         if groups is None:
             return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
         codes = torch.zeros(emb.shape[0], self.num_codebooks, emb.shape[-1], dtype=torch.long, device=emb.device)
@@ -300,9 +317,12 @@ class EncodecModel(nn.Module):
             for c in range(0, len(indices), per_head):
                 chunk = indices[c:c + per_head]
                 codes = torch.cat([frames[i][0] for i in chunk]) if len(chunk) > 1 else frames[chunk[0]][0]
-                hidden = self.decoder.forward_head(self.quantizer.decode(codes.transpose(0, 1)))
+                latents = self.quantizer.decode(codes.transpose(0, 1))
+                with self._precision_scope(latents.device):
+                    hidden = self.decoder.forward_head(latents)
                 for t in range(0, len(chunk), per_tail):
-                    audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B])
+                    with self._precision_scope(hidden.device):
+                        audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B]).float()
                     for j, i in enumerate(chunk[t:t + per_tail]):
                         y = audio[j * B:(j + 1) * B]
                         scale = frames[i][1]

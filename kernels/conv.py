@@ -168,6 +168,97 @@ def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
              acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
 
 
+# -- implicit GEMM on tensor cores: M = output positions, N = output channels, K = input channels x taps --
+
+@triton.jit
+def _accumulate_tap_gemm(acc, x_b, src, src_ok, w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
+                         BLOCK_CI: tl.constexpr, ELU: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[t, o] += sum_i f(x[i, src[t]]) * W[k, i, o], W as [taps, C_in, C_out]: A is a [positions,
+    channels] tile (each row one contiguous C-vector when x is channels-last), B a [channels,
+    outputs] tile (contiguous along the outputs). Padding positions (src < 0) read row 0 under a
+    false mask: no negative address is ever formed (a pipelined masked load may still issue it)."""
+    ci = tl.arange(0, BLOCK_CI)
+    rows = tl.maximum(src, 0).to(tl.int64) * sx_t
+    for c0 in range(0, C_in, BLOCK_CI):
+        c = c0 + ci
+        c_ok = c < C_in
+        a = tl.load(x_b + rows[:, None] + c[None, :] * sx_c, mask=src_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (k * C_in + c[:, None]) * C_out + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
+                    other=0.0)
+        if ELU:
+            a = _elu(a.to(tl.float32)).to(a.dtype)
+        if HALF_DOT:
+            acc += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _conv1d_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
+                        C_in, C_out, L, L_ext, T_out, left, stride, dilation,
+                        sx_b, sx_c, sx_t, sr_b, sr_c, sr_t, so_b, so_c, so_t,
+                        K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        ELU: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                        HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """`_conv1d_kernel` as an implicit GEMM with the positions as M: [BLOCK_T, BLOCK_CO] tiles,
+    the tensor cores' shape (wgmma's M is 64) whatever the channel counts."""
+    pid_t = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o = pid_o * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    t_ok = t < T_out
+    o_ok = o < C_out
+    acc = tl.zeros([BLOCK_T, BLOCK_CO], tl.float32)
+    x_b = x_ptr + b * sx_b
+    for k in tl.static_range(K):
+        src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
+        acc = _accumulate_tap_gemm(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
+                                   BLOCK_CI, ELU, HALF_DOT, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    mask = t_ok[:, None] & o_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + b * sr_b + t[:, None].to(tl.int64) * sr_t + o[None, :].to(tl.int64) * sr_c,
+                       mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * so_b + t[:, None].to(tl.int64) * so_t + o[None, :].to(tl.int64) * so_c,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                                  C_in, C_out, L, start, length, j0, n_j,
+                                  sx_b, sx_c, sx_t, so_b, so_c, so_t,
+                                  K: tl.constexpr, S: tl.constexpr,
+                                  BLOCK_J: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                                  ELU: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
+                                  PRECISION: tl.constexpr):
+    """`_conv_transpose1d_kernel` as an implicit GEMM: one output phase r per program, [BLOCK_J,
+    BLOCK_CO] tiles of the positions j*S + r, taps k = r + m*S reading input j - m."""
+    pid = tl.program_id(0)
+    r = pid % S
+    j = j0 + (pid // S) * BLOCK_J + tl.arange(0, BLOCK_J)
+    o = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    b = tl.program_id(2).to(tl.int64)
+    tp = j * S + r
+    keep = (tp >= start) & (tp < start + length) & (j < j0 + n_j)
+    o_ok = o < C_out
+    acc = tl.zeros([BLOCK_J, BLOCK_CO], tl.float32)
+    x_b = x_ptr + b * sx_b
+    for m in tl.static_range((K + S - 1) // S):
+        k = r + m * S
+        src = j - m
+        src_ok = keep & (src >= 0) & (src < L) & ((j * 0 + k) < K)
+        acc = _accumulate_tap_gemm(acc, x_b, tl.where(src_ok, src, 0), src_ok, w_ptr, tl.minimum(k, K - 1), o, o_ok,
+                                   C_in, C_out, sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    pos = (tp - start).to(tl.int64)
+    tl.store(out_ptr + b * so_b + pos[:, None] * so_t + o[None, :].to(tl.int64) * so_c,
+             acc.to(out_ptr.dtype.element_ty), mask=keep[:, None] & o_ok[None, :])
+
+
 # -- launch wrappers -------------------------------------------------------------------------------
 
 def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
@@ -227,6 +318,69 @@ def _launch(kernel, args, constants, C_in, C_out, positions, block_name, grid, k
 def _half_dot(x: torch.Tensor) -> bool:
     # The interpreter cannot multiply bf16 (numpy has none): compute those in fp32 there.
     return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not interpreting())
+
+
+def _gemm_blocks(C_in: int, C_out: int, positions: int, half: bool):
+    """(BLOCK_positions, BLOCK_CO, BLOCK_CI, num_warps, num_stages) of the implicit-GEMM kernels:
+    128 positions (two wgmma M-blocks), up to 64 output channels, 64 input channels per step for
+    half dtypes and 16 for fp32, 4 warps (one warpgroup), the input-channel loop pipelined over 2
+    stages. fp32 with 32 channels per step spilled 1-2 KB per thread on sm_80 and sm_90 for k7
+    layers (the decoder's first and last convolutions, tf32; tools/compile_gpu.py, triton 3.9);
+    with 16: 123-164 registers, no spills."""
+    if interpreting():
+        return (min(1024, max(16, triton.next_power_of_2(positions))), min(256, max(16, triton.next_power_of_2(C_out))),
+                min(128, max(16, triton.next_power_of_2(C_in))), 4, 1)
+    block_co = min(64, max(16, triton.next_power_of_2(C_out)))
+    block_ci = min(64 if half else 16, max(16, triton.next_power_of_2(C_in)))
+    return 128 if positions >= 128 else max(64, triton.next_power_of_2(positions)), block_co, block_ci, 4, 2
+
+
+def _channels_last(B: int, C: int, T: int, device, dtype) -> torch.Tensor:
+    """An empty [B, C, T] tensor stored as [B, T, C] (channels-last): what the GEMM kernels write,
+    and what they read fastest."""
+    return torch.empty(B, T, C, device=device, dtype=dtype).transpose(1, 2)
+
+
+def conv1d_gemm(x, weight_kio, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype):
+    """`conv1d` as an implicit GEMM on tensor cores: x [B, C_in, L] (any strides; channels-last is
+    the fast layout), weight_kio [K, C_in, C_out]; returns [B, C_out, T_out] stored channels-last."""
+    B, C_in, L = x.shape
+    K, _, C_out = weight_kio.shape
+    T_out = (left + L + right - (K - 1) * dilation - 1) // stride + 1
+    out = _channels_last(B, C_out, max(T_out, 0), x.device, out_dtype)
+    if T_out <= 0 or B == 0:
+        return out
+    L_ext = max(L, max(left, right) + 1) if reflect else L
+    res = residual if residual is not None else out
+    half = _half_dot(x)
+    bt, bco, bci, warps, stages = _gemm_blocks(C_in, C_out, T_out, half)
+    _conv1d_gemm_kernel[(triton.cdiv(T_out, bt), triton.cdiv(C_out, bco), B)](
+        x, weight_kio, bias if bias is not None else weight_kio, res, out,
+        C_in, C_out, L, L_ext, T_out, left, stride, dilation, *x.stride(), *res.stride(), *out.stride(),
+        K=K, BLOCK_T=bt, BLOCK_CO=bco, BLOCK_CI=bci, ELU=elu, REFLECT=reflect, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages,
+        **tuning.LAUNCH_OPTIONS)
+    return out
+
+
+def conv_transpose1d_gemm(x, weight_kio, bias, stride, start, length, elu, precision, out_dtype):
+    """`conv_transpose1d` as an implicit GEMM on tensor cores: weight_kio [K, C_in, C_out]; returns
+    [B, C_out, length] stored channels-last."""
+    B, C_in, L = x.shape
+    K, _, C_out = weight_kio.shape
+    out = _channels_last(B, C_out, length, x.device, out_dtype)
+    if length <= 0 or B == 0:
+        return out
+    j0 = start // stride
+    n_j = (start + length - 1) // stride - j0 + 1
+    half = _half_dot(x)
+    bj, bco, bci, warps, stages = _gemm_blocks(C_in, C_out, n_j, half)
+    _conv_transpose1d_gemm_kernel[(triton.cdiv(n_j, bj) * stride, triton.cdiv(C_out, bco), B)](
+        x, weight_kio, bias if bias is not None else weight_kio, out, C_in, C_out, L, start, length, j0, n_j,
+        *x.stride(), *out.stride(), K=K, S=stride, BLOCK_J=bj, BLOCK_CO=bco, BLOCK_CI=bci, ELU=elu,
+        HAS_BIAS=bias is not None, HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages,
+        **tuning.LAUNCH_OPTIONS)
+    return out
 
 
 def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype):

@@ -36,7 +36,9 @@ def test_kernels_benchmark_stages_in_the_interpreter(tmp_path):
     assert all(r["non_ties"] == 0 for r in rvq if r["params"]["op"] == "rvq_encode")
     for stage in ("conv", "conv2d"):
         assert all(r["rel_err"] < 2e-2 for r in by_stage[stage]), stage
-    assert len(by_stage["conv"]) == 2 * 2 * len(kernels.CONV_LAYERS)  # torch and triton, fp32 and bf16
+    # torch and triton, each precision mode, each kernel family
+    assert len(by_stage["conv"]) == 2 * 3 * 2 * len(kernels.CONV_LAYERS)
+    assert all(r["predicted_ms_h200"] > 0 for r in by_stage["conv"])
     assert {r["implementation"] for r in by_stage["model"]} == {"torch", "triton"}
     assert all(r["median"] > 0 for r in ctx.records)
 

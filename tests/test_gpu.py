@@ -16,6 +16,7 @@ from encodec_fast.kernels import rvq as krvq
 from bench import peers
 from bench.benchmarks import kernels
 from encodec_fast import ops
+from encodec_fast import precision as precision_modes
 from encodec_fast.ops import rvq
 from encodec_fast.quantization import ResidualVectorQuantizer
 from encodec_fast.testing import adversarial_rows, near_tie_books, voice_batch
@@ -28,10 +29,8 @@ DEVICE = "cuda"
 @pytest.fixture(autouse=True, scope="module")
 def exact_torch_path():
     """The PyTorch side in exact fp32 (no TF32), as the reference."""
-    allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+    with precision_modes.torch_precision("exact"):
+        yield
 
 
 @pytest.mark.parametrize("B,D,T,K,Q", [(1, 128, 1, 1024, 3), (3, 8, 37, 16, 4), (1, 130, 50, 100, 2),
@@ -216,6 +215,41 @@ def test_24khz_model_end_to_end():
     assert agreement.non_ties == 0 and torch.equal(own, got.transpose(0, 1)), agreement
     assert float((emb - emb_ref).abs().max() / emb_ref.abs().max()) <= 1e-5
     assert float((audio - audio_ref).abs().max() / audio_ref.abs().max()) <= 1e-5
+
+
+def test_auto_takes_our_convolution_only_where_measured_faster():
+    """`ops.dispatch` on a GPU: cuDNN for a layer measured slower, our kernel for one measured faster."""
+    x = torch.randn(2, 64, 1000, device=DEVICE)
+    assert ops.conv_backend(x, torch.randn(128, 64, 8, device=DEVICE), "conv1d", 4) == "cudnn"
+    x16 = torch.randn(2, 16, 1000, device=DEVICE)
+    w = torch.randn(32, 16, 1, device=DEVICE)
+    assert ops.conv_backend(x16, w, "conv1d", 1) == "triton"
+    res = torch.randn(2, 32, 1000, device=DEVICE)
+    with torch.no_grad():
+        got = ops.conv1d(x16, w, None, elu=True, residual=res)
+        with ops.use_backend("torch"):
+            ref = ops.conv1d(x16, w, None, elu=True, residual=res)
+    assert _rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+def test_precision_modes_on_the_gpu(mode):
+    """The shipped small model on real-ish audio in each mode against the CPU's exact codes: exact
+    agrees but for ties, the others mostly; torch's switches are restored after every call."""
+    state, _ = peers.load_state("small", None)
+    cpu = peers.ours_model("small", state)
+    cpu.set_target_bandwidth(6.0)
+    model = peers.ours_model("small", state).to(DEVICE).set_precision(mode)
+    model.set_target_bandwidth(6.0)
+    x = voice_batch(24000, 2.0, 1, batch=2)
+    before = [leaf.fp32_precision for leaf in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn)]
+    ref = cpu.encode(x)[0][0]
+    got = model.encode(x.to(DEVICE))[0][0].cpu()
+    audio = model.decode([(got.to(DEVICE), None)])
+    assert [leaf.fp32_precision for leaf in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn)] == before
+    agree = (got == ref).double().mean().item()
+    assert agree >= (0.99 if mode == "exact" else 0.5), agree
+    assert audio.dtype == torch.float32 and torch.isfinite(audio).all()
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -13,6 +13,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+@pytest.fixture(params=["direct", "gemm"])
+def kernel(request, monkeypatch):
+    """Both Triton kernel families of the 1-d convolutions: direct ([C_out, positions] tiles) and
+    the implicit GEMM (positions as M, channels-last output)."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", request.param)
+    return request.param
+
+
 def rand(*shape, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(DEVICE, dtype)
@@ -50,7 +58,7 @@ LAYERS = [
 
 @pytest.mark.parametrize("layer", LAYERS, ids=[f"{c[0]}to{c[1]}k{c[2]}s{c[3]}d{c[4]}" for c in LAYERS])
 @pytest.mark.parametrize("causal", [True, False])
-def test_conv1d_layers(layer, causal):
+def test_conv1d_layers(layer, causal, kernel):
     C_in, C_out, K, s, d = layer
     L = 61 if s == 1 else 8 * s + 3  # not a multiple of the stride or of any block
     x = rand(2, C_in, L, seed=C_in + K)
@@ -66,7 +74,7 @@ def test_conv1d_layers(layer, causal):
 
 @pytest.mark.parametrize("L", [1, 2, 3, 4, 6, 7])
 @pytest.mark.parametrize("pad_mode", ["reflect", "zero"])
-def test_conv1d_inputs_shorter_than_the_padding(L, pad_mode):
+def test_conv1d_inputs_shorter_than_the_padding(L, pad_mode, kernel):
     """Upstream's reflect rule for short inputs (zeros appended, reflected, removed) in the kernel."""
     x = rand(1, 16, L, seed=L)
     w = rand(16, 16, 7, seed=1) / 10
@@ -77,7 +85,7 @@ def test_conv1d_inputs_shorter_than_the_padding(L, pad_mode):
         assert_close_rel(got, ref, torch.float32)
 
 
-def test_conv1d_residual_bias_free_and_strided_input():
+def test_conv1d_residual_bias_free_and_strided_input(kernel):
     base = rand(3, 40, 32, seed=4)
     x = base.transpose(1, 2)  # [3, 32, 40], non-contiguous
     w = rand(32, 32, 1, seed=5) / 6
@@ -91,7 +99,7 @@ def test_conv1d_residual_bias_free_and_strided_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_conv1d_half(dtype):
+def test_conv1d_half(dtype, kernel):
     x = rand(2, 32, 50, seed=7, dtype=dtype)
     w = rand(64, 32, 4, seed=8, dtype=dtype) / 11
     b = rand(64, seed=9, dtype=dtype)
@@ -108,7 +116,7 @@ UPSAMPLE = [(64, 32, 2), (128, 64, 4), (40, 20, 5), (64, 32, 8), (16, 1, 3)]
 
 @pytest.mark.parametrize("layer", UPSAMPLE, ids=[f"{c[0]}to{c[1]}s{c[2]}" for c in UPSAMPLE])
 @pytest.mark.parametrize("trim", ["full", "noncausal", "causal", "causal_half"])
-def test_conv_transpose1d(layer, trim):
+def test_conv_transpose1d(layer, trim, kernel):
     C_in, C_out, s = layer
     K = 2 * s
     L = 13
@@ -127,7 +135,7 @@ def test_conv_transpose1d(layer, trim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_conv_transpose1d_half_and_single_frame(dtype):
+def test_conv_transpose1d_half_and_single_frame(dtype, kernel):
     for L in (1, 9):
         x = rand(1, 32, L, seed=L, dtype=dtype)
         w = rand(32, 16, 8, seed=2, dtype=dtype) / 8
@@ -170,7 +178,7 @@ def test_arranged_weight_cache_follows_in_place_updates():
 
 
 @pytest.mark.parametrize("name", ["24khz", "48khz"])
-def test_models_with_triton_convolutions(name, request):
+def test_models_with_triton_convolutions(name, request, kernel):
     """Every convolution of both models through the kernels (ELU, padding, residual fused).
 
     Latents and audio stay within fp32 summation-order differences of the reference. Codes: the
@@ -319,3 +327,22 @@ def test_weight_cache_never_serves_a_freed_weight():
             ref = conv.conv2d_leaky_relu_torch(x, w, None, (1, 1), (1, 1), (1, 1), 0.2)
             assert_close_rel(conv.conv2d_leaky_relu(x, w, None, padding=(1, 1)), ref, torch.float32)
             del w
+
+
+def test_gemm_kernels_write_channels_last_and_read_any_layout(monkeypatch):
+    """The implicit-GEMM kernels store [B, C, T] as [B, T, C] (the layout the next one reads fastest)
+    and give the same values from a channels-first or a channels-last input."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    x = rand(2, 32, 45, seed=11)
+    w = rand(64, 32, 4, seed=12) / 11
+    pads = paddings(4, 2, 1, 45, True)
+    ref = conv.conv1d_torch(x, w, None, 2, 1, pads, "reflect", True)
+    with ops.use_backend("triton"):
+        first = conv.conv1d(x, w, None, 2, 1, pads, "reflect", True)
+        again = conv.conv1d(x.transpose(1, 2).contiguous().transpose(1, 2), w, None, 2, 1, pads, "reflect", True)
+        up = conv.conv_transpose1d(first, rand(64, 16, 8, seed=13) / 8, None, 4, 2, 40, True)
+    assert first.stride(1) == 1 and up.stride(1) == 1
+    assert torch.equal(first, again)
+    assert_close_rel(first, ref, torch.float32)
+    assert_close_rel(up, conv.conv_transpose1d_torch(ref, rand(64, 16, 8, seed=13) / 8, None, 4, 2, 40, True),
+                     torch.float32)

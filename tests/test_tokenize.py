@@ -187,6 +187,12 @@ def test_job_errors_and_overwrite(tmp_path, checkpoint_24, capsys):
     (row,) = read_codes(tmp_path / "out")
     assert row["codebooks"] == 16 and row["bandwidth"] == 12.0
     assert cli_main(args + ["-b", "7"]) == 101
+    # another precision mode is another configuration: never mixed into exact codes, and back
+    assert cli_main(args + ["-b", "12", "--precision", "bf16", "--quiet"]) == 101
+    assert "precision" in capsys.readouterr().err
+    assert cli_main(args + ["-b", "12", "--precision", "bf16", "--overwrite", "--quiet"]) == 0
+    assert json.loads((tmp_path / "out" / "_config.json").read_text())["precision"] == "bf16"
+    assert cli_main(args + ["-b", "12", "--quiet"]) == 101
     if not torch.cuda.is_available():
         assert cli_main(args[:-2] + ["--device", "cuda"]) == 101
         assert "no CUDA GPU" in capsys.readouterr().err

@@ -295,6 +295,22 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                         frames = -(-sr * seconds // model.encoder.hop_length)
                         with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
                             dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
+        # The implicit-GEMM kernels (ENCODEC_FAST_CONV_KERNEL=gemm) in the modes they are built for,
+        # tensor cores: tf32, bf16 and fp16 are judged (tensor-core instructions required, spills
+        # against the budget); exact fp32 on CUDA cores (it spills) is reported with --set full.
+        gemm_modes = [(torch.float32, "tf32"), (torch.bfloat16, "ieee"), (torch.float16, "ieee")]
+        with _env("ENCODEC_FAST_CONV_KERNEL", "gemm"):
+            for dtype, precision in gemm_modes + ([(torch.float32, "ieee")] if len(precisions) > 1 else []):
+                tag = ("fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")) + " gemm"
+                judged = not (dtype == torch.float32 and precision == "ieee")
+                enc, dec = model.encoder.to(dtype), model.decoder.to(dtype)
+                with _env("ENCODEC_FAST_CONV_PRECISION", precision):
+                    for seconds, batch in ((1, 1), (10, 64)):
+                        with _scenario(recorder, f"{name} encoder {seconds}s x{batch} {tag} {precision}", judged):
+                            enc(torch.empty(batch, ch, sr * seconds, device=meta, dtype=dtype))
+                        frames = -(-sr * seconds // model.encoder.hop_length)
+                        with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
+                            dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
 
     # RVQ: 1024-entry codebooks of dimension 128, n_q 1..32, one frame and 64 x 10 s of frames.
     D, K = 128, 1024

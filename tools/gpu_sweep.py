@@ -141,7 +141,7 @@ def sweep_conv(device: str, smoke: bool, deadline: float) -> list:
         if True:
             if time.perf_counter() > deadline:
                 return rows
-            fn, ref_fn, name, flops, _ = gpu.conv_case(device, layer, dtype)
+            fn, ref_fn, name, flops, *_ = gpu.conv_case(device, layer, dtype)
             with torch.no_grad():
                 ref = ref_fn()
                 torch_ms = gpu.bench_ms(ref_fn, True)
@@ -214,8 +214,8 @@ def main() -> int:
         return 2
     import triton
     gpu.LaunchLog.install()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    from encodec_fast import precision
+    precision.torch_precision("exact").__enter__()  # TF32 off for the whole run (the exact fp32 reference)
     device = "cpu" if args.smoke else "cuda"
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),

@@ -9,6 +9,13 @@ bench.child codec ...`) running each implementation in turn: for each case, the 
 the call (the kernel's VmHWM, reset just before it) minus the RSS just before it (inputs made,
 models loaded, one tiny warm-up call done), with glibc set to return freed memory so that every
 case starts from the same RSS. On CUDA: torch.cuda.max_memory_allocated over the call, in this process.
+
+On CUDA, like for like: ours in each precision mode (`ours exact`, `ours tf32`, `ours bf16`;
+`encodec_fast.precision`), the same model on the PyTorch path in the same mode (`torch <mode>`:
+cuDNN and cuBLAS with the mode's TF32 switches, bf16 autocast), that path under
+`torch.compile(mode="max-autotune")` (`torch.compile <mode>`), and upstream and transformers as torch
+is configured (their records carry the settings). Agreement: with upstream's codes on the same GPU,
+and with the CPU fp32 codes of the first two clips (`codes_equal_cpu_fp32`).
 """
 
 import json
@@ -69,8 +76,12 @@ def _params(model: str, op: str, batch: int, seconds: float, kbps: float, device
 def run(ctx: Context) -> None:
     for model in ("24khz", "48khz"):
         state, source = peers.load_state(model, None)
-        codecs = peers.build_all(model, state, device=ctx.device)
+        codecs: tp.Dict[str, tp.Any] = peers.build_all(model, state, device=ctx.device)
         ours = codecs["ours"]
+        cpu_reference = None
+        if ctx.device == "cuda":  # each precision mode, like for like (see the module docstring)
+            codecs = {**peers.gpu_variants(codecs.pop("ours")), **codecs}
+            cpu_reference = peers.build("ours", model, state, "cpu")
         for batch, seconds, kbps in cases(ctx.suite, model):
             ctx.check_time(f"{model} batch {batch} x {seconds:g} s at {kbps:g} kbps")
             headline = (batch, seconds, kbps) == HEADLINE[ctx.suite][model]
@@ -83,8 +94,10 @@ def run(ctx: Context) -> None:
                 if not isinstance(c, peers.Codec):
                     for op in ("encode", "decode"):
                         ctx.na(_params(model, op, batch, seconds, kbps, ctx.device), name, "time", "s", str(c))
-            ctx.timed(_params(model, "encode", batch, seconds, kbps, ctx.device),
-                      {name: (lambda c=c: c.encode(x, kbps)) for name, c in live.items()}, sync=sync, **extra)
+            timed = ctx.timed(_params(model, "encode", batch, seconds, kbps, ctx.device),
+                              {name: (lambda c=c: c.encode(x, kbps)) for name, c in live.items()}, sync=sync,
+                              **extra)
+            _settings(timed, live)
             encoded = {}
             for name, c in live.items():
                 try:
@@ -92,10 +105,14 @@ def run(ctx: Context) -> None:
                 except Exception as err:  # recorded as n/a by timed(); nothing to decode
                     ctx.na(_params(model, "decode", batch, seconds, kbps, ctx.device), name, "time", "s",
                            f"encode failed: {type(err).__name__}: {err}"[:300])
-            ctx.timed(_params(model, "decode", batch, seconds, kbps, ctx.device),
-                      {name: (lambda c=live[name], e=e: c.decode(e)) for name, e in encoded.items()}, sync=sync,
-                      **extra)
+            timed = ctx.timed(_params(model, "decode", batch, seconds, kbps, ctx.device),
+                              {name: (lambda c=live[name], e=e: c.decode(e)) for name, e in encoded.items()},
+                              sync=sync, **extra)
+            _settings(timed, live)
             _agreement(ctx, live, encoded, _params(model, "encode", batch, seconds, kbps, ctx.device))
+            if cpu_reference is not None:
+                _agreement_with_cpu(ctx, live, encoded, cpu_reference, x, kbps,
+                                    _params(model, "encode", batch, seconds, kbps, ctx.device))
             if ctx.device == "cuda":
                 _cuda_memory(ctx, live, x, kbps, _params(model, "", batch, seconds, kbps, ctx.device))
         del codecs
@@ -132,6 +149,37 @@ def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[s
         n = min(audio.shape[-1], ref_audio.shape[-1])
         diff = (audio[..., :n] - ref_audio[..., :n]).abs().max().item()
         ctx.record({**params, "op": "decode"}, name, "audio_max_abs_diff_upstream", "", [diff])
+
+
+def _settings(records: tp.Dict[str, tp.Any], live: tp.Dict[str, peers.Codec]) -> None:
+    """What each side computed in: ours and the torch path by precision mode and backend (with
+    torch's switches the mode sets on CUDA); upstream and transformers run as torch is configured."""
+    from encodec_fast import precision
+    for name, rec in records.items():
+        c = live.get(name)
+        if c is None or rec.get("na"):
+            continue
+        if c.impl == "ours" and c.mode is not None:
+            rec["settings"] = {"mode": c.mode, "backend": c.backend, **precision.torch_settings(c.mode)}
+        elif c.impl != "ours" and torch.cuda.is_available():
+            rec["settings"] = {"mode": "torch's defaults",
+                               "cudnn.conv.fp32_precision": getattr(torch.backends.cudnn.conv, "fp32_precision", "?"),
+                               "cudnn.rnn.fp32_precision": getattr(torch.backends.cudnn.rnn, "fp32_precision", "?")}
+
+
+def _agreement_with_cpu(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[str, tp.Any],
+                        cpu: peers.Codec, x: torch.Tensor, kbps: float, params: tp.Dict[str, tp.Any]) -> None:
+    """Share of each GPU implementation's codes equal to the CPU fp32 codes (ours on CPU: upstream's
+    codes) of the batch's first two clips."""
+    rows = min(2, x.shape[0])
+    cpu = peers.Codec(cpu.impl, cpu.net, cpu.sample_rate, cpu.channels, "exact", "auto")
+    ref = cpu.codes(cpu.encode(x[:rows].cpu(), kbps))
+    for name, enc in encoded.items():
+        codes = live[name].codes(enc)[:rows].cpu()
+        frames, k = min(codes.shape[-1], ref.shape[-1]), min(codes.shape[1], ref.shape[1])
+        equal = (codes[:, :k, :frames] == ref[:, :k, :frames]).double().mean().item()
+        ctx.record(params, name, "codes_equal_cpu_fp32", "%", [100 * equal], higher_is_better=True,
+                   note=f"the first {rows} clip(s), {frames} frames, against ours on CPU in fp32")
 
 
 def _cuda_memory(ctx: Context, live, x, kbps, params) -> None:

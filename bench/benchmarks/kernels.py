@@ -35,6 +35,7 @@ import torch
 from bench import peers
 from bench.core import Context, benchmark, upstream_missing
 from encodec_fast import ops
+from encodec_fast import precision as precision_modes
 from encodec_fast.ops import rvq
 from encodec_fast.quantization import ResidualVectorQuantizer
 from encodec_fast.testing import voice_batch
@@ -256,8 +257,10 @@ CONV_LAYERS = [
 
 
 def conv_case(device: str, layer: tuple, dtype: torch.dtype):
-    """(triton fn, torch fn, name, flops) for one of CONV_LAYERS at batch 64 x 10 s (smoke: tiny):
-    ELU + pad + conv (+ skip) as separate torch ops (cuDNN) against the fused kernel."""
+    """(triton fn, torch fn, name, flops, input shape, bytes) for one of CONV_LAYERS at batch 64 x 10 s
+    (smoke: tiny): ELU + pad + conv (+ skip) as separate torch ops (cuDNN) against the fused
+    kernel. bytes: the activations read and written once (input, output, residual; weights left out),
+    the memory side of the layer's roofline."""
     from encodec_fast.ops import conv
     name, C_in, C_out, K, s, d, L, residual, transposed = layer
     batch = SIZES["rvq"][0]
@@ -267,6 +270,7 @@ def conv_case(device: str, layer: tuple, dtype: torch.dtype):
         C_in, C_out = max(1, C_in // 8), max(1, C_out // 8)
     g = torch.Generator(device=device).manual_seed(C_in + C_out)
     x = torch.randn(batch, C_in, L, device=device, generator=g).to(dtype)
+    size = torch.empty(0, dtype=dtype).element_size()
     if transposed:
         w = (torch.randn(C_in, C_out, K, device=device, generator=g) / (C_in * 2) ** 0.5).to(dtype)
         b = torch.zeros(C_out, device=device, dtype=dtype)
@@ -275,6 +279,7 @@ def conv_case(device: str, layer: tuple, dtype: torch.dtype):
         args = (x, w, b, s, start, length, True)
         ref_fn, fn = conv.conv_transpose1d_torch, conv.conv_transpose1d
         flops = 2.0 * batch * L * C_in * C_out * K
+        nbytes = size * batch * (C_in * L + C_out * length)
     else:
         w = (torch.randn(C_out, C_in, K, device=device, generator=g) / (C_in * K) ** 0.5).to(dtype)
         b = torch.zeros(C_out, device=device, dtype=dtype)
@@ -286,29 +291,50 @@ def conv_case(device: str, layer: tuple, dtype: torch.dtype):
         args = (x, w, b, s, d, pads, "reflect", K > 1, res)
         ref_fn, fn = conv.conv1d_torch, conv.conv1d
         flops = 2.0 * batch * T * C_in * C_out * K
-    return (lambda: fn(*args)), (lambda: ref_fn(*args)), name, flops, [batch, C_in, L]
+        nbytes = size * batch * (C_in * L + C_out * T * (2 if residual else 1))
+    return (lambda: fn(*args)), (lambda: ref_fn(*args)), name, flops, [batch, C_in, L], nbytes
+
+
+#: The dense peak each precision mode's products run at (PEAKS' keys).
+MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16"}
+
+
+def roofline_ms(flops: float, nbytes: float, mode: str) -> tp.Dict[str, float]:
+    """A layer's roofline on H100 and H200 (SXM): max(FLOP at the mode's dense peak, bytes at HBM
+    bandwidth), in ms."""
+    out = {}
+    for gpu in ("H100", "H200"):
+        p = PEAKS[gpu]
+        compute, memory = flops / (p[MODE_PEAK[mode]] * 1e12), nbytes / (p["hbm_tbs"] * 1e12)
+        out[f"predicted_ms_{gpu.lower()}"] = 1e3 * max(compute, memory)
+    return out
 
 
 def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
-    """Each SEANet convolution kind at batch 64 x 10 s (24 kHz): ELU + pad + conv (+ skip) as
-    separate torch ops (cuDNN) against the fused kernel, fp32 (exact products) and bf16."""
+    """Each SEANet convolution kind at batch 64 x 10 s (24 kHz), like for like in each precision
+    mode (`encodec_fast.precision`: exact, tf32, bf16): ELU + pad + conv (+ skip) as separate torch
+    ops (cuDNN with the mode's switches) against each kernel family (`direct`, `gemm`), with the
+    layer's roofline on H100 and H200 next to the measured times."""
     rows = []
     for layer in CONV_LAYERS:
-        for dtype in (torch.float32, torch.bfloat16):
-            fn, ref_fn, name, flops, shape = conv_case(device, layer, dtype)
-            with torch.no_grad():
+        for mode in ("exact", "tf32", "bf16"):
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            fn, ref_fn, name, flops, shape, nbytes = conv_case(device, layer, dtype)
+            with torch.no_grad(), precision_modes.scope(mode, device):
                 ref = ref_fn()
-                with ops.use_backend("triton"):
-                    got = fn()
-                err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
                 torch_ms = bench_ms(ref_fn, quick)
-                with ops.use_backend("triton"):
-                    ms, launches = bench_ms_launches(fn, quick)
-            peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
-            rows.append({"op": f"conv: {name}", "dtype": str(dtype).replace("torch.", ""), "shape": shape,
-                         "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
-                         "tflops": flops / ms / 1e9, "launches": launches,
-                         "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak})
+                for family in ("direct", "gemm"):
+                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", family), ops.use_backend("triton"):
+                        got = fn()
+                        ms, launches = bench_ms_launches(fn, quick)
+                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                    peak = None if peaks is None else peaks[MODE_PEAK[mode]]
+                    rows.append({"op": f"conv: {name}", "dtype": str(dtype).replace("torch.", ""), "precision": mode,
+                                 "family": family, "shape": shape, "torch_ms": torch_ms, "triton_ms": ms,
+                                 "speedup": torch_ms / ms, "rel_err": err, "tflops": flops / ms / 1e9,
+                                 "gbs": nbytes / ms / 1e6, "launches": launches,
+                                 "roofline_fraction": None if peak is None else flops / ms / 1e9 / peak,
+                                 **roofline_ms(flops, nbytes, mode)})
     return rows
 
 
@@ -495,8 +521,9 @@ def time_train_step(device: str, quick: bool) -> list:
 STAGES = ("rvq", "conv", "stft", "conv2d", "training", "train_step", "model")
 #: The row fields that name a case (the rest are measurements).
 PARAMS = ("op", "kbps", "stages", "frames", "precision", "dtype", "shape", "out_channels", "kernel", "stride",
-          "dilation")
-EXTRAS = ("speedup", "tflops", "gbs", "roofline_fraction", "rel_err", "frames_equal", "ties", "non_ties", "launches")
+          "dilation", "family")
+EXTRAS = ("speedup", "tflops", "gbs", "roofline_fraction", "rel_err", "frames_equal", "ties", "non_ties", "launches",
+          "predicted_ms_h100", "predicted_ms_h200")
 
 
 def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], configs: str) -> None:
@@ -540,8 +567,8 @@ def run(ctx: Context) -> None:
     configs = "autotune" if os.environ.get("ENCODEC_FAST_AUTOTUNE") == "1" else "default"
     quick = ctx.suite != "full"
     LaunchLog.install()
-    allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the exact fp32 reference
+    exact_torch = precision_modes.torch_precision("exact")  # the exact fp32 reference: TF32 off everywhere
+    exact_torch.__enter__()
     peaks = None if interpreted else peaks_for(torch.cuda.get_device_name())
     stages = {"rvq": lambda: time_rvq(ctx.device, quick, peaks), "conv": lambda: time_convs(ctx.device, quick, peaks),
               "stft": lambda: time_stft(ctx.device, quick), "conv2d": lambda: time_conv2d(ctx.device, quick, peaks),
@@ -553,5 +580,5 @@ def run(ctx: Context) -> None:
             ctx.check_time(f"stage {stage}")
             _record_rows(ctx, stage, stages[stage](), configs)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+        exact_torch.__exit__(None, None, None)
         use_interpreter(False)

@@ -25,7 +25,7 @@ import typing as tp
 import torch
 
 from bench.core import Context, benchmark
-from encodec_fast import ops
+from encodec_fast import ops, precision
 from encodec_fast.ops import rvq
 
 # Dense peaks (TFLOP/s) for the roofline prediction (NVIDIA data sheets, SXM parts).
@@ -122,8 +122,7 @@ def time_kernels(ctx: Context, device: str = "cuda") -> None:
 
         def torch_path(tf32: bool):
             def run():
-                torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
-                with ops.use_backend("torch"):
+                with ops.use_backend("torch"), precision.torch_precision("tf32" if tf32 else "exact"):
                     return rvq.rvq_encode(x, embeds, norm_list)
             return run
 
@@ -134,8 +133,8 @@ def time_kernels(ctx: Context, device: str = "cuda") -> None:
         def compiled_path():
             if compiled is None:
                 raise RuntimeError("not in the smoke suite (compiling takes minutes)")
-            torch.backends.cuda.matmul.fp32_precision = "ieee"
-            return compiled(x.transpose(1, 2).reshape(-1, D).clone())
+            with precision.torch_precision("exact"):
+                return compiled(x.transpose(1, 2).reshape(-1, D).clone())
 
         def per_stage():
             """One launch per stage, the residual updated by torch between them (same codes)."""
@@ -160,10 +159,7 @@ def time_kernels(ctx: Context, device: str = "cuda") -> None:
         dots = {"ours exact": rvq.certify_with(), "ours exact, one launch per stage": rvq.certify_with(),
                 "ours ieee": "ieee", "ours tf32": "tf32", "torch exact": "ieee",
                 "torch tf32": "tf32", "torch.compile exact": "ieee"}
-        try:
-            records = ctx.timed(params, impls, unit="ms", scale=1e3, sync=sync)
-        finally:
-            torch.backends.cuda.matmul.fp32_precision = "ieee"
+        records = ctx.timed(params, impls, unit="ms", scale=1e3, sync=sync)
         for name, rec in records.items():
             if rec.get("na"):
                 continue

@@ -192,7 +192,7 @@ class SConv1d(nn.Module):
         """
         uniform = groups is None or groups.uniform(x)
         conv = self.conv.conv
-        if uniform and ops.conv_backend(x, _raw_weight(conv)) == "triton":
+        if uniform and ops.conv_backend(x, _raw_weight(conv), "conv1d", self.stride) == "triton":
             fuse = residual is not None and isinstance(self.conv.norm, nn.Identity)
             y = ops.conv1d(x, conv.weight, conv.bias, self.stride, self.dilation, self.paddings(x.shape[-1]),
                            self.pad_mode, elu=elu_first, residual=residual if fuse else None)
@@ -257,7 +257,7 @@ class SConvTranspose1d(nn.Module):
 
     def forward(self, x: torch.Tensor, elu_first: bool = False, elu_inplace: bool = False):
         convtr = self.convtr.convtr
-        if ops.conv_backend(x, _raw_weight(convtr)) == "triton":
+        if ops.conv_backend(x, _raw_weight(convtr), "conv_transpose1d", convtr.stride[0]) == "triton":
             stride = convtr.stride[0]
             full = (x.shape[-1] - 1) * stride + convtr.kernel_size[0]
             if isinstance(self.convtr.norm, nn.Identity):  # trim inside the kernel

@@ -42,8 +42,10 @@ class SEANetResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
         h = x
         convs = [m for m in self.block if isinstance(m, SConv1d)]
-        if (groups is None or groups.uniform(x)) and ops.conv_backend(x, _raw_weight(convs[0].conv.conv)) == "triton":
-            # Kernels: the shortcut first, then the block, its last conv adding the shortcut.
+        if (groups is None or groups.uniform(x)) and any(
+                ops.conv_backend(x, _raw_weight(c.conv.conv), "conv1d", c.stride) == "triton" for c in convs):
+            # Kernels (each conv where `auto` takes ours): the shortcut first, then the block, its
+            # last conv adding the shortcut.
             skip = self.shortcut(x) if isinstance(self.shortcut, SConv1d) else x
             for i, conv in enumerate(convs):
                 h = conv(h, elu_first=True, residual=skip if i == len(convs) - 1 else None)

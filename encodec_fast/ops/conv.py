@@ -16,20 +16,38 @@ their own dtype with fp32 accumulation.
 """
 
 import collections
+import os
 import typing as tp
 import weakref
 
 import torch
 from torch.nn import functional as F
 
+from .. import precision
+from . import dispatch
 from .backend import env_choice, requested_backend, select
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 KERNEL_PAD_MODES = ("reflect", "zero", "constant")
 
 
+KERNELS = ("direct", "gemm")
+
+
+def conv_kernel() -> str:
+    """Which Triton kernel family runs the 1-d convolutions: $ENCODEC_FAST_CONV_KERNEL, 'direct'
+    (the default: [C_out, positions] tiles on CUDA cores or mma.sync, the one measured on a GPU) or
+    'gemm' (implicit GEMM with the positions as M, channels-last output, sized for Hopper's wgmma;
+    not measured on a GPU yet)."""
+    return env_choice("ENCODEC_FAST_CONV_KERNEL", KERNELS, "direct")
+
+
 def conv_precision() -> str:
-    return env_choice("ENCODEC_FAST_CONV_PRECISION", PRECISIONS, "ieee")
+    """Our kernels' fp32 dot precision: $ENCODEC_FAST_CONV_PRECISION when set, else the precision
+    mode's (`encodec_fast.precision`: 'tf32' in the tf32 mode, 'ieee' otherwise)."""
+    if os.environ.get("ENCODEC_FAST_CONV_PRECISION", "").strip():
+        return env_choice("ENCODEC_FAST_CONV_PRECISION", PRECISIONS, "ieee")
+    return "tf32" if precision.current() == "tf32" else "ieee"
 
 
 # -- references ------------------------------------------------------------------------------------
@@ -88,11 +106,17 @@ def conv2d_leaky_relu_torch(x: torch.Tensor, weight: torch.Tensor, bias: tp.Opti
 _ARRANGED: "collections.OrderedDict[tp.Any, tp.Tuple[weakref.ref, torch.Tensor, int]]" = collections.OrderedDict()
 
 
-def _arranged(weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
-    """The weight as [taps, C_out, C_in] contiguous in `dtype`, cached while the weight is unchanged.
+#: Weight arrangements for the kernels: PyTorch's layout permuted to [taps, C_out, C_in] (the direct
+#: kernels) or [taps, C_in, C_out] (the implicit-GEMM kernels, `_kio`).
+_PERMUTATIONS = {"conv": (2, 0, 1), "transposed": (2, 1, 0), "conv_kio": (2, 1, 0), "transposed_kio": (2, 0, 1)}
 
-    layout: 'conv' ([C_out, C_in, K]), 'transposed' ([C_in, C_out, K]) or 'conv2d'
-    ([C_out, C_in, KH, KW], tap kh * KW + kw). An entry holds a weak reference to its weight and
+
+def _arranged(weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """The weight pre-packed for a kernel, contiguous in `dtype`, cached while the weight is unchanged.
+
+    layout: 'conv' ([C_out, C_in, K] -> [K, C_out, C_in]), 'transposed' ([C_in, C_out, K] -> [K,
+    C_out, C_in]), 'conv_kio' / 'transposed_kio' (-> [K, C_in, C_out]) or 'conv2d' ([C_out, C_in,
+    KH, KW] -> [KH * KW, C_out, C_in], tap kh * KW + kw). An entry holds a weak reference to its weight and
     is used only for that very tensor at the same version: a new tensor that happens to reuse a
     freed one's memory is never served the old arrangement."""
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device, layout, dtype)
@@ -104,7 +128,7 @@ def _arranged(weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Te
         if layout == "conv2d":
             w = weight.permute(2, 3, 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
         else:
-            w = weight.permute(2, 1, 0) if layout == "transposed" else weight.permute(2, 0, 1)
+            w = weight.permute(*_PERMUTATIONS[layout])
         w = w.to(dtype).contiguous()
     _ARRANGED[key] = (weakref.ref(weight), w, weight._version)
     for stale in [k for k, v in _ARRANGED.items() if v[0]() is None]:
@@ -119,11 +143,35 @@ def _kernels():
     return k
 
 
-def conv_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """'triton' or 'torch' for a convolution of x by weight (the kernels have no backward)."""
+def conv_backend(x: torch.Tensor, weight: torch.Tensor, op: str = "conv1d", stride: int = 1) -> str:
+    """'triton' or 'torch' for a convolution of x by weight: the torch path when autograd records
+    (the kernels have no backward); in `auto` mode on CUDA, our kernel only where it was measured
+    faster than cuDNN in the same precision mode (`ops.dispatch`), which `conv_fallback` then runs."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return "torch"
-    return select(x, weight)
+    choice = select(x, weight)
+    if choice == "triton" and requested_backend() == "auto" and x.is_cuda:
+        return auto_choice(op, tuple(weight.shape), stride, _compute_dtype(x))
+    return choice
+
+
+def auto_choice(op: str, weight_shape: tp.Tuple[int, ...], stride: int, dtype: torch.dtype) -> str:
+    """`auto` on CUDA: 'triton' where `ops.dispatch` measured our kernel faster than cuDNN for this
+    layer in the mode it would run in (dtype, `conv_precision()`), else 'cudnn'. weight_shape is
+    PyTorch's: [C_out, C_in, K] (conv1d) or [C_in, C_out, K] (conv_transpose1d)."""
+    C_in, C_out = (weight_shape[0], weight_shape[1]) if op == "conv_transpose1d" else (weight_shape[1], weight_shape[0])
+    mode = dispatch.mode_of(dtype, conv_precision())
+    return "triton" if dispatch.kernel_measured_faster(op, C_in, C_out, weight_shape[-1], stride, mode) else "cudnn"
+
+
+def _cudnn(fn: tp.Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A torch convolution taken by `auto` dispatch instead of our kernel: in the precision mode of
+    the surrounding scope (whose torch flags are already set), or outside every scope in the mode
+    our kernel would have run (exact fp32: cuDNN with TF32 off; tf32: on)."""
+    if precision.current() is not None:
+        return fn()
+    with precision.torch_precision("tf32" if conv_precision() == "tf32" else "exact"):
+        return fn()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -146,7 +194,10 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor
     """
     if x.dim() != 3 or weight.dim() != 3 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv1d: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
-    if conv_backend(x, weight) != "triton" or pad_mode not in KERNEL_PAD_MODES:
+    backend = conv_backend(x, weight, "conv1d", stride)
+    if backend == "cudnn":
+        return _cudnn(lambda: conv1d_torch(x, weight, bias, stride, dilation, paddings, pad_mode, elu, residual))
+    if backend != "triton" or pad_mode not in KERNEL_PAD_MODES:
         return conv1d_torch(x, weight, bias, stride, dilation, paddings, pad_mode, elu, residual)
     left, right = paddings
     if left < 0 or right < 0:
@@ -156,6 +207,9 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor
         raise ValueError(f"residual {tuple(residual.shape)} does not fit the output {(x.shape[0], weight.shape[0], T)}")
     dtype = _compute_dtype(x)
     x = x.to(dtype)
+    if conv_kernel() == "gemm":
+        return _kernels().conv1d_gemm(x, _arranged(weight, "conv_kio", dtype), bias, stride, dilation, left, right,
+                                      pad_mode == "reflect", elu, residual, conv_precision(), dtype)
     return _kernels().conv1d(x, _arranged(weight, "conv", dtype), bias, stride, dilation, left, right,
                              pad_mode == "reflect", elu, residual, conv_precision(), dtype)
 
@@ -173,10 +227,16 @@ def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[to
     length = full - start if length is None else length
     if start < 0 or length < 0 or start + length > full:
         raise ValueError(f"cannot keep [{start}, {start + length}) of an output of {full} samples")
-    if conv_backend(x, weight) != "triton":
+    backend = conv_backend(x, weight, "conv_transpose1d", stride)
+    if backend == "cudnn":
+        return _cudnn(lambda: conv_transpose1d_torch(x, weight, bias, stride, start, length, elu))
+    if backend != "triton":
         return conv_transpose1d_torch(x, weight, bias, stride, start, length, elu)
     dtype = _compute_dtype(x)
     x = x.to(dtype)
+    if conv_kernel() == "gemm":
+        return _kernels().conv_transpose1d_gemm(x, _arranged(weight, "transposed_kio", dtype), bias, stride, start,
+                                                length, elu, conv_precision(), dtype)
     return _kernels().conv_transpose1d(x, _arranged(weight, "transposed", dtype), bias, stride, start, length, elu,
                                        conv_precision(), dtype)
 

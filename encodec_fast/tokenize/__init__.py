@@ -65,7 +65,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
              overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000,
              chunk_seconds: float = DEFAULT_CHUNK_SECONDS, stream_seconds: float = DEFAULT_STREAM_SECONDS,
              engine: str = "local",
-             ray_address: tp.Optional[str] = None) -> Summary:
+             ray_address: tp.Optional[str] = None, precision: tp.Optional[str] = None) -> Summary:
     """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
 
     model: "24khz", "48khz", or an EncodecModel (e.g. your own); checkpoint / repository as for
@@ -79,6 +79,9 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     engine: "local" (DataLoader workers, this process encodes) or "ray" (Ray Data: decoding
     tasks and encoder actors on a cluster at `ray_address`, or a local Ray instance); the same
     output and resume either way.
+    precision: the encoder's precision mode ('exact', 'tf32', 'bf16'; `encodec_fast.precision`;
+    None: the model's own, 'exact' unless set). A mode other than 'exact' is part of the output's
+    configuration: a resume must ask for the same one.
     """
     start = time.perf_counter()
     shard = parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")
@@ -99,11 +102,15 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
             raise ValueError(f"bandwidth {bandwidth} is not supported by {net.name} "
                              f"(choose from {net.target_bandwidths})")
         net.set_target_bandwidth(bandwidth)
+        if precision is not None:
+            net.set_precision(precision)
         if workers is None:
             workers = max(0, min(8, (os.cpu_count() or 1) - 1))
         config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,
                   "codebooks": net.num_codebooks, "checkpoint_sha256": state_dict_sha256(net.state_dict()),
                   "encodec_fast_version": __version__}
+        if net.precision != "exact":  # codes of another precision never mix with exact ones
+            config["precision"] = net.precision
         sink = ShardSink(out_dir, config, shard=shard, overwrite=overwrite, rows_per_shard=rows_per_shard)
         items, problems = list_items(inputs, shard)
         todo = [it for it in items if it.id not in sink.done]

@@ -1,0 +1,132 @@
+"""Named precision modes (encodec_fast.precision) and the measured convolution dispatch
+(encodec_fast.ops.dispatch): torch's switches set and restored, the modes reaching our ops, the
+model's encode / decode in each mode, and `auto` taking our kernel only where it was measured faster."""
+
+import pytest
+import torch
+
+import encodec_fast
+from encodec_fast import ops, precision
+from encodec_fast.ops import conv, dispatch
+from encodec_fast.testing import voice_batch
+
+needs_fp32_precision = pytest.mark.skipif(not precision._has_fp32_precision(),
+                                          reason="torch < 2.9 has no per-leaf fp32_precision switches")
+
+
+@needs_fp32_precision
+@pytest.mark.parametrize("mode,value", [("exact", "ieee"), ("tf32", "tf32"), ("bf16", "ieee")])
+def test_torch_switches_follow_the_mode_and_are_restored(mode, value):
+    leaves = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul]
+    before = [leaf.fp32_precision for leaf in leaves]
+    with precision.torch_precision(mode):
+        assert [leaf.fp32_precision for leaf in leaves] == [value] * 3
+        with precision.torch_precision("tf32" if mode != "tf32" else "exact"):
+            assert leaves[0].fp32_precision != value
+        assert [leaf.fp32_precision for leaf in leaves] == [value] * 3
+    assert [leaf.fp32_precision for leaf in leaves] == before
+    with pytest.raises(RuntimeError), precision.torch_precision(mode):
+        raise RuntimeError("restored on errors too")
+    assert [leaf.fp32_precision for leaf in leaves] == before
+    assert precision.torch_settings(mode)["cudnn.conv.fp32_precision"] == value
+
+
+def test_scope_sets_the_mode_for_our_ops_and_autocast_for_bf16(monkeypatch):
+    monkeypatch.delenv("ENCODEC_FAST_CONV_PRECISION", raising=False)
+    assert precision.current() is None and conv.conv_precision() == "ieee"
+    with precision.scope("tf32", "cpu"):
+        assert precision.current() == "tf32" and conv.conv_precision() == "tf32"
+        with precision.scope("exact", "cpu"):
+            assert conv.conv_precision() == "ieee"
+        monkeypatch.setenv("ENCODEC_FAST_CONV_PRECISION", "tf32x3")  # an explicit setting wins
+        assert conv.conv_precision() == "tf32x3"
+    assert precision.current() is None
+    with precision.scope("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        y = torch.nn.functional.linear(torch.randn(2, 8), torch.randn(4, 8))
+        assert y.dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="unknown precision mode"):
+        with precision.scope("fp8", "cpu"):
+            pass
+
+
+def test_model_modes_on_cpu():
+    """exact is the default; tf32 is exact on CPUs; bf16 runs the encoder and decoder in bf16 with
+    the search in fp32: most codes agree with exact on real-ish audio, the audio comes back fp32."""
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small()
+    model.set_target_bandwidth(6.0)
+    x = voice_batch(24000, 1.0, 1, batch=2)
+    assert model.precision == "exact"
+    exact = model.encode(x)
+    tf32 = model.set_precision("tf32").encode(x)
+    assert torch.equal(exact[0][0], tf32[0][0])
+    bf16 = model.set_precision("bf16").encode(x)
+    agree = (bf16[0][0] == exact[0][0]).double().mean().item()
+    assert 0.5 < agree < 1.0, agree  # bf16 arithmetic changes some codes, not most
+    first = (bf16[0][0][:, 0] == exact[0][0][:, 0]).double().mean().item()
+    assert first > 0.9, first  # the first stage barely moves
+    audio = model.decode(bf16)
+    assert audio.dtype == torch.float32 and torch.isfinite(audio).all()
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="unknown precision mode"):
+        model.set_precision("half")
+
+
+def test_dispatch_takes_our_kernel_only_where_measured_faster(monkeypatch):
+    monkeypatch.delenv("ENCODEC_FAST_CONV_PRECISION", raising=False)
+    # enc res k1 + skip: ours faster in exact fp32 (2.84 vs 5.83 ms) and bf16; enc down s4 slower in both
+    assert conv.auto_choice("conv1d", (32, 16, 1), 1, torch.float32) == "triton"
+    assert conv.auto_choice("conv1d", (32, 16, 1), 1, torch.bfloat16) == "triton"
+    assert conv.auto_choice("conv1d", (128, 64, 8), 4, torch.float32) == "cudnn"
+    assert conv.auto_choice("conv1d", (128, 64, 8), 4, torch.bfloat16) == "cudnn"
+    # dec up s4 (transposed: weight [C_in, C_out, K]) faster in both; dec up s2 in exact only
+    assert conv.auto_choice("conv_transpose1d", (128, 64, 8), 4, torch.float32) == "triton"
+    assert conv.auto_choice("conv_transpose1d", (64, 32, 4), 2, torch.float32) == "triton"
+    assert conv.auto_choice("conv_transpose1d", (64, 32, 4), 2, torch.bfloat16) == "cudnn"
+    # unmeasured: another mode, dtype, layer or stride
+    assert conv.auto_choice("conv1d", (32, 16, 1), 1, torch.float16) == "cudnn"
+    with precision.scope("tf32", "cpu"):
+        assert conv.auto_choice("conv1d", (32, 16, 1), 1, torch.float32) == "cudnn"
+    assert conv.auto_choice("conv1d", (64, 32, 1), 1, torch.float32) == "cudnn"
+    assert conv.auto_choice("conv1d", (32, 16, 1), 2, torch.float32) == "cudnn"
+    rows = dispatch.table()
+    assert len(rows) == 2 * len(dispatch.CONV_MS)
+    assert {r["runs"] for r in rows} == {"ours", "cuDNN"}
+    assert all((r["runs"] == "ours") == (r["ours_ms"] < r["cudnn_ms"]) for r in rows)
+
+
+def test_forced_backends_bypass_the_measured_dispatch():
+    """`auto` consults the table on CUDA only: on CPU, and with a forced backend, nothing changes."""
+    x = torch.randn(1, 16, 40)
+    w = torch.randn(32, 16, 1)
+    assert ops.conv_backend(x, w, "conv1d", 1) == "torch"
+    with ops.use_backend("triton"):
+        assert ops.conv_backend(x, w, "conv1d", 1) == "triton"
+        assert ops.conv_backend(x, torch.randn(64, 32, 8), "conv1d", 4) == "triton"
+
+
+def test_codec_benchmark_gpu_variants_run_and_say_their_settings(tmp_path):
+    """The codec benchmark's CUDA implementations, built and run on CPU (the torch.compile ones are
+    only built: compiling costs minutes here): each precision mode of ours and of the torch path,
+    settings recorded, agreement with the CPU fp32 codes."""
+    from bench import core, peers
+    from bench.benchmarks import codec
+    state, _ = peers.load_state("small", None)
+    ours = peers.build("ours", "small", state)
+    variants = peers.gpu_variants(ours)
+    assert set(variants) == {f"{impl} {mode}" for impl in ("ours", "torch", "torch.compile") for mode in peers.MODES}
+    live = {name: variants[name] for name in ("ours exact", "ours bf16", "torch tf32", "torch bf16")}
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
+    x = voice_batch(24000, 0.5, 1, batch=3)
+    params = codec._params("small", "encode", 3, 0.5, 6.0, "cpu")
+    timed = ctx.timed(params, {name: (lambda c=c: c.encode(x, 6.0)) for name, c in live.items()}, reps=1)
+    codec._settings(timed, live)
+    assert timed["ours bf16"]["settings"]["mode"] == "bf16" and timed["torch tf32"]["settings"]["backend"] == "torch"
+    assert timed["torch tf32"]["settings"]["cudnn.conv.fp32_precision"] == "tf32"
+    encoded = {name: c.encode(x, 6.0) for name, c in live.items()}
+    codec._agreement_with_cpu(ctx, live, encoded, ours, x, 6.0, params)
+    agree = {r["implementation"]: r["median"] for r in ctx.records if r["metric"] == "codes_equal_cpu_fp32"}
+    assert agree["ours exact"] == 100.0 and agree["torch tf32"] == 100.0  # CPU: tf32 is exact
+    assert 50.0 < agree["ours bf16"] < 100.0 and 50.0 < agree["torch bf16"] < 100.0
+    assert variants["ours exact"].decode(encoded["ours exact"]).dtype == torch.float32
