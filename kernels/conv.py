@@ -259,6 +259,70 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
              acc.to(out_ptr.dtype.element_ty), mask=keep[:, None] & o_ok[None, :])
 
 
+@triton.jit
+def _residual_block_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
+                           C, H, L, L_ext, left, dilation, sx_b, sx_c, sx_t, so_b, so_c, so_t,
+                           K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                           REFLECT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                           SHORTCUT: tl.constexpr, HAS_BS: tl.constexpr, HALF_DOT: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """A whole SEANet residual block in one pass over memory: y = shortcut(x) +
+    conv_k1(ELU(conv_K(ELU(x)))) for a tile of BLOCK_T positions and every channel, the shortcut x
+    itself or (SHORTCUT) a kernel-1 convolution of x. The K shifted [positions, C] tiles of x (the
+    halo of the first convolution) are read with EnCodec's padding by index, the hidden [positions,
+    H] tile never leaves the chip, and x's centre tile feeds the shortcut. Weights: w1 [K, C, H],
+    w2 [H, C], ws [C, C] (input channel first)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < L
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    x_b = x_ptr + b * sx_b
+    hidden = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for k in tl.static_range(K):
+        src = _source_index(t + k * dilation - left, L, L_ext, REFLECT)
+        ok = t_ok & (src >= 0)
+        a = tl.load(x_b + tl.maximum(src, 0).to(tl.int64)[:, None] * sx_t + c[None, :] * sx_c,
+                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+        a = _elu(a.to(tl.float32)).to(a.dtype)
+        w = tl.load(w1_ptr + (k * C + c[:, None]) * H + h[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+        if HALF_DOT:
+            hidden += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
+        else:
+            hidden += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    if HAS_B1:
+        hidden += tl.load(b1_ptr + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    # the first convolution's output is rounded to the activations' dtype, as between two layers
+    hidden = _elu(hidden.to(out_ptr.dtype.element_ty).to(tl.float32))
+    w2 = tl.load(w2_ptr + h[:, None] * C + c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+    if HALF_DOT:
+        y = tl.dot(hidden.to(out_ptr.dtype.element_ty), w2.to(out_ptr.dtype.element_ty), out_dtype=tl.float32)
+    else:
+        y = tl.dot(hidden, w2.to(tl.float32), input_precision=PRECISION)
+    if HAS_B2:
+        y += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    mask = t_ok[:, None] & c_ok[None, :]
+    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # each branch rounded as a layer's output, then the sum
+    centre = tl.load(x_b + t.to(tl.int64)[:, None] * sx_t + c[None, :] * sx_c, mask=mask, other=0.0)
+    if SHORTCUT:
+        ws = tl.load(ws_ptr + c[:, None] * C + c[None, :], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
+        if HALF_DOT:
+            skip = tl.dot(centre, ws.to(centre.dtype), out_dtype=tl.float32)
+        else:
+            skip = tl.dot(centre.to(tl.float32), ws.to(tl.float32), input_precision=PRECISION)
+        if HAS_BS:
+            skip += tl.load(bs_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        skip = skip.to(out_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        skip = centre.to(tl.float32)
+    y = skip + y
+    tl.store(out_ptr + b * so_b + t.to(tl.int64)[:, None] * so_t + c[None, :].to(tl.int64) * so_c,
+             y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # -- launch wrappers -------------------------------------------------------------------------------
 
 def _blocks(C_in: int, C_out: int, T: int, kind: str = "conv1d"):
@@ -379,6 +443,34 @@ def conv_transpose1d_gemm(x, weight_kio, bias, stride, start, length, elu, preci
         x, weight_kio, bias if bias is not None else weight_kio, out, C_in, C_out, L, start, length, j0, n_j,
         *x.stride(), *out.stride(), K=K, S=stride, BLOCK_J=bj, BLOCK_CO=bco, BLOCK_CI=bci, ELU=elu,
         HAS_BIAS=bias is not None, HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages,
+        **tuning.LAUNCH_OPTIONS)
+    return out
+
+
+def residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right, reflect, precision, out_dtype):
+    """`_residual_block_kernel`: x [B, C, L] (any strides), w1_kch [K, C, H], w2_hc [H, C], the
+    shortcut's ws_cc [C, C] or None (identity) -> shortcut(x) + conv_k1(ELU(conv_K(ELU(x))))
+    [B, C, L] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`."""
+    from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS
+    B, C, L = x.shape
+    K, _, H = w1_kch.shape
+    if C > FUSED_BLOCK_MAX_CHANNELS:
+        raise ValueError(f"the fused residual block takes at most {FUSED_BLOCK_MAX_CHANNELS} channels, got {C}")
+    out = _channels_last(B, C, L, x.device, out_dtype)
+    if L == 0 or B == 0:
+        return out
+    L_ext = max(L, max(left, right) + 1) if reflect else L
+    block_c, block_h = max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(H))
+    if interpreting():
+        block_t = min(1024, max(16, triton.next_power_of_2(L)))
+    else:
+        block_t = 128
+    _residual_block_kernel[(triton.cdiv(L, block_t), B)](
+        x, w1_kch, b1 if b1 is not None else w1_kch, w2_hc, b2 if b2 is not None else w2_hc,
+        ws_cc if ws_cc is not None else w2_hc, bs if bs is not None else w2_hc, out,
+        C, H, L, L_ext, left, dilation, *x.stride(), *out.stride(), K=K, BLOCK_T=block_t, BLOCK_C=block_c,
+        BLOCK_H=block_h, REFLECT=reflect, HAS_B1=b1 is not None, HAS_B2=b2 is not None, SHORTCUT=ws_cc is not None,
+        HAS_BS=bs is not None, HALF_DOT=_half_dot(x), PRECISION=precision, num_warps=4, num_stages=1,
         **tuning.LAUNCH_OPTIONS)
     return out
 

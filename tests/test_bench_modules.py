@@ -34,11 +34,15 @@ def test_kernels_benchmark_stages_in_the_interpreter(tmp_path):
     rvq = [r for r in by_stage["rvq"] if r["implementation"] == "triton"]
     assert {r["params"]["op"] for r in rvq} == {"rvq_encode", "rvq_decode"}
     assert all(r["non_ties"] == 0 for r in rvq if r["params"]["op"] == "rvq_encode")
-    for stage in ("conv", "conv2d"):
+    for stage in ("conv", "block", "conv2d"):
         assert all(r["rel_err"] < 2e-2 for r in by_stage[stage]), stage
     # torch and triton, each precision mode, each kernel family
     assert len(by_stage["conv"]) == 2 * 3 * 2 * len(kernels.CONV_LAYERS)
     assert all(r["predicted_ms_h200"] > 0 for r in by_stage["conv"])
+    # residual blocks: torch and triton, each mode, per-convolution kernels of each family and the fused block
+    assert len(by_stage["block"]) == 2 * 3 * 3 * len(kernels.BLOCK_LAYERS)
+    fused = [r for r in by_stage["block"] if r["params"]["family"] == "fused"]
+    assert fused and all(7 * r["bytes"] == r["torch_bytes"] for r in fused)  # 2C against 12C + 4H per position
     assert {r["implementation"] for r in by_stage["model"]} == {"torch", "triton"}
     assert all(r["median"] > 0 for r in ctx.records)
 

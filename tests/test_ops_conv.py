@@ -346,3 +346,57 @@ def test_gemm_kernels_write_channels_last_and_read_any_layout(monkeypatch):
     assert_close_rel(first, ref, torch.float32)
     assert_close_rel(up, conv.conv_transpose1d_torch(ref, rand(64, 16, 8, seed=13) / 8, None, 4, 2, 40, True),
                      torch.float32)
+
+
+# (C, H, K, dilation): SEANet's residual blocks (dim, dim / 2, kernel 3) at each level, a dilated one,
+# and odd sizes that fill no tile.
+BLOCKS = [(32, 16, 3, 1), (64, 32, 3, 1), (64, 32, 3, 2), (20, 10, 3, 1), (4, 2, 5, 1), (48, 24, 3, 1)]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"C{b[0]}H{b[1]}k{b[2]}d{b[3]}" for b in BLOCKS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_residual_block(block, causal, monkeypatch):
+    """A whole residual block in one kernel (gemm family) against ELU -> conv -> ELU -> conv + x,
+    over lengths shorter than the receptive field, tile edges, and both input layouts."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    C, H, K, d = block
+    w1 = rand(H, C, K, seed=C) / (C * K) ** 0.5
+    b1 = rand(H, seed=H)
+    w2 = rand(C, H, 1, seed=K) / H ** 0.5
+    b2 = rand(C, seed=d)
+    ws, bs = rand(C, C, 1, seed=C + 1) / C ** 0.5, rand(C, seed=C + 2)  # upstream's true_skip=False
+    for L in (1, 2, 5, 61):
+        x = rand(2, C, L, seed=L + C)
+        p = (K - 1) * d
+        pads = (p, 0) if causal else (p - p // 2, p // 2)
+        for pad_mode, skip in (("reflect", None), ("zero", None), ("reflect", (ws, bs))):
+            ref = conv.residual_block_torch(x, w1, b1, w2, b2, d, pads, pad_mode, *(skip or ()))
+            with ops.use_backend("triton"):
+                assert ops.block_backend(x, w1, w2) == "triton"
+                got = conv.residual_block(x, w1, b1, w2, b2, d, pads, pad_mode, *(skip or ()))
+                cl = conv.residual_block(x.transpose(1, 2).contiguous().transpose(1, 2), w1, None, w2, None, d, pads,
+                                         pad_mode, *((ws, None) if skip else ()))
+            assert got.stride(1) == 1
+            assert_close_rel(got, ref, torch.float32)
+            assert_close_rel(cl, conv.residual_block_torch(x, w1, None, w2, None, d, pads, pad_mode,
+                                                           *((ws, None) if skip else ())), torch.float32)
+
+
+def test_fused_residual_block_half_rules_and_fallbacks(monkeypatch):
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    x = rand(2, 32, 70, seed=1, dtype=torch.float16)
+    w1 = rand(16, 32, 3, seed=2, dtype=torch.float16) / 10
+    w2 = rand(32, 16, 1, seed=3, dtype=torch.float16) / 4
+    ref = conv.residual_block_torch(x.float(), w1.float(), None, w2.float(), None, 1, (2, 0)).half()
+    with ops.use_backend("triton"):
+        got = conv.residual_block(x, w1, None, w2, None, 1, (2, 0))
+        with pytest.raises(ValueError, match="keep the length"):
+            conv.residual_block(x, w1, None, w2, None, 1, (1, 0))
+        with pytest.raises(ValueError, match="does not fit"):
+            conv.residual_block(x, w1, None, w2[:16], None, 1, (2, 0))
+        big = rand(1, 128, 9, seed=4)
+        assert ops.block_backend(big, rand(64, 128, 3), rand(128, 64, 1)) == "torch"  # over 64 channels
+        monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "direct")
+        assert ops.block_backend(x, w1, w2) == "torch"  # the direct family has no fused block
+    assert_close_rel(got, ref, torch.float16)
+    assert ops.block_backend(x, w1, w2) == "torch"  # CPU tensors in auto mode

@@ -338,6 +338,73 @@ def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
     return rows
 
 
+# (name, channels, input length at 24 kHz x 10 s): the encoder's residual blocks the fused kernel takes.
+BLOCK_LAYERS = [("enc res block 0", 32, 240000), ("enc res block 1", 64, 120000)]
+
+
+def block_bytes(C: int, L: int, batch: int, size: int) -> tp.Dict[str, float]:
+    """Activation bytes one residual block moves (hidden H = C / 2; weights left out): torch's
+    unfused ops (ELU, pad, k3 conv, ELU, k1 conv, shortcut conv, add: 12C + 4H per position), our
+    per-convolution kernels with ELU, padding and the skip fused (5C + 2H), the fused block (2C)."""
+    H = C // 2
+    return {"torch": size * batch * L * (12 * C + 4 * H), "unfused": size * batch * L * (5 * C + 2 * H),
+            "fused": size * batch * L * 2 * C}
+
+
+def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """The encoder's residual blocks (shortcut k1 conv + ELU -> k3 conv -> ELU -> k1 conv, causal
+    padding) at batch 64 x 10 s in each precision mode: torch's ops (cuDNN) against our kernels per
+    convolution (`direct`, `gemm`) and the whole block in one kernel (`fused`), with the bytes each
+    moves and the block's roofline."""
+    from encodec_fast.ops import conv
+    rows = []
+    batch = SIZES["rvq"][0]
+    for name, C, L in BLOCK_LAYERS:
+        if not SIZES["big_checks"]:
+            C, L = max(4, C // 8), 40
+        H = C // 2
+        for mode in ("exact", "tf32", "bf16"):
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            g = torch.Generator(device=device).manual_seed(C)
+            x = torch.randn(batch, C, L, device=device, generator=g).to(dtype)
+            w1 = (torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype)
+            w2 = (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype)
+            ws = (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype)
+            b1, b2, bs = (torch.zeros(n, device=device, dtype=dtype) for n in (H, C, C))
+
+            def unfused():
+                skip = conv.conv1d(x, ws, bs)
+                hidden = conv.conv1d(x, w1, b1, 1, 1, (2, 0), "reflect", True)
+                return conv.conv1d(hidden, w2, b2, elu=True, residual=skip)
+
+            def fused():
+                return conv.residual_block(x, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs)
+
+            def reference():
+                return conv.residual_block_torch(x, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs)
+            flops = 2.0 * batch * L * (3 * C * H + H * C + C * C)
+            size = torch.empty(0, dtype=dtype).element_size()
+            traffic = block_bytes(C, L, batch, size)
+            with torch.no_grad(), precision_modes.scope(mode, device):
+                ref = reference()
+                torch_ms = bench_ms(reference, quick)
+                for family, fn in (("direct", unfused), ("gemm", unfused), ("fused", fused)):
+                    kernel = "direct" if family == "direct" else "gemm"
+                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", kernel), ops.use_backend("triton"):
+                        got = fn()
+                        ms, launches = bench_ms_launches(fn, quick)
+                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                    nbytes = traffic["fused" if family == "fused" else "unfused"]
+                    rows.append({"op": f"block: {name}", "dtype": str(dtype).replace("torch.", ""), "precision": mode,
+                                 "family": family, "shape": [batch, C, L], "torch_ms": torch_ms, "triton_ms": ms,
+                                 "speedup": torch_ms / ms, "rel_err": err, "tflops": flops / ms / 1e9,
+                                 "gbs": nbytes / ms / 1e6, "bytes": nbytes, "torch_bytes": traffic["torch"],
+                                 "launches": launches,
+                                 "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
+                                 **roofline_ms(flops, nbytes, mode)})
+    return rows
+
+
 def time_stft(device: str, quick: bool) -> list:
     """The MS-STFT discriminator's spectrogram front end (forward + backward) and the whole
     discriminator (forward + backward), torch vs the Triton layout kernel, at a training batch."""
@@ -518,12 +585,12 @@ def time_train_step(device: str, quick: bool) -> list:
                               [6.0] if SMOKE else [6.0, 24.0], device, with_upstream=upstream_missing() is None)
 
 
-STAGES = ("rvq", "conv", "stft", "conv2d", "training", "train_step", "model")
+STAGES = ("rvq", "conv", "block", "stft", "conv2d", "training", "train_step", "model")
 #: The row fields that name a case (the rest are measurements).
 PARAMS = ("op", "kbps", "stages", "frames", "precision", "dtype", "shape", "out_channels", "kernel", "stride",
           "dilation", "family")
 EXTRAS = ("speedup", "tflops", "gbs", "roofline_fraction", "rel_err", "frames_equal", "ties", "non_ties", "launches",
-          "predicted_ms_h100", "predicted_ms_h200")
+          "predicted_ms_h100", "predicted_ms_h200", "bytes", "torch_bytes")
 
 
 def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], configs: str) -> None:
@@ -571,6 +638,7 @@ def run(ctx: Context) -> None:
     exact_torch.__enter__()
     peaks = None if interpreted else peaks_for(torch.cuda.get_device_name())
     stages = {"rvq": lambda: time_rvq(ctx.device, quick, peaks), "conv": lambda: time_convs(ctx.device, quick, peaks),
+              "block": lambda: time_blocks(ctx.device, quick, peaks),
               "stft": lambda: time_stft(ctx.device, quick), "conv2d": lambda: time_conv2d(ctx.device, quick, peaks),
               "training": lambda: time_training(ctx.device, quick),
               "train_step": lambda: time_train_step(ctx.device, quick),

@@ -39,9 +39,27 @@ class SEANetResnetBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity() if true_skip else SConv1d(
             dim, dim, kernel_size=1, norm=norm, causal=causal, pad_mode=pad_mode)
 
+    def _fusable(self, convs: tp.List[SConv1d]) -> bool:
+        """One kernel for the whole block (`ops.residual_block`): a stride-1 convolution then a
+        kernel-1 one, the shortcut the identity or a kernel-1 convolution, no norm layer anywhere
+        (weight norm folds into the weights)."""
+        shortcut = self.shortcut
+        plain = isinstance(shortcut, nn.Identity) or (isinstance(shortcut, SConv1d) and shortcut.kernel_size == 1
+                                                      and shortcut.stride == 1
+                                                      and isinstance(shortcut.conv.norm, nn.Identity))
+        return (plain and len(convs) == 2 and convs[1].kernel_size == 1 and convs[0].stride == 1
+                and all(isinstance(c.conv.norm, nn.Identity) for c in convs))
+
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
         h = x
         convs = [m for m in self.block if isinstance(m, SConv1d)]
+        if (groups is None or groups.uniform(x)) and self._fusable(convs) and ops.block_backend(
+                x, _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) == "triton":
+            first, second = convs[0].conv.conv, convs[1].conv.conv
+            skip = self.shortcut.conv.conv if isinstance(self.shortcut, SConv1d) else None
+            return ops.residual_block(x, first.weight, first.bias, second.weight, second.bias, convs[0].dilation,
+                                      convs[0].paddings(x.shape[-1]), convs[0].pad_mode,
+                                      None if skip is None else skip.weight, None if skip is None else skip.bias)
         if (groups is None or groups.uniform(x)) and any(
                 ops.conv_backend(x, _raw_weight(c.conv.conv), "conv1d", c.stride) == "triton" for c in convs):
             # Kernels (each conv where `auto` takes ours): the shortcut first, then the block, its

@@ -241,6 +241,66 @@ def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[to
                                        conv_precision(), dtype)
 
 
+def residual_block_torch(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,
+                         b2: tp.Optional[torch.Tensor], dilation: int, paddings: tp.Tuple[int, int],
+                         pad_mode: str = "reflect", ws: tp.Optional[torch.Tensor] = None,
+                         bs: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """shortcut(x) + conv1d(ELU(conv1d(pad(ELU(x)), w1, b1)), w2, b2): SEANet's residual block (w1
+    [H, C, K] "same"-padded by `paddings`, w2 [C, H, 1]); the shortcut is x itself (ws None) or
+    conv1d(x, ws [C, C, 1], bs), upstream's `true_skip=False`."""
+    hidden = conv1d_torch(x, w1, b1, 1, dilation, paddings, pad_mode, elu=True)
+    skip = x if ws is None else conv1d_torch(x, ws, bs)
+    return skip + conv1d_torch(hidden, w2, b2, elu=True)
+
+
+#: Channels of the largest residual block the fused kernel takes (all of them in one tile): at 128,
+#: every mode spilled 2-32 KB per thread on sm_80 (tools/compile_gpu.py, triton 3.9).
+FUSED_BLOCK_MAX_CHANNELS = 64
+
+
+def block_backend(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
+    """'triton' where `residual_block` runs the fused kernel: the gemm kernel family
+    (`conv_kernel()`), no autograd, at most FUSED_BLOCK_MAX_CHANNELS channels, and in `auto` mode
+    on CUDA only where measured faster than the unfused path (no measurement yet)."""
+    if conv_kernel() != "gemm" or x.shape[1] > FUSED_BLOCK_MAX_CHANNELS:
+        return "torch"
+    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+        return "torch"
+    choice = select(x, w1, w2)
+    if choice == "triton" and requested_backend() == "auto" and x.is_cuda:
+        mode = dispatch.mode_of(_compute_dtype(x), conv_precision())
+        if not dispatch.kernel_measured_faster("residual_block", w1.shape[1], w1.shape[0], w1.shape[-1], 1, mode):
+            return "torch"
+    return choice
+
+
+def residual_block(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,
+                   b2: tp.Optional[torch.Tensor], dilation: int, paddings: tp.Tuple[int, int],
+                   pad_mode: str = "reflect", ws: tp.Optional[torch.Tensor] = None,
+                   bs: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SEANet's residual block, `residual_block_torch`, in one kernel where `block_backend` says so
+    (x's tile and its halo on chip, the hidden activations never written): x [B, C, L], w1 [H, C,
+    K], w2 [C, H, 1], shortcut ws [C, C, 1] or None -> [B, C, L] (channels-last memory from the kernel)."""
+    C = x.shape[1] if x.dim() == 3 else -1
+    if (x.dim() != 3 or w1.dim() != 3 or tuple(w2.shape) != (C, w1.shape[0], 1) or w1.shape[1] != C
+            or (ws is not None and tuple(ws.shape) != (C, C, 1))):
+        raise ValueError(f"residual block: input {tuple(x.shape)} does not fit weights {tuple(w1.shape)}, "
+                         f"{tuple(w2.shape)}" + ("" if ws is None else f", {tuple(ws.shape)}"))
+    left, right = paddings
+    if left < 0 or right < 0 or left + right != (w1.shape[-1] - 1) * dilation:
+        raise ValueError(f"residual block: paddings {paddings} do not keep the length (kernel {w1.shape[-1]}, "
+                         f"dilation {dilation})")
+    if block_backend(x, w1, w2) != "triton" or pad_mode not in KERNEL_PAD_MODES:
+        return residual_block_torch(x, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
+    dtype = _compute_dtype(x)
+    x = x.to(dtype)
+    w1_kch = _arranged(w1, "conv_kio", dtype)
+    w2_hc = _arranged(w2, "conv_kio", dtype)[0]
+    ws_cc = None if ws is None else _arranged(ws, "conv_kio", dtype)[0]
+    return _kernels().residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right,
+                                     pad_mode == "reflect", conv_precision(), dtype)
+
+
 class _Conv2dLeakyReLU(torch.autograd.Function):
     """Forward: the fused kernel. Backward: the activation's derivative from the saved output
     (its sign is the pre-activation's for a slope >= 0, so the pre-activation is never stored),
