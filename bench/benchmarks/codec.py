@@ -94,6 +94,12 @@ def run(ctx: Context) -> None:
                 if not isinstance(c, peers.Codec):
                     for op in ("encode", "decode"):
                         ctx.na(_params(model, op, batch, seconds, kbps, ctx.device), name, "time", "s", str(c))
+            if not headline:  # torch.compile compiles (and autotunes) again for every new shape: minutes each
+                for name in [n for n in live if n.startswith("torch.compile")]:
+                    del live[name]
+                    for op in ("encode", "decode"):
+                        ctx.na(_params(model, op, batch, seconds, kbps, ctx.device), name, "time", "s",
+                               "timed on the headline case only (it compiles and autotunes again for every shape)")
             timed = ctx.timed(_params(model, "encode", batch, seconds, kbps, ctx.device),
                               {name: (lambda c=c: c.encode(x, kbps)) for name, c in live.items()}, sync=sync,
                               **extra)
