@@ -90,6 +90,8 @@ def test_dispatch_takes_our_kernel_only_where_measured_faster(monkeypatch):
         assert conv.auto_choice("conv1d", (32, 16, 1), 1, torch.float32) == "cudnn"
     assert conv.auto_choice("conv1d", (64, 32, 1), 1, torch.float32) == "cudnn"
     assert conv.auto_choice("conv1d", (32, 16, 1), 2, torch.float32) == "cudnn"
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")  # the table measured the direct family only
+    assert conv.auto_choice("conv1d", (32, 16, 1), 1, torch.float32) == "cudnn"
     rows = dispatch.table()
     assert len(rows) == 2 * len(dispatch.CONV_MS)
     assert {r["runs"] for r in rows} == {"ours", "cuDNN"}

@@ -144,9 +144,10 @@ def _kernels():
 
 
 def conv_backend(x: torch.Tensor, weight: torch.Tensor, op: str = "conv1d", stride: int = 1) -> str:
-    """'triton' or 'torch' for a convolution of x by weight: the torch path when autograd records
-    (the kernels have no backward); in `auto` mode on CUDA, our kernel only where it was measured
-    faster than cuDNN in the same precision mode (`ops.dispatch`), which `conv_fallback` then runs."""
+    """'triton', 'torch' or 'cudnn' for a convolution of x by weight: the torch path when autograd
+    records (the kernels have no backward); in `auto` mode on CUDA, our kernel only where it was
+    measured faster than cuDNN in the same precision mode (`ops.dispatch`), else 'cudnn' (the torch
+    path in that mode's precision, `_cudnn`)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return "torch"
     choice = select(x, weight)
@@ -161,7 +162,8 @@ def auto_choice(op: str, weight_shape: tp.Tuple[int, ...], stride: int, dtype: t
     PyTorch's: [C_out, C_in, K] (conv1d) or [C_in, C_out, K] (conv_transpose1d)."""
     C_in, C_out = (weight_shape[0], weight_shape[1]) if op == "conv_transpose1d" else (weight_shape[1], weight_shape[0])
     mode = dispatch.mode_of(dtype, conv_precision())
-    return "triton" if dispatch.kernel_measured_faster(op, C_in, C_out, weight_shape[-1], stride, mode) else "cudnn"
+    faster = dispatch.kernel_measured_faster(op, C_in, C_out, weight_shape[-1], stride, mode, conv_kernel())
+    return "triton" if faster else "cudnn"
 
 
 def _cudnn(fn: tp.Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -269,7 +271,8 @@ def block_backend(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
     choice = select(x, w1, w2)
     if choice == "triton" and requested_backend() == "auto" and x.is_cuda:
         mode = dispatch.mode_of(_compute_dtype(x), conv_precision())
-        if not dispatch.kernel_measured_faster("residual_block", w1.shape[1], w1.shape[0], w1.shape[-1], 1, mode):
+        if not dispatch.kernel_measured_faster("residual_block", w1.shape[1], w1.shape[0], w1.shape[-1], 1, mode,
+                                               "gemm"):
             return "torch"
     return choice
 

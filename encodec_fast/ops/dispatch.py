@@ -23,6 +23,8 @@ import torch
 MEASUREMENT = "bench/results/gpu_h200_2026-11-30/gpu_2026-11-30_default.md"
 MEASURED_ON = "NVIDIA H200"
 
+#: The kernel family CONV_MS measured (`ops.conv.conv_kernel()`); the other family has no entries.
+FAMILY = "direct"
 #: (op, C_in, C_out, K, stride) -> {mode: (cuDNN ms, ours ms)}, from MEASUREMENT's table "Fused
 #: convolutions" (its layer name in the comment).
 CONV_MS: tp.Dict[tp.Tuple[str, int, int, int, int], tp.Dict[str, tp.Tuple[float, float]]] = {
@@ -52,8 +54,12 @@ def mode_of(dtype: torch.dtype, dot: str) -> str:
     return "exact" if dot == "ieee" else dot
 
 
-def kernel_measured_faster(op: str, C_in: int, C_out: int, K: int, stride: int, mode: str) -> bool:
-    """True where CONV_MS holds this layer in this mode and our kernel took less time than cuDNN."""
+def kernel_measured_faster(op: str, C_in: int, C_out: int, K: int, stride: int, mode: str,
+                           family: str = FAMILY) -> bool:
+    """True where CONV_MS holds this layer in this mode for this kernel family and our kernel took
+    less time than cuDNN."""
+    if family != FAMILY:
+        return False
     entry = CONV_MS.get((op, C_in, C_out, K, stride), {}).get(mode)
     return entry is not None and entry[1] < entry[0]
 
