@@ -132,3 +132,24 @@ def test_codec_benchmark_gpu_variants_run_and_say_their_settings(tmp_path):
     assert agree["ours exact"] == 100.0 and agree["torch tf32"] == 100.0  # CPU: tf32 is exact
     assert 50.0 < agree["ours bf16"] < 100.0 and 50.0 < agree["torch bf16"] < 100.0
     assert variants["ours exact"].decode(encoded["ours exact"]).dtype == torch.float32
+
+
+def test_codec_benchmark_measures_each_mode_on_real_audio(tmp_path):
+    """The codec benchmark's agreement part: the shipped model on held-out speech and music in each
+    mode against the CPU fp32 codes (exact agrees fully; bf16 is recorded, whatever it gives)."""
+    from bench import core
+    from bench.benchmarks import codec
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
+    codec._mode_agreement(ctx)
+    got = {(r["params"]["audio"], r["params"]["kbps"], r["implementation"]): r for r in ctx.records}
+    assert {impl for *_, impl in got} == {"ours exact", "ours bf16"}  # no tf32 on CPUs
+    for (audio, kbps, impl), r in got.items():
+        if r.get("na"):
+            assert "speech" in audio and "espeak" in r["na"]
+            continue
+        assert r["settings"]["mode"] == impl.split()[1]
+        if impl == "ours exact":
+            assert r["median"] == 100.0
+        else:
+            assert 0.0 < r["median"] < 100.0
+    assert any(not r.get("na") for (audio, *_), r in got.items() if "music" in audio)

@@ -122,6 +122,8 @@ def run(ctx: Context) -> None:
             if ctx.device == "cuda":
                 _cuda_memory(ctx, live, x, kbps, _params(model, "", batch, seconds, kbps, ctx.device))
         del codecs
+        if model == "24khz":
+            _mode_agreement(ctx)
         if ctx.device == "cpu" and (ctx.suite != "smoke" or model == "24khz"):
             _cpu_memory(ctx, model, state, source)
         elif ctx.device == "cpu":  # the smoke suite checks the memory process on one model, to stay short
@@ -186,6 +188,42 @@ def _agreement_with_cpu(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: 
         equal = (codes[:, :k, :frames] == ref[:, :k, :frames]).double().mean().item()
         ctx.record(params, name, "codes_equal_cpu_fp32", "%", [100 * equal], higher_is_better=True,
                    note=f"the first {rows} clip(s), {frames} frames, against ours on CPU in fp32")
+
+
+def _mode_agreement(ctx: Context) -> None:
+    """Each precision mode on trained weights and real audio: the shipped small model's codes for
+    held-out speech and music (one clip per call) against its CPU fp32 codes (upstream's), at 6 and
+    24 kbps; ours (`ours <mode>`) and, on CUDA, the torch path in the same mode (`torch <mode>`).
+    On CPU, tf32 is exact (no TF32 on CPUs) and is left out."""
+    from bench.benchmarks.quality import heldout_clips
+    from encodec_fast import precision
+    state, source = peers.load_state("small", None)
+    cpu = peers.build("ours", "small", state, "cpu")
+    here = peers.build("ours", "small", state, ctx.device)
+    count, seconds = ctx.pick(1, 2, 4), ctx.pick(2.0, 5.0, 8.0)
+    clips, missing = heldout_clips(["speech", "music"], count, seconds)
+    modes = [m for m in peers.MODES if ctx.device == "cuda" or m != "tf32"]
+    backends = ("auto", "torch") if ctx.device == "cuda" else ("auto",)
+    for kind in ("speech", "music"):
+        for kbps in (6.0, 24.0):
+            params = {"model": "small", "op": "encode", "audio": f"held-out {kind}", "batch": count,
+                      "seconds": seconds, "kbps": kbps, "device": ctx.device}
+            if kind not in clips:
+                ctx.na(params, "ours exact", "codes_equal_cpu_fp32", "%", missing[kind])
+                continue
+            ctx.check_time(f"agreement, {kind} at {kbps:g} kbps")
+            ref = [cpu.codes(peers.Codec("ours", cpu.net, 24000, 1, "exact").encode(c[None], kbps))
+                   for c in clips[kind]]
+            for backend in backends:
+                for mode in modes:
+                    c = peers.Codec("ours", here.net, 24000, 1, mode, backend)
+                    got = [c.codes(c.encode(clip[None].to(ctx.device), kbps)).cpu() for clip in clips[kind]]
+                    equal = sum(int((g == r).sum()) for g, r in zip(got, ref)) / sum(r.numel() for r in ref)
+                    name = f"{'ours' if backend == 'auto' else 'torch'} {mode}"
+                    ctx.record(params, name, "codes_equal_cpu_fp32", "%", [100 * equal], higher_is_better=True,
+                               weights=source, settings={"mode": mode, "backend": backend,
+                                                         **precision.torch_settings(mode)},
+                               note=f"{len(ref)} clip(s), one call each, against the CPU fp32 codes")
 
 
 def _cuda_memory(ctx: Context, live, x, kbps, params) -> None:
