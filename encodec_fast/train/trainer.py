@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .. import distrib
+from .. import precision as precision_modes
 from ..audio import save_audio
 from ..jobs import GracefulStop, Interrupted, OutputLock, written_then_renamed
 from ..model import MODEL_CONFIGS, EncodecModel
@@ -114,9 +115,10 @@ class TrainConfig:
     revive_dead_codes: bool = _opt(False, "fix upstream issue #61: dead codewords really replaced")
     commitment_all_stages: bool = _opt(False, "fix upstream issue #25: every stage's commitment loss trains")
     ema: float = _opt(0.0, "decay of an EMA of the model's weights used for validation and export (0: off)")
-    precision: str = _opt("auto", "bf16 autocast (quantizer in fp32), fp32, or fp64 (slow; for exactness "
-                                  "checks, exported in fp32); auto: bf16 on CUDA",
-                          choices=["auto", "bf16", "fp32", "fp64"])
+    precision: str = _opt("auto", "bf16 autocast (quantizer in fp32), tf32 (fp32 tensors, TF32 tensor cores for "
+                                  "convolutions, LSTMs and matrix products on CUDA), fp32 (TF32 off), or fp64 "
+                                  "(slow; for exactness checks, exported in fp32); auto: bf16 on CUDA",
+                          choices=["auto", "bf16", "tf32", "fp32", "fp64"])
     device: tp.Optional[str] = _opt(None, "torch device (default: cuda when available)")
     workers: int = _opt(2, "data loading processes (0: in the training process)")
     seed: int = _opt(2036, "seed of everything")
@@ -387,6 +389,19 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @property
+    def precision_name(self) -> str:
+        """The precision this run computes in: bf16, tf32, fp32 or fp64 ('auto' resolved)."""
+        return "bf16" if self.bf16 else self.config.precision if self.config.precision != "auto" else "fp32"
+
+    def _torch_math(self):
+        """On CUDA, torch's TF32 switches (cuDNN convolutions and LSTMs, cuBLAS) for the whole step,
+        backward included: on for tf32, off otherwise (fp32 means fp32; what bf16 leaves in fp32
+        too), restored after (`encodec_fast.precision.torch_precision`)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return precision_modes.torch_precision("tf32" if self.precision_name == "tf32" else "exact")
+
     def forward(self, x: torch.Tensor, bandwidth: float):
         """x [B, C, T] -> (decoded [B, C, T] fp32, commitment loss, codes [K, B, frames])."""
         model = self.model
@@ -417,6 +432,10 @@ class Trainer:
     def train_step(self, step: int, batches: tp.Sequence[torch.Tensor]) -> tp.Optional[tp.Dict[str, float]]:
         """One optimizer step on `accumulate` micro-batches [b, C, T] -> logged values, or None
         when the step was skipped (non-finite losses)."""
+        with self._torch_math():
+            return self._train_step(step, batches)
+
+    def _train_step(self, step: int, batches: tp.Sequence[torch.Tensor]) -> tp.Optional[tp.Dict[str, float]]:
         cfg = self.config
         bandwidth, learn_d = self.draws(step)
         self.model.train()
@@ -510,6 +529,10 @@ class Trainer:
     def validate(self) -> tp.List[tp.Dict[str, tp.Any]]:
         """Per bandwidth: SI-SNR, mel and multi-scale STFT distances (means over the validation
         files); codebook usage per stage at the highest bandwidth; decoded samples saved."""
+        with self._torch_math():
+            return self._validate()
+
+    def _validate(self) -> tp.List[tp.Dict[str, tp.Any]]:
         if not self.valid_audio:
             return []
         model = self.eval_model().eval()
@@ -601,7 +624,7 @@ class Trainer:
             self._log({"split": "start", "step": self.step, "time": time.time(), "world": self.world,
                        "train_files": len(self.train_clips), "valid_files": len(self.valid_audio),
                        "skipped_files": len(self.skipped_files), "device": str(self.device),
-                       "precision": "bf16" if self.bf16 else "fp32", "threads": torch.get_num_threads()})
+                       "precision": self.precision_name, "threads": torch.get_num_threads()})
         sampler = D.StepBatches(self.step, cfg.steps, self.micro_batch, cfg.accumulate, self.rank, self.world)
         batches = iter(D.loader(self.dataset, sampler, cfg.workers))
         bar = _progress(cfg.steps, self.step, disable=self.quiet or self.rank != 0)
