@@ -178,7 +178,8 @@ class EncodecModel(nn.Module):
         """
         with self._precision_scope(x.device):
             emb = self.encoder(x, groups)
-        emb = emb.float()  # the codebook search runs in fp32 in every precision mode
+        # the search runs in the codebooks' dtype (fp32) whatever autocast left the latents in
+        emb = emb.to(self.quantizer.vq.layers[0]._codebook.embed.dtype)
         if groups is None:
             return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
         codes = torch.zeros(emb.shape[0], self.num_codebooks, emb.shape[-1], dtype=torch.long, device=emb.device)
@@ -322,7 +323,7 @@ class EncodecModel(nn.Module):
                     hidden = self.decoder.forward_head(latents)
                 for t in range(0, len(chunk), per_tail):
                     with self._precision_scope(hidden.device):
-                        audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B]).float()
+                        audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B]).to(latents.dtype)
                     for j, i in enumerate(chunk[t:t + per_tail]):
                         y = audio[j * B:(j + 1) * B]
                         scale = frames[i][1]
