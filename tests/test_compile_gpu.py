@@ -122,3 +122,18 @@ def test_refuses_the_interpreter():
         timeout=300,
     )
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_gemm_convolutions_and_fused_blocks_compile_to_wgmma(tmp_path):
+    """The implicit-GEMM family's launches for the 24 kHz encoder's first level in bf16 (the fused
+    residual block, the stride-2 downsampling convolution): wgmma in their sm_90 PTX, no spills."""
+    out = tmp_path / "results"
+    proc = run_check("--only", r"residual_block.*BLOCK_C32 .*bf16|conv1d_gemm.*K4 T128 CO64 CI32 .*bf16",
+                     "--archs", "90", "--listed-archs", "none", "--out", out, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(next(out.glob("compile_gpu_*.json")).read_text())
+    kernels = {x["kernel"] for x in data["launches"]}
+    assert {"_residual_block_kernel", "_conv1d_gemm_kernel"} <= kernels, kernels
+    for x in data["launches"]:
+        r = x["results"]["90"]
+        assert r["wgmma"] > 0 and r["spill_st"] == 0, (x["configuration"], r)
