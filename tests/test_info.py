@@ -83,3 +83,12 @@ def test_problems_lists_missing_pieces_with_fixes():
     facts = info.collect()
     facts["triton"] = {"installed": True, "version": "3.9.0"}
     assert not any("numpy<2.4" in p for p in info.problems(facts))
+
+
+def test_info_on_a_gpu_machine_says_where_the_convolutions_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ENCODEC_FAST_BACKEND", raising=False)
+    facts = info._backend_facts({"cuda_available": True, "devices": ["NVIDIA H100 80GB HBM3"]}, {"version": "3.6.0"})
+    assert facts["ops"] == "triton"
+    assert "ours on the 6 of 26 layer/mode pairs measured faster on an NVIDIA H200" in facts["why"]
+    assert "cuDNN elsewhere" in facts["why"]
