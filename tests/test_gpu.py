@@ -271,6 +271,45 @@ def test_conv_layers_within_tolerance(layer, dtype):
     assert _rel_err(got, ref) <= LIMITS[dtype]
 
 
+MODE_LIMITS = {"exact": 1e-5, "tf32": 5e-3, "bf16": 2e-2}
+
+
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("layer", kernels.CONV_LAYERS, ids=[layer[0] for layer in kernels.CONV_LAYERS])
+def test_gemm_conv_layers_within_tolerance(layer, mode, monkeypatch):
+    """The implicit-GEMM family on real tensor cores (tf32, bf16) and in exact fp32, against the
+    PyTorch path in exact fp32 (bf16: in bf16)."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    monkeypatch.setattr(kernels, "SIZES", {**kernels.FULL_SIZES, "rvq": (4, 750)})  # 4 x 10 s: a quick check
+    fn, ref_fn, *_ = kernels.conv_case(DEVICE, layer, torch.bfloat16 if mode == "bf16" else torch.float32)
+    with torch.no_grad():
+        ref = ref_fn()
+        with precision_modes.scope(mode, DEVICE), ops.use_backend("triton"):
+            got = fn()
+    assert got.stride(1) == 1  # channels-last output
+    assert _rel_err(got, ref) <= MODE_LIMITS[mode]
+
+
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("C", [32, 64])
+def test_fused_residual_blocks_within_tolerance(C, mode, monkeypatch):
+    from encodec_fast.ops import conv
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    g = torch.Generator(device=DEVICE).manual_seed(C)
+    x = torch.randn(8, C, 24000 + 77, device=DEVICE, generator=g).to(dtype)
+    w1 = (torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype)
+    w2 = (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype)
+    ws = (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype)
+    b = torch.randn(C, device=DEVICE, generator=g).to(dtype)
+    with torch.no_grad():
+        ref = conv.residual_block_torch(x, w1, b[: C // 2], w2, b, 1, (2, 0), "reflect", ws, b)
+        with precision_modes.scope(mode, DEVICE), ops.use_backend("triton"):
+            assert ops.block_backend(x, w1, w2) == "triton"
+            got = conv.residual_block(x, w1, b[: C // 2], w2, b, 1, (2, 0), "reflect", ws, b)
+    assert _rel_err(got, ref) <= MODE_LIMITS[mode]
+
+
 @pytest.mark.parametrize("n_fft,hop", [(1024, 256), (2048, 512), (512, 128)])
 def test_spectrogram_forward_and_backward(n_fft, hop):
     from encodec_fast.ops import stft
