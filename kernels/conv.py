@@ -65,6 +65,22 @@ def _accumulate_tap(acc, x_b, src, src_ok, w_ptr, k, o, o_ok, C_in, C_out, sx_c,
 
 
 @triton.jit
+def _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o2, o_ok2, t2, mask, sr_b, sr_c, sr_t, so_b, so_c, so_t,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Bias, residual and the one store of a 1-d convolution's output tile in either orientation:
+    o2 and t2 are the output-channel and position indices shaped [n, 1] and [1, m] (direct kernels)
+    or [1, n] and [m, 1] (implicit-GEMM kernels), o_ok2 the channels' mask in o2's shape, mask the
+    tile's."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o2, mask=o_ok2, other=0.0).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(res_ptr + b * sr_b + o2.to(tl.int64) * sr_c + t2.to(tl.int64) * sr_t,
+                       mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * so_b + o2.to(tl.int64) * so_c + t2.to(tl.int64) * so_t,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
                    C_in, C_out, L, L_ext, T_out, left, stride, dilation,
                    sx_b, sx_c, sx_t, sr_b, sr_c, sr_t, so_b, so_c, so_t,
@@ -84,14 +100,8 @@ def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
         src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
         acc = _accumulate_tap(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
                               BLOCK_CI, ELU, HALF_DOT, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
-    mask = o_ok[:, None] & t_ok[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + b * sr_b + o[:, None].to(tl.int64) * sr_c + t[None, :].to(tl.int64) * sr_t,
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * so_b + o[:, None].to(tl.int64) * so_c + t[None, :].to(tl.int64) * so_t,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o[:, None], o_ok[:, None], t[None, :], o_ok[:, None] & t_ok[None, :],
+              sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES)
 
 
 @triton.jit
@@ -121,11 +131,9 @@ def _conv_transpose1d_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         src_ok = keep & (src >= 0) & (src < L) & ((j * 0 + k) < K)
         acc = _accumulate_tap(acc, x_b, src, src_ok, w_ptr, tl.minimum(k, K - 1), o, o_ok, C_in, C_out,
                               sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
-    pos = (tp - start).to(tl.int64)
-    tl.store(out_ptr + b * so_b + o[:, None].to(tl.int64) * so_c + pos[None, :] * so_t,
-             acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & keep[None, :])
+    pos = tp - start
+    _epilogue(acc, b_ptr, out_ptr, out_ptr, b, o[:, None], o_ok[:, None], pos[None, :], o_ok[:, None] & keep[None, :],
+              0, 0, 0, so_b, so_c, so_t, HAS_BIAS, False)
 
 
 @triton.jit
@@ -216,14 +224,8 @@ def _conv1d_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
         src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
         acc = _accumulate_tap_gemm(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
                                    BLOCK_CI, ELU, HALF_DOT, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    mask = t_ok[:, None] & o_ok[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + b * sr_b + t[:, None].to(tl.int64) * sr_t + o[None, :].to(tl.int64) * sr_c,
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * so_b + t[:, None].to(tl.int64) * so_t + o[None, :].to(tl.int64) * so_c,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o[None, :], o_ok[None, :], t[:, None], t_ok[:, None] & o_ok[None, :],
+              sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES)
 
 
 @triton.jit
@@ -252,11 +254,9 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         src_ok = keep & (src >= 0) & (src < L) & ((j * 0 + k) < K)
         acc = _accumulate_tap_gemm(acc, x_b, tl.where(src_ok, src, 0), src_ok, w_ptr, tl.minimum(k, K - 1), o, o_ok,
                                    C_in, C_out, sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    pos = (tp - start).to(tl.int64)
-    tl.store(out_ptr + b * so_b + pos[:, None] * so_t + o[None, :].to(tl.int64) * so_c,
-             acc.to(out_ptr.dtype.element_ty), mask=keep[:, None] & o_ok[None, :])
+    pos = tp - start
+    _epilogue(acc, b_ptr, out_ptr, out_ptr, b, o[None, :], o_ok[None, :], pos[:, None], keep[:, None] & o_ok[None, :],
+              0, 0, 0, so_b, so_c, so_t, HAS_BIAS, False)
 
 
 @triton.jit
