@@ -8,12 +8,15 @@ A peer that is not installed, or cannot load the model, comes back as `Unavailab
 Model names: '24khz', '48khz' (official architectures) and 'small' (the shipped small codec's).
 """
 
+import contextlib
 import functools
 import math
 import typing as tp
 import warnings
 
 import torch
+
+from encodec_fast import precision
 
 IMPLS = ("ours", "upstream", "transformers")
 MODELS = {"24khz": "encodec_24khz", "48khz": "encodec_48khz", "small": "encodec_24khz_small"}
@@ -62,7 +65,10 @@ class Codec:
         #: (None: the model's own mode; "torch": the PyTorch path, cuDNN / cuBLAS on CUDA).
         self.mode, self.backend = mode, backend
 
-    def _ours(self):
+    def _calls(self):
+        """The context of a call: for ours, its precision mode and ops backend."""
+        if self.impl != "ours":
+            return contextlib.nullcontext()
         from encodec_fast import ops
         if self.mode is not None:
             self.net.set_precision(self.mode)
@@ -74,9 +80,7 @@ class Codec:
                 out = self.net.encode(x, bandwidth=float(kbps))
                 return out.audio_codes, out.audio_scales, x.shape[-1]
             self.net.set_target_bandwidth(kbps)
-            if self.impl != "ours":
-                return self.net.encode(x)
-            with self._ours():
+            with self._calls():
                 return self.net.encode(x)
 
     def decode(self, enc: tp.Any) -> torch.Tensor:
@@ -84,9 +88,7 @@ class Codec:
             if self.impl == "transformers":
                 codes, scales, n = enc
                 return self.net.decode(codes, scales)[0][..., :n]
-            if self.impl != "ours":
-                return self.net.decode(enc)
-            with self._ours():
+            with self._calls():
                 return self.net.decode(enc)
 
     def codes(self, enc: tp.Any) -> torch.Tensor:
@@ -192,7 +194,7 @@ def build(impl: str, model: str, state: tp.Dict[str, torch.Tensor], device: str 
 
 
 #: The precision modes the GPU codec benchmark runs ours, the torch path and torch.compile in.
-MODES = ("exact", "tf32", "bf16")
+MODES = precision.MODES
 
 
 def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune") -> tp.Dict[str, "Codec"]:

@@ -23,6 +23,7 @@ still picks our kernels' dot precision (ieee, tf32x3, tf32) whatever the mode.
 
 import contextlib
 import contextvars
+import functools
 import typing as tp
 
 import torch
@@ -51,6 +52,7 @@ def _leaf(group: str, name: str):
     return getattr(getattr(torch.backends, group), name)
 
 
+@functools.lru_cache(maxsize=None)
 def _has_fp32_precision() -> bool:
     """torch >= 2.9 has the per-leaf `fp32_precision` switches; older releases the `allow_tf32` flags."""
     try:

@@ -134,6 +134,18 @@ def run(ctx: Context) -> None:
                                "the smoke suite measures memory on the 24 kHz model only")
 
 
+def _equal_share(codes: torch.Tensor, ref: torch.Tensor) -> tp.Tuple[float, int]:
+    """(share of equal codes over the codebooks and frames both [B, K, frames] tensors have, frames compared)."""
+    frames, k = min(codes.shape[-1], ref.shape[-1]), min(codes.shape[1], ref.shape[1])
+    return (codes[:, :k, :frames] == ref[:, :k, :frames]).double().mean().item(), frames
+
+
+def _ours_settings(c: peers.Codec) -> tp.Dict[str, str]:
+    """What ours (or the torch path) computed in: precision mode, ops backend, torch's switches for it."""
+    from encodec_fast import precision
+    return {"mode": c.mode, "backend": c.backend, **precision.torch_settings(c.mode)}
+
+
 def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[str, tp.Any],
                params: tp.Dict[str, tp.Any]) -> None:
     """Share of codes equal to upstream's (common frames) and the decoded audio's largest
@@ -146,9 +158,7 @@ def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[s
         if name == "upstream":
             continue
         codes = live[name].codes(encoded[name])
-        frames = min(codes.shape[-1], ref_codes.shape[-1])
-        k = min(codes.shape[1], ref_codes.shape[1])
-        equal = (codes[:, :k, :frames] == ref_codes[:, :k, :frames]).double().mean().item()
+        equal, frames = _equal_share(codes, ref_codes)
         ctx.record(params, name, "codes_equal_upstream", "%", [100 * equal], higher_is_better=True,
                    note=f"over {frames} common frames" + ("" if codes.shape == ref_codes.shape else
                                                            f"; shapes {tuple(codes.shape)} vs "
@@ -162,13 +172,12 @@ def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[s
 def _settings(records: tp.Dict[str, tp.Any], live: tp.Dict[str, peers.Codec]) -> None:
     """What each side computed in: ours and the torch path by precision mode and backend (with
     torch's switches the mode sets on CUDA); upstream and transformers run as torch is configured."""
-    from encodec_fast import precision
     for name, rec in records.items():
         c = live.get(name)
         if c is None or rec.get("na"):
             continue
         if c.impl == "ours" and c.mode is not None:
-            rec["settings"] = {"mode": c.mode, "backend": c.backend, **precision.torch_settings(c.mode)}
+            rec["settings"] = _ours_settings(c)
         elif c.impl != "ours" and torch.cuda.is_available():
             rec["settings"] = {"mode": "torch's defaults",
                                "cudnn.conv.fp32_precision": getattr(torch.backends.cudnn.conv, "fp32_precision", "?"),
@@ -183,9 +192,7 @@ def _agreement_with_cpu(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: 
     cpu = peers.Codec(cpu.impl, cpu.net, cpu.sample_rate, cpu.channels, "exact", "auto")
     ref = cpu.codes(cpu.encode(x[:rows].cpu(), kbps))
     for name, enc in encoded.items():
-        codes = live[name].codes(enc)[:rows].cpu()
-        frames, k = min(codes.shape[-1], ref.shape[-1]), min(codes.shape[1], ref.shape[1])
-        equal = (codes[:, :k, :frames] == ref[:, :k, :frames]).double().mean().item()
+        equal, frames = _equal_share(live[name].codes(enc)[:rows].cpu(), ref)
         ctx.record(params, name, "codes_equal_cpu_fp32", "%", [100 * equal], higher_is_better=True,
                    note=f"the first {rows} clip(s), {frames} frames, against ours on CPU in fp32")
 
@@ -196,7 +203,6 @@ def _mode_agreement(ctx: Context) -> None:
     24 kbps; ours (`ours <mode>`) and, on CUDA, the torch path in the same mode (`torch <mode>`).
     On CPU, tf32 is exact (no TF32 on CPUs) and is left out."""
     from bench.benchmarks.quality import heldout_clips
-    from encodec_fast import precision
     state, source = peers.load_state("small", None)
     cpu = peers.build("ours", "small", state, "cpu")
     here = peers.build("ours", "small", state, ctx.device)
@@ -221,8 +227,7 @@ def _mode_agreement(ctx: Context) -> None:
                     equal = sum(int((g == r).sum()) for g, r in zip(got, ref)) / sum(r.numel() for r in ref)
                     name = f"{'ours' if backend == 'auto' else 'torch'} {mode}"
                     ctx.record(params, name, "codes_equal_cpu_fp32", "%", [100 * equal], higher_is_better=True,
-                               weights=source, settings={"mode": mode, "backend": backend,
-                                                         **precision.torch_settings(mode)},
+                               weights=source, settings=_ours_settings(c),
                                note=f"{len(ref)} clip(s), one call each, against the CPU fp32 codes")
 
 

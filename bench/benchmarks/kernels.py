@@ -634,8 +634,6 @@ def run(ctx: Context) -> None:
     configs = "autotune" if os.environ.get("ENCODEC_FAST_AUTOTUNE") == "1" else "default"
     quick = ctx.suite != "full"
     LaunchLog.install()
-    exact_torch = precision_modes.torch_precision("exact")  # the exact fp32 reference: TF32 off everywhere
-    exact_torch.__enter__()
     peaks = None if interpreted else peaks_for(torch.cuda.get_device_name())
     stages = {"rvq": lambda: time_rvq(ctx.device, quick, peaks), "conv": lambda: time_convs(ctx.device, quick, peaks),
               "block": lambda: time_blocks(ctx.device, quick, peaks),
@@ -644,9 +642,9 @@ def run(ctx: Context) -> None:
               "train_step": lambda: time_train_step(ctx.device, quick),
               "model": lambda: time_model(ctx.device, quick)}
     try:
-        for stage in STAGES:
-            ctx.check_time(f"stage {stage}")
-            _record_rows(ctx, stage, stages[stage](), configs)
+        with precision_modes.torch_precision("exact"):  # the exact fp32 reference: TF32 off everywhere
+            for stage in STAGES:
+                ctx.check_time(f"stage {stage}")
+                _record_rows(ctx, stage, stages[stage](), configs)
     finally:
-        exact_torch.__exit__(None, None, None)
         use_interpreter(False)

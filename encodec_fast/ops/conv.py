@@ -148,22 +148,32 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, op: str = "conv1d", stri
     records (the kernels have no backward); in `auto` mode on CUDA, our kernel only where it was
     measured faster than cuDNN in the same precision mode (`ops.dispatch`), else 'cudnn' (the torch
     path in that mode's precision, `_cudnn`)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    return _measured_backend(x, (weight,), lambda: auto_choice(op, tuple(weight.shape), stride, _compute_dtype(x)))
+
+
+def _measured_backend(x: torch.Tensor, weights: tp.Sequence[torch.Tensor], measured: tp.Callable[[], str]) -> str:
+    """The dispatch rule of our 1-d convolution ops: 'torch' while autograd records through x or a
+    weight, else `select`'s choice, except that `auto` on CUDA asks `measured()` ('triton' or 'cudnn')."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
         return "torch"
-    choice = select(x, weight)
+    choice = select(x, *weights)
     if choice == "triton" and requested_backend() == "auto" and x.is_cuda:
-        return auto_choice(op, tuple(weight.shape), stride, _compute_dtype(x))
+        return measured()
     return choice
 
 
-def auto_choice(op: str, weight_shape: tp.Tuple[int, ...], stride: int, dtype: torch.dtype) -> str:
-    """`auto` on CUDA: 'triton' where `ops.dispatch` measured our kernel faster than cuDNN for this
-    layer in the mode it would run in (dtype, `conv_precision()`), else 'cudnn'. weight_shape is
-    PyTorch's: [C_out, C_in, K] (conv1d) or [C_in, C_out, K] (conv_transpose1d)."""
-    C_in, C_out = (weight_shape[0], weight_shape[1]) if op == "conv_transpose1d" else (weight_shape[1], weight_shape[0])
+def _measured_choice(op: str, C_in: int, C_out: int, K: int, stride: int, dtype: torch.dtype, family: str) -> str:
+    """'triton' where `ops.dispatch` measured our kernel family faster than cuDNN for this layer in
+    the mode it would run in (dtype, `conv_precision()`), else 'cudnn'."""
     mode = dispatch.mode_of(dtype, conv_precision())
-    faster = dispatch.kernel_measured_faster(op, C_in, C_out, weight_shape[-1], stride, mode, conv_kernel())
-    return "triton" if faster else "cudnn"
+    return "triton" if dispatch.kernel_measured_faster(op, C_in, C_out, K, stride, mode, family) else "cudnn"
+
+
+def auto_choice(op: str, weight_shape: tp.Tuple[int, ...], stride: int, dtype: torch.dtype) -> str:
+    """`auto` on CUDA for a convolution (`_measured_choice` with the current kernel family).
+    weight_shape is PyTorch's: [C_out, C_in, K] (conv1d) or [C_in, C_out, K] (conv_transpose1d)."""
+    C_in, C_out = (weight_shape[0], weight_shape[1]) if op == "conv_transpose1d" else (weight_shape[1], weight_shape[0])
+    return _measured_choice(op, C_in, C_out, weight_shape[-1], stride, dtype, conv_kernel())
 
 
 def _cudnn(fn: tp.Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -262,19 +272,12 @@ FUSED_BLOCK_MAX_CHANNELS = 64
 
 def block_backend(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
     """'triton' where `residual_block` runs the fused kernel: the gemm kernel family
-    (`conv_kernel()`), no autograd, at most FUSED_BLOCK_MAX_CHANNELS channels, and in `auto` mode
-    on CUDA only where measured faster than the unfused path (no measurement yet)."""
+    (`conv_kernel()`), at most FUSED_BLOCK_MAX_CHANNELS channels, and the rule of `conv_backend`
+    (no measurement of the fused block yet: `auto` on CUDA keeps the unfused path)."""
     if conv_kernel() != "gemm" or x.shape[1] > FUSED_BLOCK_MAX_CHANNELS:
         return "torch"
-    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
-        return "torch"
-    choice = select(x, w1, w2)
-    if choice == "triton" and requested_backend() == "auto" and x.is_cuda:
-        mode = dispatch.mode_of(_compute_dtype(x), conv_precision())
-        if not dispatch.kernel_measured_faster("residual_block", w1.shape[1], w1.shape[0], w1.shape[-1], 1, mode,
-                                               "gemm"):
-            return "torch"
-    return choice
+    return _measured_backend(x, (w1, w2), lambda: _measured_choice(
+        "residual_block", w1.shape[1], w1.shape[0], w1.shape[-1], 1, _compute_dtype(x), "gemm"))
 
 
 def residual_block(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,

@@ -110,6 +110,12 @@ def statistics_torch(x: torch.Tensor, idx: torch.Tensor, K: int, scatter: bool) 
     return onehot.sum(0), (x.t() @ onehot).t()
 
 
+def _scatter_statistics(x: torch.Tensor) -> bool:
+    """The torch path's statistics by scatter (`stats_method()`, never on CUDA: index_add_ is not
+    deterministic there) or upstream's one-hot product."""
+    return not x.is_cuda and stats_method() == "scatter"
+
+
 def stats_method() -> str:
     """How the torch path computes a training stage's statistics: $ENCODEC_FAST_VQ_STATS,
     'scatter' (default on CPU) or 'onehot' (upstream's bits; always on CUDA, where index_add_ is
@@ -373,7 +379,7 @@ def vq_assign(x: torch.Tensor, embed: torch.Tensor, norms: torch.Tensor, stats: 
         quant = F.embedding(codes, book).to(x.dtype)
         counts, sums = k.segment_sums(x, codes, book.shape[0]) if stats else (None, None)
         return codes, quant, counts, sums
-    return vq_assign_torch(x, embed, norms, stats, scatter=stats and not x.is_cuda and stats_method() == "scatter")
+    return vq_assign_torch(x, embed, norms, stats, scatter=stats and _scatter_statistics(x))
 
 
 def rvq_train_forward_torch(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int,
@@ -468,7 +474,7 @@ def stage_statistics(rows: torch.Tensor, codes: torch.Tensor, K: int,
     (`kernels.rvq.segment_sums`), or by `statistics_torch` with `stats_method()`."""
     if kernels:
         return _kernels().segment_sums(rows, codes, K)
-    return statistics_torch(rows, codes, K, scatter=stats_method() == "scatter" and not rows.is_cuda)
+    return statistics_torch(rows, codes, K, scatter=_scatter_statistics(rows))
 
 
 # -- measuring agreement ---------------------------------------------------------------------------
