@@ -197,11 +197,13 @@ def build(impl: str, model: str, state: tp.Dict[str, torch.Tensor], device: str 
 MODES = precision.MODES
 
 
-def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune") -> tp.Dict[str, "Codec"]:
+def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune",
+                 modes: tp.Optional[tp.Sequence[str]] = None) -> tp.Dict[str, "Codec"]:
     """Ours in each precision mode (`ours <mode>`: our kernels where `auto` takes them), the same
     model on the PyTorch path in the same mode (`torch <mode>`: cuDNN / cuBLAS with the mode's TF32
     switches, autocast for bf16), and that path with the encoder and decoder under
-    `torch.compile(mode=compile_mode)` (`torch.compile <mode>`, compiled on first use)."""
+    `torch.compile(mode=compile_mode)` (`torch.compile <mode>`, compiled on first use; in `modes`
+    only, every mode when None)."""
     import copy
     out: tp.Dict[str, Codec] = {}
     compiled = copy.deepcopy(ours.net)
@@ -211,7 +213,8 @@ def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune") -> tp.Dict[s
     for mode in MODES:
         out[f"ours {mode}"] = Codec("ours", ours.net, ours.sample_rate, ours.channels, mode, "auto")
         out[f"torch {mode}"] = Codec("ours", ours.net, ours.sample_rate, ours.channels, mode, "torch")
-        out[f"torch.compile {mode}"] = Codec("ours", compiled, ours.sample_rate, ours.channels, mode, "torch")
+        if modes is None or mode in modes:
+            out[f"torch.compile {mode}"] = Codec("ours", compiled, ours.sample_rate, ours.channels, mode, "torch")
     return out
 
 

@@ -17,8 +17,10 @@ settings), and the context records both.
 import argparse
 import datetime
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import typing as tp
@@ -109,6 +111,9 @@ def _main(argv: tp.Optional[tp.Sequence[str]]) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint else None, "budget_seconds": args.budget_seconds,
         "benchmarks": {}, "records": [], "skipped": []}
     from tqdm import tqdm
+    terminated = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     with tempfile.TemporaryDirectory(prefix="encodec_fast_bench_") as tmp:
         bar = tqdm(selected, desc=f"bench {args.suite}", unit="benchmark", file=sys.stderr)
         for bench in bar:
@@ -132,6 +137,9 @@ def _main(argv: tp.Optional[tp.Sequence[str]]) -> int:
                 entry["status"] = "ok"
             except BudgetExceeded as err:
                 entry["status"] = f"stopped by the time budget before: {err}"
+            except Terminated as err:  # `timeout` or a job scheduler: keep what was measured, stop
+                entry["status"] = f"stopped: {err}"
+                terminated = True
             except (Exception, SystemExit) as err:  # a broken benchmark is a result: report it, run the others
                 entry["status"] = f"error: {type(err).__name__}: {err}"
                 entry["traceback"] = traceback.format_exc()[-4000:]
@@ -141,6 +149,14 @@ def _main(argv: tp.Optional[tp.Sequence[str]]) -> int:
             results["skipped"] += ctx.skipped
             results["seconds"] = round(time.monotonic() - start, 2)
             _save(out, results)
+            if terminated:
+                for rest in selected[selected.index(bench) + 1:]:
+                    results["benchmarks"][rest.name] = {"title": rest.title, "priority": rest.priority,
+                                                        "status": "skipped: the run was terminated"}
+                    results["skipped"].append(rest.name)
+                break
+    if main_thread:
+        signal.signal(signal.SIGTERM, previous)
     results["seconds"] = round(time.monotonic() - start, 2)
     _save(out, results)
     summary.write(out, results)
@@ -154,6 +170,14 @@ def _main(argv: tp.Optional[tp.Sequence[str]]) -> int:
     if args.compare:
         status = max(status, compare.main(args.compare, out, args.fail_above, args.noise_floor, args.normalize_by))
     return status
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a time limit): the benchmark running stops, what it recorded is written."""
+
+
+def _terminate(signum: int, frame: tp.Any) -> None:
+    raise Terminated("terminated by SIGTERM (a time limit); the records made before it are kept")
 
 
 def _save(out: Path, results: tp.Dict[str, tp.Any]) -> None:

@@ -1,52 +1,65 @@
 #!/usr/bin/env bash
-# A time-limited run on one GPU machine, in one call (under 8 minutes with the defaults; wheels that the
-# machine cannot download go in .whl/):
+# A time-limited run on one GPU machine, in one call (GPU_SESSION_SECONDS in all, default 560; wheels
+# that the machine cannot download go in .whl/, held-out clips made elsewhere in .gpu_data/clips):
 #   bash tools/gpu_session.sh [OUT_DIR]
-# 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser, pytest and
-#    upstream encodec for the peers' columns; `pip download` them where a registry is reachable);
-# 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML in OUT_DIR);
-# 3. the suite on the GPU (`python -m bench --suite quick --device cuda`, priority order within
-#    SUITE_BUDGET seconds: codec throughput and memory, the `rvq` search, the `kernels` benchmark, then
-#    the rest; BENCH_ONLY="rvq kernels" for some only), into OUT_DIR/suite;
-# 4. with GPU_AUTOTUNE_LIMIT=SECONDS (default 0: skipped), the `kernels` benchmark again with
-#    ENCODEC_FAST_AUTOTUNE=1 (the autotuned configurations), into OUT_DIR/autotune.
-# Defaults: tests 120 s, suite budget 240 s (+90 s to finish the benchmark running at the budget).
-# Each step has its own time limit; the suite rewrites results.json after every benchmark, so a limit
-# costs only the benchmark it cut. Results and the log land in OUT_DIR (default $OUT, else /tmp/gpu_out).
+# 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser, upstream
+#    encodec, vector-quantize-pytorch and its needs; `pip download` them where a registry is reachable);
+# 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log);
+# 3. the benchmarks, each in a process of its own (a GPU fault in one does not take the others with
+#    it), in priority order: `rvq`, `kernels` (residual blocks and convolutions), `codec`, `quantizer`,
+#    then `kernels` again for its other stages (conv2d, stft, training, train_step, model). Each gets
+#    a time limit, cut to what is left of the session; at its limit it gets SIGTERM and writes what
+#    it measured (bench/runner.py), then the next one starts; when the session's time is spent the
+#    rest are listed as not run. BENCH_ONLY="rvq codec" runs only those steps.
+# Everything lands in OUT_DIR/<step>/ and, after every step, in OUT_DIR/gpu_session.tar.gz (the device
+# tool brings back a few files only). Default OUT_DIR: $OUT, else /tmp/gpu_out.
 set -u
 out=${1:-${OUT:-/tmp/gpu_out}}
-mkdir -p "$out"
-log="$out/session.log"
+work=/tmp/gpu_session
+mkdir -p "$out" "$work"
+log="$work/session.log"
 start=$(date +%s)
+total=${GPU_SESSION_SECONDS:-560}
 say() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$log"; }
+pack() { tar -czf "$out/gpu_session.tar.gz.tmp" -C "$work" . 2>/dev/null && mv "$out/gpu_session.tar.gz.tmp" "$out/gpu_session.tar.gz"; }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         >> "$log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -d .gpu_data/clips ]; then export ENCODEC_FAST_BENCH_CLIPS=$PWD/.gpu_data/clips; fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 || say "pip install -e . failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$log" 2>&1
 python3 -m encodec_fast info >> "$log" 2>&1 || python3 -c "import encodec_fast" >> "$log" 2>&1
+git log -1 --format="commit %H %cd" >> "$log" 2>&1 || true
+git status --short >> "$log" 2>&1 || true
 say "setup done"
+pack
 
 export PYTHONUNBUFFERED=1
-step() {  # step LIMIT_SECONDS DESCRIPTION COMMAND...
-    local limit=$1 what=$2; shift 2
-    say "$what (limit ${limit} s)"
-    timeout -k 10 "$limit" "$@" >> "$log" 2>&1
-    say "exit status $?"
+left() { echo $(( total - ($(date +%s) - start) )); }
+step() {  # step NAME LIMIT_SECONDS COMMAND...: runs with min(limit, time left - 15 s), output in $work/NAME.log
+    local name=$1 limit=$2; shift 2
+    local avail=$(( $(left) - 15 ))
+    if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then return; fi
+    if [ "$avail" -lt 20 ]; then say "$name: not run (session time spent)"; return; fi
+    [ "$avail" -lt "$limit" ] && limit=$avail
+    say "$name (limit ${limit} s): $*"
+    timeout -k 15 "$limit" "$@" > "$work/$name.log" 2>&1
+    say "$name: exit status $?"
+    pack
 }
-step "${GPU_TEST_LIMIT:-120}" "python -m pytest -m gpu" \
-    python3 -m pytest -q -m gpu tests/test_gpu.py --junitxml "$out/gpu_tests.xml"
-budget=${SUITE_BUDGET:-240}
-# BENCH_ONLY="rvq kernels" restricts the suite to those benchmarks (in priority order).
-only=()
-if [ -n "${BENCH_ONLY:-}" ]; then read -r -a names <<< "$BENCH_ONLY"; only=(--only "${names[@]}"); fi
-step $(( budget + 90 )) "python -m bench --suite quick --device cuda --budget-seconds $budget ${only[*]}" \
-    python3 -m bench --suite quick --device cuda --budget-seconds "$budget" --out "$out/suite" "${only[@]}"
-if [ "${GPU_AUTOTUNE_LIMIT:-0}" -gt 0 ]; then
-    step "$GPU_AUTOTUNE_LIMIT" "ENCODEC_FAST_AUTOTUNE=1 python -m bench --only kernels" \
-        env ENCODEC_FAST_AUTOTUNE=1 python3 -m bench --suite quick --device cuda --only kernels \
-        --budget-seconds $(( GPU_AUTOTUNE_LIMIT - 30 )) --out "$out/autotune"
-fi
+bench() {  # bench STEP_NAME LIMIT BENCHMARK [ENV=VALUE...]: one benchmark in its own process
+    local name=$1 limit=$2 which=$3; shift 3
+    step "$name" "$limit" env "$@" python3 -m bench --suite quick --device cuda --only "$which" \
+        --budget-seconds $(( limit * 3 / 4 )) --out "$work/$name"
+}
+step tests "${GPU_TEST_LIMIT:-110}" python3 -m pytest -q -m gpu -rA -v -p no:cacheprovider tests/test_gpu.py \
+    --junitxml "$work/gpu_tests.xml"
+bench rvq 90 rvq
+bench conv 120 kernels BENCH_KERNEL_STAGES="block conv"
+bench codec 130 codec
+bench quantizer 40 quantizer
+bench kernels 60 kernels BENCH_KERNEL_STAGES="conv2d stft training train_step model"
 say "session done"
+pack

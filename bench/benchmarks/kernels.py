@@ -593,6 +593,16 @@ EXTRAS = ("speedup", "tflops", "gbs", "roofline_fraction", "rel_err", "frames_eq
           "predicted_ms_h100", "predicted_ms_h200", "bytes", "torch_bytes")
 
 
+def selected_stages() -> tp.List[str]:
+    """STAGES, or the ones $BENCH_KERNEL_STAGES names (space-separated, run in that order: a GPU lease
+    runs the stages it needs most first)."""
+    named = os.environ.get("BENCH_KERNEL_STAGES", "").split()
+    unknown = [s for s in named if s not in STAGES]
+    if unknown:
+        raise ValueError(f"BENCH_KERNEL_STAGES: unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    return named or list(STAGES)
+
+
 def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], configs: str) -> None:
     """Records of one stage's rows: a time (or throughput) record per implementation, the row's other
     measures as extras."""
@@ -643,7 +653,7 @@ def run(ctx: Context) -> None:
               "model": lambda: time_model(ctx.device, quick)}
     try:
         with precision_modes.torch_precision("exact"):  # the exact fp32 reference: TF32 off everywhere
-            for stage in STAGES:
+            for stage in selected_stages():
                 ctx.check_time(f"stage {stage}")
                 _record_rows(ctx, stage, stages[stage](), configs)
     finally:

@@ -10,6 +10,7 @@ Checkpoints: `--checkpoint PATH` (its architecture is found by loading it), else
 small model, plus the official 24 / 48 kHz weights when they are already on this machine.
 """
 
+import os
 import shutil
 import tempfile
 import typing as tp
@@ -25,24 +26,35 @@ from bench.core import Context, benchmark
 def heldout_clips(kinds: tp.Sequence[str], count: int, seconds: float, seed: int = 0
                   ) -> tp.Tuple[tp.Dict[str, tp.List[torch.Tensor]], tp.Dict[str, str]]:
     """{kind: [mono 24 kHz clips]} (first `seconds` of each), and {kind: reason} for kinds that
-    cannot be made here (speech without espeak-ng)."""
+    cannot be made here (speech without espeak-ng). With $ENCODEC_FAST_BENCH_CLIPS set to a folder,
+    each clip is read from it when there (`heldout_<kind>_<seed>_<i>.npy`, the whole clip) and written
+    to it when made: a machine without espeak-ng (a GPU machine) measures on the clips made elsewhere."""
     from tools import make_train_corpus as corpus
+    cache = os.environ.get("ENCODEC_FAST_BENCH_CLIPS")
     clips: tp.Dict[str, tp.List[torch.Tensor]] = {}
     missing: tp.Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
-            if kind == "speech" and shutil.which("espeak-ng") is None:
-                missing[kind] = "espeak-ng is not installed (apt-get install espeak-ng)"
-                continue
             out = []
             for i in range(count):
-                rng = np.random.default_rng([seed, True, kind == "music", i])  # make_train_corpus's held-out seeds
-                if kind == "speech":
-                    wav = corpus.speech(rng, corpus.HELDOUT_LANGS, corpus.HELDOUT_VARIANTS, Path(tmp))
+                saved = Path(cache) / f"heldout_{kind}_{seed}_{i}.npy" if cache else None
+                if saved is not None and saved.exists():
+                    wav = np.load(saved)
+                elif kind == "speech" and shutil.which("espeak-ng") is None:
+                    missing[kind] = "espeak-ng is not installed (apt-get install espeak-ng)"
+                    break
                 else:
-                    wav = corpus.music(rng, float(rng.uniform(4, 12)))
+                    rng = np.random.default_rng([seed, True, kind == "music", i])  # make_train_corpus's held-out seeds
+                    if kind == "speech":
+                        wav = corpus.speech(rng, corpus.HELDOUT_LANGS, corpus.HELDOUT_VARIANTS, Path(tmp))
+                    else:
+                        wav = corpus.music(rng, float(rng.uniform(4, 12)))
+                    if saved is not None:
+                        saved.parent.mkdir(parents=True, exist_ok=True)
+                        np.save(saved, np.asarray(wav, dtype=np.float32))
                 out.append(torch.from_numpy(np.asarray(wav, dtype=np.float32))[None, : int(seconds * corpus.RATE)])
-            clips[kind] = out
+            if kind not in missing:
+                clips[kind] = out
     return clips, missing
 
 

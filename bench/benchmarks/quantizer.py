@@ -117,5 +117,6 @@ def run(ctx: Context) -> None:
         else:
             impls["vector-quantize-pytorch"] = lambda vqp=vqp: vqp(x)
         headline = ("ours", "upstream")
-        for impl, rec in ctx.timed(params, impls, unit="ms", scale=1e3, sync=sync).items():
+        for impl, rec in ctx.timed(params, impls, unit="ms", scale=1e3, sync=sync,
+                                   reps=ctx.pick(1, 10, 20) if cuda else None).items():
             rec["headline"] = impl in headline
