@@ -280,6 +280,8 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
         return 130
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
+        if summary.breakdown():
+            print(summary.breakdown(), file=sys.stderr)
     return min(summary.failed + summary.failed_before, 100)
 
 

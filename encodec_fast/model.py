@@ -17,6 +17,7 @@ from torch import nn
 from . import modules as m
 from . import precision as precision_modes
 from . import quantization as qt
+from . import timing
 from .lm import LMModel
 from .modules.groups import Group, Groups
 from .pretrained import CHECKPOINTS, CheckpointError, get_checkpoint, load_state_dict_file
@@ -176,18 +177,20 @@ class EncodecModel(nn.Module):
         The codebook search runs per group on that group's valid frames only: a matrix product's
         bits can depend on its number of rows.
         """
-        with self._precision_scope(x.device):
+        with self._precision_scope(x.device), timing.stage("encoder convolutions", x.device):
             emb = self.encoder(x, groups)
         # the search runs in the codebooks' dtype (fp32) whatever autocast left the latents in
         emb = emb.to(self.quantizer.vq.layers[0]._codebook.embed.dtype)
-        if groups is None:
-            return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
-        codes = torch.zeros(emb.shape[0], self.num_codebooks, emb.shape[-1], dtype=torch.long, device=emb.device)
-        for g in groups:
-            frames = math.ceil(g.length / self.hop_length)
-            part = self.quantizer.encode(emb[g.start:g.stop, :, :frames], self.frame_rate, self.bandwidth)
-            codes[g.start:g.stop, :, :frames] = part.transpose(0, 1)
-        return codes
+        with timing.stage("RVQ search", x.device):
+            if groups is None:
+                return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
+            codes = torch.zeros(emb.shape[0], self.num_codebooks, emb.shape[-1], dtype=torch.long,
+                                device=emb.device)
+            for g in groups:
+                frames = math.ceil(g.length / self.hop_length)
+                part = self.quantizer.encode(emb[g.start:g.stop, :, :frames], self.frame_rate, self.bandwidth)
+                codes[g.start:g.stop, :, :frames] = part.transpose(0, 1)
+            return codes
 
     def encode(self, x: torch.Tensor) -> tp.List[EncodedFrame]:
         """x [B, C, T] -> list of (codes [B, K, T_i] int64, scale [B, 1] or None), one per segment.

@@ -350,3 +350,44 @@ def test_discriminator_conv2d_layers_within_tolerance(dtype):
             with ops.use_backend("triton"):
                 got = conv.conv2d_leaky_relu(*args)
         assert _rel_err(got, ref) <= LIMITS[dtype], (module, dtype)
+
+
+def test_stage_timer_on_the_gpu():
+    """GPU stages are timed with CUDA events (no synchronization), and a host stage that waits for
+    them keeps its own time (they overlap, so nothing is taken out of it)."""
+    from encodec_fast import timing
+    timer = timing.StageTimer()
+    x = torch.randn(4096, 4096, device=DEVICE)
+    with timer.active():
+        with timing.stage("host"):
+            with timing.stage("matmul", x.device):
+                for _ in range(20):
+                    x = x @ x / 64
+            torch.cuda.synchronize()
+    sec = timer.seconds()
+    assert timer.gpu == {"matmul"} and sec["matmul"] > 0
+    assert sec["host"] >= 0.5 * sec["matmul"]
+
+
+def test_tokenize_on_the_gpu_breaks_its_time_down(tmp_path):
+    """`tokenize(device="cuda")`: the model's stages and the copies timed on the GPU, the codes those
+    of the CPU run (exact mode) but for rounding-level ties."""
+    import numpy as np
+    import soundfile as sf
+
+    from encodec_fast.testing import voice
+    from encodec_fast.tokenize import read_codes, tokenize
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        sf.write(str(tmp_path / "in" / f"v{i}.wav"), voice(24000, 1.0 + i, seed=i).reshape(-1).numpy(), 24000)
+    runs = {}
+    for device in ("cpu", DEVICE):
+        summary = tokenize([tmp_path / "in"], tmp_path / device, model="small", device=device, workers=0, quiet=True)
+        runs[device] = {r["id"]: r["codes"] for r in read_codes(tmp_path / device)}
+        if device == DEVICE:
+            assert {"encoder convolutions", "encoder LSTM", "RVQ search", "to device", "to host"} <= set(
+                summary.gpu_stages)
+            assert all(summary.seconds_by_stage[s] > 0 for s in ("encoder convolutions", "RVQ search"))
+    equal = sum(int((runs[DEVICE][k] == v).sum()) for k, v in runs["cpu"].items())
+    assert equal / sum(v.size for v in runs["cpu"].values()) >= 0.99
+    assert all(np.array_equal(runs[DEVICE][k].shape, v.shape) for k, v in runs["cpu"].items())

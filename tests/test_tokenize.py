@@ -1,6 +1,7 @@
 """`encodec-fast tokenize`: inputs, codes against upstream's per-file encode, bad inputs, resume
 after SIGKILL, output readable by pyarrow / DuckDB / Hugging Face datasets."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -110,6 +111,39 @@ def test_codes_equal_upstreams_per_file_encode_24khz(tmp_path, pair_24):
     assert manifest_json["items"] == 9 and manifest_json["failed"] == 0 and manifest_json["model"] == "encodec_24khz"
     assert len(manifest_json["checkpoint_sha256"]) == 64 and manifest_json["codebooks"] == 8
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 3
+
+
+def test_time_breakdown_of_a_run(tmp_path, checkpoint_24, capsys):
+    """The summary, the manifest and the command say where the time went: the main thread's stages
+    and the model's (nested: the LSTM's time is not also the convolutions'), each once."""
+    make_corpus(tmp_path / "corpus", 6)
+    for workers in (0, 1):
+        out = tmp_path / f"out{workers}"
+        summary = tokenize([tmp_path / "corpus"], out, model="24khz", checkpoint=checkpoint_24, workers=workers,
+                           quiet=True)
+        stages = summary.seconds_by_stage
+        assert set(stages) == {"read audio (decoding, or waiting for workers)", "encoder convolutions", "encoder LSTM",
+                               "RVQ search", "to device", "to host", "write rows (writer thread)",
+                               "other (main thread)"}
+        assert all(v >= 0 for v in stages.values()) and stages["encoder convolutions"] > 0 and stages["RVQ search"] > 0
+        host = sum(v for k, v in stages.items() if k != "write rows (writer thread)")
+        # "other" fills the main thread's time up to the loop's wall time: the stages never add up to more
+        assert host == pytest.approx(summary.loop_seconds, abs=0.01)
+        assert stages["other (main thread)"] < 0.5 * summary.loop_seconds
+        assert 0 < summary.loop_seconds <= summary.wall_seconds and summary.gpu_stages == []
+        last = json.loads((out / "_manifest.json").read_text())["last_run"]
+        assert last["seconds_by_stage"] == stages and last["gpu_stages"] == []
+        assert summary.breakdown().startswith(f"time, of {summary.loop_seconds:.1f} s tokenizing: ")
+    assert cli_main(["tokenize", str(tmp_path / "corpus"), "-o", str(tmp_path / "cli"), "--model", "24khz",
+                     "--checkpoint", str(checkpoint_24), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "encoder convolutions" in err and "RVQ search" in err and "write rows (writer thread)" in err
+    # decoding that holds the encoder back gets a hint (where more processes are possible), else none
+    read = "read audio (decoding, or waiting for workers)"
+    slow = dataclasses.replace(summary, seconds_by_stage={**stages, read: 0.9 * summary.loop_seconds}, workers=0)
+    fast = dataclasses.replace(summary, seconds_by_stage={**stages, read: 0.0}, workers=0)
+    assert ("hint:" in slow.breakdown()) == ((os.cpu_count() or 1) > 1)
+    assert "hint:" not in fast.breakdown()
 
 
 def test_codes_scales_and_segments_equal_upstream_48khz(tmp_path, pair_48):

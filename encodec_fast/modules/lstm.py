@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import timing
 from .groups import Groups
 
 
@@ -38,10 +39,11 @@ class SLSTM(nn.Module):
         return self.run(x, elu)[0]
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu: bool = False) -> torch.Tensor:
-        if groups is None or groups.uniform(x):
-            return self._run(x, elu)
-        # The LSTM's results depend on the batch size: run each group as its own call.
-        out = x.new_zeros(x.shape)
-        for g in groups:
-            out[g.start:g.stop, :, : g.length] = self._run(groups.slab(x, g).contiguous(), elu)
-        return out
+        with timing.stage("encoder LSTM", x.device):
+            if groups is None or groups.uniform(x):
+                return self._run(x, elu)
+            # The LSTM's results depend on the batch size: run each group as its own call.
+            out = x.new_zeros(x.shape)
+            for g in groups:
+                out[g.start:g.stop, :, : g.length] = self._run(groups.slab(x, g).contiguous(), elu)
+            return out

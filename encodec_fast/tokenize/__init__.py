@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, timing
 from ..jobs import GracefulStop
 from ..model import FACTORIES, MODEL_CONFIGS, SHORT_NAMES, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
-from .local import Progress, run_local
+from .local import READ_STAGE, WRITE_STAGE, Progress, run_local
 from .reader import CodesDataset, read_codes
 from .sink import ShardSink, shard_lock, state_dict_sha256
 from .sources import Item, Problem, list_items, parse_shard
@@ -37,12 +37,38 @@ class Summary:
     audio_seconds: float  # tokenized by this run
     wall_seconds: float
     out_dir: str
+    # Where this run's time went (the local engine; empty with Ray): {stage: seconds}, see `breakdown`.
+    seconds_by_stage: tp.Dict[str, float] = dataclasses.field(default_factory=dict)
+    gpu_stages: tp.List[str] = dataclasses.field(default_factory=list)  # those timed on the GPU
+    workers: int = 0
+    loop_seconds: float = 0.0  # the part of wall_seconds spent tokenizing (after loading the model, listing)
 
     def line(self) -> str:
         return (f"{self.tokenized} tokenized, {self.failed} failed, {self.skipped} done before "
                 f"({self.failed_before} of them failed), of {self.total}; "
                 f"{self.audio_seconds / 3600:.3f} h of audio in {self.wall_seconds:.1f} s "
                 f"({self.audio_seconds / max(self.wall_seconds, 1e-9):.1f}x real time) -> {self.out_dir}")
+
+    def breakdown(self) -> str:
+        """Where the time went, one line; with a hint when decoding held the encoder back."""
+        if not self.seconds_by_stage:
+            return ""
+        wall = max(self.loop_seconds, 1e-9)
+        # host stages under 0.5% (the copies on a CPU run: no-ops) stay in the manifest, not in the line
+        host = [f"{name} {sec:.2f} s ({100 * sec / wall:.0f}%)" for name, sec in self.seconds_by_stage.items()
+                if name not in self.gpu_stages and name != WRITE_STAGE and sec >= 0.005 * wall]
+        out = f"time, of {self.loop_seconds:.1f} s tokenizing: " + ", ".join(host)
+        if self.gpu_stages:
+            out += "; on the GPU: " + ", ".join(f"{name} {self.seconds_by_stage[name]:.2f} s"
+                                                for name in self.gpu_stages if name in self.seconds_by_stage)
+        if WRITE_STAGE in self.seconds_by_stage:
+            out += f"; {WRITE_STAGE} {self.seconds_by_stage[WRITE_STAGE]:.2f} s, beside the rest"
+        read = self.seconds_by_stage.get(READ_STAGE, 0.0)
+        cpus = os.cpu_count() or 1
+        if read > 0.25 * wall and self.workers < cpus - 1:
+            out += (f"\nhint: {100 * read / wall:.0f}% of the time went to waiting for decoded audio; more "
+                    f"decoding processes (--workers, {self.workers} now, {cpus} CPUs) would keep the encoder busier")
+        return out
 
 
 def _model(model: tp.Union[str, EncodecModel], checkpoint, repository) -> EncodecModel:
@@ -120,6 +146,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         progress = Progress(len(items) + len(problems), len(items) + len(problems) - len(todo) - len(new_problems),
                             quiet)
         committed = False
+        timer = timing.StageTimer()
+        by_stage: tp.Dict[str, float] = {}
         try:
             for p in new_problems:
                 sink.add_error(p.id, p.path, p.error)
@@ -130,9 +158,11 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
                                    address=ray_address, stop=stop)
             else:
                 complete = run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
-                                     stop=stop)
+                                     stop=stop, timer=timer)
+                by_stage = _by_stage(timer)
             sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed,
-                                     "interrupted": not complete}})
+                                     "interrupted": not complete, "seconds_by_stage": by_stage,
+                                     "gpu_stages": sorted(timer.gpu)}})
             committed = True
         finally:
             if not committed:
@@ -143,7 +173,18 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
                                     "to resume")
     return Summary(total=progress.total, skipped=progress.skipped, tokenized=progress.done, failed=progress.failed,
                    failed_before=failed_before,
-                   audio_seconds=progress.seconds, wall_seconds=time.perf_counter() - start, out_dir=str(out_dir))
+                   audio_seconds=progress.seconds, wall_seconds=time.perf_counter() - start, out_dir=str(out_dir),
+                   seconds_by_stage=by_stage, gpu_stages=[s for s in by_stage if s in timer.gpu], workers=workers,
+                   loop_seconds=timer.loop_seconds)
+
+
+def _by_stage(timer: timing.StageTimer) -> tp.Dict[str, float]:
+    """The timer's stages, plus the main thread's time in none of them ("other": batching, padding,
+    starting the decoding processes; on a GPU, launching kernels and waiting), rounded to ms."""
+    out = timer.seconds()
+    host = sum(sec for name, sec in out.items() if name not in timer.gpu and name != WRITE_STAGE)
+    out["other (main thread)"] = max(0.0, timer.loop_seconds - host)
+    return {name: round(sec, 3) for name, sec in out.items()}
 
 
 __all__ = ["CodesDataset", "Item", "Problem", "Summary", "list_items", "read_codes", "tokenize"]

@@ -10,12 +10,17 @@ import typing as tp
 import numpy as np
 import torch
 
+from .. import timing
 from ..jobs import GracefulStop
 from ..model import EncodecModel, length_batches
 from ..streaming import LongInputs, encode_long, encode_pieces
 from .loading import ItemAudio, Loaded, stream_item, worker_init
 from .sink import ShardSink
 from .sources import Item
+
+#: The main thread's wait for decoded audio (with workers=0, the decoding itself).
+READ_STAGE = "read audio (decoding, or waiting for workers)"
+WRITE_STAGE = "write rows (writer thread)"
 
 
 def _identity(x: tp.Any) -> tp.Any:
@@ -74,6 +79,7 @@ class _Writer(threading.Thread):
         self.sample_rate, self.segmented = model.sample_rate, model.segment is not None
         self.jobs: "queue.Queue[tp.Any]" = queue.Queue(maxsize=8)
         self.failure: tp.Optional[BaseException] = None
+        self.busy = self.waiting_for_device = 0.0  # seconds: building rows and writing; waiting for copies
 
     def run(self) -> None:
         while True:
@@ -82,10 +88,12 @@ class _Writer(threading.Thread):
                 return
             if self.failure is not None:
                 continue
+            t0 = time.perf_counter()
             try:
                 self._write(*job)
             except BaseException as exc:  # reported to the main thread by put/close
                 self.failure = exc
+            self.busy += time.perf_counter() - t0
 
     def put(self, job: tp.Any) -> None:
         if self.failure is not None:
@@ -105,7 +113,9 @@ class _Writer(threading.Thread):
             return
         items, loaded, frames, event = payload
         if event is not None:
+            t0 = time.perf_counter()
             event.synchronize()
+            self.waiting_for_device += time.perf_counter() - t0
         for item, ld, segments in zip(items, loaded, frames):
             self.sink.add(make_row(item, ld.source_rate, ld.source_channels, num_samples(ld), segment_arrays(segments),
                                    self.sample_rate, self.bandwidth, self.segmented))
@@ -180,10 +190,13 @@ def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.
 
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
-              long: LongInputs = LongInputs(), pool_batches: int = 4, *, stop: GracefulStop) -> bool:
+              long: LongInputs = LongInputs(), pool_batches: int = 4, *, stop: GracefulStop,
+              timer: tp.Optional[timing.StageTimer] = None) -> bool:
     """Tokenize `items` (none of them done yet) into `sink`; False when it stopped early. When `stop` is
     requested (SIGTERM, SIGINT), no new item starts; what was encoded reaches the sink, the items read
-    but not yet encoded are left for the next run."""
+    but not yet encoded are left for the next run. `timer` (a `timing.StageTimer`) gets where the time
+    went: waiting for decoded audio, copies, the model's stages, the writer thread's work; its
+    `loop_seconds` the loop's wall time."""
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         ItemAudio(items, model.sample_rate, model.channels, long_after=long.after(model.sample_rate)),
@@ -193,12 +206,11 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
     budget = max(1, int(batch_seconds * model.sample_rate))
     writer = _Writer(sink, model, bandwidth)
     writer.start()
-    pool: tp.List[Loaded] = []
-    pooled = 0
 
     def submit(batch: tp.List[Loaded], frames) -> None:
-        frames = [[(c.to("cpu", non_blocking=True), s.cpu() if s is not None else None) for c, s in f]
-                  for f in frames]
+        with timing.stage("to host", device):
+            frames = [[(c.to("cpu", non_blocking=True), s.cpu() if s is not None else None) for c, s in f]
+                      for f in frames]
         event = None
         if cuda:
             event = torch.cuda.Event()
@@ -221,26 +233,47 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
 
     def encode(pool: tp.List[Loaded]) -> None:
         for batch in _batches(pool, budget):
-            wavs = [(_pin(ld) if cuda else ld).wav.to(device, non_blocking=True) for ld in batch]
+            with timing.stage("to device", device):
+                wavs = [(_pin(ld) if cuda else ld).wav.to(device, non_blocking=True) for ld in batch]
             submit_or_fail(batch, encode_or_errors(model, wavs, budget, long))
 
+    timer = timer if timer is not None else timing.StageTimer()
+    loop_start = time.perf_counter()
     try:
-        for loaded in loader:
-            if stop.requested is not None:
-                return False
-            if loaded.long:
-                submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])
-                continue
-            if loaded.wav is None:
-                fail(loaded, loaded.error)
-                continue
-            pool.append(loaded)
-            pooled += loaded.wav.shape[-1]
-            if pooled >= pool_batches * budget:
-                encode(pool)
-                pool, pooled = [], 0
-        if pool:
-            encode(pool)
-        return True
+        with timer.active():
+            return _loop(iter(loader), stop, submit_or_fail, fail, encode, items, model, device, long, budget,
+                         pool_batches)
     finally:
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            timer.add(WRITE_STAGE, writer.busy - writer.waiting_for_device)
+            timer.loop_seconds = time.perf_counter() - loop_start
+
+
+def _loop(loader: tp.Iterator[Loaded], stop: GracefulStop, submit_or_fail, fail, encode, items: tp.Sequence[Item],
+          model: EncodecModel, device: torch.device, long: LongInputs, budget: int, pool_batches: int) -> bool:
+    """The main thread's loop: take decoded items, pool them, encode the pool in length-sorted batches."""
+    pool: tp.List[Loaded] = []
+    pooled = 0
+    while True:
+        with timing.stage(READ_STAGE):
+            loaded = next(loader, None)
+        if loaded is None:
+            break
+        if stop.requested is not None:
+            return False
+        if loaded.long:
+            submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])
+            continue
+        if loaded.wav is None:
+            fail(loaded, loaded.error)
+            continue
+        pool.append(loaded)
+        pooled += loaded.wav.shape[-1]
+        if pooled >= pool_batches * budget:
+            encode(pool)
+            pool, pooled = [], 0
+    if pool:
+        encode(pool)
+    return True
