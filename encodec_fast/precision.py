@@ -96,19 +96,25 @@ def torch_precision(mode: str) -> tp.Iterator[None]:
 
 
 @contextlib.contextmanager
+def declare(mode: str) -> tp.Iterator[None]:
+    """Our ops compute in `mode` inside the block (`current()`), and nothing else changes: torch's
+    switches and autocast are the caller's (the trainer autocasts the models, not the losses)."""
+    token = _mode.set(check(mode))
+    try:
+        yield
+    finally:
+        _mode.reset(token)
+
+
+@contextlib.contextmanager
 def scope(mode: str, device: tp.Union[str, torch.device] = "cuda") -> tp.Iterator[None]:
     """Run the block in `mode` for tensors on `device`: our ops read the mode (`current()`); on
     CUDA torch's TF32 switches follow it; `bf16` adds `torch.autocast(device type, bfloat16)`."""
-    check(mode)
     device = torch.device(device)
-    token = _mode.set(mode)
-    try:
-        with contextlib.ExitStack() as stack:
-            if device.type == "cuda":
-                stack.enter_context(torch_precision(mode))
-            if mode == "bf16":
-                stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-            yield
-    finally:
-        _mode.reset(token)
+    with declare(mode), contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch_precision(mode))
+        if mode == "bf16":
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        yield
 

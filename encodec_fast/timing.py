@@ -131,10 +131,17 @@ def _resolve(rec: _Record, block: bool) -> bool:
 def stage(name: str, device: tp.Optional[torch.device] = None) -> tp.ContextManager[None]:
     """Time the block as stage `name` in the active timer (a no-op without one). `device`: where its
     work runs (CUDA: timed with events on the current stream; else wall-clock)."""
+    if _compiling():  # inside torch.compile's trace: stages are host-side bookkeeping, not graph ops
+        return contextlib.nullcontext()
     timer = _ACTIVE.get()
     if timer is None:
         return contextlib.nullcontext()
     return timer.stage(name, device)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
 def current() -> tp.Optional[StageTimer]:

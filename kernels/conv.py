@@ -260,6 +260,171 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
 
 
 @triton.jit
+def _conv2d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                        C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope,
+                        sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
+                        KH: tl.constexpr, KW: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """`_conv2d_leaky_relu_kernel` as an implicit GEMM: M = output positions of the flattened
+    (H_out, W_out) plane, N = output channels, K = input channels x taps; W as [taps, C_in, C_out]."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    b = tl.program_id(2).to(tl.int64)
+    p_ok = p < H_out * W_out
+    h = p // W_out
+    w_out = p % W_out
+    o_ok = o < C_out
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], tl.float32)
+    x_b = x_ptr + b * sx_b
+    for kh in tl.static_range(KH):
+        h_in = h * sh + kh * dh - ph
+        row_ok = p_ok & (h_in >= 0) & (h_in < H)
+        for kw in range(KW):  # a loop, as in the direct kernel (27 unrolled taps spill)
+            w_in = w_out * sw + kw * dw - pw
+            src_ok = row_ok & (w_in >= 0) & (w_in < W)
+            src = tl.where(src_ok, h_in.to(tl.int64) * sx_h + w_in.to(tl.int64) * sx_w, 0)
+            acc = _accumulate_tap_gemm(acc, x_b, src, src_ok, w_ptr, kh * KW + kw, o, o_ok, C_in, C_out, sx_c, 1,
+                                       BLOCK_CI, False, HALF_DOT, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATE:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    off = h.to(tl.int64) * so_h + w_out.to(tl.int64) * so_w
+    tl.store(out_ptr + b * so_b + off[:, None] + o[None, :].to(tl.int64) * so_c,
+             acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _activation_grad(g_ptr, y_ptr, off_g, off_y, mask, slope, ACTIVATE: tl.constexpr):
+    """The gradient at a conv's output through its LeakyReLU: g where the output is positive, g *
+    slope elsewhere (the output has the pre-activation's sign for a slope >= 0)."""
+    g = tl.load(g_ptr + off_g, mask=mask, other=0.0)
+    if ACTIVATE:  # in fp32, one rounding back to g's dtype (the interpreter has no bf16 arithmetic)
+        y = tl.load(y_ptr + off_y, mask=mask, other=0.0).to(tl.float32)
+        gf = g.to(tl.float32)
+        g = tl.where(y > 0, gf, gf * slope).to(g.dtype)
+    return g
+
+
+@triton.jit
+def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
+                                   C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, n_blocks,
+                                   sg_b, sg_c, sg_h, sg_w, sy_b, sy_c, sy_h, sy_w, sd_b, sd_c, sd_h, sd_w,
+                                   KH: tl.constexpr, KW: tl.constexpr,
+                                   BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+                                   ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """The input gradient of conv2d + LeakyReLU as an implicit GEMM: M = input positions, N = input
+    channels, K = output channels x taps; the LeakyReLU's derivative (from the saved output) is the
+    A tile's prologue; W as [taps, C_out, C_in]. One phase r of the width stride per program (the
+    columns w = j * sw + r): a tap kw reaches them only if (r + pw - kw * dw) is a multiple of sw,
+    a test per program, so no product is masked out along the width."""
+    pid = tl.program_id(0)
+    r = pid // n_blocks
+    Wr = (W - r + sw - 1) // sw  # columns of phase r
+    q = (pid % n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = q < H * Wr
+    h = q // tl.maximum(Wr, 1)
+    w = (q % tl.maximum(Wr, 1)) * sw + r
+    i = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    i_ok = i < C_in
+    b = tl.program_id(2).to(tl.int64)
+    co = tl.arange(0, BLOCK_CO)
+    acc = tl.zeros([BLOCK_P, BLOCK_CI], tl.float32)
+    g_b = g_ptr + b * sg_b
+    y_b = y_ptr + b * sy_b
+    for kh in tl.static_range(KH):
+        num_h = h + ph - kh * dh
+        h_o = tl.maximum(num_h, 0) // sh
+        h_ok = q_ok & (num_h >= 0) & (num_h % sh == 0) & (h_o < H_out)
+        for kw in range(KW):
+            num_w = r + pw - kw * dw
+            if num_w % sw == 0:
+                w_o = (w - r) // sw + num_w // sw
+                ok = h_ok & (w_o >= 0) & (w_o < W_out)
+                h_s = tl.where(ok, h_o, 0).to(tl.int64)
+                w_s = tl.where(ok, w_o, 0).to(tl.int64)
+                off_g = h_s * sg_h + w_s * sg_w
+                off_y = h_s * sy_h + w_s * sy_w
+                for c0 in range(0, C_out, BLOCK_CO):
+                    c = c0 + co
+                    c_ok = c < C_out
+                    a = _activation_grad(g_b, y_b, off_g[:, None] + c[None, :].to(tl.int64) * sg_c,
+                                         off_y[:, None] + c[None, :].to(tl.int64) * sy_c,
+                                         ok[:, None] & c_ok[None, :], slope, ACTIVATE)
+                    wt = tl.load(w_ptr + ((kh * KW + kw) * C_out + c[:, None]) * C_in + i[None, :],
+                                 mask=c_ok[:, None] & i_ok[None, :], other=0.0)
+                    if HALF_DOT:
+                        acc += tl.dot(a, wt.to(a.dtype), out_dtype=tl.float32)
+                    else:
+                        acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision=PRECISION)
+    off = h.to(tl.int64) * sd_h + w.to(tl.int64) * sd_w
+    tl.store(dx_ptr + b * sd_b + off[:, None] + i[None, :].to(tl.int64) * sd_c,
+             acc.to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr,
+                                    C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, N, chunk,
+                                    sg_b, sg_c, sg_h, sg_w, sy_b, sy_c, sy_h, sy_w, sx_b, sx_c, sx_h, sx_w,
+                                    KW: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                                    ACTIVATE: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
+                                    PRECISION: tl.constexpr):
+    """The weight (and bias) gradient of conv2d + LeakyReLU as GEMMs: for one tap, one block of
+    output and input channels and one chunk of the N = B x H_out x W_out positions, M = output
+    channels, N = input channels, K = positions. Each program writes its partial sums to its own
+    slot ([chunks, taps, C_out, C_in]); the caller adds the chunks in a fixed order: no atomics,
+    the same bits on every run."""
+    pid_n = tl.program_id(0)
+    tap = tl.program_id(1)
+    n_i = tl.cdiv(C_in, BLOCK_CI)
+    o = (tl.program_id(2) // n_i) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    i = (tl.program_id(2) % n_i) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    o_ok = o < C_out
+    i_ok = i < C_in
+    kh = tap // KW
+    kw = tap % KW
+    P = H_out * W_out
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], tl.float32)
+    bias_acc = tl.zeros([BLOCK_CO], tl.float32)
+    start = pid_n * chunk
+    stop = tl.minimum(start + chunk, N)
+    for k0 in range(start, stop, BLOCK_K):
+        n = k0 + tl.arange(0, BLOCK_K)
+        n_ok = n < stop
+        b = (n // P).to(tl.int64)
+        p = n % P
+        h = p // W_out
+        w_o = p % W_out
+        g = _activation_grad(g_ptr, y_ptr,
+                             (b * sg_b + h.to(tl.int64) * sg_h + w_o.to(tl.int64) * sg_w)[None, :]
+                             + o[:, None].to(tl.int64) * sg_c,
+                             (b * sy_b + h.to(tl.int64) * sy_h + w_o.to(tl.int64) * sy_w)[None, :]
+                             + o[:, None].to(tl.int64) * sy_c,
+                             o_ok[:, None] & n_ok[None, :], slope, ACTIVATE)
+        h_in = h * sh + kh * dh - ph
+        w_in = w_o * sw + kw * dw - pw
+        x_ok = n_ok & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        src = tl.where(x_ok, b * sx_b + h_in.to(tl.int64) * sx_h + w_in.to(tl.int64) * sx_w, 0)
+        xt = tl.load(x_ptr + src[:, None] + i[None, :].to(tl.int64) * sx_c, mask=x_ok[:, None] & i_ok[None, :],
+                     other=0.0)
+        if HALF_DOT:
+            acc += tl.dot(g, xt.to(g.dtype), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(g.to(tl.float32), xt.to(tl.float32), input_precision=PRECISION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(g.to(tl.float32), axis=1)
+    n_taps = tl.num_programs(1)
+    slot = (pid_n * n_taps + tap).to(tl.int64) * C_out * C_in
+    tl.store(part_ptr + slot + o[:, None] * C_in + i[None, :], acc, mask=o_ok[:, None] & i_ok[None, :])
+    if HAS_BIAS:
+        if (tap == 0) & (tl.program_id(2) % n_i == 0):
+            tl.store(bias_part_ptr + pid_n * C_out + o, bias_acc, mask=o_ok)
+
+
+@triton.jit
 def _residual_block_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
                            C, H, L, L_ext, left, dilation, sx_b, sx_c, sx_t, so_b, so_c, so_t,
                            K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -445,6 +610,98 @@ def conv_transpose1d_gemm(x, weight_kio, bias, stride, start, length, elu, preci
         HAS_BIAS=bias is not None, HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages,
         **tuning.LAUNCH_OPTIONS)
     return out
+
+
+def _conv2d_out_size(H, W, KH, KW, stride, dilation, padding):
+    (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
+    return (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1, (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+
+
+def _channels_last_2d(B: int, C: int, H: int, W: int, device, dtype) -> torch.Tensor:
+    return torch.empty(B, H, W, C, device=device, dtype=dtype).permute(0, 3, 1, 2)
+
+
+def conv2d_gemm(x, weight_kio, KH, KW, bias, stride, dilation, padding, slope, precision, out_dtype):
+    """`conv2d_leaky_relu` as an implicit GEMM on tensor cores: x [B, C_in, H, W] (any strides;
+    channels-last is the fast layout), weight_kio [KH*KW, C_in, C_out] (tap kh*KW + kw); returns
+    [B, C_out, H_out, W_out] stored channels-last."""
+    B, C_in, H, W = x.shape
+    _, _, C_out = weight_kio.shape
+    H_out, W_out = _conv2d_out_size(H, W, KH, KW, stride, dilation, padding)
+    out = _channels_last_2d(B, C_out, max(H_out, 0), max(W_out, 0), x.device, out_dtype)
+    if H_out <= 0 or W_out <= 0 or B == 0:
+        return out
+    P = H_out * W_out
+    half = _half_dot(x)
+    bp, bco, bci, warps, stages = _gemm_blocks(C_in, C_out, P, half)
+    (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
+    _conv2d_gemm_kernel[(triton.cdiv(P, bp), triton.cdiv(C_out, bco), B)](
+        x, weight_kio, bias if bias is not None else weight_kio, out, C_in, C_out, H, W, H_out, W_out,
+        sh, sw, dh, dw, ph, pw, 0.0 if slope is None else float(slope), *x.stride(), *out.stride(),
+        KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CO=bco, BLOCK_CI=bci, HAS_BIAS=bias is not None, ACTIVATE=slope is not None,
+        HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages, **tuning.LAUNCH_OPTIONS)
+    return out
+
+
+def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilation, padding, slope, precision,
+                           out_dtype):
+    """d loss / d x of `conv2d_leaky_relu` (implicit GEMM, `_conv2d_input_grad_gemm_kernel`): grad and
+    the saved output y [B, C_out, H_out, W_out] (any strides), weight_kco [KH*KW, C_out, C_in];
+    returns [B, C_in, H, W] stored channels-last."""
+    B, C_in, H, W = x_shape
+    _, C_out, _ = weight_kco.shape
+    H_out, W_out = grad.shape[-2:]
+    dx = _channels_last_2d(B, C_in, H, W, grad.device, out_dtype)
+    if B == 0 or H == 0 or W == 0:
+        return dx
+    if H_out == 0 or W_out == 0:
+        return dx.zero_()
+    (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
+    half = _half_dot(grad)
+    positions = H * -(-W // sw)  # the largest phase's
+    bp, bci, bco, warps, stages = _gemm_blocks(C_out, C_in, positions, half)
+    n_blocks = triton.cdiv(positions, bp)
+    yy = y if slope is not None else grad
+    _conv2d_input_grad_gemm_kernel[(n_blocks * sw, triton.cdiv(C_in, bci), B)](
+        grad, yy, weight_kco, dx, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
+        0.0 if slope is None else float(slope), n_blocks, *grad.stride(), *yy.stride(), *dx.stride(),
+        KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, ACTIVATE=slope is not None, HALF_DOT=half,
+        PRECISION=precision, num_warps=warps, num_stages=stages, **tuning.LAUNCH_OPTIONS)
+    return dx
+
+
+#: Position chunks of the weight gradient per tap (its partial sums; the chunks are added in order).
+WEIGHT_GRAD_CHUNKS = 32
+
+
+def conv2d_weight_grad_gemm(grad, y, x, KH, KW, stride, dilation, padding, slope, has_bias, precision):
+    """(d loss / d weight [KH*KW, C_out, C_in] fp32, d loss / d bias [C_out] fp32 or None) of
+    `conv2d_leaky_relu` (`_conv2d_weight_grad_gemm_kernel`): deterministic, its chunks' partial sums
+    added in a fixed order."""
+    B, C_in, H, W = x.shape
+    _, C_out, H_out, W_out = grad.shape
+    N = B * H_out * W_out
+    half = _half_dot(grad)
+    block_k = (min(1024, max(16, triton.next_power_of_2(N))) if interpreting() else 64)
+    block_co = min(64, max(16, triton.next_power_of_2(C_out)))
+    block_ci = min(64, max(16, triton.next_power_of_2(C_in)))
+    chunks = 2 if interpreting() else WEIGHT_GRAD_CHUNKS
+    chunk = max(block_k, -(-triton.cdiv(max(N, 1), chunks) // block_k) * block_k)
+    n_chunks = max(1, triton.cdiv(N, chunk))
+    taps = KH * KW
+    part = torch.zeros(n_chunks, taps, C_out, C_in, device=grad.device, dtype=torch.float32)
+    bias_part = torch.zeros(n_chunks, C_out, device=grad.device, dtype=torch.float32) if has_bias else part
+    if N > 0:
+        (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
+        yy = y if slope is not None else grad
+        grid = (n_chunks, taps, triton.cdiv(C_out, block_co) * triton.cdiv(C_in, block_ci))
+        _conv2d_weight_grad_gemm_kernel[grid](
+            grad, yy, x, part, bias_part, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
+            0.0 if slope is None else float(slope), N, chunk, *grad.stride(), *yy.stride(), *x.stride(),
+            KW=KW, BLOCK_K=block_k, BLOCK_CO=block_co, BLOCK_CI=block_ci, ACTIVATE=slope is not None,
+            HAS_BIAS=has_bias, HALF_DOT=half, PRECISION=precision, num_warps=4, num_stages=2,
+            **tuning.LAUNCH_OPTIONS)
+    return part.sum(0), (bias_part.sum(0) if has_bias else None)
 
 
 def residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right, reflect, precision, out_dtype):

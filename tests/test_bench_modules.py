@@ -102,6 +102,16 @@ def test_training_corpus_tool_and_training_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list((corpus / "train" / "music").glob("*.wav")) and list((corpus / "heldout" / "music").glob("*.wav"))
     from bench.benchmarks import train_step
-    rows = train_step.measure("tiny", batch=1, seconds=0.3, reps=1, bandwidths=[1.5], device="cpu")
-    assert {r["implementation"] for r in rows} == {"ours", "upstream modules"}
-    assert all(r["median_ms"] > 0 and 0 <= r["quantizer_share"] <= 1 for r in rows)
+    rows = train_step.measure("tiny", batches=[1, 2], seconds=0.3, reps=2, bandwidths=[1.5], device="cpu")
+    assert {r["implementation"] for r in rows} == {"ours exact", "torch exact", "upstream"}
+    assert {r["batch"] for r in rows} == {1, 2}
+    for r in rows:
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == 2 and r["samples_per_s"] > 0
+        if r["implementation"] == "upstream":
+            assert r["parts_ms"] == {}  # upstream's step has no stages
+            continue
+        # every part of the step measured, and the parts (own times) are at most the step
+        assert set(r["parts_ms"]) == set(train_step.PARTS), r
+        assert all(v >= 0 for v in r["parts_ms"].values())
+        assert sum(r["parts_ms"].values()) <= 1.05 * r["max_ms"]
+        assert r["parts_ms"]["generator"] > 0 and r["parts_ms"]["discriminator"] > 0

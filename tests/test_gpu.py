@@ -352,6 +352,46 @@ def test_discriminator_conv2d_layers_within_tolerance(dtype):
         assert _rel_err(got, ref) <= LIMITS[dtype], (module, dtype)
 
 
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+def test_discriminator_conv2d_gemm_forward_and_backward(mode, monkeypatch):
+    """The gemm family's Conv2d + LeakyReLU on every discriminator layer, forward and backward (input,
+    weight and bias gradients on tensor cores), against cuDNN in exact fp32 on the same values: within
+    the mode's tolerance; the weight gradient the same bits on a second run (no atomics)."""
+    from encodec_fast.ops import conv
+    from encodec_fast.train.msstftd import DiscriminatorSTFT
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    limit = {"exact": 1e-5, "tf32": 5e-3, "bf16": 3e-2}[mode]
+    torch.manual_seed(0)
+    disc = DiscriminatorSTFT(filters=32).to(DEVICE)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0].detach())))
+             for m in list(disc.convs) + [disc.conv_post]]
+    with torch.no_grad():
+        disc(torch.randn(4, 1, 24000, device=DEVICE))
+    for h in hooks:
+        h.remove()
+    for module, x in seen:
+        c = module.conv
+        slope = None if module is disc.conv_post else 0.2
+        params = [x.to(dtype), module.weight().detach().to(dtype), c.bias.detach().to(dtype)]
+        cfg = (c.stride, c.dilation, c.padding, slope)
+        ref_in = [p.float().requires_grad_(True) for p in params]
+        y_ref = conv.conv2d_leaky_relu_torch(*ref_in, *cfg)
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g)
+        runs = []
+        for _ in range(2):
+            ours = [p.clone().requires_grad_(True) for p in params]
+            with ops.use_backend("triton"), precision_modes.scope(mode, DEVICE):
+                y = conv.conv2d_leaky_relu(*ours, *cfg)
+                y.backward(g.to(dtype))
+            runs.append([y.detach()] + [p.grad for p in ours])
+        for got, ref in zip(runs[0], [y_ref.detach()] + [p.grad for p in ref_in]):
+            assert _rel_err(got, ref) <= limit, (module, mode)
+        assert torch.equal(runs[0][2], runs[1][2]) and torch.equal(runs[0][3], runs[1][3])
+
+
 def test_stage_timer_on_the_gpu():
     """GPU stages are timed with CUDA events (no synchronization), and a host stage that waits for
     them keeps its own time (they overlap, so nothing is taken out of it)."""

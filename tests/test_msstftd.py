@@ -60,3 +60,39 @@ def test_bad_inputs():
         ours(torch.randn(1, 2, 4000))
     with pytest.raises(ValueError, match="shorter than the STFT window"):
         ours(torch.randn(1, 1, 1000))
+
+
+@pytest.mark.parametrize("family", ["direct", "gemm"])
+def test_triton_kernels_match_upstream(family, monkeypatch):
+    """The discriminator on the Triton backend (the fused Conv2d + LeakyReLU kernels of each family;
+    gemm: its own backward too) against upstream's: outputs and every gradient within fp32 rounding."""
+    from encodec_fast.kernels import conv as kconv
+
+    from encodec_fast import ops
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", family)
+    names = (["conv2d_gemm", "conv2d_input_grad_gemm", "conv2d_weight_grad_gemm"] if family == "gemm"
+             else ["conv2d_leaky_relu"])
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def spy(*args, _name=name, _fn=getattr(kconv, name), **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(kconv, name, spy)
+    up, ours = pair(1, seed=5)
+    x = torch.stack([make_signal(24000, 2500, 1, seed=s) for s in (3, 4)])
+    outs = []
+    for model, backend in ((up, "torch"), (ours, "triton")):
+        xin = x.clone().requires_grad_(True)
+        with ops.use_backend(backend):
+            logits, fmaps = model(xin)
+            loss = sum(lg.pow(2).mean() for lg in logits) + sum(f.abs().mean() for fm in fmaps for f in fm)
+            loss.backward()
+        outs.append((logits, fmaps, xin.grad, [p.grad for p in model.parameters()]))
+    # every conv of the three scales through our kernels (the input's gradient reaches the first)
+    assert all(n == 3 * 6 for n in calls.values()), calls
+    (ul, uf, ug, upg), (ol, of, og, opg) = outs
+    for a, b in zip(ul + [f for fm in uf for f in fm], ol + [f for fm in of for f in fm]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.detach().abs().max()))
+    torch.testing.assert_close(og, ug, rtol=1e-4, atol=1e-5 * float(ug.abs().max()))
+    for a, b in zip(upg, opg):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))

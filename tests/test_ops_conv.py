@@ -235,7 +235,7 @@ def pad2d(kernel, dilation):
 
 @pytest.mark.parametrize("layer", LAYERS_2D, ids=[f"{c[0]}to{c[1]}k{c[2][1]}s{c[3][1]}d{c[4][0]}" for c in LAYERS_2D])
 @pytest.mark.parametrize("slope", [0.2, None])
-def test_conv2d_leaky_relu_layers(layer, slope):
+def test_conv2d_leaky_relu_layers(layer, slope, kernel):
     C_in, C_out, k, s, d = layer
     x = rand(2, C_in, 6, 37, seed=C_in + k[1])  # frames and bins: no multiple of any block
     w = rand(C_out, C_in, *k, seed=C_out) / (C_in * k[0] * k[1]) ** 0.5
@@ -249,7 +249,7 @@ def test_conv2d_leaky_relu_layers(layer, slope):
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 2, 3, 5), (3, 8, 2, 9), (1, 8, 9, 2)])
-def test_conv2d_edge_sizes_and_non_contiguous_input(shape):
+def test_conv2d_edge_sizes_and_non_contiguous_input(shape, kernel):
     """Inputs smaller than the kernel (all taps but the centre fall in the zero padding), batch 1,
     and a transposed (non-contiguous) view as the spectrogram layout can give."""
     B, C_in, H, W = shape
@@ -265,7 +265,7 @@ def test_conv2d_edge_sizes_and_non_contiguous_input(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_conv2d_half_dtypes(dtype):
+def test_conv2d_half_dtypes(dtype, kernel):
     x = rand(2, 8, 5, 40, seed=4, dtype=dtype)
     w = rand(8, 8, 3, 9, seed=5, dtype=dtype) / 16
     b = rand(8, seed=6, dtype=dtype)
@@ -276,10 +276,11 @@ def test_conv2d_half_dtypes(dtype):
 
 
 @pytest.mark.parametrize("slope", [0.2, 0.0, None])
-def test_conv2d_gradients_match_the_reference(slope):
-    """The kernel's forward with torch's backward: input, weight and bias gradients equal the
-    reference's (the activation's mask comes from the saved output, which has the
-    pre-activation's sign for any slope >= 0)."""
+def test_conv2d_gradients_match_the_reference(slope, kernel):
+    """The kernel's forward with its family's backward (direct: torch's convolution gradients;
+    gemm: our implicit-GEMM input, weight and bias gradients): they equal the reference's (the
+    activation's mask comes from the saved output, which has the pre-activation's sign for any
+    slope >= 0)."""
     x = rand(2, 8, 5, 23, seed=7)
     w = rand(8, 8, 3, 9, seed=8) / 16
     b = rand(8, seed=9)
@@ -293,6 +294,72 @@ def test_conv2d_gradients_match_the_reference(slope):
         grads.append((y.detach(), xs.grad, ws.grad, bs.grad))
     for ref, got in zip(*grads):
         assert_close_rel(got, ref, torch.float32)
+
+
+GRAD_CASES_2D = [  # (C_in, C_out, kernel, stride, dilation, padding, H, W)
+    (2, 8, (3, 9), (1, 1), (1, 1), (1, 4), 5, 21),    # the first conv, two input channels
+    (8, 8, (3, 9), (1, 2), (1, 1), (1, 4), 4, 23),    # strided along frequency, odd width
+    (8, 8, (3, 9), (1, 2), (4, 1), (4, 4), 6, 16),    # dilated along time (taps outside the frames)
+    (8, 1, (3, 3), (1, 1), (1, 1), (1, 1), 3, 7),     # conv_post: one output channel
+    (5, 6, (2, 3), (2, 3), (1, 2), (0, 2), 7, 11),    # stride and dilation in both directions
+    (3, 17, (1, 1), (1, 1), (1, 1), (0, 0), 2, 33),   # 1x1, channels no multiple of a block
+    (4, 4, (3, 9), (1, 2), (1, 1), (1, 4), 1, 2),     # smaller than the kernel
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES_2D, ids=[f"{c[0]}to{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}x{c[3][1]}"
+                                                     f"d{c[4][0]}x{c[4][1]}" for c in GRAD_CASES_2D])
+def test_conv2d_gemm_backward_shapes(case, monkeypatch):
+    """The implicit-GEMM backward against torch's autograd over strides (every width phase),
+    dilations, paddings, edge sizes and channel counts; a channels-last input and a broadcast
+    (stride 0) output gradient; the weight gradient the same bits on a second run."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    C_in, C_out, k, s, d, p, H, W = case
+    x = rand(2, C_in, H, W, seed=H * W + C_in).contiguous(memory_format=torch.channels_last)
+    w = rand(C_out, C_in, *k, seed=C_out) / (C_in * k[0] * k[1]) ** 0.5
+    b = rand(C_out, seed=2)
+    for slope in (0.2, None):
+        out = []
+        for backend in ("torch", "triton", "triton"):
+            xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+            with ops.use_backend(backend):
+                y = conv.conv2d_leaky_relu(xs, ws, bs, s, d, p, slope)
+            (y * rand(*y.shape, seed=5)).sum().backward()
+            y2 = conv.conv2d_leaky_relu(xs.detach(), ws.detach(), bs.detach(), s, d, p, slope)
+            out.append((y.detach(), xs.grad, ws.grad, bs.grad))
+            if backend == "torch":  # a broadcast gradient too: d(sum y) / d params
+                xe, we, be = (t.clone().requires_grad_(True) for t in (x, w, b))
+                with ops.use_backend("triton"):
+                    conv.conv2d_leaky_relu(xe, we, be, s, d, p, slope).sum().backward()
+                ref_sum = torch.autograd.grad(conv.conv2d_leaky_relu_torch(xs.detach().requires_grad_(True), ws, bs, s,
+                                                                           d, p, slope).sum(), [ws, bs])
+                assert_close_rel(we.grad, ref_sum[0], torch.float32)
+                assert_close_rel(be.grad, ref_sum[1], torch.float32)
+            assert y2.shape == y.shape
+        for ref, got in zip(out[0], out[1]):
+            assert_close_rel(got, ref, torch.float32)
+        assert all(torch.equal(a, c) for a, c in zip(out[1], out[2]))  # deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv2d_gemm_backward_half(dtype, monkeypatch):
+    """Half inputs: the gemm backward's gradients within the dtype's tolerance of fp32 autograd on
+    the same (rounded) values; gradients in the parameters' dtypes."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    x = rand(2, 8, 5, 24, seed=11, dtype=dtype)
+    w = rand(8, 8, 3, 9, seed=12, dtype=dtype) / 16
+    b = rand(8, seed=13, dtype=dtype)
+    g = rand(2, 8, 5, 12, seed=14, dtype=dtype)
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    with ops.use_backend("triton"):
+        y = conv.conv2d_leaky_relu(xs, ws, bs, (1, 2), (2, 1), (2, 4), 0.2)
+    y.backward(g)
+    xr, wr, br = (t.float().requires_grad_(True) for t in (x, w, b))
+    yr = conv.conv2d_leaky_relu_torch(xr, wr, br, (1, 2), (2, 1), (2, 4), 0.2)
+    yr.backward(g.float())
+    assert xs.grad.dtype == ws.grad.dtype == bs.grad.dtype == dtype
+    for got, ref in ((y, yr), (xs.grad, xr.grad), (ws.grad, wr.grad), (bs.grad, br.grad)):
+        assert_close_rel(got.detach(), ref.detach().to(dtype), dtype)
 
 
 def test_conv2d_dispatch_rules():

@@ -418,3 +418,22 @@ def test_each_precision_trains_and_says_so(corpus, tmp_path, precision):
         fp32.run()
         for (name, a), b in zip(trainer.model.state_dict().items(), fp32.model.state_dict().values()):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("precision,mode", [("fp32", "exact"), ("tf32", "tf32"), ("bf16", "bf16")])
+def test_the_step_declares_its_precision_mode_to_our_ops_and_marks_its_parts(corpus, tmp_path, precision, mode):
+    """Inside a training step our ops see the run's precision mode (`encodec_fast.precision.current`:
+    the kernels' products follow it) and nowhere else; the step's parts are timed stages
+    (`encodec_fast.timing`) that the train_step benchmark reads."""
+    from encodec_fast import precision as precision_modes
+    from encodec_fast import timing
+    trainer = T.Trainer(_config(corpus, precision=precision), tmp_path / "run", quiet=True)
+    seen = []
+    trainer.disc.register_forward_hook(lambda *a: seen.append(precision_modes.current()))
+    x = torch.stack([trainer.dataset[i][0] for i in range(2)])
+    timer = timing.StageTimer()
+    with timer.active():
+        trainer.draws = lambda step: (trainer.model.target_bandwidths[0], True)
+        assert trainer.train_step(0, [x]) is not None
+    assert seen and set(seen) == {mode} and precision_modes.current() is None
+    assert set(timer.seconds()) == {"generator", "quantizer", "discriminator", "balancer", "optimizers"}

@@ -371,6 +371,24 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                         for layer in d.convs:
                             z = layer(z, 0.2)
                         d.conv_post(z)
+        # The gemm family's Conv2d + LeakyReLU, forward and backward (input, weight and bias
+        # gradients: the training step's), in the modes it is built for: tensor cores, judged.
+        if precision == "ieee":
+            with _env("ENCODEC_FAST_CONV_KERNEL", "gemm"), torch.enable_grad():
+                for dtype, dot in [(torch.float32, "tf32"), (torch.bfloat16, "ieee"), (torch.float16, "ieee")]:
+                    tag = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
+                    disc.to(dtype)
+                    with _env("ENCODEC_FAST_CONV_PRECISION", dot):
+                        for d in disc.discriminators:
+                            with _scenario(recorder, f"msstftd n_fft={d.n_fft} 1s x8 {tag} gemm {dot} fwd+bwd"):
+                                frames = 1 + (24000 - d.win_length) // d.hop_length
+                                z = torch.empty(8, 2, frames, d.n_fft // 2 + 1, device=meta, dtype=dtype,
+                                                requires_grad=True)
+                                y = z
+                                for layer in d.convs:
+                                    y = layer(y, 0.2)
+                                y = d.conv_post(y)
+                                y.backward(torch.empty_like(y))
     disc.float()
     from encodec_fast.kernels import stft as kstft
     for d in disc.discriminators:

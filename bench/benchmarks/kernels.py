@@ -447,8 +447,10 @@ def time_stft(device: str, quick: bool) -> list:
 
 def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
     """The discriminator's Conv2d + LeakyReLU layers (n_fft=1024 scale, filters=32, a training
-    batch): cuDNN conv + LeakyReLU against the fused kernel, forward alone and forward + backward
-    (the kernel's backward is torch's), fp32 and bf16. The shapes are read off the module."""
+    batch), like for like in each precision mode (exact, tf32, bf16): cuDNN conv + LeakyReLU
+    (torch's autograd backward) against each kernel family, forward alone and forward + backward
+    (`direct`: the fused forward with torch's backward; `gemm`: implicit GEMM both ways, input,
+    weight and bias gradients included). The shapes are read off the module."""
     from encodec_fast.ops import conv
     from encodec_fast.train.msstftd import DiscriminatorSTFT
     batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (1, 0.1)
@@ -468,33 +470,44 @@ def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
         w = module.weight().detach()
         cfg = (c.stride, c.dilation, c.padding, slope)
         B, C_in, H, W = x.shape
-        for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("exact", "tf32", "bf16"):
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
             xd, wd, bd = x.to(dtype), w.to(dtype), c.bias.detach().to(dtype)
+
             def fwd(backend):
                 with torch.no_grad(), ops.use_backend(backend):
                     return conv.conv2d_leaky_relu(xd, wd, bd, *cfg)
 
             def fwd_bwd(backend):
-                xin, win = xd.clone().requires_grad_(True), wd.clone().requires_grad_(True)
+                xin, win, bin_ = (t.clone().requires_grad_(True) for t in (xd, wd, bd))
                 with ops.use_backend(backend):
-                    y = conv.conv2d_leaky_relu(xin, win, bd, *cfg)
+                    y = conv.conv2d_leaky_relu(xin, win, bin_, *cfg)
                 y.backward(torch.ones_like(y))
-            ref, got = fwd("torch"), fwd("triton")
-            err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-            flops = 2.0 * B * ref.shape[2] * ref.shape[3] * C_in * ref.shape[1] * c.kernel_size[0] * c.kernel_size[1]
-            entry = {"op": f"conv2d{'+lrelu' if slope else ''} #{i}", "dtype": str(dtype).replace("torch.", ""),
-                     "shape": [B, C_in, H, W], "out_channels": ref.shape[1], "kernel": list(c.kernel_size),
-                     "stride": list(c.stride), "dilation": list(c.dilation), "rel_err": err,
-                     "torch_fwd_ms": bench_ms(lambda: fwd("torch"), quick),
-                     "torch_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("torch"), quick),
-                     "triton_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("triton"), quick)}
-            entry["triton_fwd_ms"], entry["launches"] = bench_ms_launches(lambda: fwd("triton"), quick)
-            entry["fwd_speedup"] = entry["torch_fwd_ms"] / entry["triton_fwd_ms"]
-            entry["fwd_bwd_speedup"] = entry["torch_fwd_bwd_ms"] / entry["triton_fwd_bwd_ms"]
-            entry["triton_fwd_tflops"] = flops / entry["triton_fwd_ms"] / 1e9
-            peak = None if peaks is None else peaks["fp32" if dtype == torch.float32 else "bf16"]
-            entry["roofline_fraction"] = None if peak is None else entry["triton_fwd_tflops"] / peak
-            rows.append(entry)
+            with precision_modes.scope(mode, device):
+                ref = fwd("torch")
+                torch_fwd = bench_ms(lambda: fwd("torch"), quick)
+                torch_fwd_bwd = bench_ms(lambda: fwd_bwd("torch"), quick)
+                for family in ("direct", "gemm"):
+                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", family):
+                        got = fwd("triton")
+                        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                        flops = 2.0 * B * ref.shape[2] * ref.shape[3] * C_in * ref.shape[1] * c.kernel_size[0] * \
+                            c.kernel_size[1]
+                        entry = {"op": f"conv2d{'+lrelu' if slope else ''} #{i}",
+                                 "dtype": str(dtype).replace("torch.", ""), "precision": mode, "family": family,
+                                 "shape": [B, C_in, H, W], "out_channels": ref.shape[1], "kernel": list(c.kernel_size),
+                                 "stride": list(c.stride), "dilation": list(c.dilation), "rel_err": err,
+                                 "torch_fwd_ms": torch_fwd, "torch_fwd_bwd_ms": torch_fwd_bwd,
+                                 "triton_fwd_bwd_ms": bench_ms(lambda: fwd_bwd("triton"), quick)}
+                        entry["triton_fwd_ms"], entry["launches"] = bench_ms_launches(lambda: fwd("triton"), quick)
+                    entry["fwd_speedup"] = entry["torch_fwd_ms"] / entry["triton_fwd_ms"]
+                    entry["fwd_bwd_speedup"] = entry["torch_fwd_bwd_ms"] / entry["triton_fwd_bwd_ms"]
+                    entry["triton_fwd_tflops"] = flops / entry["triton_fwd_ms"] / 1e9
+                    peak = None if peaks is None else peaks[MODE_PEAK[mode]]
+                    entry["roofline_fraction"] = None if peak is None else entry["triton_fwd_tflops"] / peak
+                    nbytes = torch.empty(0, dtype=dtype).element_size() * (x.numel() + ref.numel())
+                    entry.update(roofline_ms(flops, nbytes, mode))
+                    rows.append(entry)
     return rows
 
 
@@ -577,12 +590,14 @@ def time_model(device: str, quick: bool) -> list:
 
 
 def time_train_step(device: str, quick: bool) -> list:
-    """The whole training step of the 24 kHz model (the `train_step` benchmark's measure): ours in fp32
-    with the Triton quantizer, with the torch quantizer, in bf16, and the step built from upstream's
-    modules when upstream is installed."""
+    """The whole training step of the 24 kHz model (the `train_step` benchmark's measure) in exact
+    fp32 and bf16: ours and the torch path, and the step built from upstream's modules when upstream
+    is installed."""
     from bench.benchmarks import train_step
-    return train_step.measure("24khz", 1 if SMOKE else 2 if quick else 16, 0.5 if SMOKE else 1.0, 1 if quick else 5,
-                              [6.0] if SMOKE else [6.0, 24.0], device, with_upstream=upstream_missing() is None)
+    only = ["ours exact", "torch exact", "ours bf16", "torch bf16"]
+    return train_step.measure("24khz", [1 if SMOKE else 2 if quick else 16], 0.5 if SMOKE else 1.0,
+                              1 if quick else 5, [6.0] if SMOKE else [6.0, 24.0], device,
+                              with_upstream=upstream_missing() is None, only=only)
 
 
 STAGES = ("rvq", "conv", "block", "stft", "conv2d", "training", "train_step", "model")
@@ -620,8 +635,7 @@ def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], 
                 if row.get(key) is not None:
                     ctx.record(params, impl, "time", "ms", [row[key]], note="do_bench median", **extra)
         elif stage == "train_step":
-            ctx.record(params, row["implementation"], "time", "ms", row["times_ms"],
-                       quantizer_share=row["quantizer_share"])
+            ctx.record(params, row["implementation"], "time", "ms", row["times_ms"], parts_ms=row["parts_ms"])
         elif stage == "model":
             for label in ("torch_fp32", "triton_fp32", "triton_bf16"):
                 impl, precision = label.split("_")

@@ -115,10 +115,11 @@ def _arranged(weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Te
     """The weight pre-packed for a kernel, contiguous in `dtype`, cached while the weight is unchanged.
 
     layout: 'conv' ([C_out, C_in, K] -> [K, C_out, C_in]), 'transposed' ([C_in, C_out, K] -> [K,
-    C_out, C_in]), 'conv_kio' / 'transposed_kio' (-> [K, C_in, C_out]) or 'conv2d' ([C_out, C_in,
-    KH, KW] -> [KH * KW, C_out, C_in], tap kh * KW + kw). An entry holds a weak reference to its weight and
-    is used only for that very tensor at the same version: a new tensor that happens to reuse a
-    freed one's memory is never served the old arrangement."""
+    C_out, C_in]), 'conv_kio' / 'transposed_kio' (-> [K, C_in, C_out]), 'conv2d' ([C_out, C_in,
+    KH, KW] -> [KH * KW, C_out, C_in], tap kh * KW + kw) or 'conv2d_kio' (-> [KH * KW, C_in, C_out]).
+    An entry holds a weak reference to its weight and is used only for that very tensor at the same
+    version: a new tensor that happens to reuse a freed one's memory is never served the old
+    arrangement."""
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device, layout, dtype)
     hit = _ARRANGED.get(key)
     if hit is not None and hit[0]() is weight and hit[2] == weight._version:
@@ -127,6 +128,8 @@ def _arranged(weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Te
     with torch.no_grad():
         if layout == "conv2d":
             w = weight.permute(2, 3, 0, 1).reshape(-1, weight.shape[0], weight.shape[1])
+        elif layout == "conv2d_kio":
+            w = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[1], weight.shape[0])
         else:
             w = weight.permute(*_PERMUTATIONS[layout])
         w = w.to(dtype).contiguous()
@@ -308,23 +311,33 @@ def residual_block(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tens
 
 
 class _Conv2dLeakyReLU(torch.autograd.Function):
-    """Forward: the fused kernel. Backward: the activation's derivative from the saved output
-    (its sign is the pre-activation's for a slope >= 0, so the pre-activation is never stored),
-    then torch's convolution gradients."""
+    """Forward: the fused kernel of the family `conv_kernel()` names. Backward: the activation's
+    derivative from the saved output (its sign is the pre-activation's for a slope >= 0, so the
+    pre-activation is never stored), then the convolution's gradients: with the `gemm` family, our
+    implicit-GEMM kernels (input gradient with the derivative as their prologue; weight and bias
+    gradients summed per chunk of positions, the chunks added in a fixed order: deterministic);
+    with `direct`, torch's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, dilation, padding, slope, dtype):
         KH, KW = weight.shape[-2:]
-        y = _kernels().conv2d_leaky_relu(x.to(dtype), _arranged(weight, "conv2d", dtype), KH, KW, bias, stride,
-                                         dilation, padding, slope, conv_precision(), dtype)
+        family, dot = conv_kernel(), conv_precision()
+        if family == "gemm":
+            y = _kernels().conv2d_gemm(x.to(dtype), _arranged(weight, "conv2d_kio", dtype), KH, KW, bias, stride,
+                                       dilation, padding, slope, dot, dtype)
+        else:
+            y = _kernels().conv2d_leaky_relu(x.to(dtype), _arranged(weight, "conv2d", dtype), KH, KW, bias, stride,
+                                             dilation, padding, slope, dot, dtype)
         ctx.save_for_backward(x, weight, y)
-        ctx.conf = (stride, dilation, padding, slope, None if bias is None else bias.dtype)
+        ctx.conf = (stride, dilation, padding, slope, None if bias is None else bias.dtype, family, dot, dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, y = ctx.saved_tensors
-        stride, dilation, padding, slope, bias_dtype = ctx.conf
+        stride, dilation, padding, slope, bias_dtype, family, dot, dtype = ctx.conf
+        if family == "gemm":
+            return _conv2d_gemm_backward(ctx, grad, x, weight, y)
         g = grad if slope is None else torch.where(y > 0, grad, grad * slope)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -335,6 +348,25 @@ class _Conv2dLeakyReLU(torch.autograd.Function):
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3), dtype=torch.float32).to(bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _conv2d_gemm_backward(ctx, grad, x, weight, y):
+    stride, dilation, padding, slope, bias_dtype, _, dot, dtype = ctx.conf
+    KH, KW = weight.shape[-2:]
+    grad = grad.to(dtype)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _kernels().conv2d_input_grad_gemm(grad, y, _arranged(weight, "conv2d", dtype), x.shape, KH, KW,
+                                                   stride, dilation, padding, slope, dot, x.dtype)
+    want_b = bias_dtype is not None and ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[1] or want_b:
+        taps, bias = _kernels().conv2d_weight_grad_gemm(grad, y, x.to(dtype), KH, KW, stride, dilation, padding,
+                                                        slope, want_b, dot)
+        if ctx.needs_input_grad[1]:
+            grad_w = taps.view(KH, KW, *taps.shape[1:]).permute(2, 3, 0, 1).to(weight.dtype)
+        if want_b:
+            grad_b = bias.to(bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def conv2d_backend(x: torch.Tensor, weight: torch.Tensor) -> str:

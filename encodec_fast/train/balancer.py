@@ -15,7 +15,7 @@ import typing as tp
 
 import torch
 
-from .. import distrib
+from .. import distrib, timing
 
 
 class Balancer:
@@ -71,7 +71,8 @@ class Balancer:
             else:
                 ratio = self.weights[name]
             out_grad.add_(grad, alpha=ratio * scale)
-        input.backward(out_grad)
+        with timing.stage("generator", input.device):  # the backward through the model that made `input`
+            input.backward(out_grad)
 
     def state_dict(self) -> tp.Dict[str, tp.Any]:
         return {"total": dict(self._total), "fix": dict(self._fix)}

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distrib
+from .. import distrib, timing
 from .. import precision as precision_modes
 from ..audio import save_audio
 from ..jobs import GracefulStop, Interrupted, OutputLock, written_then_renamed
@@ -394,23 +394,27 @@ class Trainer:
         """The precision this run computes in: bf16, tf32, fp32 or fp64 ('auto' resolved)."""
         return "bf16" if self.bf16 else self.config.precision if self.config.precision != "auto" else "fp32"
 
-    def _torch_math(self):
-        """On CUDA, torch's TF32 switches (cuDNN convolutions and LSTMs, cuBLAS) for the whole step,
-        backward included: on for tf32, off otherwise (fp32 means fp32; what bf16 leaves in fp32
-        too), restored after (`encodec_fast.precision.torch_precision`)."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return precision_modes.torch_precision("tf32" if self.precision_name == "tf32" else "exact")
+    @contextlib.contextmanager
+    def _torch_math(self) -> tp.Iterator[None]:
+        """The step's precision mode for our ops (`encodec_fast.precision.declare`: the kernels'
+        products in tf32 under tf32) and, on CUDA, torch's TF32 switches (cuDNN convolutions and
+        LSTMs, cuBLAS) for the whole step, backward included: on for tf32, off otherwise (fp32 means
+        fp32; what bf16 leaves in fp32 too), restored after (`encodec_fast.precision.torch_precision`)."""
+        mode = {"tf32": "tf32", "bf16": "bf16"}.get(self.precision_name, "exact")
+        with precision_modes.declare(mode), (precision_modes.torch_precision("tf32" if mode == "tf32" else "exact")
+                                             if self.device.type == "cuda" else contextlib.nullcontext()):
+            yield
 
     def forward(self, x: torch.Tensor, bandwidth: float):
         """x [B, C, T] -> (decoded [B, C, T] fp32, commitment loss, codes [K, B, frames])."""
         model = self.model
         scale = model._scale(x) if model.normalize else None
         inp = x / scale if scale is not None else x
-        with self._autocast():
+        with self._autocast(), timing.stage("generator", x.device):
             emb = model.encoder(inp)
-        q = model.quantizer(emb.to(self.dtype), model.frame_rate, bandwidth)
-        with self._autocast():
+        with timing.stage("quantizer", x.device):
+            q = model.quantizer(emb.to(self.dtype), model.frame_rate, bandwidth)
+        with self._autocast(), timing.stage("generator", x.device):
             y = model.decoder(q.quantized)
         y = y.to(self.dtype)[..., :x.shape[-1]]
         if scale is not None:
@@ -419,7 +423,7 @@ class Trainer:
 
     def _judge(self, audio: torch.Tensor):
         """The discriminator on each channel separately: [B, C, T] -> [B*C, 1, T]."""
-        with self._autocast():
+        with self._autocast(), timing.stage("discriminator", audio.device):
             logits, fmaps = self.disc(audio.reshape(-1, 1, audio.shape[-1]))
         return [v.to(self.dtype) for v in logits], [[f.to(self.dtype) for f in layer] for layer in fmaps]
 
@@ -465,37 +469,42 @@ class Trainer:
             if self.adversarial:
                 fake_logits, fake_fmaps = self._judge(y)
             losses = {}
-            if w["l1"] > 0:
-                losses["l1"] = time_l1(x, y)
-            if w["mel"] > 0:
-                losses["mel"] = self.mel_loss(x, y)
-            if w["adv"] > 0:
-                losses["adv"] = generator_hinge_loss(fake_logits)
-            if w["feat"] > 0:
-                losses["feat"] = relative_feature_matching(real_fmaps, fake_fmaps, average=average)
-            d_loss = discriminator_hinge_loss(real_logits, fake_logits) if learn_d else None
+            with timing.stage("balancer", x.device):  # the losses, then their gradients with respect to y
+                if w["l1"] > 0:
+                    losses["l1"] = time_l1(x, y)
+                if w["mel"] > 0:
+                    losses["mel"] = self.mel_loss(x, y)
+                if w["adv"] > 0:
+                    losses["adv"] = generator_hinge_loss(fake_logits)
+                if w["feat"] > 0:
+                    losses["feat"] = relative_feature_matching(real_fmaps, fake_fmaps, average=average)
+                d_loss = discriminator_hinge_loss(real_logits, fake_logits) if learn_d else None
             checked = [*losses.values(), penalty] + ([d_loss] if d_loss is not None else [])
             if not self._finite(checked):
                 named = {**losses, "commit": penalty, **({"disc": d_loss} if d_loss is not None else {})}
                 return self._skip(step, {k: float(v.detach()) for k, v in named.items()})
             if cfg.commitment_weight > 0 and penalty.requires_grad:
-                (penalty * (cfg.commitment_weight / m)).backward(retain_graph=True)
-            self.balancer.backward(losses, y, scale=self.world if cfg.balancer else 1.0 / m)
+                with timing.stage("generator", x.device):
+                    (penalty * (cfg.commitment_weight / m)).backward(retain_graph=True)
+            with timing.stage("balancer", x.device):  # the backward through the generator inside is its own
+                self.balancer.backward(losses, y, scale=self.world if cfg.balancer else 1.0 / m)
             values = {**{k: float(v.detach()) for k, v in losses.items()}, "commit": float(penalty.detach())}
             if d_loss is not None:
-                params = [p for p in self.disc.parameters()]
-                for p, g in zip(params, torch.autograd.grad(d_loss / m, params)):
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+                with timing.stage("discriminator", x.device):
+                    params = [p for p in self.disc.parameters()]
+                    for p, g in zip(params, torch.autograd.grad(d_loss / m, params)):
+                        p.grad = g if p.grad is None else p.grad.add_(g)
                 values["disc"] = float(d_loss.detach())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v / m
-        distrib.average_gradients(self.model.parameters())
-        self.opt_g.step()
-        if learn_d:
-            distrib.average_gradients(self.disc.parameters())
-            self.opt_d.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        with timing.stage("optimizers", self.device):
+            distrib.average_gradients(self.model.parameters())
+            self.opt_g.step()
+            if learn_d:
+                distrib.average_gradients(self.disc.parameters())
+                self.opt_d.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
         self.nonfinite = 0
         out = distrib.average_metrics(sums)
         out.update({"bandwidth": bandwidth, "disc_step": float(learn_d)})
