@@ -311,7 +311,9 @@ def encode_pieces(model, pieces: tp.Iterable[torch.Tensor], length: int,
         for a, b in chunk_bounds(length, chunk):
             x = windows.take(a, b)
             model._check_audio(x, batched=True)
-            emb = streamer(x, last=b == length)
+            with model._precision_scope(x.device):
+                emb = streamer(x, last=b == length)
+            emb = emb.to(model.quantizer.vq.layers[0]._codebook.embed.dtype)
             codes.append(model.quantizer.encode(emb, model.frame_rate, model.bandwidth).transpose(0, 1))
     windows.close()
     return [(torch.cat(codes, dim=-1), None)]
@@ -337,6 +339,8 @@ def _codes_of(model, emb: torch.Tensor, bandwidth: float) -> torch.Tensor:
     if emb.shape[-1] == 0:
         return torch.zeros(model.quantizer.get_num_quantizers_for_bandwidth(model.frame_rate, bandwidth), 0,
                            dtype=torch.long, device=emb.device)
+    # the search runs in the codebooks' dtype (fp32) whatever the precision mode left the latents in
+    emb = emb.to(model.quantizer.vq.layers[0]._codebook.embed.dtype)
     return model.quantizer.encode(emb, model.frame_rate, bandwidth)[:, 0]
 
 
@@ -438,7 +442,8 @@ class StreamingEncoder:
             self.split = True
         with torch.no_grad():
             param = next(self.model.parameters())
-            emb = self.net(x[None].to(device=param.device, dtype=param.dtype), last=last)
+            with self.model._precision_scope(param.device):  # the model's precision mode, as `encode`
+                emb = self.net(x[None].to(device=param.device, dtype=param.dtype), last=last)
             return _codes_of(self.model, emb, self.bandwidth)
 
     def push(self, audio: torch.Tensor):
@@ -568,6 +573,12 @@ class StreamingDecoder:
             raise ValueError(f"codes must be in [0, {self.model.quantizer.bins})")
         self.codebooks = codes.shape[0]
 
+    def _decode(self, emb: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """The decoder's stream on embeddings [1, D, t] in the model's precision mode (as `decode`)
+        -> audio [C, n] in the embeddings' dtype."""
+        with self.model._precision_scope(emb.device):
+            return self.net(emb, last=last)[0].to(emb.dtype)
+
     def _out(self, audio: torch.Tensor) -> torch.Tensor:
         if self.length is not None:
             audio = audio[:, :max(0, self.length - self.samples_out)]
@@ -584,7 +595,7 @@ class StreamingDecoder:
         codes = codes.to(device=next(self.model.parameters()).device, dtype=torch.long)
         with torch.no_grad():
             emb = self.model.quantizer.decode(codes[:, None])
-            return self._out(self.net(emb)[0])
+            return self._out(self._decode(emb))
 
     def push_segments(self, segments: tp.Sequence[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]]) -> torch.Tensor:
         """Several consecutive segments (48 kHz), each (codes [K, T], scale), decoded together
@@ -646,7 +657,7 @@ class StreamingDecoder:
             if not self.segmented:
                 if self.codebooks is None:
                     raise ValueError("no codes to decode")
-                out = self.net(torch.zeros(1, self.model.quantizer.dimension, 0, device=device), last=True)[0]
+                out = self._decode(torch.zeros(1, self.model.quantizer.dimension, 0, device=device), last=True)
                 return self._out(out)
             if self.acc is None:
                 raise ValueError("no segments to decode")

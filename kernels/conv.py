@@ -261,20 +261,26 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
 
 @triton.jit
 def _conv2d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
-                        C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope,
+                        C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, x_scale,
                         sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
                         KH: tl.constexpr, KW: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
                         HAS_BIAS: tl.constexpr, ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """`_conv2d_leaky_relu_kernel` as an implicit GEMM: M = output positions of the flattened
-    (H_out, W_out) plane, N = output channels, K = input channels x taps; W as [taps, C_in, C_out]."""
+                        PRECISION: tl.constexpr, H_FAST: tl.constexpr):
+    """`_conv2d_leaky_relu_kernel` as an implicit GEMM: M = output positions of the (H_out, W_out)
+    plane (H_FAST: frames fastest, for inputs whose frames are closer in memory than their bins),
+    N = output channels, K = input channels x taps; W as [taps, C_in,
+    C_out]; the products times `x_scale` (the spectrogram's normalisation, folded in)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     b = tl.program_id(2).to(tl.int64)
     p_ok = p < H_out * W_out
-    h = p // W_out
-    w_out = p % W_out
+    if H_FAST:
+        h = p % H_out
+        w_out = p // H_out
+    else:
+        h = p // W_out
+        w_out = p % W_out
     o_ok = o < C_out
     acc = tl.zeros([BLOCK_P, BLOCK_CO], tl.float32)
     x_b = x_ptr + b * sx_b
@@ -287,6 +293,7 @@ def _conv2d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
             src = tl.where(src_ok, h_in.to(tl.int64) * sx_h + w_in.to(tl.int64) * sx_w, 0)
             acc = _accumulate_tap_gemm(acc, x_b, src, src_ok, w_ptr, kh * KW + kw, o, o_ok, C_in, C_out, sx_c, 1,
                                        BLOCK_CI, False, HALF_DOT, PRECISION)
+    acc = acc * x_scale
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATE:
@@ -310,23 +317,30 @@ def _activation_grad(g_ptr, y_ptr, off_g, off_y, mask, slope, ACTIVATE: tl.const
 
 @triton.jit
 def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
-                                   C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, n_blocks,
+                                   C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, x_scale,
+                                   n_blocks,
                                    sg_b, sg_c, sg_h, sg_w, sy_b, sy_c, sy_h, sy_w, sd_b, sd_c, sd_h, sd_w,
                                    KH: tl.constexpr, KW: tl.constexpr,
                                    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-                                   ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                                   ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                                   H_FAST: tl.constexpr):
     """The input gradient of conv2d + LeakyReLU as an implicit GEMM: M = input positions, N = input
     channels, K = output channels x taps; the LeakyReLU's derivative (from the saved output) is the
     A tile's prologue; W as [taps, C_out, C_in]. One phase r of the width stride per program (the
     columns w = j * sw + r): a tap kw reaches them only if (r + pw - kw * dw) is a multiple of sw,
-    a test per program, so no product is masked out along the width."""
+    a test per program, so no product is masked out along the width. H_FAST: the positions
+    enumerate frames fastest (a gradient stored frames first); `x_scale` as the forward's."""
     pid = tl.program_id(0)
     r = pid // n_blocks
     Wr = (W - r + sw - 1) // sw  # columns of phase r
     q = (pid % n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     q_ok = q < H * Wr
-    h = q // tl.maximum(Wr, 1)
-    w = (q % tl.maximum(Wr, 1)) * sw + r
+    if H_FAST:
+        h = q % H
+        w = (q // H) * sw + r
+    else:
+        h = q // tl.maximum(Wr, 1)
+        w = (q % tl.maximum(Wr, 1)) * sw + r
     i = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     i_ok = i < C_in
     b = tl.program_id(2).to(tl.int64)
@@ -361,7 +375,7 @@ def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
                         acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision=PRECISION)
     off = h.to(tl.int64) * sd_h + w.to(tl.int64) * sd_w
     tl.store(dx_ptr + b * sd_b + off[:, None] + i[None, :].to(tl.int64) * sd_c,
-             acc.to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & i_ok[None, :])
+             (acc * x_scale).to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & i_ok[None, :])
 
 
 @triton.jit
@@ -371,7 +385,7 @@ def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr
                                     KW: tl.constexpr,
                                     BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
                                     ACTIVATE: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
-                                    PRECISION: tl.constexpr):
+                                    PRECISION: tl.constexpr, H_FAST: tl.constexpr):
     """The weight (and bias) gradient of conv2d + LeakyReLU as GEMMs: for one tap, one block of
     output and input channels and one chunk of the N = B x H_out x W_out positions, M = output
     channels, N = input channels, K = positions. Each program writes its partial sums to its own
@@ -396,8 +410,12 @@ def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr
         n_ok = n < stop
         b = (n // P).to(tl.int64)
         p = n % P
-        h = p // W_out
-        w_o = p % W_out
+        if H_FAST:  # frames fastest: the input's memory order when its frames are closer than its bins
+            h = p % H_out
+            w_o = p // H_out
+        else:
+            h = p // W_out
+            w_o = p % W_out
         g = _activation_grad(g_ptr, y_ptr,
                              (b * sg_b + h.to(tl.int64) * sg_h + w_o.to(tl.int64) * sg_w)[None, :]
                              + o[:, None].to(tl.int64) * sg_c,
@@ -621,9 +639,18 @@ def _channels_last_2d(B: int, C: int, H: int, W: int, device, dtype) -> torch.Te
     return torch.empty(B, H, W, C, device=device, dtype=dtype).permute(0, 3, 1, 2)
 
 
-def conv2d_gemm(x, weight_kio, KH, KW, bias, stride, dilation, padding, slope, precision, out_dtype):
+def frames_fastest(x) -> bool:
+    """Whether the frames of x [B, C, H, W] are closer in memory than its bins (a spectrogram stored
+    time-major, say): the GEMM kernels then enumerate positions frames first, so that a tile's
+    loads and stores stay contiguous. torch.stft's real view has its bins closer (False)."""
+    return x.shape[2] > 1 and abs(x.stride(2)) < abs(x.stride(3))
+
+
+def conv2d_gemm(x, weight_kio, KH, KW, bias, stride, dilation, padding, slope, precision, out_dtype,
+                x_scale: float = 1.0):
     """`conv2d_leaky_relu` as an implicit GEMM on tensor cores: x [B, C_in, H, W] (any strides;
-    channels-last is the fast layout), weight_kio [KH*KW, C_in, C_out] (tap kh*KW + kw); returns
+    channels-last, torch.stft's real view, or frames first are the fast layouts), weight_kio
+    [KH*KW, C_in, C_out] (tap kh*KW + kw); returns leaky_relu(conv2d(x * x_scale) + bias)
     [B, C_out, H_out, W_out] stored channels-last."""
     B, C_in, H, W = x.shape
     _, _, C_out = weight_kio.shape
@@ -637,21 +664,26 @@ def conv2d_gemm(x, weight_kio, KH, KW, bias, stride, dilation, padding, slope, p
     (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
     _conv2d_gemm_kernel[(triton.cdiv(P, bp), triton.cdiv(C_out, bco), B)](
         x, weight_kio, bias if bias is not None else weight_kio, out, C_in, C_out, H, W, H_out, W_out,
-        sh, sw, dh, dw, ph, pw, 0.0 if slope is None else float(slope), *x.stride(), *out.stride(),
+        sh, sw, dh, dw, ph, pw, 0.0 if slope is None else float(slope), float(x_scale), *x.stride(), *out.stride(),
         KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CO=bco, BLOCK_CI=bci, HAS_BIAS=bias is not None, ACTIVATE=slope is not None,
-        HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages, **tuning.LAUNCH_OPTIONS)
+        HALF_DOT=half, PRECISION=precision, H_FAST=frames_fastest(x), num_warps=warps, num_stages=stages,
+        **tuning.LAUNCH_OPTIONS)
     return out
 
 
 def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilation, padding, slope, precision,
-                           out_dtype):
+                           out_dtype, x_scale: float = 1.0, frames_first: bool = False):
     """d loss / d x of `conv2d_leaky_relu` (implicit GEMM, `_conv2d_input_grad_gemm_kernel`): grad and
     the saved output y [B, C_out, H_out, W_out] (any strides), weight_kco [KH*KW, C_out, C_in];
-    returns [B, C_in, H, W] stored channels-last."""
+    returns [B, C_in, H, W] stored channels-last (torch.stft's real view's own order: its gradient
+    needs no copy), or with `frames_first` as [B, W, H, C_in] (an input stored that way)."""
     B, C_in, H, W = x_shape
     _, C_out, _ = weight_kco.shape
     H_out, W_out = grad.shape[-2:]
-    dx = _channels_last_2d(B, C_in, H, W, grad.device, out_dtype)
+    if frames_first:
+        dx = torch.empty(B, W, H, C_in, device=grad.device, dtype=out_dtype).permute(0, 3, 2, 1)
+    else:
+        dx = _channels_last_2d(B, C_in, H, W, grad.device, out_dtype)
     if B == 0 or H == 0 or W == 0:
         return dx
     if H_out == 0 or W_out == 0:
@@ -664,9 +696,10 @@ def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilatio
     yy = y if slope is not None else grad
     _conv2d_input_grad_gemm_kernel[(n_blocks * sw, triton.cdiv(C_in, bci), B)](
         grad, yy, weight_kco, dx, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
-        0.0 if slope is None else float(slope), n_blocks, *grad.stride(), *yy.stride(), *dx.stride(),
-        KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, ACTIVATE=slope is not None, HALF_DOT=half,
-        PRECISION=precision, num_warps=warps, num_stages=stages, **tuning.LAUNCH_OPTIONS)
+        0.0 if slope is None else float(slope), float(x_scale), n_blocks, *grad.stride(), *yy.stride(),
+        *dx.stride(), KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, ACTIVATE=slope is not None,
+        HALF_DOT=half, PRECISION=precision, H_FAST=frames_first and H > 1, num_warps=warps, num_stages=stages,
+        **tuning.LAUNCH_OPTIONS)
     return dx
 
 
@@ -674,10 +707,11 @@ def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilatio
 WEIGHT_GRAD_CHUNKS = 32
 
 
-def conv2d_weight_grad_gemm(grad, y, x, KH, KW, stride, dilation, padding, slope, has_bias, precision):
+def conv2d_weight_grad_gemm(grad, y, x, KH, KW, stride, dilation, padding, slope, has_bias, precision,
+                            x_scale: float = 1.0):
     """(d loss / d weight [KH*KW, C_out, C_in] fp32, d loss / d bias [C_out] fp32 or None) of
-    `conv2d_leaky_relu` (`_conv2d_weight_grad_gemm_kernel`): deterministic, its chunks' partial sums
-    added in a fixed order."""
+    `conv2d_leaky_relu` (`_conv2d_weight_grad_gemm_kernel`; the input taken as x * x_scale):
+    deterministic, its chunks' partial sums added in a fixed order."""
     B, C_in, H, W = x.shape
     _, C_out, H_out, W_out = grad.shape
     N = B * H_out * W_out
@@ -699,9 +733,10 @@ def conv2d_weight_grad_gemm(grad, y, x, KH, KW, stride, dilation, padding, slope
             grad, yy, x, part, bias_part, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
             0.0 if slope is None else float(slope), N, chunk, *grad.stride(), *yy.stride(), *x.stride(),
             KW=KW, BLOCK_K=block_k, BLOCK_CO=block_co, BLOCK_CI=block_ci, ACTIVATE=slope is not None,
-            HAS_BIAS=has_bias, HALF_DOT=half, PRECISION=precision, num_warps=4, num_stages=2,
-            **tuning.LAUNCH_OPTIONS)
-    return part.sum(0), (bias_part.sum(0) if has_bias else None)
+            HAS_BIAS=has_bias, HALF_DOT=half, PRECISION=precision, H_FAST=frames_fastest(x), num_warps=4,
+            num_stages=2, **tuning.LAUNCH_OPTIONS)
+    taps = part.sum(0)
+    return (taps if x_scale == 1.0 else taps * x_scale), (bias_part.sum(0) if has_bias else None)
 
 
 def residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right, reflect, precision, out_dtype):

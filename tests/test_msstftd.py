@@ -72,12 +72,16 @@ def test_triton_kernels_match_upstream(family, monkeypatch):
     monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", family)
     names = (["conv2d_gemm", "conv2d_input_grad_gemm", "conv2d_weight_grad_gemm"] if family == "gemm"
              else ["conv2d_leaky_relu"])
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        def spy(*args, _name=name, _fn=getattr(kconv, name), **kwargs):
+    from encodec_fast.kernels import stft as kstft
+    calls = dict.fromkeys(names + ["scaled_copy"], 0)
+    first_inputs = []
+    for module, name in [(kconv, n) for n in names] + [(kstft, "scaled_copy")]:
+        def spy(*args, _name=name, _fn=getattr(module, name), **kwargs):
             calls[_name] += 1
+            if _name == "conv2d_gemm" and args[0].shape[1] == 2:
+                first_inputs.append(args[0])
             return _fn(*args, **kwargs)
-        monkeypatch.setattr(kconv, name, spy)
+        monkeypatch.setattr(module, name, spy)
     up, ours = pair(1, seed=5)
     x = torch.stack([make_signal(24000, 2500, 1, seed=s) for s in (3, 4)])
     outs = []
@@ -89,7 +93,13 @@ def test_triton_kernels_match_upstream(family, monkeypatch):
             loss.backward()
         outs.append((logits, fmaps, xin.grad, [p.grad for p in model.parameters()]))
     # every conv of the three scales through our kernels (the input's gradient reaches the first)
-    assert all(n == 3 * 6 for n in calls.values()), calls
+    assert all(calls[n] == 3 * 6 for n in names), calls
+    if family == "gemm":  # the fused front end: the first conv reads the STFT's real view, no layout pass
+        assert calls["scaled_copy"] == 0 and len(first_inputs) == 3
+        # torch.stft's own memory (bins contiguous, real and imaginary parts side by side), not a copy
+        assert all(z.stride(1) == 1 and z.stride(3) == 2 and not z.is_contiguous() for z in first_inputs)
+    else:  # the layout kernel, forward and backward, per scale
+        assert calls["scaled_copy"] == 3 * 2
     (ul, uf, ug, upg), (ol, of, og, opg) = outs
     for a, b in zip(ul + [f for fm in uf for f in fm], ol + [f for fm in of for f in fm]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.detach().abs().max()))

@@ -341,6 +341,46 @@ def test_conv2d_gemm_backward_shapes(case, monkeypatch):
         assert all(torch.equal(a, c) for a, c in zip(out[1], out[2]))  # deterministic
 
 
+@pytest.mark.parametrize("layout", ["bins_first", "frames_first"])
+def test_conv2d_gemm_reads_the_stft_view_with_its_scale(layout, monkeypatch):
+    """The fused front end's first conv: the input is a strided real view of a spectrogram,
+    [B, 2, frames, bins] over memory laid out [B, frames, bins, 2] (torch.stft's) or [B, bins,
+    frames, 2] (frames closer in memory: the kernels enumerate positions frames first), times a
+    scale folded into the products; output, input gradient (laid out as the view: no copy back)
+    and weight and bias gradients against torch on the scaled, contiguous input."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    from encodec_fast.kernels import conv as kconv
+    if layout == "frames_first":
+        base = rand(2, 37, 9, 2, seed=21)                # [B, bins, frames, re/im]
+        to_view = (0, 3, 2, 1)
+    else:
+        base = rand(2, 9, 37, 2, seed=21)                # [B, frames, bins, re/im]
+        to_view = (0, 3, 1, 2)
+    view = base.permute(*to_view)                        # [B, 2, frames, bins]
+    assert kconv.frames_fastest(view) == (layout == "frames_first")
+    w = rand(8, 2, 3, 9, seed=22) / 7
+    b = rand(8, seed=23)
+    scale = 0.0625
+    g = rand(2, 8, 9, 37, seed=24)
+    ref_in = [(view * scale).contiguous().requires_grad_(True), w.clone().requires_grad_(True),
+              b.clone().requires_grad_(True)]
+    y_ref = conv.conv2d_leaky_relu_torch(*ref_in, (1, 1), (1, 1), (1, 4), 0.2)
+    y_ref.backward(g)
+    ours = [base.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    with ops.use_backend("triton"):
+        y = conv.conv2d_leaky_relu(ours[0].permute(*to_view), ours[1], ours[2], (1, 1), (1, 1), (1, 4), 0.2,
+                                   input_scale=scale)
+    y.backward(g)
+    assert_close_rel(y.detach(), y_ref.detach(), torch.float32)
+    assert ours[0].grad.is_contiguous()  # the gradient came back in the view's own memory order
+    assert_close_rel(ours[0].grad.permute(*to_view), ref_in[0].grad * scale, torch.float32)
+    assert_close_rel(ours[1].grad, ref_in[1].grad, torch.float32)
+    assert_close_rel(ours[2].grad, ref_in[2].grad, torch.float32)
+    with ops.use_backend("torch"):  # the reference path takes the scale too
+        assert_close_rel(conv.conv2d_leaky_relu(view, w, b, (1, 1), (1, 1), (1, 4), 0.2, input_scale=scale),
+                         y_ref.detach(), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_conv2d_gemm_backward_half(dtype, monkeypatch):
     """Half inputs: the gemm backward's gradients within the dtype's tolerance of fp32 autograd on

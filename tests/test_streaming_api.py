@@ -394,3 +394,31 @@ def test_reader_fuzz_gives_only_clear_errors(pair_24, lms_24_small, monkeypatch,
 @pytest.fixture(scope="module")
 def lms_24_small():
     return lm_pair(32, 262, seed=7)
+
+
+def test_streaming_follows_the_models_precision_mode():
+    """A model set to bf16 streams in bf16 (as its `encode` and `decode` run): the encoder's and the
+    decoder's layers see the mode, the codes agree with the whole-file bf16 encode (bf16 rounding
+    depends on how the signal is cut, so not bit for bit), the audio comes back in fp32."""
+    from encodec_fast import precision
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small().set_precision("bf16")
+    model.set_target_bandwidth(6.0)
+    seen = []
+    hooks = [m.register_forward_hook(lambda *a: seen.append((precision.current(), torch.is_autocast_enabled("cpu"))))
+             for m in (model.encoder.model[0], model.decoder.model[0])]
+    x = make_signal(24000, 24000 * 2, 1, seed=9)
+    (ref, _), = model.encode(x[None])
+    enc = StreamingEncoder(model, 6.0)
+    codes = torch.cat(push_all(enc, x, [4_800] * 10) + [enc.flush()], dim=-1)
+    assert codes.shape == ref[0].shape
+    assert (codes == ref[0]).double().mean() > 0.95  # 1.0 here; bf16 rounding may depend on the cuts
+    exact = encodec_fast.EncodecModel.encodec_model_24khz_small()
+    exact.set_target_bandwidth(6.0)
+    (exact_codes, _), = exact.encode(x[None])
+    assert (codes != exact_codes[0]).double().mean() > 0.02  # it did run in bf16 (~11% of codes differ)
+    dec = StreamingDecoder(model)
+    audio = torch.cat([dec.push(codes[:, :40]), dec.push(codes[:, 40:]), dec.flush()], dim=-1)
+    assert audio.dtype == torch.float32 and audio.shape[-1] >= x.shape[-1] - 320
+    assert seen and set(seen) == {("bf16", True)}
+    for h in hooks:
+        h.remove()

@@ -380,14 +380,20 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                     disc.to(dtype)
                     with _env("ENCODEC_FAST_CONV_PRECISION", dot):
                         for d in disc.discriminators:
+                            frames, bins = 1 + (24000 - d.win_length) // d.hop_length, d.n_fft // 2 + 1
                             with _scenario(recorder, f"msstftd n_fft={d.n_fft} 1s x8 {tag} gemm {dot} fwd+bwd"):
-                                frames = 1 + (24000 - d.win_length) // d.hop_length
-                                z = torch.empty(8, 2, frames, d.n_fft // 2 + 1, device=meta, dtype=dtype,
-                                                requires_grad=True)
-                                y = z
-                                for layer in d.convs:
+                                # the fused front end: the first conv reads torch.stft's real view
+                                # ([B, frames, bins, 2] in memory) with the normalisation folded in
+                                z = torch.empty(8, frames, bins, 2, device=meta, dtype=dtype, requires_grad=True)
+                                y = d.convs[0](z.permute(0, 3, 1, 2), 0.2, 0.03)
+                                for layer in list(d.convs)[1:]:
                                     y = layer(y, 0.2)
                                 y = d.conv_post(y)
+                                y.backward(torch.empty_like(y))
+                            with _scenario(recorder, f"msstftd n_fft={d.n_fft} first conv frames-first {tag} gemm "
+                                                     f"{dot} fwd+bwd"):
+                                z = torch.empty(8, bins, frames, 2, device=meta, dtype=dtype, requires_grad=True)
+                                y = d.convs[0](z.permute(0, 3, 2, 1), 0.2, 0.03)
                                 y.backward(torch.empty_like(y))
     disc.float()
     from encodec_fast.kernels import stft as kstft

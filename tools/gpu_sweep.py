@@ -212,10 +212,14 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print("tools/gpu_sweep.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
-    import triton
     gpu.LaunchLog.install()
     from encodec_fast import precision
-    precision.torch_precision("exact").__enter__()  # TF32 off for the whole run (the exact fp32 reference)
+    with precision.torch_precision("exact"):  # TF32 off for the whole run (the exact fp32 reference)
+        return _sweep(args, parser)
+
+
+def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import triton
     device = "cpu" if args.smoke else "cuda"
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": "CPU (smoke)" if args.smoke else torch.cuda.get_device_name(),

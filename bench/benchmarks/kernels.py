@@ -406,8 +406,9 @@ def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
 
 
 def time_stft(device: str, quick: bool) -> list:
-    """The MS-STFT discriminator's spectrogram front end (forward + backward) and the whole
-    discriminator (forward + backward), torch vs the Triton layout kernel, at a training batch."""
+    """The MS-STFT discriminator's spectrogram front end (forward + backward), torch vs the Triton
+    layout kernel, and the whole discriminator (forward + backward, the input's gradient included)
+    in each precision mode: torch (cuDNN) against each kernel family, at a training batch."""
     from encodec_fast.ops import stft
     from encodec_fast.train import MultiScaleSTFTDiscriminator
     batch, seconds = (SIZES["train"][0], 1.0) if SIZES["big_checks"] else (1, 0.1)
@@ -434,14 +435,21 @@ def time_stft(device: str, quick: bool) -> list:
     disc = MultiScaleSTFTDiscriminator(filters=filters).to(device)
 
     def disc_step(backend):
+        xin = x.clone().requires_grad_(True)  # the generator's side: the input's gradient too
         with ops.use_backend(backend):
-            logits, fmaps = disc(x)
+            logits, fmaps = disc(xin)
         (sum(lg.mean() for lg in logits) + sum(f.mean() for fm in fmaps for f in fm)).backward()
-    entry = {"op": f"MS-STFT discriminator fwd+bwd (filters={filters}; triton: spectrogram kernel + fused Conv2d)",
-             "torch_ms": bench_ms(lambda: disc_step("torch"), quick),
-             "triton_ms": bench_ms(lambda: disc_step("triton"), quick), "rel_err": None}
-    entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
-    rows.append(entry)
+    for mode in ("exact", "tf32", "bf16"):
+        with precision_modes.scope(mode, device):
+            torch_ms = bench_ms(lambda: disc_step("torch"), quick)
+            for family, what in (("direct", "spectrogram kernel + fused Conv2d, torch's backward"),
+                                 ("gemm", "fused front end + implicit-GEMM Conv2d both ways")):
+                with EnvSetting("ENCODEC_FAST_CONV_KERNEL", family):
+                    entry = {"op": f"MS-STFT discriminator fwd+bwd (filters={filters}; triton: {what})",
+                             "precision": mode, "family": family, "torch_ms": torch_ms,
+                             "triton_ms": bench_ms(lambda: disc_step("triton"), quick), "rel_err": None}
+                entry["speedup"] = entry["torch_ms"] / entry["triton_ms"]
+                rows.append(entry)
     return rows
 
 

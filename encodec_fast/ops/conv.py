@@ -319,54 +319,59 @@ class _Conv2dLeakyReLU(torch.autograd.Function):
     with `direct`, torch's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, dilation, padding, slope, dtype):
+    def forward(ctx, x, weight, bias, stride, dilation, padding, slope, dtype, x_scale=1.0):
         KH, KW = weight.shape[-2:]
         family, dot = conv_kernel(), conv_precision()
         if family == "gemm":
             y = _kernels().conv2d_gemm(x.to(dtype), _arranged(weight, "conv2d_kio", dtype), KH, KW, bias, stride,
-                                       dilation, padding, slope, dot, dtype)
+                                       dilation, padding, slope, dot, dtype, x_scale)
         else:
-            y = _kernels().conv2d_leaky_relu(x.to(dtype), _arranged(weight, "conv2d", dtype), KH, KW, bias, stride,
+            y = _kernels().conv2d_leaky_relu((x * x_scale if x_scale != 1.0 else x).to(dtype),
+                                             _arranged(weight, "conv2d", dtype), KH, KW, bias, stride,
                                              dilation, padding, slope, dot, dtype)
         ctx.save_for_backward(x, weight, y)
-        ctx.conf = (stride, dilation, padding, slope, None if bias is None else bias.dtype, family, dot, dtype)
+        ctx.conf = (stride, dilation, padding, slope, None if bias is None else bias.dtype, family, dot, dtype,
+                    x_scale)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, y = ctx.saved_tensors
-        stride, dilation, padding, slope, bias_dtype, family, dot, dtype = ctx.conf
+        stride, dilation, padding, slope, bias_dtype, family, dot, dtype, x_scale = ctx.conf
         if family == "gemm":
             return _conv2d_gemm_backward(ctx, grad, x, weight, y)
         g = grad if slope is None else torch.where(y > 0, grad, grad * slope)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight.to(g.dtype), g, stride, padding, dilation).to(x.dtype)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight.to(g.dtype), g, stride, padding, dilation)
+            grad_x = (grad_x * x_scale if x_scale != 1.0 else grad_x).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.nn.grad.conv2d_weight(x.to(g.dtype), weight.shape, g, stride, padding,
+            xs = x * x_scale if x_scale != 1.0 else x
+            grad_w = torch.nn.grad.conv2d_weight(xs.to(g.dtype), weight.shape, g, stride, padding,
                                                  dilation).to(weight.dtype)
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3), dtype=torch.float32).to(bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _conv2d_gemm_backward(ctx, grad, x, weight, y):
-    stride, dilation, padding, slope, bias_dtype, _, dot, dtype = ctx.conf
+    stride, dilation, padding, slope, bias_dtype, _, dot, dtype, x_scale = ctx.conf
     KH, KW = weight.shape[-2:]
     grad = grad.to(dtype)
     grad_x = grad_w = grad_b = None
+    k = _kernels()
     if ctx.needs_input_grad[0]:
-        grad_x = _kernels().conv2d_input_grad_gemm(grad, y, _arranged(weight, "conv2d", dtype), x.shape, KH, KW,
-                                                   stride, dilation, padding, slope, dot, x.dtype)
+        grad_x = k.conv2d_input_grad_gemm(grad, y, _arranged(weight, "conv2d", dtype), x.shape, KH, KW, stride,
+                                          dilation, padding, slope, dot, x.dtype, x_scale, k.frames_fastest(x))
     want_b = bias_dtype is not None and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[1] or want_b:
-        taps, bias = _kernels().conv2d_weight_grad_gemm(grad, y, x.to(dtype), KH, KW, stride, dilation, padding,
-                                                        slope, want_b, dot)
+        taps, bias = k.conv2d_weight_grad_gemm(grad, y, x.to(dtype), KH, KW, stride, dilation, padding, slope,
+                                               want_b, dot, x_scale)
         if ctx.needs_input_grad[1]:
             grad_w = taps.view(KH, KW, *taps.shape[1:]).permute(2, 3, 0, 1).to(weight.dtype)
         if want_b:
             grad_b = bias.to(bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def conv2d_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
@@ -379,13 +384,16 @@ def conv2d_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
 
 def conv2d_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor],
                       stride: tp.Tuple[int, int] = (1, 1), dilation: tp.Tuple[int, int] = (1, 1),
-                      padding: tp.Tuple[int, int] = (0, 0), negative_slope: tp.Optional[float] = 0.2) -> torch.Tensor:
+                      padding: tp.Tuple[int, int] = (0, 0), negative_slope: tp.Optional[float] = 0.2,
+                      input_scale: float = 1.0) -> torch.Tensor:
     """Conv2d (zero padding, groups 1) + bias + LeakyReLU, one kernel on the Triton backend, with
     autograd (the backward runs torch's convolution gradients).
 
     x [B, C_in, H, W], weight [C_out, C_in, KH, KW], pairs for stride/dilation/padding ->
     [B, C_out, H', W']. negative_slope None: no activation (the discriminator's last conv);
-    a negative slope runs the reference.
+    a negative slope runs the reference. input_scale: the input is taken as x * input_scale (the
+    spectrogram's normalisation, which the gemm kernels fold into their products: the first conv
+    reads the STFT's real view directly, `ops.spectrogram_view`).
     """
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
@@ -393,6 +401,8 @@ def conv2d_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[t
     if min(stride + dilation) < 1 or min(padding) < 0:
         raise ValueError(f"conv2d: bad stride {stride}, dilation {dilation} or padding {padding}")
     if conv2d_backend(x, weight) != "triton" or (negative_slope is not None and negative_slope < 0):
-        return conv2d_leaky_relu_torch(x, weight, bias, stride, dilation, padding, negative_slope)
+        return conv2d_leaky_relu_torch(x * input_scale if input_scale != 1.0 else x, weight, bias, stride, dilation,
+                                       padding, negative_slope)
     dtype = _compute_dtype(x)
-    return _Conv2dLeakyReLU.apply(x, weight, bias, stride, dilation, padding, negative_slope, dtype)
+    return _Conv2dLeakyReLU.apply(x, weight, bias, stride, dilation, padding, negative_slope, dtype,
+                                  float(input_scale))

@@ -58,4 +58,20 @@ def spectrogram(x: torch.Tensor, window: torch.Tensor, n_fft: int, hop_length: i
     return _Layout.apply(torch.view_as_real(spec), B, C, scale)
 
 
-__all__: tp.List[str] = ["spectrogram", "spectrogram_torch"]
+def spectrogram_view(x: torch.Tensor, window: torch.Tensor, n_fft: int, hop_length: int, win_length: int,
+                     normalized: bool = True) -> tp.Tuple[torch.Tensor, float]:
+    """The fused front end's input, for mono x [B, 1, T]: (the STFT's real view as [B, 2, frames,
+    n_fft // 2 + 1], no copy: torch.stft's memory, bins contiguous with real and imaginary parts
+    side by side, strides (., 1, 2 * bins, 2); the normalisation 1 / ||window|| or 1).
+    `spectrogram(x)` equals view * scale; the gemm Conv2d reads the view and folds the scale into
+    its products (`ops.conv2d_leaky_relu(..., input_scale=scale)`)."""
+    B, C, T = x.shape
+    if C != 1:
+        raise ValueError(f"the STFT's real view is the first conv's layout for mono audio only, got {C} channels")
+    spec = torch.stft(x.reshape(B, T), n_fft, hop_length, win_length, window, center=False,
+                      normalized=False, onesided=True, return_complex=True)
+    scale = 1.0 / float(window.pow(2.0).sum().sqrt()) if normalized else 1.0
+    return torch.view_as_real(spec).permute(0, 3, 2, 1), scale
+
+
+__all__: tp.List[str] = ["spectrogram", "spectrogram_torch", "spectrogram_view"]

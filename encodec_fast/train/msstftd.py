@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import dsp, ops
+from ..ops.conv import conv2d_backend, conv_kernel
 
 FeatureMaps = tp.List[torch.Tensor]
 
@@ -49,14 +50,25 @@ class NormConv2d(nn.Module):
                 return hook.compute_weight(self.conv)
         return self.conv.weight
 
-    def forward(self, x: torch.Tensor, negative_slope: tp.Optional[float] = None) -> torch.Tensor:
-        """conv(x), followed by LeakyReLU(negative_slope) unless it is None; one fused op."""
+    def _plain(self) -> bool:
         conv = self.conv
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            y = conv(x)
+        return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+    def reads_any_layout(self, x: torch.Tensor, negative_slope: tp.Optional[float]) -> bool:
+        """Whether this conv runs on the gemm kernels for x (any strides, an input scale folded in:
+        the spectrogram's layout pass can be skipped)."""
+        return (self._plain() and (negative_slope is None or negative_slope >= 0)
+                and conv2d_backend(x, self.conv.weight) == "triton" and conv_kernel() == "gemm")
+
+    def forward(self, x: torch.Tensor, negative_slope: tp.Optional[float] = None,
+                input_scale: float = 1.0) -> torch.Tensor:
+        """conv(x * input_scale), followed by LeakyReLU(negative_slope) unless it is None; one fused op."""
+        conv = self.conv
+        if not self._plain():
+            y = conv(x * input_scale if input_scale != 1.0 else x)
             return y if negative_slope is None else F.leaky_relu(y, negative_slope)
         return ops.conv2d_leaky_relu(x, self.weight(), conv.bias, conv.stride, conv.dilation, conv.padding,
-                                     negative_slope)
+                                     negative_slope, input_scale)
 
 
 class DiscriminatorSTFT(nn.Module):
@@ -100,11 +112,20 @@ class DiscriminatorSTFT(nn.Module):
             raise ValueError(f"expected audio [B, {self.in_channels}, T], got {tuple(x.shape)}")
         if x.shape[-1] < self.win_length:
             raise ValueError(f"audio of {x.shape[-1]} samples is shorter than the STFT window ({self.win_length})")
-        z = self.spectrogram(x)
         fmap = []
         act = self.activation
         slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else None
-        for layer in self.convs:
+        layers = list(self.convs)
+        if self.in_channels == 1 and slope is not None and layers[0].reads_any_layout(x, slope):
+            # the fused front end: the first conv reads the STFT's real view, the normalisation
+            # folded into its products (no layout pass, forward or backward)
+            spec, scale = ops.spectrogram_view(x, self.spec_transform.window, self.n_fft, self.hop_length,
+                                               self.win_length, self.normalized)
+            z = layers.pop(0)(spec, slope, scale)
+            fmap.append(z)
+        else:
+            z = self.spectrogram(x)
+        for layer in layers:
             z = layer(z, slope) if slope is not None else act(layer(z))
             fmap.append(z)
         return self.conv_post(z), fmap
