@@ -437,3 +437,21 @@ def test_the_step_declares_its_precision_mode_to_our_ops_and_marks_its_parts(cor
         assert trainer.train_step(0, [x]) is not None
     assert seen and set(seen) == {mode} and precision_modes.current() is None
     assert set(timer.seconds()) == {"generator", "quantizer", "discriminator", "balancer", "optimizers"}
+
+
+def test_train_report_compares_runs(corpus, tmp_path):
+    """`encodec-fast train report RUN_A RUN_B -o OUT`: the runs' losses overlaid in one plot, a table
+    with each run's precision (as it ran), speed and last losses; several runs need -o."""
+    from encodec_fast import cli
+    for precision in ("fp32", "bf16"):
+        T.train(_config(corpus, steps=4, precision=precision, l_g=0.0, l_feat=0.0), tmp_path / precision,
+                quiet=True)
+    out = tmp_path / "compared"
+    assert cli.main(["train", "report", str(tmp_path / "fp32"), str(tmp_path / "bf16"), "-o", str(out)]) == 0
+    assert (out / "compare.png").stat().st_size > 0
+    table = (out / "COMPARE.md").read_text()
+    assert "| fp32 | fp32 | tiny |" in table and "| bf16 | bf16 | tiny |" in table
+    assert "multi-scale mel" in table and "adversarial" not in table  # only the losses the runs have
+    with pytest.raises(SystemExit):
+        cli.main(["train", "report", str(tmp_path / "fp32"), str(tmp_path / "bf16")])
+    assert cli.main(["train", "report", str(tmp_path / "fp32"), str(tmp_path / "nothing"), "-o", str(out)]) == 1

@@ -7,7 +7,9 @@
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log);
 # 3. the benchmarks, each in a process of its own (a GPU fault in one does not take the others with
 #    it), in priority order: `rvq`, `kernels` (residual blocks and convolutions), `codec`, `quantizer`,
-#    `train_step`, then `kernels` again for its other stages (conv2d, stft, training, model). Each gets
+#    `train_step`, bf16 and fp32 loss curves of one recipe (tools/precision_curves.sh, 60 s each, on
+#    .gpu_data/corpus when carried), then `kernels` again for its other stages (conv2d, stft,
+#    training, model). Each gets
 #    a time limit, cut to what is left of the session; at its limit it gets SIGTERM and writes what
 #    it measured (bench/runner.py), then the next one starts; when the session's time is spent the
 #    rest are listed as not run. BENCH_ONLY="rvq codec" runs only those steps.
@@ -61,6 +63,8 @@ bench conv 120 kernels BENCH_KERNEL_STAGES="block conv"
 bench codec 130 codec
 bench quantizer 40 quantizer
 bench train_step 80 train_step
+corpus=.gpu_data/corpus; [ -d "$corpus/train" ] || corpus=""
+step curves 170 env PRECISIONS="bf16 fp32" bash tools/precision_curves.sh "$work/curves" 60 $corpus
 bench kernels 60 kernels BENCH_KERNEL_STAGES="conv2d stft training model"
 say "session done"
 pack

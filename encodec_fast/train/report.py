@@ -4,6 +4,10 @@ Reads RUN_DIR/metrics.jsonl (written by the trainer) and writes RUN_DIR/report/:
 generator's losses and the discriminator's, smoothed, against steps), validation.png (SI-SNR and
 mel distance per bandwidth against steps), codebooks.png (perplexity and unused codes per stage
 at the last validation) and REPORT.md. Needs matplotlib.
+
+`encodec-fast train report RUN_A RUN_B ... -o OUT` compares runs (the same recipe in bf16 and fp32,
+say): OUT/compare.png overlays each loss of every run (smoothed) against steps, OUT/COMPARE.md
+tables each run's precision, speed and last losses (means over the last 10 logged steps).
 """
 
 import argparse
@@ -134,12 +138,79 @@ def write_report(run_dir: tp.Union[str, Path]) -> Path:
     return out
 
 
+def _label(run_dir: Path, config: tp.Dict[str, tp.Any]) -> str:
+    return f"{run_dir.name} ({config.get('precision', '?')})"
+
+
+def write_comparison(run_dirs: tp.Sequence[tp.Union[str, Path]], out: tp.Union[str, Path]) -> Path:
+    """compare.png and COMPARE.md in `out` for several runs -> `out`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        every = read_metrics(run_dir)
+        rows = [r for r in every if r.get("split") == "train"]
+        config = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).exists() else {}
+        started = [r for r in every if r.get("split") == "start" and "precision" in r]
+        if started:  # the precision the run computed in ('auto' resolved)
+            config = {**config, "precision": started[-1]["precision"]}
+        runs.append((run_dir, config, rows))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), constrained_layout=True)
+    for ax, (key, label) in zip(axes.flat, LOSSES):
+        drawn = False
+        for i, (run_dir, config, rows) in enumerate(runs):
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, _smooth(values, 10), color=f"C{i}", label=_label(run_dir, config))
+                drawn = True
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "in none of the runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{label} (mean of 10)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Training losses, run against run")
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+    present = [(key, label) for key, label in LOSSES if any(key in r for _, _, rows in runs for r in rows)]
+    lines = ["# Training runs compared", "",
+             "| run | precision | model | batch | steps logged | steps/s | " +
+             " | ".join(label for _, label in present) + " |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(present)]
+    for run_dir, config, rows in runs:
+        last = rows[-10:]
+        cells = []
+        for key, _ in present:
+            values = [r[key] for r in last if isinstance(r.get(key), (int, float))]
+            cells.append(f"{sum(values) / len(values):.4g}" if values else "—")
+        speed = rows[-1].get("steps_per_s") if rows else None
+        lines.append(f"| {run_dir.name} | {config.get('precision', '?')} | {config.get('model', '?')} | "
+                     f"{config.get('batch_size', '?')} | {rows[-1]['step'] if rows else 0} | "
+                     f"{'—' if speed is None else f'{speed:.3g}'} | " + " | ".join(cells) + " |")
+    lines += ["", "Losses: means over each run's last 10 logged steps.", "", "![losses](compare.png)", ""]
+    (out / "COMPARE.md").write_text("\n".join(lines))
+    return out
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser("encodec-fast train report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="+", help="one run: its report; several: compared (needs -o)")
+    parser.add_argument("-o", "--out", type=Path, default=None, help="where the comparison of several runs goes")
     args = parser.parse_args(argv)
+    if len(args.run_dir) > 1 and args.out is None:
+        parser.error("several runs are compared into a folder: give -o OUT")
     try:
-        out = write_report(args.run_dir)
+        if len(args.run_dir) > 1:
+            out = write_comparison(args.run_dir, args.out)
+            print(f"encodec-fast train report: {out / 'COMPARE.md'}", file=sys.stderr)
+            return 0
+        out = write_report(args.run_dir[0])
     except (ValueError, OSError) as err:
         print(f"encodec-fast train report: error: {err}", file=sys.stderr)
         return 1

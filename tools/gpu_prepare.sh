@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything tools/gpu_session.sh needs that a GPU machine without registry access cannot make,
+# prepared on a machine that has it (run from the repository's root, with espeak-ng for speech):
+#   bash tools/gpu_prepare.sh [PYTHON_VERSION]      (the GPU machine's Python, default 3.12)
+# - .whl/: wheels of what the GPU image lacks (soundfile and its cffi/pycparser, upstream encodec
+#   0.1.1 for the peers' columns, vector-quantize-pytorch and its needs), manylinux x86-64;
+# - .gpu_data/clips: the benchmarks' held-out speech and music (ENCODEC_FAST_BENCH_CLIPS);
+# - .gpu_data/corpus: a small training corpus (tools/precision_curves.sh).
+# Both folders are git-ignored; carry them to the GPU machine with the working tree.
+set -eu
+py=${1:-3.12}
+mkdir -p .whl .gpu_data
+platforms=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
+    platforms+=(--platform "$p")
+done
+PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
+    --implementation cp "${platforms[@]}" -d .whl soundfile cffi pycparser vector-quantize-pytorch einx \
+    frozendict loguru torch-einops-utils
+PIP_CONFIG_FILE=/dev/null python3 -m pip wheel -q --no-deps -w .whl encodec==0.1.1
+ENCODEC_FAST_BENCH_CLIPS=.gpu_data/clips python3 -c "
+from bench.benchmarks.quality import heldout_clips
+clips, missing = heldout_clips(['speech', 'music'], 4, 8.0)
+print({k: len(v) for k, v in clips.items()}, missing or '')"
+[ -d .gpu_data/corpus/train ] || python3 -m tools.make_train_corpus .gpu_data/corpus --speech-clips 24 \
+    --music-clips 16 --heldout-clips 2
+du -sh .whl .gpu_data
