@@ -455,3 +455,26 @@ def test_train_report_compares_runs(corpus, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["train", "report", str(tmp_path / "fp32"), str(tmp_path / "bf16")])
     assert cli.main(["train", "report", str(tmp_path / "fp32"), str(tmp_path / "nothing"), "-o", str(out)]) == 1
+
+
+def test_deterministic_mode_is_scoped_to_the_step(corpus, tmp_path):
+    """--deterministic: torch's deterministic algorithms (and cuDNN's) inside each step and
+    validation, the caller's settings untouched outside; the run trains as without it (on CPU the
+    same bits: CPU steps are deterministic already)."""
+    seen = []
+    runs = {}
+    for deterministic in (True, False):
+        trainer = T.Trainer(_config(corpus, steps=3, deterministic=deterministic, seed=3),
+                            tmp_path / f"run_{deterministic}", quiet=True)
+        trainer.disc.register_forward_hook(
+            lambda *a, d=deterministic: seen.append((d, torch.are_deterministic_algorithms_enabled(),
+                                                     torch.backends.cudnn.deterministic)))
+        trainer.run()
+        runs[deterministic] = trainer.model.state_dict()
+    assert {s for s in seen if s[0]} == {(True, True, True)}
+    assert {s for s in seen if not s[0]} == {(False, False, False)}
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert all(torch.equal(a, runs[False][k]) for k, a in runs[True].items())
+    from encodec_fast.train.command import config_from_args, get_parser
+    args = get_parser().parse_args(["x", "-o", str(tmp_path / "cli"), "--deterministic"])
+    assert config_from_args(args).deterministic is True

@@ -18,7 +18,9 @@ the trainer's `--precision fp32|tf32|bf16`):
 - `torch.compile <mode>`: that path with the encoder, decoder and discriminator under
   `torch.compile` (default mode; compile time is not timed: two warm-up steps). CUDA: bf16 only in
   the quick suite, every mode in the full one; CPU: the full suite only, exact;
-- `upstream`: the step on upstream's modules, as torch is configured (TF32 as torch's defaults).
+- `upstream`: the step on upstream's modules, as torch is configured (TF32 as torch's defaults);
+- `ours exact, deterministic` (CUDA): the trainer's `--deterministic` (what it costs; with it in
+  the run, CUBLAS_WORKSPACE_CONFIG=:4096:8 is set for the whole process, every variant).
 On CPU tf32 is exact (no TF32 on CPUs) and is left out; bf16 in the full suite only.
 
 Param `part` (the issue tracker's and docs' names): `step` (the whole step, wall clock: `time` in
@@ -97,6 +99,8 @@ def variants(device: str, suite: str) -> tp.List[tp.Tuple[str, str, str]]:
         out += [(f"ours {mode}", mode, "ours"), (f"torch {mode}", mode, "torch")]
         if (cuda and (suite == "full" or mode == "bf16")) or (not cuda and suite == "full" and mode == "exact"):
             out.append((f"torch.compile {mode}", mode, "compile"))
+    if cuda:  # what --deterministic costs (a CPU step is deterministic without it)
+        out.append(("ours exact, deterministic", "exact", "deterministic"))
     return out
 
 
@@ -116,13 +120,16 @@ def measure(model: str, batches: tp.Sequence[int], seconds: float, reps: int, ba
 
     rows = []
     todo = [v for v in variants(device, suite) if only is None or v[0] in only]
+    if any(how == "deterministic" for _, _, how in todo):  # before cuBLAS starts: every variant gets it
+        import os
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     with tempfile.TemporaryDirectory() as tmp:
         _corpus(Path(tmp), seconds)
         trainers = {}
         for name, mode, how in todo:
             config = TrainConfig(data=[tmp], model=model, batch_size=max(batches), segment_seconds=seconds,
                                  workers=0, valid_items=0, precision=TRAINER_PRECISION[mode], device=device,
-                                 steps=10 ** 6)
+                                 steps=10 ** 6, deterministic=how == "deterministic")
             trainers[name] = Trainer(config, Path(tmp) / f"run_{len(trainers)}", quiet=True)
         first = next(iter(trainers.values()))
         set_data_like_codebooks(first.model)

@@ -23,7 +23,7 @@ from .trainer import CONFIG, TrainConfig
 
 #: Options a resumed run may change.
 STEERING = {"steps", "workers", "device", "threads", "log_every", "valid_every", "checkpoint_every", "max_nonfinite",
-            "max_minutes"}
+            "max_minutes", "deterministic"}
 
 
 #: The type of the options whose default is None.

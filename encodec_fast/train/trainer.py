@@ -128,6 +128,10 @@ class TrainConfig:
     max_minutes: float = _opt(0.0, "stop (checkpoint, export, validate) after this much wall time (0: no limit)")
     max_nonfinite: int = _opt(5, "stop after this many steps in a row with non-finite losses")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    deterministic: bool = _opt(False, "deterministic algorithms only, for the step and validation "
+                                      "(torch.use_deterministic_algorithms, cuDNN's deterministic convolutions, "
+                                      "CUBLAS_WORKSPACE_CONFIG=:4096:8): a run repeats its bits on the same GPU; "
+                                      "slower on CUDA; a CPU step is deterministic without it")
 
     @property
     def base(self) -> str:
@@ -253,6 +257,8 @@ class Trainer:
                  quiet: bool = False):
         config.check()
         self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
+        if config.deterministic:  # read when cuBLAS makes its first handle: before any CUDA work
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and "LOCAL_RANK" in os.environ:
             device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -402,7 +408,8 @@ class Trainer:
         fp32; what bf16 leaves in fp32 too), restored after (`encodec_fast.precision.torch_precision`)."""
         mode = {"tf32": "tf32", "bf16": "bf16"}.get(self.precision_name, "exact")
         with precision_modes.declare(mode), (precision_modes.torch_precision("tf32" if mode == "tf32" else "exact")
-                                             if self.device.type == "cuda" else contextlib.nullcontext()):
+                                             if self.device.type == "cuda" else contextlib.nullcontext()), \
+                (deterministic_algorithms() if self.config.deterministic else contextlib.nullcontext()):
             yield
 
     def forward(self, x: torch.Tensor, bandwidth: float):
@@ -692,6 +699,22 @@ class Trainer:
 def _progress(total: int, initial: int, disable: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True, desc="train")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> tp.Iterator[None]:
+    """torch's deterministic algorithms inside the block (an op without one raises), cuDNN's
+    deterministic convolutions without autotuning; the previous settings restored after. Our
+    kernels are deterministic whatever the setting (no floating-point atomics)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def train(config: TrainConfig, run_dir: tp.Union[str, Path], resume: bool = False,
