@@ -115,3 +115,35 @@ def test_training_corpus_tool_and_training_step(tmp_path):
         assert all(v >= 0 for v in r["parts_ms"].values())
         assert sum(r["parts_ms"].values()) <= 1.05 * r["max_ms"]
         assert r["parts_ms"]["generator"] > 0 and r["parts_ms"]["discriminator"] > 0
+
+
+def test_dispatch_table_from_a_kernels_run(tmp_path, capsys):
+    """tools/dispatch_table.py turns the kernels benchmark's conv records into CONV_MS entries: per
+    layer and mode the chosen family's (cuDNN ms, ours ms), keyed as `ops.dispatch` keys them."""
+    import ast
+
+    from tools import dispatch_table
+
+    def rec(name, mode, family, impl, ms):
+        return {"benchmark": "kernels", "metric": "time", "implementation": impl, "median": ms,
+                "params": {"stage": "conv", "op": f"conv: {name}", "precision": mode, "family": family}}
+    records = []
+    for name, mode, direct, gemm, cudnn in (("enc first conv", "bf16", 3.0, 2.0, 2.5),
+                                            ("dec up s2", "exact", 8.0, 9.0, 13.0)):
+        records += [rec(name, mode, fam, "torch", cudnn) for fam in ("direct", "gemm")]
+        records += [rec(name, mode, "direct", "triton", direct), rec(name, mode, "gemm", "triton", gemm)]
+    records.append({**rec("enc res k3", "tf32", "gemm", "triton", 1.0), "na": "failed"})  # n/a: left out
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"records": records, "context": {"device": "GPU X"}}))
+    assert dispatch_table.main([str(path), "--family", "best", "--out", str(tmp_path / "t.md")]) == 0
+    text = capsys.readouterr().out
+    assert "| enc first conv | bf16 | gemm | 2.500 | 2.000 | 1.25x |" in text
+    block = text.split("```python")[1].split("```")[0]
+    table = ast.literal_eval(block[block.index("{"):block.rindex("}") + 1])
+    assert table == {("conv1d", 1, 32, 7, 1): {"bf16": (2.5, 2.0)},
+                     ("conv_transpose1d", 64, 32, 4, 2): {"exact": (13.0, 8.0)}}
+    assert "(gemm)" in block and "(direct)" in block
+    assert dispatch_table.main([str(path), "--family", "gemm"]) == 0
+    assert "(13.000, 9.000)" in capsys.readouterr().out
+    path.write_text(json.dumps({"records": []}))
+    assert dispatch_table.main([str(path)]) == 1
