@@ -9,9 +9,9 @@
     timer.seconds()                       # {"encoder": self time, "lstm": ...}
 
 A stage's figure is its *own* time: the time of the stages nested in it is taken out of it, so the
-figures add up to the time of the outermost stages (a GPU-timed stage nested in a host-timed one is not taken out
-of it: they overlap). On CPU a stage is wall-clock time (perf_counter).
-On CUDA a stage whose `device` is a CUDA device is timed by two CUDA events on the current stream:
+figures add up to the time of the outermost stages (a GPU-timed stage nested in a host-timed one
+is not taken out of it: they overlap). On CPU a stage is wall-clock time (perf_counter, or the
+timer's `clock`). A stage whose `device` is a CUDA device is timed by two CUDA events on the current stream:
 the time the GPU spent between them, without a synchronization (the events are read when they have
 completed, or at `seconds()`), so that timing does not change what it measures. A timer is used by
 one thread at a time; another thread (the tokenizer's writer) keeps its own.
@@ -40,7 +40,8 @@ class _Record:
 class StageTimer:
     """Accumulates the own time of named stages (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: tp.Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock  # host stages' clock (seconds)
         self._own: tp.Dict[str, float] = {}
         self._counts: tp.Dict[str, int] = {}
         self._stack: tp.List[_Record] = []
@@ -65,7 +66,7 @@ class StageTimer:
             begin.record()
             self.gpu.add(name)
         else:
-            begin = time.perf_counter()
+            begin = self._clock()
         rec = _Record(name, self._stack[-1] if self._stack else None, begin, cuda)
         if rec.parent is not None:
             rec.parent.children.append(rec)
@@ -78,7 +79,7 @@ class StageTimer:
                 rec.end = torch.cuda.Event(enable_timing=True)
                 rec.end.record()
             else:
-                rec.seconds = time.perf_counter() - rec.begin
+                rec.seconds = self._clock() - rec.begin
             if rec.parent is None:
                 self._pending.append(rec)
                 self._collect(block=False)

@@ -8,25 +8,46 @@ import pytest
 from encodec_fast import timing
 
 
+class FakeClock:
+    """A clock that moves only when told to: exact figures, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_nested_stages_count_their_own_time():
-    timer = timing.StageTimer()
+    clock = FakeClock()
+    timer = timing.StageTimer(clock)
     with timer.active():
         for _ in range(2):
             with timing.stage("outer"):
-                time.sleep(0.02)
+                clock.advance(2)
                 with timing.stage("inner"):
-                    time.sleep(0.03)
+                    clock.advance(3)
                     with timing.stage("innermost"):
-                        time.sleep(0.01)
+                        clock.advance(1)
+                clock.advance(0.5)
         with timing.stage("inner"):  # the same name outside: adds up
-            time.sleep(0.01)
+            clock.advance(1)
+        clock.advance(100)  # outside every stage: nobody's
     sec, counts = timer.seconds(), timer.counts()
     assert list(sec) == ["outer", "inner", "innermost"]
     assert counts == {"outer": 2, "inner": 3, "innermost": 2}
-    assert 0.04 <= sec["outer"] < 0.06 + 0.05  # its own sleeps only (scheduling adds, never removes)
-    assert 0.07 <= sec["inner"] < 0.07 + 0.05
-    assert 0.02 <= sec["innermost"] < 0.02 + 0.05
+    assert sec == {"outer": 5.0, "inner": 7.0, "innermost": 2.0}
     assert not timer.gpu
+
+
+def test_the_default_clock_is_the_wall_clock():
+    timer = timing.StageTimer()
+    with timer.active(), timing.stage("sleep"):
+        time.sleep(0.01)
+    assert timer.seconds()["sleep"] >= 0.01  # a sleep lasts at least that long
 
 
 def test_stage_is_a_no_op_without_an_active_timer_and_per_thread():

@@ -129,7 +129,6 @@ def test_time_breakdown_of_a_run(tmp_path, checkpoint_24, capsys):
         host = sum(v for k, v in stages.items() if k != "write rows (writer thread)")
         # "other" fills the main thread's time up to the loop's wall time: the stages never add up to more
         assert host == pytest.approx(summary.loop_seconds, abs=0.01)
-        assert stages["other (main thread)"] < 0.5 * summary.loop_seconds
         assert 0 < summary.loop_seconds <= summary.wall_seconds and summary.gpu_stages == []
         last = json.loads((out / "_manifest.json").read_text())["last_run"]
         assert last["seconds_by_stage"] == stages and last["gpu_stages"] == []

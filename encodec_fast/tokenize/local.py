@@ -239,41 +239,36 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
 
     timer = timer if timer is not None else timing.StageTimer()
     loop_start = time.perf_counter()
+    pool: tp.List[Loaded] = []
+    pooled = 0
     try:
         with timer.active():
-            return _loop(iter(loader), stop, submit_or_fail, fail, encode, items, model, device, long, budget,
-                         pool_batches)
+            with timing.stage(READ_STAGE):  # starting the decoding processes is part of waiting for them
+                loaded_items = iter(loader)
+            while True:
+                with timing.stage(READ_STAGE):
+                    loaded = next(loaded_items, None)
+                if loaded is None:
+                    break
+                if stop.requested is not None:
+                    return False
+                if loaded.long:
+                    submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])
+                    continue
+                if loaded.wav is None:
+                    fail(loaded, loaded.error)
+                    continue
+                pool.append(loaded)
+                pooled += loaded.wav.shape[-1]
+                if pooled >= pool_batches * budget:
+                    encode(pool)
+                    pool, pooled = [], 0
+            if pool:
+                encode(pool)
+            return True
     finally:
         try:
             writer.close()
         finally:
             timer.add(WRITE_STAGE, writer.busy - writer.waiting_for_device)
             timer.loop_seconds = time.perf_counter() - loop_start
-
-
-def _loop(loader: tp.Iterator[Loaded], stop: GracefulStop, submit_or_fail, fail, encode, items: tp.Sequence[Item],
-          model: EncodecModel, device: torch.device, long: LongInputs, budget: int, pool_batches: int) -> bool:
-    """The main thread's loop: take decoded items, pool them, encode the pool in length-sorted batches."""
-    pool: tp.List[Loaded] = []
-    pooled = 0
-    while True:
-        with timing.stage(READ_STAGE):
-            loaded = next(loader, None)
-        if loaded is None:
-            break
-        if stop.requested is not None:
-            return False
-        if loaded.long:
-            submit_or_fail([loaded], [encode_streamed(model, items[loaded.index], loaded.long, device, long)])
-            continue
-        if loaded.wav is None:
-            fail(loaded, loaded.error)
-            continue
-        pool.append(loaded)
-        pooled += loaded.wav.shape[-1]
-        if pooled >= pool_batches * budget:
-            encode(pool)
-            pool, pooled = [], 0
-    if pool:
-        encode(pool)
-    return True
