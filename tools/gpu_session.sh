@@ -53,6 +53,8 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs with min(limit, time left -
 }
 bench() {  # bench STEP_NAME LIMIT BENCHMARK [ENV=VALUE...]: one benchmark in its own process
     local name=$1 limit=$2 which=$3; shift 3
+    local avail=$(( $(left) - 15 ))
+    [ "$avail" -lt "$limit" ] && limit=$avail
     step "$name" "$limit" env "$@" python3 -m bench --suite quick --device cuda --only "$which" \
         --budget-seconds $(( limit * 3 / 4 )) --out "$work/$name"
 }
