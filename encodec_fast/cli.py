@@ -233,6 +233,9 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["exact", "tf32", "bf16"], default="exact",
                         help="The encoder's precision mode (default exact: fp32 products everywhere, the CPU's "
                              "codes; tf32 and bf16 run faster on GPUs, and their codes can differ).")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="On CUDA, replay each batch shape (length bucket x clips) from a captured CUDA graph: "
+                             "less launch overhead for short clips; one capture per shape.")
     parser.add_argument("--debug", action="store_true", help="On an error, show the Python traceback.")
     parser.add_argument("--batch-seconds", type=float, default=120.0,
                         help="Audio per encoder call, padding included (default 120).")
@@ -269,7 +272,8 @@ def tokenize_main(argv: tp.Sequence[str]) -> int:
                            checkpoint=args.checkpoint, repository=args.repository, device=device,
                            batch_seconds=args.batch_seconds, workers=args.workers, shard=args.shard,
                            overwrite=args.overwrite, quiet=args.quiet, rows_per_shard=args.rows_per_shard,
-                           engine=args.engine, ray_address=args.ray_address, precision=args.precision)
+                           engine=args.engine, ray_address=args.ray_address, precision=args.precision,
+                           cuda_graphs=args.cuda_graphs)
     except (ValueError, CheckpointError, OSError, ImportError, JobLockError) as err:
         return report_failure("encodec-fast tokenize", err, 101, args.debug)
     except Interrupted as err:

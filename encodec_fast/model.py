@@ -19,7 +19,7 @@ from . import precision as precision_modes
 from . import quantization as qt
 from . import timing
 from .lm import LMModel
-from .modules.groups import Group, Groups
+from .modules.groups import Group, Groups, RaggedRows
 from .pretrained import CHECKPOINTS, CheckpointError, get_checkpoint, load_state_dict_file
 
 EncodedFrame = tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]
@@ -41,6 +41,31 @@ HEAD_BATCH_ROWS = 256
 #: and running each segment or clip as its own call makes codes equal to upstream's by
 #: construction. With it on, convolutions run batched (see `encodec_fast.modules.groups`).
 BATCH_ON_CPU = False
+
+
+#: Devices on which `encode_batch` runs clips of different lengths through each op in one call,
+#: the rows' lengths on the device (`RaggedRows`: a launch per layer, not per clip; CUDA graphs
+#: can capture it). Elsewhere the shape-sensitive ops run clip by clip (`Groups`), which keeps
+#: upstream's bits on CPU.
+ONE_CALL_DEVICES = frozenset({"cuda"})
+
+#: With one call per batch, its width is rounded up to a length bucket (`bucket_length`): 2^(1/4)
+#: steps of whole frames, at most 19% padding, so that batches repeat a few shapes (cuDNN plans,
+#: autotuned kernels and CUDA graphs are per shape). 0 turns buckets off.
+BUCKET_STEPS_PER_OCTAVE = 4
+
+
+def bucket_length(length: int, hop: int, steps_per_octave: int = BUCKET_STEPS_PER_OCTAVE) -> int:
+    """The smallest bucket holding `length` samples: hop x ceil(2^(k / steps)) for the least k."""
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    frames = -(-length // hop)
+    if steps_per_octave <= 0:
+        return length
+    k = 0
+    while math.ceil(2 ** (k / steps_per_octave) - 1e-9) < frames:
+        k += 1
+    return hop * math.ceil(2 ** (k / steps_per_octave) - 1e-9)
 
 
 def _segment_budget(device: torch.device) -> int:
@@ -103,6 +128,7 @@ class EncodecModel(nn.Module):
         self.lm_repository: tp.Optional[PathLike] = None
         #: The precision mode of encode / decode (`encodec_fast.precision`; `set_precision`).
         self.precision = precision_modes.DEFAULT
+        self._cuda_graphs: tp.Any = None  # encodec_fast.graphs.EncoderGraphs, see use_cuda_graphs
         self.bits_per_codebook = int(math.log2(self.quantizer.bins))
         if 2 ** self.bits_per_codebook != self.quantizer.bins:
             raise ValueError("quantizer bins must be a power of 2.")
@@ -171,11 +197,13 @@ class EncodecModel(nn.Module):
         mono = x.mean(dim=1, keepdim=True)
         return 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
 
-    def _encode_rows(self, x: torch.Tensor, groups: tp.Optional[Groups]) -> torch.Tensor:
+    def _encode_rows(self, x: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows]) -> torch.Tensor:
         """Encoder + quantizer on a stacked batch -> codes [N, K, T] (zeros past a group's frames).
 
-        The codebook search runs per group on that group's valid frames only: a matrix product's
-        bits can depend on its number of rows.
+        With `Groups` the codebook search runs per group on that group's valid frames only: a
+        matrix product's bits can depend on its number of rows. With `RaggedRows` it runs once on
+        every frame (the kernels' codes do not depend on the rows around them) and the frames past
+        each row's end are zeroed on the device.
         """
         with self._precision_scope(x.device), timing.stage("encoder convolutions", x.device):
             emb = self.encoder(x, groups)
@@ -184,6 +212,10 @@ class EncodecModel(nn.Module):
         with timing.stage("RVQ search", x.device):
             if groups is None:
                 return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
+            if isinstance(groups, RaggedRows):
+                codes = self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
+                frames = -(-groups.lengths // self.hop_length)
+                return codes.masked_fill_(~RaggedRows(frames).valid(codes.shape[-1])[:, None, :], 0)
             codes = torch.zeros(emb.shape[0], self.num_codebooks, emb.shape[-1], dtype=torch.long,
                                 device=emb.device)
             for g in groups:
@@ -191,6 +223,22 @@ class EncodecModel(nn.Module):
                 part = self.quantizer.encode(emb[g.start:g.stop, :, :frames], self.frame_rate, self.bandwidth)
                 codes[g.start:g.stop, :, :frames] = part.transpose(0, 1)
             return codes
+
+    def _encode_ragged(self, batch: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`_encode_rows(batch, RaggedRows(lengths))`, replayed from a CUDA graph when
+        `use_cuda_graphs` is on (one graph per batch shape, bandwidth and precision mode)."""
+        if self._cuda_graphs is not None and batch.is_cuda:
+            return self._cuda_graphs.run(batch, lengths)
+        return self._encode_rows(batch, RaggedRows(lengths))
+
+    def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 8) -> "EncodecModel":
+        """Replay `encode_batch`'s batches on CUDA from captured graphs (`encodec_fast.graphs`): one
+        capture per batch shape (length bucket x rows), bandwidth and precision mode, at most
+        `max_graphs` kept (least recently used dropped). The codes are those of the same batch run
+        without graphs (the same kernels, replayed)."""
+        from .graphs import EncoderGraphs
+        self._cuda_graphs = EncoderGraphs(self, max_graphs) if enabled else None
+        return self
 
     def encode(self, x: torch.Tensor) -> tp.List[EncodedFrame]:
         """x [B, C, T] -> list of (codes [B, K, T_i] int64, scale [B, 1] or None), one per segment.
@@ -259,6 +307,12 @@ class EncodecModel(nn.Module):
         Models with GroupNorm (48 kHz) only stack segments of equal length, since the norm's
         statistics would otherwise see the padding.
 
+        On the devices of `ONE_CALL_DEVICES` (CUDA) a batch is padded to its length bucket
+        (`bucket_length`) and every op runs once for the whole batch with the clips' lengths on the
+        device (`RaggedRows`: the padding rebuilt per clip by one gather); there a clip's codes are
+        its codes alone up to the device's own shape-dependent roundings (cuDNN and cuBLAS choose
+        algorithms by shape), and `use_cuda_graphs` replays each batch shape from a CUDA graph.
+
         `max_batch_samples` bounds the padded samples per encoder call.
         """
         for w in wavs:
@@ -268,18 +322,27 @@ class EncodecModel(nn.Module):
         # (clip, segment index, offset, length) for every segment of every clip.
         items = [(i, s, off, n) for i, w in enumerate(wavs) for s, (off, n) in enumerate(self._segments(w.shape[-1]))]
         ragged = self.encoder.norm != "time_group_norm"
-        budget = max_batch_samples if _stack(wavs[0].device) else 0  # 0: one segment per call
+        device = wavs[0].device
+        budget = max_batch_samples if _stack(device) else 0  # 0: one segment per call
+        one_call = ragged and budget > 0 and device.type in ONE_CALL_DEVICES
+        # with one call per batch, a batch's width is its longest clip's length bucket
+        widths = [bucket_length(it[3], self.hop_length) if one_call else it[3] for it in items]
         with torch.no_grad():
-            for batch_items in length_batches([it[3] for it in items], budget, equal_only=not ragged):
+            for batch_items in length_batches(widths, budget, equal_only=not ragged):
                 chunk = [items[k] for k in batch_items]
-                longest = chunk[0][3]
+                width = widths[batch_items[0]]
                 views = [wavs[i][None, :, off:off + n] for i, _, off, n in chunk]
                 scales = [self._scale(v) if self.normalize else None for v in views]
-                batch = views[0].new_zeros(len(chunk), self.channels, longest)
+                batch = views[0].new_zeros(len(chunk), self.channels, width)
                 for row, v in enumerate(views):
                     batch[row, :, : v.shape[-1]] = v / scales[row] if self.normalize else v
-                groups = Groups([Group(row, row + 1, n) for row, (_, _, _, n) in enumerate(chunk)])
-                codes = self._encode_rows(batch, groups if len(chunk) > 1 else None)
+                lengths = [n for _, _, _, n in chunk]
+                if len(chunk) == 1 and lengths[0] == width:
+                    codes = self._encode_rows(batch, None)
+                elif one_call:
+                    codes = self._encode_ragged(batch, torch.tensor(lengths, dtype=torch.long).to(device))
+                else:
+                    codes = self._encode_rows(batch, Groups([Group(row, row + 1, n) for row, n in enumerate(lengths)]))
                 for row, (i, s, _, n) in enumerate(chunk):
                     frames = math.ceil(n / self.hop_length)
                     scale = scales[row]

@@ -134,6 +134,8 @@ def stage(name: str, device: tp.Optional[torch.device] = None) -> tp.ContextMana
     work runs (CUDA: timed with events on the current stream; else wall-clock)."""
     if _compiling():  # inside torch.compile's trace: stages are host-side bookkeeping, not graph ops
         return contextlib.nullcontext()
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return contextlib.nullcontext()  # inside a CUDA graph's capture: events there would not time a replay
     timer = _ACTIVE.get()
     if timer is None:
         return contextlib.nullcontext()

@@ -147,3 +147,20 @@ def test_dispatch_table_from_a_kernels_run(tmp_path, capsys):
     assert "(13.000, 9.000)" in capsys.readouterr().out
     path.write_text(json.dumps({"records": []}))
     assert dispatch_table.main([str(path)]) == 1
+
+
+def test_codec_benchmark_ragged_case_runs_on_cpu(tmp_path, monkeypatch, pair_24):
+    """The codec benchmark's CUDA-only ragged case (`encode_batch` on clips of different lengths, per mode;
+    batched, from CUDA graphs where there is a GPU, clip by clip), run on CPU at tiny sizes: every variant
+    timed, and the share of codes equal to each clip alone recorded (100% here: CPU batches per clip)."""
+    from bench.benchmarks import codec
+    monkeypatch.setattr(codec, "RAGGED_CLIPS", 3)
+    monkeypatch.setattr(codec, "RAGGED_SECONDS", (0.02, 0.1))
+    _, ours = pair_24
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
+    codec._ragged(ctx, ours, "random")
+    timed = {r["implementation"] for r in ctx.records if r["metric"] == "time"}
+    assert timed == {f"ours {m}{s}" for m in ("exact", "tf32", "bf16") for s in ("", ", CUDA graphs", ", clip by clip")}
+    equal = [r for r in ctx.records if r["metric"] == "codes_equal_clip_alone"]
+    assert len(equal) == 6 and all(r["median"] == 100.0 for r in equal)
+    assert ours.precision == "exact" and ours._cuda_graphs is None

@@ -311,6 +311,18 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                         frames = -(-sr * seconds // model.encoder.hop_length)
                         with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
                             dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
+        # Clips of different lengths in one call (encode_batch on CUDA, `RaggedRows`): every
+        # convolution reads a buffer padded per row, so it launches without padding of its own.
+        if name == "24k":
+            from encodec_fast.modules.groups import RaggedRows
+            for family, dtype, precision in [("direct", torch.float32, "ieee"), ("direct", torch.bfloat16, "ieee"),
+                                             ("gemm", torch.float32, "tf32"), ("gemm", torch.bfloat16, "ieee")]:
+                tag = ("fp32" if dtype == torch.float32 else "bf16") + f" {family}"
+                enc = model.encoder.to(dtype)
+                with _env("ENCODEC_FAST_CONV_KERNEL", family), _env("ENCODEC_FAST_CONV_PRECISION", precision), \
+                        _scenario(recorder, f"{name} encoder ragged 10s x64 {tag} {precision}"):
+                    enc(torch.empty(64, ch, sr * 10, device=meta, dtype=dtype),
+                        RaggedRows(torch.empty(64, dtype=torch.long, device=meta)))
 
     # RVQ: 1024-entry codebooks of dimension 128, n_q 1..32, one frame and 64 x 10 s of frames.
     D, K = 128, 1024

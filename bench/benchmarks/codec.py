@@ -140,6 +140,8 @@ def run(ctx: Context) -> None:
                                     _params(model, "encode", batch, seconds, kbps, ctx.device))
             if ctx.device == "cuda":
                 _cuda_memory(ctx, live, x, kbps, _params(model, "", batch, seconds, kbps, ctx.device))
+        if ctx.device == "cuda" and model == "24khz":
+            _ragged(ctx, ours.net, source)
         del codecs
         if model == "24khz":
             _mode_agreement(ctx)
@@ -151,6 +153,65 @@ def run(ctx: Context) -> None:
                     for impl in peers.IMPLS:
                         ctx.na(_params(model, op, *case, "cpu"), impl, "peak_memory", "MB",
                                "the smoke suite measures memory on the 24 kHz model only")
+
+
+#: The ragged case (CUDA): clips of 1-20 s, log-uniform, as a corpus gives them.
+RAGGED_CLIPS = 64
+RAGGED_SECONDS = (1.0, 20.0)
+
+
+def _ragged(ctx: Context, net: tp.Any, source: str) -> None:
+    """`encode_batch` on clips of different lengths, per precision mode: one call per op over each
+    length-bucketed batch (`ours <mode>`), the same replayed from CUDA graphs (`ours <mode>, CUDA
+    graphs`), and each clip alone (`ours <mode>, clip by clip`: what batching buys); the share of
+    codes equal to each clip alone."""
+    import numpy as np
+
+    from encodec_fast.graphs import EncoderGraphs
+    from encodec_fast.precision import MODES
+    rng = np.random.default_rng(0)
+    shortest, longest = RAGGED_SECONDS
+    seconds = np.exp(rng.uniform(np.log(shortest), np.log(longest), RAGGED_CLIPS))
+    wavs = [voice_batch(net.sample_rate, float(s), net.channels, seed=i)[0].to(ctx.device)
+            for i, s in enumerate(seconds)]
+    audio_s = float(sum(w.shape[-1] for w in wavs)) / net.sample_rate
+    kbps = 6.0
+    params = {"model": "24khz", "op": "encode_batch", "batch": RAGGED_CLIPS, "seconds": f"{shortest:g}-{longest:g}",
+              "kbps": kbps,
+              "device": ctx.device}
+    net.set_target_bandwidth(kbps)
+    budget = 64 * 10 * net.sample_rate
+    for mode in MODES:
+        ctx.check_time(f"ragged batch, {mode}")
+        net.set_precision(mode)
+
+        def alone():
+            return [net.encode(w[None])[0][0] for w in wavs]
+
+        def batched():
+            return [f[0][0] for f in net.encode_batch(wavs, max_batch_samples=budget)]
+
+        graphs = EncoderGraphs(net)
+
+        def graphed():
+            net._cuda_graphs = graphs
+            try:
+                return batched()
+            finally:
+                net._cuda_graphs = None
+
+        with torch.no_grad():
+            ctx.timed(params, {f"ours {mode}": batched, f"ours {mode}, CUDA graphs": graphed,
+                               f"ours {mode}, clip by clip": alone},
+                      sync=torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None),
+                      audio_seconds=audio_s, weights=source)
+            ref = alone()
+            for name, got in ((f"ours {mode}", batched()), (f"ours {mode}, CUDA graphs", graphed())):
+                equal = sum(int((a == b).sum()) for a, b in zip(ref, got))
+                total = sum(a.numel() for a in ref)
+                ctx.record(params, name, "codes_equal_clip_alone", "%", [100 * equal / total], higher_is_better=True,
+                           graphs_captured=graphs.captures)
+    net.set_precision("exact")
 
 
 def _equal_share(codes: torch.Tensor, ref: torch.Tensor) -> tp.Tuple[float, int]:

@@ -8,7 +8,8 @@ synthesized music (notes with harmonics and envelopes), and speech over music; n
 24 kHz model with random weights, converted to transformers' layout for it. Each process has torch's
 default threads and the allocator setting of the `encodec-fast` command; peak memory is the
 process's maximum RSS (and its workers').
-- ours: `encodec-fast tokenize` (DataLoader workers, Parquet shards);
+- ours: `encodec-fast tokenize` (DataLoader workers, Parquet shards); on CUDA also "ours, CUDA graphs"
+  (`--cuda-graphs`: each batch shape replayed from a captured graph);
 - upstream: for each file, read (soundfile), `encodec.utils.convert_audio`, `model.encode`,
   `torch.save` the codes;
 - transformers: read and convert each file the same way, then `EncodecModel.encode` on padded
@@ -115,11 +116,16 @@ def make_corpus(root: Path, clips: int, smoke: bool, seed: int = 0) -> tp.List[P
     return sorted(paths)
 
 
-def run_ours(corpus: Path, out: Path, checkpoint: Path, device: str, workers: int) -> tp.Dict[str, tp.Any]:
+#: Our variants: name -> (output folder, extra arguments of the command).
+OURS = {"ours": ("ours", []), "ours, CUDA graphs": ("ours_graphs", ["--cuda-graphs"])}
+
+
+def run_ours(corpus: Path, out: Path, checkpoint: Path, device: str, workers: int,
+             extra: tp.Sequence[str] = ()) -> tp.Dict[str, tp.Any]:
     """The command as users run it (`encodec-fast tokenize`)."""
     from encodec_fast import cli
     status = cli.main(["tokenize", str(corpus), "-o", str(out), "--checkpoint", str(checkpoint), "-b", "6",
-                       "--device", device, "--workers", str(workers), "--overwrite", "--quiet"])
+                       "--device", device, "--workers", str(workers), "--overwrite", "--quiet", *extra])
     from encodec_fast.tokenize import read_codes
     return {"items": sum(1 for _ in read_codes(out, columns=["id"])), "failed": status}
 
@@ -188,8 +194,9 @@ def child(which: str, corpus: str, work: str, checkpoint: str, device: str, work
     corpus_dir, work_dir = Path(corpus), Path(work)
     paths = sorted(p for p in corpus_dir.rglob("*") if p.suffix in (".wav", ".flac"))
     t0 = time.perf_counter()
-    if which == "ours":
-        info = run_ours(corpus_dir, work_dir / "ours", Path(checkpoint), device, int(workers))
+    if which in OURS:
+        folder, extra = OURS[which]
+        info = run_ours(corpus_dir, work_dir / folder, Path(checkpoint), device, int(workers), extra)
     elif which == "upstream":
         info = run_upstream(paths, work_dir / "upstream", Path(checkpoint), device)
     else:
@@ -205,12 +212,12 @@ def agreement(work: Path, paths: tp.List[Path], which: str) -> float:
     """Share of codes equal to upstream's (per file, over upstream's frames)."""
     import torch
     same = total = 0
-    if which == "ours":
+    if which in OURS:
         from encodec_fast.tokenize import read_codes
-        rows = {r["path"]: r["codes"] for r in read_codes(work / "ours")}
+        rows = {r["path"]: r["codes"] for r in read_codes(work / OURS[which][0])}
     for i, p in enumerate(paths):
         ref = torch.load(work / "upstream" / f"{i:05d}.pt").numpy()
-        got = rows[str(p)] if which == "ours" else torch.load(work / which / f"{i:05d}.pt").numpy()
+        got = rows[str(p)] if which in OURS else torch.load(work / which / f"{i:05d}.pt").numpy()
         n = min(ref.shape[1], got.shape[1])
         same += int((ref[:, :n] == got[:, :n]).sum())
         total += ref.size
@@ -237,7 +244,9 @@ def measure(clips: int, corpus: Path, work: Path, device: str, workers: tp.Optio
     workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     # One after the other, unless the caller asks for them at once (the suite's smoke run: a
     # plumbing check, whose times then share the machine, its cores shared out).
-    order = [which for which in ("upstream", "ours", "transformers") if which not in skip]
+    names = ("upstream", "ours", "ours, CUDA graphs", "transformers") if device.startswith("cuda") else (
+        "upstream", "ours", "transformers")
+    order = [which for which in names if which not in skip]
     together = at_once and len(order) > 1
 
     def start(which: str, threads: tp.Optional[tp.Dict[str, str]]) -> tp.Dict[str, tp.Any]:
@@ -254,8 +263,8 @@ def measure(clips: int, corpus: Path, work: Path, device: str, workers: tp.Optio
     results = {**dict(zip(order, map_processes(start, order, together))),
                **{which: {"error": why} for which, why in skip.items()}}
     if "error" not in results["upstream"]:
-        for which in ("ours", "transformers"):
-            if "error" not in results[which]:
+        for which in results:
+            if which != "upstream" and "error" not in results[which]:
                 results[which]["codes_equal_upstream"] = agreement(work, paths, which)
     return {"clips": len(paths), "audio_hours": seconds / 3600, "processes_at_once": len(order) if together else 1,
             "workers": workers, "results": results}

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from ..ops.conv import pad1d  # noqa: F401  (re-exported: upstream's modules.conv has it)
-from .groups import Groups
+from .groups import Groups, RaggedRows
 
 CONV_NORMALIZATIONS = frozenset(["none", "weight_norm", "time_group_norm"])
 
@@ -179,8 +179,30 @@ class SConv1d(nn.Module):
             return p, extra
         return p - p // 2, p // 2 + extra
 
-    def output_length(self, length: int) -> int:
-        return math.ceil(length / self.stride)
+    def output_length(self, length):
+        """ceil(length / stride), for a number or a tensor of lengths."""
+        return -(-length // self.stride)
+
+    def _ragged(self, x: torch.Tensor, rows: RaggedRows, elu_first: bool, elu_inplace: bool) -> torch.Tensor:
+        """Every row padded by one gather (`RaggedRows.padded`), then one convolution (ours where
+        `auto` takes it, ELU fused) over the whole batch; a row's outputs past ceil(L / stride) are
+        not valid."""
+        conv = self.conv.conv
+        if self.stride == 1 and self.padding_total == 0:
+            buf, own = x, False
+        else:
+            left = self.padding_total if self.causal else self.padding_total - self.padding_total // 2
+            fixed_right = 0 if self.causal else self.padding_total // 2
+            width = (self.output_length(x.shape[-1]) - 1) * self.stride + (self.kernel_size - 1) * self.dilation + 1
+            buf, own = rows.padded(x, left, fixed_right, self.stride, width, self.pad_mode), True
+        if ops.conv_backend(buf, _raw_weight(conv), "conv1d", self.stride) == "triton":
+            # no padding left to add (the mode only names the kernel's variant: the same launches as
+            # a batch of equal lengths)
+            return self.conv.norm(ops.conv1d(buf, conv.weight, conv.bias, self.stride, self.dilation, (0, 0),
+                                             self.pad_mode, elu=elu_first))
+        if elu_first:
+            buf = elu(buf, own or elu_inplace)
+        return self.conv(buf)
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu_first: bool = False,
                 elu_inplace: bool = False, residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -200,6 +222,8 @@ class SConv1d(nn.Module):
             return y if fuse or residual is None else y + residual
         if residual is not None:
             return residual + self.forward(x, groups, elu_first, elu_inplace)
+        if isinstance(groups, RaggedRows):
+            return self._ragged(x, groups, elu_first, elu_inplace)
         if self.stride == 1 and self.padding_total == 0:
             # No padding at all (kernel 1): padding rows never reach valid outputs.
             if elu_first:

@@ -70,3 +70,63 @@ class Groups(tp.Sequence[Group]):
             else:
                 s.copy_(F.elu_(s.contiguous()))
         return x
+
+
+class RaggedRows:
+    """Rows of a batch, each with its own valid length, every op one call for the whole batch.
+
+    `Groups` runs the shape-sensitive ops once per group so that CPU results keep upstream's bits;
+    on a GPU that is a launch per clip per layer, and lengths held as Python numbers tie a captured
+    CUDA graph to one batch. Here the valid lengths are a device tensor: a convolution's padding is
+    rebuilt for every row at once by one gather (`padded`), each row reflected at its own end with
+    upstream's rule for short inputs; elementwise ops, the LSTM (it runs forward in time, so the
+    steps past a row's end never reach its valid steps) and the codebook search run on the whole
+    batch. Every shape comes from the batch tensor, so a batch padded to a fixed width (a length
+    bucket) repeats its shapes whatever its clips' lengths.
+
+    The same values as `Groups` in exact arithmetic; on CPU the ELU's and the LSTM's roundings can
+    depend on the call's shape, which is why `Groups` stays the CPU path.
+    """
+
+    def __init__(self, lengths: torch.Tensor):
+        if lengths.dim() != 1 or lengths.dtype != torch.int64:
+            raise ValueError(f"lengths must be a 1-d int64 tensor, got {tuple(lengths.shape)} {lengths.dtype}")
+        self.lengths = lengths
+
+    def uniform(self, x: torch.Tensor) -> bool:
+        return False
+
+    def map_lengths(self, fn: tp.Callable[[torch.Tensor], torch.Tensor]) -> "RaggedRows":
+        """`fn` maps the lengths tensor (e.g. a convolution's `output_length`, tensor-friendly)."""
+        return RaggedRows(fn(self.lengths))
+
+    def elu_(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu_(x)
+
+    def valid(self, width: int) -> torch.Tensor:
+        """[N, width] bool: the positions inside each row."""
+        return torch.arange(width, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def padded(self, x: torch.Tensor, left: int, fixed_right: int, stride: int, width: int,
+               mode: str) -> torch.Tensor:
+        """Each row's valid part padded as `pad1d(row, (left, fixed_right + extra), mode)` with
+        extra = ceil(L / stride) * stride - L for its length L, written at the start of a
+        [N, C, width] tensor (zeros after it)."""
+        L = self.lengths[:, None]
+        extra = (L + stride - 1) // stride * stride - L
+        right = fixed_right + extra
+        j = torch.arange(width, device=x.device)[None, :] - left
+        if mode == "reflect":
+            # upstream's pad1d: a row no longer than the padding is first extended with zeros to
+            # max(left, right) + 1 samples, reflected, then cut back to left + L + right
+            span = torch.maximum(L, torch.clamp(right, min=left) + 1)
+            src = torch.where(j < 0, -j, torch.where(j >= span, 2 * (span - 1) - j, j))
+        elif mode in ("constant", "zero"):
+            src = j
+        else:
+            raise ValueError(f"padding mode {mode!r} is not supported for ragged rows")
+        inside = (src >= 0) & (src < L) & (j < L + right)
+        index = src.clamp(0, max(x.shape[-1] - 1, 0))
+        N, C = x.shape[:2]
+        out = torch.gather(x, 2, index[:, None, :].expand(N, C, width))
+        return out.masked_fill_(~inside[:, None, :], 0)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import timing
-from .groups import Groups
+from .groups import Groups, RaggedRows
 
 
 class SLSTM(nn.Module):
@@ -40,8 +40,8 @@ class SLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu: bool = False) -> torch.Tensor:
         with timing.stage("encoder LSTM", x.device):
-            if groups is None or groups.uniform(x):
-                return self._run(x, elu)
+            if groups is None or isinstance(groups, RaggedRows) or groups.uniform(x):
+                return self._run(x, elu)  # (ragged rows: forward in time, padding never reaches a valid step)
             # The LSTM's results depend on the batch size: run each group as its own call.
             out = x.new_zeros(x.shape)
             for g in groups:

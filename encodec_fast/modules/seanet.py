@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from .conv import SConv1d, SConvTranspose1d, _raw_weight, elu
-from .groups import Groups
+from .groups import Groups, RaggedRows
 from .lstm import SLSTM
 
 
@@ -69,7 +69,7 @@ class SEANetResnetBlock(nn.Module):
                 h = conv(h, elu_first=True, residual=skip if i == len(convs) - 1 else None)
             return h
         for i, conv in enumerate(convs):
-            if i == 0 or groups is None or groups.uniform(h):
+            if i == 0 or groups is None or isinstance(groups, RaggedRows) or groups.uniform(h):
                 # x itself is needed by the shortcut: only later ELUs may run in place.
                 h = conv(h, groups, elu_first=True, elu_inplace=i > 0)
             else:

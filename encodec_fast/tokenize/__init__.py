@@ -91,7 +91,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
              overwrite: bool = False, quiet: bool = False, rows_per_shard: int = 1000,
              chunk_seconds: float = DEFAULT_CHUNK_SECONDS, stream_seconds: float = DEFAULT_STREAM_SECONDS,
              engine: str = "local",
-             ray_address: tp.Optional[str] = None, precision: tp.Optional[str] = None) -> Summary:
+             ray_address: tp.Optional[str] = None, precision: tp.Optional[str] = None,
+             cuda_graphs: bool = False) -> Summary:
     """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
 
     model: "24khz", "48khz", or an EncodecModel (e.g. your own); checkpoint / repository as for
@@ -108,6 +109,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     precision: the encoder's precision mode ('exact', 'tf32', 'bf16'; `encodec_fast.precision`;
     None: the model's own, 'exact' unless set). A mode other than 'exact' is part of the output's
     configuration: a resume must ask for the same one.
+    cuda_graphs: on CUDA, replay each batch shape from a captured CUDA graph
+    (`EncodecModel.use_cuda_graphs`; the batches are padded to length buckets either way).
     """
     start = time.perf_counter()
     shard = parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")
@@ -121,6 +124,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu)")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device.type}")
     # The lock before the model loads: a second job on this output is refused at once.
     with shard_lock(out_dir, shard), GracefulStop() as stop:
         net = _model(model, checkpoint, repository).to(device).eval()
@@ -130,6 +135,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         net.set_target_bandwidth(bandwidth)
         if precision is not None:
             net.set_precision(precision)
+        if cuda_graphs:
+            net.use_cuda_graphs()
         if workers is None:
             workers = max(0, min(8, (os.cpu_count() or 1) - 1))
         config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,

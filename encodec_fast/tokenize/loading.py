@@ -28,6 +28,13 @@ class Loaded:
     error: str = ""
     long: int = 0                   # samples at the model's rate, for an item too long to load whole (`stream_item`)
 
+    def pin_memory(self) -> "Loaded":
+        """The audio in page-locked memory (the DataLoader's pinning thread calls this for CUDA jobs), so
+        that its copy to the GPU runs asynchronously."""
+        if self.wav is not None and not self.wav.is_pinned():
+            self.wav = self.wav.pin_memory()
+        return self
+
 
 @contextlib.contextmanager
 def _reading(path: str):

@@ -27,10 +27,6 @@ def _identity(x: tp.Any) -> tp.Any:
     return x
 
 
-def _pin(loaded: Loaded) -> Loaded:
-    if loaded.wav is not None:
-        loaded.wav = loaded.wav.pin_memory()
-    return loaded
 
 
 class Progress:
@@ -202,7 +198,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
         ItemAudio(items, model.sample_rate, model.channels, long_after=long.after(model.sample_rate)),
         batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity, worker_init_fn=worker_init if workers else None,
-        prefetch_factor=2 if workers else None, persistent_workers=False)
+        prefetch_factor=2 if workers else None, persistent_workers=False, pin_memory=cuda)
     budget = max(1, int(batch_seconds * model.sample_rate))
     writer = _Writer(sink, model, bandwidth)
     writer.start()
@@ -231,10 +227,33 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
         if good:
             submit([loaded for loaded, _ in good], [result for _, result in good])
 
-    def encode(pool: tp.List[Loaded]) -> None:
-        for batch in _batches(pool, budget):
+    copies = torch.cuda.Stream(device) if cuda else None
+
+    def upload(batch: tp.List[Loaded]) -> tp.Tuple[tp.List[torch.Tensor], tp.Any]:
+        """The batch's audio to the device: on CUDA from pinned memory on a copy stream of its own
+        (-> the tensors and the event that ends their copies), so that it overlaps the encoding of
+        the batch before."""
+        if not cuda:
             with timing.stage("to device", device):
-                wavs = [(_pin(ld) if cuda else ld).wav.to(device, non_blocking=True) for ld in batch]
+                return [ld.wav.to(device) for ld in batch], None
+        with torch.cuda.stream(copies), timing.stage("to device", device):
+            wavs = [ld.pin_memory().wav.to(device, non_blocking=True) for ld in batch]
+            done = torch.cuda.Event()
+            done.record()
+        return wavs, done
+
+    def encode(pool: tp.List[Loaded]) -> None:
+        batches = list(_batches(pool, budget))
+        ahead = upload(batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            wavs, done = ahead
+            # double buffering: the next batch's copies are queued before this batch's kernels
+            ahead = upload(batches[k + 1]) if k + 1 < len(batches) else None
+            if done is not None:
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(done)
+                for wav in wavs:  # made on the copy stream, used on this one
+                    wav.record_stream(stream)
             submit_or_fail(batch, encode_or_errors(model, wavs, budget, long))
 
     timer = timer if timer is not None else timing.StageTimer()

@@ -1,0 +1,178 @@
+"""Clips of different lengths in one call per op (`RaggedRows`, the GPU path of `encode_batch`),
+run here on CPU: the padding each row gets, length buckets, codes against clip-by-clip encoding."""
+
+import math
+
+import pytest
+import torch
+
+import encodec_fast.model as model_module
+from encodec_fast import ops
+from encodec_fast.model import bucket_length
+from encodec_fast.modules.groups import RaggedRows
+from encodec_fast.ops.conv import pad1d
+from encodec_fast.testing import make_signal
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+@pytest.mark.parametrize("left,fixed_right,stride", [(6, 0, 1), (3, 3, 1), (7, 0, 2), (3, 0, 4), (2, 1, 8),
+                                                     (0, 0, 5), (9, 4, 1), (1, 0, 2)])
+def test_rows_padded_as_pad1d_pads_each_alone(mode, left, fixed_right, stride):
+    gen = torch.Generator().manual_seed(left * 100 + fixed_right * 10 + stride)
+    lengths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 17, 40]  # many no longer than the padding
+    T = max(lengths) + 5  # the batch is wider than its longest row (a bucket)
+    x = torch.randn(len(lengths), 3, T, generator=gen, dtype=torch.float64)
+    x[:, :, 0] = float("nan")  # never read through the mask: the output keeps no NaN where it pads
+    x[:, :, 0] = torch.randn(len(lengths), 3, generator=gen, dtype=torch.float64)
+    width = left + T + fixed_right + stride
+    out = RaggedRows(torch.tensor(lengths)).padded(x, left, fixed_right, stride, width, mode)
+    assert out.shape == (len(lengths), 3, width)
+    for r, L in enumerate(lengths):
+        extra = math.ceil(L / stride) * stride - L
+        ref = pad1d(x[r:r + 1, :, :L], (left, fixed_right + extra), mode)
+        assert torch.equal(out[r:r + 1, :, :ref.shape[-1]], ref), L
+        assert not out[r, :, ref.shape[-1]:].any()
+
+
+def test_rows_padding_ignores_what_lies_past_a_row():
+    x = torch.randn(2, 2, 12, dtype=torch.float64)
+    y = x.clone()
+    y[0, :, 5:] = float("inf")
+    y[1, :, 9:] = float("nan")
+    rows = RaggedRows(torch.tensor([5, 9]))
+    a = rows.padded(x, 3, 0, 2, 16, "reflect")
+    b = rows.padded(y, 3, 0, 2, 16, "reflect")
+    assert torch.equal(a, b)
+
+
+def test_ragged_rows_reject_bad_lengths():
+    with pytest.raises(ValueError, match="int64"):
+        RaggedRows(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="not supported"):
+        RaggedRows(torch.tensor([3])).padded(torch.zeros(1, 1, 3), 1, 0, 1, 5, "replicate")
+
+
+def test_bucket_length():
+    hop = 320
+    previous = 0
+    for n in list(range(1, 5000, 7)) + [10 ** 5, 24_000 * 30 + 1, 24_000 * 600]:
+        b = bucket_length(n, hop)
+        assert b >= n and b % hop == 0
+        assert b >= previous  # monotone
+        previous = b
+        frames = math.ceil(n / hop)
+        assert b / hop <= max(frames * 2 ** 0.25 + 1, 2)  # one step of the ladder at most
+        assert bucket_length(b, hop) == b  # a bucket is its own bucket
+    # few shapes: 30 minutes of clip lengths fall into a few dozen buckets
+    assert len({bucket_length(n, hop) for n in range(1, 24_000 * 60, 97)}) < 60
+    assert bucket_length(1234, hop, steps_per_octave=0) == 1234
+    with pytest.raises(ValueError):
+        bucket_length(0, hop)
+
+
+def _one_call(monkeypatch):
+    monkeypatch.setattr(model_module, "ONE_CALL_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(model_module, "BATCH_ON_CPU", True)
+
+
+def _codes(frames_per_clip):
+    return [[c for c, _ in frames] for frames in frames_per_clip]
+
+
+def test_one_call_batches_give_each_clips_codes(pair_24, monkeypatch):
+    """In fp64 (no near-ties, no shape-dependent roundings) the one-call path gives each clip's own
+    codes; in fp32 the same, but for the ELU's and LSTM's shape-dependent roundings on CPU."""
+    _, ours = pair_24
+    ours.set_target_bandwidth(24.0)
+    sr = ours.sample_rate
+    lengths = [1, 7, 320, 999, int(0.73 * sr), int(0.2 * sr) + 5, int(1.3 * sr) + 11]
+    wavs = [make_signal(sr, n, 1, seed=i) for i, n in enumerate(lengths)]
+    with torch.no_grad():
+        alone = [ours.encode(w[None]) for w in wavs]
+        with monkeypatch.context() as m:
+            _one_call(m)
+            batched = ours.encode_batch(wavs, max_batch_samples=3 * sr)
+        equal = total = 0
+        for a, b in zip(_codes(alone), _codes(batched)):
+            assert len(a) == len(b) == 1 and a[0].shape == b[0].shape
+            equal += int((a[0] == b[0]).sum())
+            total += a[0].numel()
+        assert equal / total > 0.99
+        double = ours.double()
+        try:
+            wavs64 = [w.double() for w in wavs]
+            alone = [double.encode(w[None]) for w in wavs64]
+            with monkeypatch.context() as m:
+                _one_call(m)
+                batched = double.encode_batch(wavs64, max_batch_samples=3 * sr)
+            for a, b in zip(_codes(alone), _codes(batched)):
+                assert torch.equal(a[0], b[0])
+        finally:
+            ours.float()
+
+
+def test_one_call_batches_are_bucketed(pair_24, monkeypatch):
+    _, ours = pair_24
+    ours.set_target_bandwidth(6.0)
+    sr = ours.sample_rate
+    wavs = [make_signal(sr, n, 1, seed=n) for n in (1000, 1100, 5000)]
+    widths = []
+    real = ours._encode_rows
+
+    def spy(x, groups):
+        widths.append((x.shape[0], x.shape[-1], type(groups).__name__))
+        return real(x, groups)
+
+    monkeypatch.setattr(ours, "_encode_rows", spy)
+    with torch.no_grad(), monkeypatch.context() as m:
+        _one_call(m)
+        ours.encode_batch(wavs, max_batch_samples=5120 + 2 * 1280)
+    assert widths == [(1, bucket_length(5000, 320), "RaggedRows"), (2, bucket_length(1100, 320), "RaggedRows")]
+
+
+def test_one_call_encoder_with_our_kernels(pair_24, monkeypatch):
+    """The encoder on ragged rows through the Triton convolutions (interpreter on CPU): each row's
+    valid latents are those of the row encoded alone on the PyTorch path."""
+    _, ours = pair_24
+    sr = ours.sample_rate
+    lengths = [3, 333, 1500, 2100]
+    T = bucket_length(max(lengths), ours.hop_length)
+    batch = torch.zeros(len(lengths), 1, T)
+    for r, n in enumerate(lengths):
+        batch[r, :, :n] = make_signal(sr, n, 1, seed=r)
+    with torch.no_grad():
+        with ops.use_backend("triton"):
+            got = ours.encoder(batch, RaggedRows(torch.tensor(lengths)))
+        with ops.use_backend("torch"):
+            for r, n in enumerate(lengths):
+                ref = ours.encoder(batch[r:r + 1, :, :n].contiguous())
+                frames = math.ceil(n / ours.hop_length)
+                assert ref.shape[-1] == frames
+                torch.testing.assert_close(got[r:r + 1, :, :frames], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_graphs_stand_aside_off_the_gpu(pair_24, monkeypatch):
+    _, ours = pair_24
+    ours.set_target_bandwidth(6.0)
+    wavs = [make_signal(24000, n, 1, seed=n) for n in (900, 2000)]
+    with torch.no_grad(), monkeypatch.context() as m:
+        _one_call(m)
+        plain = ours.encode_batch(wavs)
+        ours.use_cuda_graphs()
+        try:
+            graphed = ours.encode_batch(wavs)
+            assert ours._cuda_graphs.captures == 0
+            with pytest.raises(ValueError, match="CUDA"):
+                ours._cuda_graphs.run(torch.zeros(1, 1, 320), torch.tensor([320]))
+        finally:
+            ours.use_cuda_graphs(False)
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(plain, graphed))
+    with pytest.raises(ValueError, match="max_graphs"):
+        ours.use_cuda_graphs(max_graphs=0)
+
+
+def test_tokenize_refuses_cuda_graphs_off_cuda(tmp_path):
+    from encodec_fast.tokenize import tokenize
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        tokenize([tmp_path / "none.wav"], tmp_path / "out", device="cpu", cuda_graphs=True)
+    assert not (tmp_path / "out").exists()
