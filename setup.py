@@ -68,7 +68,7 @@ setup(
         # the `coder` benchmark compares the coder with constriction's (speed only: other bytes); the
         # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed; the
         # `quantizer` benchmark adds vector-quantize-pytorch's ResidualVQ as a peer.
-        "bench": ["constriction>=0.4", "pesq>=0.0.4", "pystoi>=0.4", "vector-quantize-pytorch>=1.14"],
+        "bench": ["constriction>=0.4", "faiss-cpu>=1.7.4", "pesq>=0.0.4", "pystoi>=0.4", "vector-quantize-pytorch>=1.14"],
         # `encodec-fast train report` (plots) without the test extra.
         "train": ["matplotlib>=3.5"],
         # --engine ray without the test extra.

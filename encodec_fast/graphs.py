@@ -11,8 +11,9 @@ What a capture needs, and how it is met: the kernels are launched once before ca
 plans, Triton compilation and autotuning happen then, on a side stream as CUDA requires); no op
 in the path reads a tensor's value on the host (the certified codebook search decides its
 rescoring on the device); the stage timers stand aside during capture (`encodec_fast.timing`).
-A graph is bound to the model's weights, bandwidth and precision mode: any of those changing, or
-the weights being moved, makes a new capture (the key holds them).
+A graph is bound to the model's weights, bandwidth, precision mode and the ops' backend and kernel
+settings: any of those changing, or the weights being moved, makes a new capture (the key holds
+them).
 """
 
 import collections
@@ -45,8 +46,11 @@ class EncoderGraphs:
         self.captures = self.replays = 0
 
     def _key(self, x: torch.Tensor) -> tp.Tuple[tp.Any, ...]:
+        from .ops.backend import requested_backend
+        from .ops.conv import conv_kernel, conv_precision
         weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
-        return (tuple(x.shape), x.dtype, x.device, self.model.bandwidth, self.model.precision, weights)
+        kernels = (requested_backend(), conv_kernel(), conv_precision())  # which kernels the capture holds
+        return (tuple(x.shape), x.dtype, x.device, self.model.bandwidth, self.model.precision, kernels, weights)
 
     def run(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """x [N, C, T] on CUDA, lengths [N] int64 -> codes [N, K, T'] (a tensor of its own)."""

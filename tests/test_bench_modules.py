@@ -164,3 +164,26 @@ def test_codec_benchmark_ragged_case_runs_on_cpu(tmp_path, monkeypatch, pair_24)
     equal = [r for r in ctx.records if r["metric"] == "codes_equal_clip_alone"]
     assert len(equal) == 6 and all(r["median"] == 100.0 for r in equal)
     assert ours.precision == "exact" and ours._cuda_graphs is None
+
+
+def test_rvq_benchmark_faiss_peer(tmp_path):
+    """`faiss exact` (one IndexFlatL2 per stage): timed with its codes' agreement where FAISS is installed,
+    n/a with the reason where it is not; its GPU variant n/a with the reason on a CPU-only FAISS."""
+    import importlib.util
+
+    from bench.benchmarks import rvq as bench_rvq
+    from bench.benchmarks.kernels import make_books, make_latents
+    from encodec_fast.ops import rvq
+    ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="rvq")
+    books = make_books(4, 64, 16, seed=3, device="cpu")
+    x = make_latents(books, 2, 30, seed=3)
+    exact = rvq.rvq_encode(x, list(books), [b.pow(2).sum(-1)[None] for b in books]).view(4, -1)
+    bench_rvq._faiss(ctx, {"case": "cpu"}, books, x, exact, gpu=False)
+    bench_rvq._faiss(ctx, {"case": "gpu"}, books, x, exact, gpu=True)
+    cpu, gpu = (next(r for r in ctx.records if r["params"]["case"] == c) for c in ("cpu", "gpu"))
+    assert cpu["implementation"] == gpu["implementation"] == "faiss exact"
+    if importlib.util.find_spec("faiss") is None:
+        assert "FAISS not available" in cpu["na"]
+    else:
+        assert not cpu.get("na") and cpu["frames_equal_to_exact"] >= 0.95
+    assert "FAISS not available" in gpu["na"]

@@ -176,3 +176,23 @@ def test_tokenize_refuses_cuda_graphs_off_cuda(tmp_path):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         tokenize([tmp_path / "none.wav"], tmp_path / "out", device="cpu", cuda_graphs=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_graph_is_keyed_by_everything_its_capture_holds(pair_24):
+    from encodec_fast.graphs import EncoderGraphs
+    _, ours = pair_24
+    graphs = EncoderGraphs(ours)
+    x = torch.zeros(2, 1, 640)
+    ours.set_target_bandwidth(6.0)
+    key = graphs._key(x)
+    assert graphs._key(x) == key
+    assert graphs._key(torch.zeros(3, 1, 640)) != key
+    with ops.use_backend("torch"):
+        assert graphs._key(x) != key
+    ours.set_target_bandwidth(12.0)
+    assert graphs._key(x) != key
+    ours.set_target_bandwidth(6.0)
+    weight = next(ours.parameters())
+    with torch.no_grad():
+        weight.add_(0.0)  # an in-place update: the weights' version moves
+    assert graphs._key(x) != key

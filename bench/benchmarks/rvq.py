@@ -18,6 +18,10 @@
    carries its codes' agreement with `ours ieee` and the roofline's predicted time on H100 and H200
    (2 N K D FLOP per stage at the precision's dense peak; bytes are negligible). On CPU, only `torch
    exact` runs (our kernels need CUDA; the CPU path is the torch path).
+3. FAISS, where installed (`pip install faiss-cpu`; `faiss-gpu-cu12` on a GPU): `faiss exact`, the
+   same residual search with one exact flat L2 index per stage (IndexFlatL2, fp32 BLAS), timed beside
+   ours with its share of frames equal to the exact search's. n/a with the reason elsewhere (cuVS:
+   no wheel this suite can carry to a registry-less GPU machine).
 """
 
 import typing as tp
@@ -196,6 +200,8 @@ def time_kernels(ctx: Context, device: str = "cuda") -> None:
             if mode is not None and name.startswith("torch.compile"):
                 rec["compile_mode"] = mode
             rec["headline"] = name in ("ours exact", "torch exact")
+        if device == "cuda":
+            _faiss(ctx, params, books, x, exact, gpu=True)
         for lowp in rvq.LOW_PRECISION:
             _, counts = krvq.rvq_encode(x, books, norms, Q, "exact", lowp, stats=True)
             tiles = -(-N // 64) * -(-K // 16)
@@ -204,6 +210,53 @@ def time_kernels(ctx: Context, device: str = "cuda") -> None:
                        higher_is_better=False, exact_blocks=float(counts[:, 1].sum()) / (tiles * Q),
                        note="counted by the kernel" + (" on this GPU's tensor cores" if device == "cuda" else
                                                        " in the interpreter (fp32 products: no rounding)"))
+
+
+def faiss_search(books: torch.Tensor, gpu: bool) -> tp.Callable[[torch.Tensor], torch.Tensor]:
+    """FAISS's exact flat L2 index per stage (IndexFlatL2; on a GPU its GpuIndexFlatL2) -> a function
+    of latents [B, D, T] giving codes [Q, B*T], the residual updated between stages as in RVQ.
+    Raises ImportError / RuntimeError with the reason where FAISS (or its GPU build) is missing."""
+    import faiss
+    import numpy as np
+    Q, K, D = books.shape
+    cpu_books = books.detach().cpu().float().numpy()
+    if gpu:
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise RuntimeError("this faiss has no GPU support (faiss-cpu); faiss-gpu-cu12 is needed")
+        resources = faiss.StandardGpuResources()
+        indexes = [faiss.GpuIndexFlatL2(resources, D) for _ in range(Q)]
+    else:
+        indexes = [faiss.IndexFlatL2(D) for _ in range(Q)]
+    for index, book in zip(indexes, cpu_books):
+        index.add(np.ascontiguousarray(book))
+
+    def search(x: torch.Tensor) -> torch.Tensor:
+        residual = x.transpose(1, 2).reshape(-1, D).detach().cpu().float().numpy().copy()
+        codes = np.empty((Q, residual.shape[0]), dtype=np.int64)
+        for q, index in enumerate(indexes):
+            _, found = index.search(residual, 1)
+            codes[q] = found[:, 0]
+            residual -= cpu_books[q][codes[q]]
+        return torch.from_numpy(codes)
+    return search
+
+
+def _faiss(ctx: Context, params: tp.Dict[str, tp.Any], books: torch.Tensor, x: torch.Tensor, exact: torch.Tensor,
+           gpu: bool) -> None:
+    """`faiss exact` timed (or n/a with the reason), with its share of frames equal to `exact` [Q, N]."""
+    try:
+        search = faiss_search(books, gpu)
+    except (ImportError, RuntimeError) as err:
+        ctx.na(params, "faiss exact", "time", "ms", f"FAISS not available here: {err}"[:300])
+        return
+    Q = books.shape[0]
+    records = ctx.timed(params, {"faiss exact": lambda: search(x)}, unit="ms", scale=1e3,
+                        note="IndexFlatL2 per stage" + (" (GPU)" if gpu else "") + "; host copies of the residual "
+                        "included (FAISS takes numpy)")
+    rec = records.get("faiss exact")
+    if rec is not None and not rec.get("na"):
+        codes = search(x)
+        rec["frames_equal_to_exact"] = float((codes.view(Q, -1) == exact.cpu().view(Q, -1)).all(0).float().mean())
 
 
 @benchmark("rvq", "RVQ search: certified tensor-core search vs fp32, cuBLAS and torch.compile; rescoring rates",
@@ -224,5 +277,6 @@ def run(ctx: Context) -> None:
         embeds, norms = list(books), [b.pow(2).sum(-1)[None] for b in books]
         params = {"kbps": kbps, "stages": Q, "frames": B * T, "batch": B, "device": "cpu"}
         ctx.timed(params, {"torch exact": lambda: rvq.rvq_encode(x, embeds, norms)}, unit="ms", scale=1e3)
+        _faiss(ctx, params, books, x, rvq.rvq_encode(x, embeds, norms).view(Q, -1), gpu=False)
         ctx.na(params, "ours exact", "time", "ms",
                "the Triton search needs a CUDA device (on CPU ours is the torch path)")
