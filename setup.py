@@ -67,8 +67,9 @@ setup(
                  "triton>=3.2; sys_platform == 'linux'", "ruff>=0.6"],
         # the `coder` benchmark compares the coder with constriction's (speed only: other bytes); the
         # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed; the
-        # `quantizer` benchmark adds vector-quantize-pytorch's ResidualVQ as a peer.
-        "bench": ["constriction>=0.4", "faiss-cpu>=1.7.4", "pesq>=0.0.4", "pystoi>=0.4", "vector-quantize-pytorch>=1.14"],
+        # `quantizer` benchmark adds vector-quantize-pytorch's ResidualVQ as a peer, the `rvq` one FAISS.
+        "bench": ["constriction>=0.4", "faiss-cpu>=1.7.4", "pesq>=0.0.4", "pystoi>=0.4",
+                  "vector-quantize-pytorch>=1.14"],
         # `encodec-fast train report` (plots) without the test extra.
         "train": ["matplotlib>=3.5"],
         # --engine ray without the test extra.
