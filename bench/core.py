@@ -358,7 +358,7 @@ def context(device: str) -> tp.Dict[str, tp.Any]:
     except (OSError, StopIteration):
         info["cpu"] = platform.processor() or platform.machine()
     versions = {}
-    for name in ("encodec_fast", "torch", "triton", "numpy", "encodec", "transformers", "soundfile"):
+    for name in ("encodec_fast", "torch", "triton", "numpy", "encodec", "transformers", "soundfile", "faiss"):
         try:
             versions[name] = __import__(name).__version__
         except Exception:  # not installed (or broken): the report says so
