@@ -366,6 +366,81 @@ class EncodecModel(nn.Module):
             return self._decode_frames(encoded_frames)[0]
         return _linear_overlap_add(self._decode_frames(encoded_frames), self.segment_stride or 1)
 
+    def _stackable_decoder(self) -> bool:
+        """Whether nothing after a clip reaches its samples: a causal decoder whose transposed
+        convolutions trim only on the right (upstream's 24 kHz model), no GroupNorm, no segments."""
+        return (self.segment_length is None and self.decoder.causal and self.decoder.norm != "time_group_norm"
+                and all(mod.trim[0] == 0 for mod in self.decoder.modules() if isinstance(mod, m.SConvTranspose1d)))
+
+    def _min_stacked_frames(self) -> int:
+        """The fewest frames a clip needs to share a decoder call: a clip no longer than a
+        convolution's padding is padded by upstream's rule for short inputs (zeros appended before
+        reflecting), which would read past its end in a stacked batch."""
+        need, upsampling = 1, 1
+        for mod in self.decoder.modules():  # in the order the layers run
+            if isinstance(mod, m.SConvTranspose1d):
+                upsampling *= mod.convtr.convtr.stride[0]
+            elif isinstance(mod, m.SConv1d) and mod.padding_total > 0:
+                need = max(need, -(-(mod.padding_total + 1) // upsampling))
+        return need
+
+    def decode_batch(self, frames_per_clip: tp.Sequence[tp.List[EncodedFrame]],
+                     max_batch_samples: int = 24_000 * 120) -> tp.List[torch.Tensor]:
+        """Decode clips of different lengths together, the inverse of `encode_batch`: per clip its
+        frames -> its audio [C, frames x hop_length], item i equal to `decode(frames_per_clip[i])[0]`
+        up to rounding (on CPU the ELU's and the LSTM's roundings depend on the call's shape).
+
+        On a stackable model (causal decoder, no segments: the 24 kHz model) the clips' codes are
+        stacked, padded with code 0 to a common length (on CUDA their length bucket, as
+        `encode_batch`), decoded in one call per op and cut back: the decoder is causal, so the
+        padding after a clip never reaches its samples (clips shorter than `_min_stacked_frames`,
+        7 frames for the 24 kHz model, decode alone). Other models decode clip by clip (each
+        clip's segments together). `max_batch_samples` bounds the padded output samples per call.
+        """
+        if not self._stackable_decoder():
+            return [self.decode(list(frames))[0] for frames in frames_per_clip]
+        clips: tp.List[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]] = []
+        for i, frames in enumerate(frames_per_clip):
+            if len(frames) != 1:
+                raise ValueError(f"clip {i}: this model decodes exactly one frame per clip, got {len(frames)}")
+            codes, scale = frames[0]
+            if codes.dim() != 3 or codes.shape[0] != 1:
+                raise ValueError(f"clip {i}: codes must be [1, K, T], got {tuple(codes.shape)}")
+            if codes.shape[1] > self.quantizer.n_q:
+                raise ValueError(f"clip {i}: {codes.shape[1]} codebooks given, the model has {self.quantizer.n_q}")
+            if codes.shape[-1] < 1:
+                raise ValueError(f"clip {i}: no frames to decode")
+            clips.append((codes, scale))
+        if not clips:
+            return []
+        device = clips[0][0].device
+        one_call = device.type in ONE_CALL_DEVICES
+        hop = self.hop_length
+        out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(clips)
+        by_books: tp.Dict[int, tp.List[int]] = {}
+        shortest = self._min_stacked_frames()
+        with torch.no_grad():
+            for i, (codes, scale) in enumerate(clips):
+                if codes.shape[-1] < shortest:
+                    out[i] = self.decode([(codes, scale)])[0]
+                else:
+                    by_books.setdefault(codes.shape[1], []).append(i)
+            for books, indices in by_books.items():
+                frames = [clips[i][0].shape[-1] for i in indices]
+                widths = [bucket_length(t * hop, hop) // hop if one_call else t for t in frames]
+                for batch in length_batches(widths, max(1, max_batch_samples // hop)):
+                    width = widths[batch[0]]
+                    codes = clips[indices[batch[0]]][0].new_zeros(len(batch), books, width)
+                    for row, k in enumerate(batch):
+                        codes[row, :, :frames[k]] = clips[indices[k]][0][0]
+                    audio = self._decode_frames([(codes, None)])[0]
+                    for row, k in enumerate(batch):
+                        i = indices[k]
+                        y = audio[row, :, :frames[k] * hop].clone()
+                        scale = clips[i][1]
+                        out[i] = y * scale.view(-1, 1) if scale is not None else y
+        return tp.cast(tp.List[torch.Tensor], out)
+
     def _decode_frames(self, frames: tp.List[EncodedFrame]) -> tp.List[torch.Tensor]:
         """Decode each frame, frames of the same shape together.
 

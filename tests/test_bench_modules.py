@@ -159,8 +159,12 @@ def test_codec_benchmark_ragged_case_runs_on_cpu(tmp_path, monkeypatch, pair_24)
     _, ours = pair_24
     ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
     codec._ragged(ctx, ours, "random")
-    timed = {r["implementation"] for r in ctx.records if r["metric"] == "time"}
+    times = [r for r in ctx.records if r["metric"] == "time"]
+    timed = {r["implementation"] for r in times if r["params"]["op"] == "encode_batch"}
     assert timed == {f"ours {m}{s}" for m in ("exact", "tf32", "bf16") for s in ("", ", CUDA graphs", ", clip by clip")}
+    decoded = {r["implementation"] for r in times if r["params"]["op"] == "decode_batch"}
+    assert decoded == {f"ours {m}{s}" for m in ("exact", "tf32", "bf16") for s in ("", ", clip by clip")}
+    assert all(not r.get("na") for r in ctx.records)
     equal = [r for r in ctx.records if r["metric"] == "codes_equal_clip_alone"]
     assert len(equal) == 6 and all(r["median"] == 100.0 for r in equal)
     assert ours.precision == "exact" and ours._cuda_graphs is None

@@ -485,3 +485,19 @@ def test_encode_batch_one_call_and_cuda_graphs(mode):
         total += a.numel()
     # the convolutions' and LSTM's algorithms may differ by batch shape on the GPU (not bit-exact)
     assert equal / total >= (0.99 if mode == "exact" else 0.9), equal / total
+
+
+@pytest.mark.parametrize("mode,tolerance", [("exact", 1e-4), ("bf16", 5e-2)])
+def test_decode_batch_on_the_gpu(mode, tolerance):
+    """Codes of clips of different lengths decoded together (bucketed, one call per op) against each
+    clip decoded alone on the GPU."""
+    import encodec_fast
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small().to(DEVICE).set_precision(mode)
+    gen = torch.Generator().manual_seed(3)
+    frames = [[(torch.randint(0, 1024, (1, 8, n), generator=gen).to(DEVICE), None)] for n in (3, 7, 75, 333, 750)]
+    with torch.no_grad():
+        got = model.decode_batch(frames)
+        for f, b in zip(frames, got):
+            a = model.decode(f)[0]
+            assert a.shape == b.shape
+            assert float((a - b).abs().max()) <= tolerance * float(a.abs().max())

@@ -196,3 +196,60 @@ def test_a_graph_is_keyed_by_everything_its_capture_holds(pair_24):
     with torch.no_grad():
         weight.add_(0.0)  # an in-place update: the weights' version moves
     assert graphs._key(x) != key
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_decode_batch_gives_each_clips_audio(pair_24, monkeypatch, buckets):
+    """`decode_batch` stacks the clips' codes (padded with code 0; bucketed where one call per op is on)
+    and decodes once: each clip's audio is its own `decode` (fp64: to rounding of the last bit; fp32:
+    the CPU's shape-dependent roundings), including clips near the shortest that may share a call."""
+    _, ours = pair_24
+    ours.set_target_bandwidth(6.0)
+    hop = ours.hop_length
+    shortest = ours._min_stacked_frames()
+    assert shortest == 7  # the decoder's first conv (kernel 7, causal padding 6) at the frame rate
+    gen = torch.Generator().manual_seed(5)
+    lengths = [1, 2, shortest - 1, shortest, shortest + 1, 40, 75, 133]
+    frames = [[(torch.randint(0, 1024, (1, 8, n), generator=gen), None)] for n in lengths]
+    if buckets:
+        monkeypatch.setattr(model_module, "ONE_CALL_DEVICES", frozenset({"cpu", "cuda"}))
+    with torch.no_grad():
+        got = ours.decode_batch(frames, max_batch_samples=3 * 75 * hop)
+        alone = [ours.decode(f)[0] for f in frames]
+        for a, b, n in zip(alone, got, lengths):
+            assert b.shape == a.shape == (1, n * hop)
+            assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+        double = ours.double()
+        try:
+            got = double.decode_batch(frames, max_batch_samples=3 * 75 * hop)
+            alone = [double.decode(f)[0] for f in frames]
+            for a, b in zip(alone, got):
+                assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max())
+        finally:
+            ours.float()
+
+
+def test_decode_batch_on_other_models_decodes_clip_by_clip(pair_48):
+    _, ours = pair_48
+    ours.set_target_bandwidth(6.0)
+    assert not ours._stackable_decoder()
+    wavs = [make_signal(48000, n, 2, seed=n) for n in (5000, 48000 + 999)]
+    with torch.no_grad():
+        frames = ours.encode_batch(wavs)
+        got = ours.decode_batch(frames)
+        for f, b in zip(frames, got):
+            assert torch.equal(ours.decode(f)[0], b)
+
+
+def test_decode_batch_refuses_bad_frames(pair_24):
+    _, ours = pair_24
+    good = [(torch.zeros(1, 8, 10, dtype=torch.long), None)]
+    assert ours.decode_batch([]) == []
+    with pytest.raises(ValueError, match="clip 1: codes must be"):
+        ours.decode_batch([good, [(torch.zeros(8, 10, dtype=torch.long), None)]])
+    with pytest.raises(ValueError, match="clip 0: .*exactly one frame"):
+        ours.decode_batch([good * 2])
+    with pytest.raises(ValueError, match="codebooks"):
+        ours.decode_batch([[(torch.zeros(1, 33, 10, dtype=torch.long), None)]])
+    with pytest.raises(ValueError, match="no frames"):
+        ours.decode_batch([[(torch.zeros(1, 8, 0, dtype=torch.long), None)]])

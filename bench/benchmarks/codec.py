@@ -164,7 +164,7 @@ def _ragged(ctx: Context, net: tp.Any, source: str) -> None:
     """`encode_batch` on clips of different lengths, per precision mode: one call per op over each
     length-bucketed batch (`ours <mode>`), the same replayed from CUDA graphs (`ours <mode>, CUDA
     graphs`), and each clip alone (`ours <mode>, clip by clip`: what batching buys); the share of
-    codes equal to each clip alone."""
+    codes equal to each clip alone. Then `decode_batch` on those codes against decoding clip by clip."""
     import numpy as np
 
     from encodec_fast.graphs import EncoderGraphs
@@ -211,6 +211,13 @@ def _ragged(ctx: Context, net: tp.Any, source: str) -> None:
                 total = sum(a.numel() for a in ref)
                 ctx.record(params, name, "codes_equal_clip_alone", "%", [100 * equal / total], higher_is_better=True,
                            graphs_captured=graphs.captures)
+            # and back: the same clips' codes decoded together (decode_batch) or one by one
+            frames = [[(codes, None)] for codes in ref]
+            ctx.timed({**params, "op": "decode_batch"},
+                      {f"ours {mode}": lambda: net.decode_batch(frames, max_batch_samples=budget),
+                       f"ours {mode}, clip by clip": lambda: [net.decode(f) for f in frames]},
+                      sync=torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None),
+                      audio_seconds=audio_s, weights=source)
     net.set_precision("exact")
 
 
