@@ -181,6 +181,7 @@ def _ragged(ctx: Context, net: tp.Any, source: str) -> None:
               "device": ctx.device}
     net.set_target_bandwidth(kbps)
     budget = 64 * 10 * net.sample_rate
+    sync = torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None)
     for mode in MODES:
         ctx.check_time(f"ragged batch, {mode}")
         net.set_precision(mode)
@@ -203,7 +204,7 @@ def _ragged(ctx: Context, net: tp.Any, source: str) -> None:
         with torch.no_grad():
             ctx.timed(params, {f"ours {mode}": batched, f"ours {mode}, CUDA graphs": graphed,
                                f"ours {mode}, clip by clip": alone},
-                      sync=torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None),
+                      sync=sync,
                       audio_seconds=audio_s, weights=source)
             ref = alone()
             for name, got in ((f"ours {mode}", batched()), (f"ours {mode}, CUDA graphs", graphed())):
@@ -216,7 +217,7 @@ def _ragged(ctx: Context, net: tp.Any, source: str) -> None:
             ctx.timed({**params, "op": "decode_batch"},
                       {f"ours {mode}": lambda: net.decode_batch(frames, max_batch_samples=budget),
                        f"ours {mode}, clip by clip": lambda: [net.decode(f) for f in frames]},
-                      sync=torch.cuda.synchronize if ctx.device == "cuda" else (lambda: None),
+                      sync=sync,
                       audio_seconds=audio_s, weights=source)
     net.set_precision("exact")
 

@@ -191,8 +191,7 @@ class SConv1d(nn.Module):
         if self.stride == 1 and self.padding_total == 0:
             buf, own = x, False
         else:
-            left = self.padding_total if self.causal else self.padding_total - self.padding_total // 2
-            fixed_right = 0 if self.causal else self.padding_total // 2
+            left, fixed_right = self.paddings(0)  # each row adds its own extra right padding
             width = (self.output_length(x.shape[-1]) - 1) * self.stride + (self.kernel_size - 1) * self.dilation + 1
             buf, own = rows.padded(x, left, fixed_right, self.stride, width, self.pad_mode), True
         if ops.conv_backend(buf, _raw_weight(conv), "conv1d", self.stride) == "triton":

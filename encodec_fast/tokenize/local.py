@@ -27,8 +27,6 @@ def _identity(x: tp.Any) -> tp.Any:
     return x
 
 
-
-
 class Progress:
     """A status line on stderr: files, audio hours, x real time, failures; redrawn at most twice a
     second on a terminal, a new line every 30 s otherwise (logs)."""
