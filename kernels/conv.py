@@ -19,6 +19,8 @@ multiply in their own dtype (HALF_DOT) with fp32 accumulation. The wrappers in
 """
 
 
+import typing as tp
+
 import torch
 import triton
 import triton.language as tl
@@ -443,27 +445,58 @@ def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr
 
 
 @triton.jit
-def _residual_block_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
-                           C, H, L, L_ext, left, dilation, sx_b, sx_c, sx_t, so_b, so_c, so_t,
-                           K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                           REFLECT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                           SHORTCUT: tl.constexpr, HAS_BS: tl.constexpr, HALF_DOT: tl.constexpr,
-                           PRECISION: tl.constexpr):
-    """A whole SEANet residual block in one pass over memory: y = shortcut(x) +
-    conv_k1(ELU(conv_K(ELU(x)))) for a tile of BLOCK_T positions and every channel, the shortcut x
-    itself or (SHORTCUT) a kernel-1 convolution of x. The K shifted [positions, C] tiles of x (the
-    halo of the first convolution) are read with EnCodec's padding by index, the hidden [positions,
-    H] tile never leaves the chip, and x's centre tile feeds the shortcut. Weights: w1 [K, C, H],
-    w2 [H, C], ws [C, C] (input channel first)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < L
+def _block_tail(hidden, centre, rows_ok, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr, C, H,
+                BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                SHORTCUT: tl.constexpr, HAS_BS: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A SEANet residual block's output from its first convolution's accumulated products `hidden`
+    [rows, BLOCK_H] (bias not yet added) and its input rows `centre` [rows, BLOCK_C] (values of the
+    activations' dtype): shortcut(centre) + conv_k1(ELU(hidden + b1)), each branch rounded as a
+    layer's output, then the sum, rounded; an fp32 tile, zero in the rows not wanted (rows_ok)."""
+    act = out_ptr.dtype.element_ty
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     h = tl.arange(0, BLOCK_H)
     h_ok = h < H
-    x_b = x_ptr + b * sx_b
+    if HAS_B1:
+        hidden += tl.load(b1_ptr + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    # the first convolution's output is rounded to the activations' dtype, as between two layers
+    hidden = _elu(hidden.to(act).to(tl.float32))
+    w2 = tl.load(w2_ptr + h[:, None] * C + c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+    if HALF_DOT:
+        y = tl.dot(hidden.to(act), w2.to(act), out_dtype=tl.float32)
+    else:
+        y = tl.dot(hidden, w2.to(tl.float32), input_precision=PRECISION)
+    if HAS_B2:
+        y += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    y = y.to(act).to(tl.float32)
+    if SHORTCUT:
+        ws = tl.load(ws_ptr + c[:, None] * C + c[None, :], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
+        if HALF_DOT:
+            skip = tl.dot(centre.to(act), ws.to(act), out_dtype=tl.float32)
+        else:
+            skip = tl.dot(centre.to(tl.float32), ws.to(tl.float32), input_precision=PRECISION)
+        if HAS_BS:
+            skip += tl.load(bs_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        skip = skip.to(act).to(tl.float32)
+    else:
+        skip = centre.to(tl.float32)
+    return tl.where(rows_ok[:, None] & c_ok[None, :], (skip + y).to(act).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _block_rows(x_b, t, t_ok, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
+                C, H, L, L_ext, left, dilation, sx_c, sx_t,
+                K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                REFLECT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, SHORTCUT: tl.constexpr,
+                HAS_BS: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A SEANet residual block's output at the BLOCK_T rows t of x (t_ok: the rows wanted, in [0, L)):
+    shortcut(x) + conv_k1(ELU(conv_K(ELU(x)))) as `_block_tail` gives it. The K shifted tiles of x
+    (the first convolution's halo) are read with EnCodec's padding by index; the hidden [rows, H]
+    tile stays on chip. Weights: w1 [K, C, H], w2 [H, C], ws [C, C] (input channel first)."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < H
     hidden = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     for k in tl.static_range(K):
         src = _source_index(t + k * dilation - left, L, L_ext, REFLECT)
@@ -476,34 +509,178 @@ def _residual_block_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr
             hidden += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
         else:
             hidden += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
-    if HAS_B1:
-        hidden += tl.load(b1_ptr + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-    # the first convolution's output is rounded to the activations' dtype, as between two layers
-    hidden = _elu(hidden.to(out_ptr.dtype.element_ty).to(tl.float32))
-    w2 = tl.load(w2_ptr + h[:, None] * C + c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-    if HALF_DOT:
-        y = tl.dot(hidden.to(out_ptr.dtype.element_ty), w2.to(out_ptr.dtype.element_ty), out_dtype=tl.float32)
+    centre = tl.load(x_b + tl.where(t_ok, t, 0).to(tl.int64)[:, None] * sx_t + c[None, :] * sx_c,
+                     mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+    return _block_tail(hidden, centre, t_ok, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr, C, H, BLOCK_C,
+                       BLOCK_H, HAS_B1, HAS_B2, SHORTCUT, HAS_BS, HALF_DOT, PRECISION)
+
+
+@triton.jit
+def _up_phase(x_b, src, rows_ok, tap, wu_ptr, C_in, C, L_in, sx_c, sx_t, K_U: tl.constexpr, S: tl.constexpr,
+              BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr, ELU: tl.constexpr,
+              HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A transposed convolution's products (no bias) at rows of one output phase: row i sums
+    f(x[src[i] - m]) @ W[tap + m*S] over m (f: ELU or identity); wu [K_U, C_in, C]; tap a scalar tensor."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros([BLOCK_J, BLOCK_C], tl.float32)
+    for m in tl.static_range((K_U + S - 1) // S):
+        j = src - m
+        ok = rows_ok & (j >= 0) & (j < L_in) & ((j * 0 + tap + m * S) < K_U)
+        rows = tl.where(ok, j, 0).to(tl.int64) * sx_t
+        k = tl.minimum(tap + m * S, K_U - 1)
+        for c0 in range(0, C_in, BLOCK_CI):
+            ci = c0 + tl.arange(0, BLOCK_CI)
+            ci_ok = ci < C_in
+            a = tl.load(x_b + rows[:, None] + ci[None, :] * sx_c, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+            if ELU:
+                a = _elu(a.to(tl.float32)).to(a.dtype)
+            w = tl.load(wu_ptr + (k * C_in + ci[:, None]) * C + c[None, :], mask=ci_ok[:, None] & c_ok[None, :],
+                        other=0.0)
+            if HALF_DOT:
+                acc += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
+            else:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _up_rows(x_b, q, q_ok, phase, wu_ptr, bu_ptr, out_ptr, C_in, C, L_in, start, sx_c, sx_t,
+             K_U: tl.constexpr, S: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr,
+             BLOCK_C: tl.constexpr, ELU: tl.constexpr, HAS_BU: tl.constexpr, HALF_DOT: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """ELU -> ConvTranspose1d -> trim at the rows q of its kept output (q_ok: the rows wanted), as the
+    activations' dtype in an fp32 tile, zero elsewhere. `phase` is the rows' common output phase
+    (q + start) mod S, or -1 where they have several (rows mirrored by a padding): then each phase's
+    rows are computed under a mask, S products instead of one."""
+    t = q + start
+    if phase >= 0:
+        acc = _up_phase(x_b, (t - phase) // S, q_ok, phase, wu_ptr, C_in, C, L_in, sx_c, sx_t, K_U, S,
+                        BLOCK_J, BLOCK_CI, BLOCK_C, ELU, HALF_DOT, PRECISION)
     else:
-        y = tl.dot(hidden, w2.to(tl.float32), input_precision=PRECISION)
-    if HAS_B2:
-        y += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    mask = t_ok[:, None] & c_ok[None, :]
-    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # each branch rounded as a layer's output, then the sum
-    centre = tl.load(x_b + t.to(tl.int64)[:, None] * sx_t + c[None, :] * sx_c, mask=mask, other=0.0)
-    if SHORTCUT:
-        ws = tl.load(ws_ptr + c[:, None] * C + c[None, :], mask=c_ok[:, None] & c_ok[None, :], other=0.0)
+        r = t % S
+        acc = tl.zeros([BLOCK_J, BLOCK_C], tl.float32)
+        for rho in tl.static_range(S):
+            acc += _up_phase(x_b, (t - rho) // S, q_ok & (r == rho), phase * 0 + rho, wu_ptr, C_in, C, L_in, sx_c,
+                             sx_t, K_U, S, BLOCK_J, BLOCK_CI, BLOCK_C, ELU, HALF_DOT, PRECISION)
+    c = tl.arange(0, BLOCK_C)
+    if HAS_BU:
+        acc += tl.load(bu_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    return tl.where(q_ok[:, None], acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _up_block_kernel(x_ptr, wu_ptr, bu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
+                     C_in, C, H, L_in, start, length, j0, n_j, L_ext, sx_b, sx_c, sx_t, so_b, so_c, so_t,
+                     K_U: tl.constexpr, S: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr, LEFT: tl.constexpr,
+                     BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                     ELU: tl.constexpr, HAS_BU: tl.constexpr, REFLECT: tl.constexpr, HAS_B1: tl.constexpr,
+                     HAS_B2: tl.constexpr, SHORTCUT: tl.constexpr, HAS_BS: tl.constexpr, HALF_DOT: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """SEANet's decoder level in one pass: ELU -> ConvTranspose1d (kernel K_U, stride S) -> trim ->
+    residual block, the upsampled signal never written. A program takes BLOCK_J output positions of
+    one phase r (p = j*S + r - start) and, for each of the block's K taps, recomputes the upsampled
+    rows p + k*DIL - LEFT on chip (one phase for all of them but where the block's padding mirrors
+    rows: `_up_rows`); the tap at offset 0 is also the shortcut's input. Weights: wu [K_U, C_in, C],
+    the block's as `_block_rows`."""
+    pid = tl.program_id(0)
+    r = pid % S
+    j = j0 + (pid // S) * BLOCK_J + tl.arange(0, BLOCK_J)
+    b = tl.program_id(1).to(tl.int64)
+    p = j * S + r - start
+    p_ok = (p >= 0) & (p < length) & (j < j0 + n_j)
+    x_b = x_ptr + b * sx_b
+    act = out_ptr.dtype.element_ty
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    hidden = tl.zeros([BLOCK_J, BLOCK_H], tl.float32)
+    centre = tl.zeros([BLOCK_J, BLOCK_C], tl.float32)
+    for k in tl.static_range(K):
+        i = p + k * DIL - LEFT
+        q = _source_index(i, length, L_ext, REFLECT)
+        ok = p_ok & (q >= 0)
+        mirrored = tl.max((ok & (q != i)).to(tl.int32), axis=0)
+        phase = tl.where(mirrored > 0, -1, ((r + k * DIL - LEFT) % S + S) % S)
+        y = _up_rows(x_b, q, ok, phase, wu_ptr, bu_ptr, out_ptr, C_in, C, L_in, start, sx_c, sx_t, K_U, S,
+                     BLOCK_J, BLOCK_CI, BLOCK_C, ELU, HAS_BU, HALF_DOT, PRECISION)
+        if k * DIL == LEFT:
+            centre = y
+        a = _elu(y).to(act)
+        w = tl.load(w1_ptr + (k * C + c[:, None]) * H + h[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
         if HALF_DOT:
-            skip = tl.dot(centre, ws.to(centre.dtype), out_dtype=tl.float32)
+            hidden += tl.dot(a, w.to(act), out_dtype=tl.float32)
         else:
-            skip = tl.dot(centre.to(tl.float32), ws.to(tl.float32), input_precision=PRECISION)
-        if HAS_BS:
-            skip += tl.load(bs_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        skip = skip.to(out_ptr.dtype.element_ty).to(tl.float32)
-    else:
-        skip = centre.to(tl.float32)
-    y = skip + y
+            hidden += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    if LEFT % DIL != 0 or LEFT // DIL >= K:  # no tap reads the row itself
+        centre = _up_rows(x_b, p, p_ok, r, wu_ptr, bu_ptr, out_ptr, C_in, C, L_in, start, sx_c, sx_t, K_U, S,
+                          BLOCK_J, BLOCK_CI, BLOCK_C, ELU, HAS_BU, HALF_DOT, PRECISION)
+    y = _block_tail(hidden, centre, p_ok, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr, C, H, BLOCK_C, BLOCK_H,
+                    HAS_B1, HAS_B2, SHORTCUT, HAS_BS, HALF_DOT, PRECISION)
+    tl.store(out_ptr + b * so_b + tl.where(p_ok, p, 0).to(tl.int64)[:, None] * so_t + c[None, :].to(tl.int64) * so_c,
+             y.to(act), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _residual_block_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
+                           C, H, L, L_ext, left, dilation, sx_b, sx_c, sx_t, so_b, so_c, so_t,
+                           K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                           REFLECT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                           SHORTCUT: tl.constexpr, HAS_BS: tl.constexpr, HALF_DOT: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """A whole SEANet residual block in one pass over memory (`_block_rows`) for a tile of BLOCK_T
+    positions and every channel."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
+    t_ok = t < L
+    y = _block_rows(x_ptr + b * sx_b, t, t_ok, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
+                    C, H, L, L_ext, left, dilation, sx_c, sx_t, K, BLOCK_T, BLOCK_C, BLOCK_H, REFLECT, HAS_B1,
+                    HAS_B2, SHORTCUT, HAS_BS, HALF_DOT, PRECISION)
+    c = tl.arange(0, BLOCK_C)
     tl.store(out_ptr + b * so_b + t.to(tl.int64)[:, None] * so_t + c[None, :].to(tl.int64) * so_c,
-             y.to(out_ptr.dtype.element_ty), mask=mask)
+             y.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & (c < C)[None, :])
+
+
+@triton.jit
+def _block_down_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, wd_ptr, bd_ptr, out_ptr,
+                       C, H, C_out, L, L_ext, left, dilation, L_ext_d, left_d, stride, T_out,
+                       sx_b, sx_c, sx_t, so_b, so_c, so_t,
+                       K: tl.constexpr, KD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr, REFLECT: tl.constexpr,
+                       REFLECT_D: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, SHORTCUT: tl.constexpr,
+                       HAS_BS: tl.constexpr, HAS_BD: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A residual block and the strided convolution after it (ELU -> pad -> conv, kernel KD, stride
+    `stride`: SEANet's downsampling) in one pass: for each of the KD taps, the block's output at the
+    rows that tap reads (`_block_rows`, the downsampling's padding mapped by index onto the block's
+    rows) is computed on chip and multiplied into the [BLOCK_T, C_out] output tile. The block's
+    output is never written; a row is computed once per tap that reads it (KD / stride times:
+    twice for SEANet's kernel = 2 x stride). Weights: the block's as `_block_rows`, wd [KD, C, C_out]."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
+    t_ok = t < T_out
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    o = tl.arange(0, BLOCK_CO)
+    o_ok = o < C_out
+    act = out_ptr.dtype.element_ty
+    x_b = x_ptr + b * sx_b
+    acc = tl.zeros([BLOCK_T, BLOCK_CO], tl.float32)
+    for k in range(KD):
+        rows = _source_index(t * stride + k - left_d, L, L_ext_d, REFLECT_D)
+        ok = t_ok & (rows >= 0)
+        y = _block_rows(x_b, rows, ok, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr,
+                        C, H, L, L_ext, left, dilation, sx_c, sx_t, K, BLOCK_T, BLOCK_C, BLOCK_H, REFLECT, HAS_B1,
+                        HAS_B2, SHORTCUT, HAS_BS, HALF_DOT, PRECISION)
+        a = _elu(y).to(act)  # the block's output as stored, then the downsampling's ELU prologue
+        w = tl.load(wd_ptr + (k * C + c[:, None]) * C_out + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
+                    other=0.0)
+        if HALF_DOT:
+            acc += tl.dot(a, w.to(act), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    _epilogue(acc, bd_ptr, out_ptr, out_ptr, b, o[None, :], o_ok[None, :], t[:, None], t_ok[:, None] & o_ok[None, :],
+              0, 0, 0, so_b, so_c, so_t, HAS_BD, False)
 
 
 # -- launch wrappers -------------------------------------------------------------------------------
@@ -758,11 +935,114 @@ def residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right, r
     else:
         block_t = 128
     _residual_block_kernel[(triton.cdiv(L, block_t), B)](
-        x, w1_kch, b1 if b1 is not None else w1_kch, w2_hc, b2 if b2 is not None else w2_hc,
-        ws_cc if ws_cc is not None else w2_hc, bs if bs is not None else w2_hc, out,
+        x, *_block_weights(w1_kch, b1, w2_hc, b2, ws_cc, bs), out,
         C, H, L, L_ext, left, dilation, *x.stride(), *out.stride(), K=K, BLOCK_T=block_t, BLOCK_C=block_c,
-        BLOCK_H=block_h, REFLECT=reflect, HAS_B1=b1 is not None, HAS_B2=b2 is not None, SHORTCUT=ws_cc is not None,
-        HAS_BS=bs is not None, HALF_DOT=_half_dot(x), PRECISION=precision, num_warps=4, num_stages=1,
+        BLOCK_H=block_h, REFLECT=reflect, **_block_flags(b1, b2, ws_cc, bs), HALF_DOT=_half_dot(x),
+        PRECISION=precision, num_warps=4, num_stages=1, **tuning.LAUNCH_OPTIONS)
+    return out
+
+
+def _block_down_config(C_out: int) -> tp.Tuple[int, int]:
+    """(BLOCK_T, num_warps) of the fused block + downsampling: 64 output positions (wgmma's M on
+    sm_90) and 4 warps for up to 64 outputs; 8 warps for 128 outputs, and on sm_80 also 32 positions.
+    Compiled (tools/compile_gpu.py, triton 3.9): 64 x 128 with 4 warps spilled 36 B (sm_90, tf32) and
+    548-800 B per thread (sm_80); with 8 warps none on sm_90 (40-80 wgmma) but 304-524 B on sm_80,
+    where 32 positions spill nothing (mma.sync, 128-180 registers). Not timed on a GPU."""
+    if C_out <= 64:
+        return 64, 4
+    return (32 if tuning.target_arch() < 90 else 64), 8
+
+
+def _block_weights(w1_kch, b1, w2_hc, b2, ws_cc, bs):
+    """The fused block kernels' weight arguments, with a stand-in pointer for each absent one."""
+    return (w1_kch, b1 if b1 is not None else w1_kch, w2_hc, b2 if b2 is not None else w2_hc,
+            ws_cc if ws_cc is not None else w2_hc, bs if bs is not None else w2_hc)
+
+
+def _block_flags(b1, b2, ws_cc, bs):
+    return dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, SHORTCUT=ws_cc is not None, HAS_BS=bs is not None)
+
+
+def residual_block_down(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right, reflect,
+                        wd_kio, bd, stride, left_d, right_d, reflect_d, precision, out_dtype):
+    """`_block_down_kernel`: the residual block of `residual_block` followed by ELU -> pad
+    (left_d, right_d; reflect_d or zeros) -> conv1d(wd_kio [KD, C, C_out], bd, stride) ->
+    [B, C_out, T_out] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`, C_out <=
+    `ops.conv.FUSED_DOWN_MAX_CHANNELS`."""
+    from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS, FUSED_DOWN_MAX_CHANNELS
+    B, C, L = x.shape
+    K, _, H = w1_kch.shape
+    KD, _, C_out = wd_kio.shape
+    if C > FUSED_BLOCK_MAX_CHANNELS or C_out > FUSED_DOWN_MAX_CHANNELS:
+        raise ValueError(f"the fused block + downsampling takes at most {FUSED_BLOCK_MAX_CHANNELS} -> "
+                         f"{FUSED_DOWN_MAX_CHANNELS} channels, got {C} -> {C_out}")
+    T_out = (left_d + L + right_d - KD) // stride + 1
+    out = _channels_last(B, C_out, max(T_out, 0), x.device, out_dtype)
+    if T_out <= 0 or B == 0:
+        return out
+    L_ext = max(L, max(left, right) + 1) if reflect else L
+    L_ext_d = max(L, max(left_d, right_d) + 1) if reflect_d else L
+    block_c, block_h = max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(H))
+    block_co = max(16, triton.next_power_of_2(C_out))
+    if interpreting():
+        block_t, warps = min(1024, max(16, triton.next_power_of_2(T_out))), 4
+    else:
+        block_t, warps = _block_down_config(C_out)
+    _block_down_kernel[(triton.cdiv(T_out, block_t), B)](
+        x, *_block_weights(w1_kch, b1, w2_hc, b2, ws_cc, bs), wd_kio, bd if bd is not None else wd_kio, out,
+        C, H, C_out, L, L_ext, left, dilation, L_ext_d, left_d, stride, T_out, *x.stride(), *out.stride(),
+        K=K, KD=KD, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_CO=block_co, REFLECT=reflect,
+        REFLECT_D=reflect_d, **_block_flags(b1, b2, ws_cc, bs), HAS_BD=bd is not None, HALF_DOT=_half_dot(x),
+        PRECISION=precision, num_warps=warps, num_stages=1, **tuning.LAUNCH_OPTIONS)
+    return out
+
+
+#: Input channels of the largest transposed convolution fused with the residual block after it
+#: (`up_residual_block`: its [positions, C_in] input tile is one dot operand).
+FUSED_UP_MAX_IN_CHANNELS = 128
+
+
+def _up_block_config(C_in: int, C: int, half: bool) -> tp.Tuple[int, int, int]:
+    """(BLOCK_J, BLOCK_CI, num_warps) of the fused upsampling + block: 64 positions (wgmma's M), the
+    input channels in steps of 64 (half) or 32 (fp32), 4 warps, 8 for 64 output channels. Compiled
+    (tools/compile_gpu.py, triton 3.9): all 128 input channels in one step with 4 warps spilled
+    0.5-5.4 KB per thread at the 128 -> 64 level on sm_80 and sm_90; these: 128-236 registers, no
+    spills, wgmma in every sm_90 launch. Not timed on a GPU."""
+    return 64, min(64 if half else 32, max(16, triton.next_power_of_2(C_in))), 8 if C > 32 else 4
+
+
+def up_residual_block(x, wu_kio, bu, stride, start, length, elu, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left,
+                      right, reflect, precision, out_dtype):
+    """`_up_block_kernel`: ELU (elu) -> ConvTranspose1d(wu_kio [K_U, C_in, C], bu, stride) -> keep
+    [start, start + length) -> the residual block of `residual_block` (its padding (left, right) on
+    the kept length) -> [B, C, length] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`,
+    C_in <= FUSED_UP_MAX_IN_CHANNELS."""
+    from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS
+    B, C_in, L_in = x.shape
+    K_U, _, C = wu_kio.shape
+    K, _, H = w1_kch.shape
+    if C > FUSED_BLOCK_MAX_CHANNELS or C_in > FUSED_UP_MAX_IN_CHANNELS:
+        raise ValueError(f"the fused upsampling + block takes at most {FUSED_UP_MAX_IN_CHANNELS} -> "
+                         f"{FUSED_BLOCK_MAX_CHANNELS} channels, got {C_in} -> {C}")
+    out = _channels_last(B, C, length, x.device, out_dtype)
+    if length <= 0 or B == 0:
+        return out
+    L_ext = max(length, max(left, right) + 1) if reflect else length
+    j0 = start // stride
+    n_j = (start + length - 1) // stride - j0 + 1
+    half = _half_dot(x)
+    if interpreting():
+        block_j, block_ci, warps = (min(1024, max(16, triton.next_power_of_2(n_j))),
+                                    max(16, triton.next_power_of_2(C_in)), 4)
+    else:
+        block_j, block_ci, warps = _up_block_config(C_in, C, half)
+    _up_block_kernel[(triton.cdiv(n_j, block_j) * stride, B)](
+        x, wu_kio, bu if bu is not None else wu_kio, *_block_weights(w1_kch, b1, w2_hc, b2, ws_cc, bs), out,
+        C_in, C, H, L_in, start, length, j0, n_j, L_ext, *x.stride(), *out.stride(),
+        K_U=K_U, S=stride, K=K, DIL=dilation, LEFT=left, BLOCK_J=block_j,
+        BLOCK_CI=block_ci, BLOCK_C=max(16, triton.next_power_of_2(C)),
+        BLOCK_H=max(16, triton.next_power_of_2(H)), ELU=elu, HAS_BU=bu is not None, REFLECT=reflect,
+        **_block_flags(b1, b2, ws_cc, bs), HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=1,
         **tuning.LAUNCH_OPTIONS)
     return out
 

@@ -125,15 +125,17 @@ def test_refuses_the_interpreter():
 
 
 def test_gemm_convolutions_and_fused_blocks_compile_to_wgmma(tmp_path):
-    """The implicit-GEMM family's launches for the 24 kHz encoder's first level in bf16 (the fused
-    residual block, the stride-2 downsampling convolution): wgmma in their sm_90 PTX, no spills."""
+    """The implicit-GEMM family's launches for the 24 kHz model's first level in bf16 (the fused
+    residual block, the stride-2 downsampling convolution, both in one kernel, and the decoder's
+    last upsampling with its block in one kernel): wgmma in their sm_90 PTX, no spills."""
     out = tmp_path / "results"
-    proc = run_check("--only", r"residual_block.*BLOCK_C32 .*bf16|conv1d_gemm.*K4 T128 CO64 CI32 .*bf16",
+    proc = run_check("--only", r"residual_block.*BLOCK_C32 .*bf16|conv1d_gemm.*K4 T128 CO64 CI32 .*bf16"
+                     r"|block_down.*BLOCK_C32 .*bf16|up_block.*BLOCK_C32 .*bf16",
                      "--archs", "90", "--listed-archs", "none", "--out", out, cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(next(out.glob("compile_gpu_*.json")).read_text())
     kernels = {x["kernel"] for x in data["launches"]}
-    assert {"_residual_block_kernel", "_conv1d_gemm_kernel"} <= kernels, kernels
+    assert {"_residual_block_kernel", "_conv1d_gemm_kernel", "_block_down_kernel", "_up_block_kernel"} <= kernels
     for x in data["launches"]:
         r = x["results"]["90"]
         assert r["wgmma"] > 0 and r["spill_st"] == 0, (x["configuration"], r)

@@ -310,6 +310,57 @@ def test_fused_residual_blocks_within_tolerance(C, mode, monkeypatch):
     assert _rel_err(got, ref) <= MODE_LIMITS[mode]
 
 
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("C,stride", [(32, 2), (64, 4)])
+def test_fused_block_and_downsampling_within_tolerance(C, stride, mode, monkeypatch):
+    """The encoder's first levels (block, ELU, downsampling) in one kernel on the GPU, each mode,
+    against the PyTorch path in exact fp32 (bf16: in bf16)."""
+    from encodec_fast.ops import conv
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    g = torch.Generator(device=DEVICE).manual_seed(C)
+    L = 24000 + 77
+    x = torch.randn(8, C, L, device=DEVICE, generator=g).to(dtype)
+    w1 = (torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype)
+    w2 = (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype)
+    ws = (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype)
+    wd = (torch.randn(2 * C, C, 2 * stride, device=DEVICE, generator=g) / (2 * stride * C) ** 0.5).to(dtype)
+    b = torch.randn(2 * C, device=DEVICE, generator=g).to(dtype)
+    args = (x, w1, b[: C // 2], w2, b[:C], 1, (2, 0), "reflect", ws, b[:C], wd, b, stride,
+            (stride, -(-L // stride) * stride - L), "reflect")
+    with torch.no_grad():
+        ref = conv.residual_block_down_torch(*args)
+        with precision_modes.scope(mode, DEVICE), ops.use_backend("triton"):
+            assert ops.block_down_backend(x, w1, w2, wd, stride) == "triton"
+            got = conv.residual_block_down(*args)
+    assert _rel_err(got, ref) <= MODE_LIMITS[mode]
+
+
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("C,stride", [(32, 2), (64, 4)])
+def test_fused_upsampling_and_block_within_tolerance(C, stride, mode, monkeypatch):
+    """The decoder's last levels (ELU, transposed convolution, trim, block) in one kernel on the GPU,
+    each mode, against the PyTorch path in exact fp32 (bf16: in bf16)."""
+    from encodec_fast.ops import conv
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    g = torch.Generator(device=DEVICE).manual_seed(C)
+    L = 24000 // stride + 7
+    x = torch.randn(8, 2 * C, L, device=DEVICE, generator=g).to(dtype)
+    wu = (torch.randn(2 * C, C, 2 * stride, device=DEVICE, generator=g) / (4 * C) ** 0.5).to(dtype)
+    w1 = (torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype)
+    w2 = (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype)
+    ws = (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype)
+    b = torch.randn(C, device=DEVICE, generator=g).to(dtype)
+    args = (x, wu, b, stride, 0, L * stride, True, w1, b[: C // 2], w2, b, 1, (2, 0), "reflect", ws, b)
+    with torch.no_grad():
+        ref = conv.up_residual_block_torch(*args)
+        with precision_modes.scope(mode, DEVICE), ops.use_backend("triton"):
+            assert ops.up_block_backend(x, wu, w1, w2) == "triton"
+            got = conv.up_residual_block(*args)
+    assert _rel_err(got, ref) <= MODE_LIMITS[mode]
+
+
 @pytest.mark.parametrize("n_fft,hop", [(1024, 256), (2048, 512), (512, 128)])
 def test_spectrogram_forward_and_backward(n_fft, hop):
     from encodec_fast.ops import stft

@@ -178,7 +178,7 @@ def test_arranged_weight_cache_follows_in_place_updates():
 
 
 @pytest.mark.parametrize("name", ["24khz", "48khz"])
-def test_models_with_triton_convolutions(name, request, kernel):
+def test_models_with_triton_convolutions(name, request, kernel, monkeypatch):
     """Every convolution of both models through the kernels (ELU, padding, residual fused).
 
     Latents and audio stay within fp32 summation-order differences of the reference. Codes: the
@@ -192,6 +192,10 @@ def test_models_with_triton_convolutions(name, request, kernel):
     model.set_target_bandwidth(6.0)
     sr = model.sample_rate
     x = torch.stack([make_signal(sr, sr // 5 + 77, model.channels, seed=s) for s in (3, 4)]).to(DEVICE)
+    fused, fused_up = [], []
+    real, real_up = ops.residual_block_down, ops.up_residual_block
+    monkeypatch.setattr(ops, "residual_block_down", lambda x, *a: fused.append(x.shape[1]) or real(x, *a))
+    monkeypatch.setattr(ops, "up_residual_block", lambda x, *a: fused_up.append(x.shape[1]) or real_up(x, *a))
     with torch.no_grad():
         frames_ref = model.encode(x)
         audio_ref = model.decode(frames_ref)
@@ -203,6 +207,11 @@ def test_models_with_triton_convolutions(name, request, kernel):
             emb = model.encoder(x)
     assert_close_rel(emb, emb_ref, torch.float32)
     assert_close_rel(audio, audio_ref, torch.float32)
+    # the gemm family runs each block of up to 64 channels with the downsampling after it, and the
+    # decoder's upsampling with the block after it (the 48 kHz model's time group norm keeps its
+    # convolutions apart)
+    assert sorted(set(fused)) == ([32, 64] if kernel == "gemm" and name == "24khz" else [])
+    assert sorted(set(fused_up)) == ([64, 128] if kernel == "gemm" and name == "24khz" else [])
     if model.segment_length is None:  # one frame: its codes come from `emb`
         codes = frames[0][0].transpose(0, 1)
         with torch.no_grad():
@@ -507,3 +516,144 @@ def test_fused_residual_block_half_rules_and_fallbacks(monkeypatch):
         assert ops.block_backend(x, w1, w2) == "torch"  # the direct family has no fused block
     assert_close_rel(got, ref, torch.float16)
     assert ops.block_backend(x, w1, w2) == "torch"  # CPU tensors in auto mode
+
+
+# (C, C_out, stride): SEANet's encoder stages the fused block + downsampling takes (kernel 2 x stride),
+# an odd size that fills no tile, and the largest stride.
+BLOCK_DOWNS = [(32, 64, 2), (64, 128, 4), (20, 40, 5), (8, 16, 8)]
+
+
+def _block_down_weights(C, C_out, stride, seed):
+    H = C // 2
+    return dict(w1=rand(H, C, 3, seed=seed) / (3 * C) ** 0.5, b1=rand(H, seed=seed + 1),
+                w2=rand(C, H, 1, seed=seed + 2) / H ** 0.5, b2=rand(C, seed=seed + 3),
+                ws=rand(C, C, 1, seed=seed + 4) / C ** 0.5, bs=rand(C, seed=seed + 5),
+                wd=rand(C_out, C, 2 * stride, seed=seed + 6) / (2 * stride * C) ** 0.5, bd=rand(C_out, seed=seed + 7))
+
+
+@pytest.mark.parametrize("stage", BLOCK_DOWNS, ids=[f"C{c}to{o}s{s}" for c, o, s in BLOCK_DOWNS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_block_and_downsampling(stage, causal, monkeypatch):
+    """A residual block and the strided convolution after it in one kernel (gemm family) against
+    the block, ELU, padding and convolution apart, over lengths shorter than the receptive field
+    and than the stride, tile edges, both paddings of each part, with and without biases and the
+    conv shortcut, and both input layouts."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    C, C_out, s = stage
+    w = _block_down_weights(C, C_out, s, seed=C + s)
+    pads = (2, 0) if causal else (1, 1)
+    for L in (1, s + 1, 61):
+        x = rand(2, C, L, seed=L + C)
+        pads_d = paddings(2 * s, s, 1, L, causal)
+        for pad_mode, pad_mode_d, skip, biases in (("reflect", "reflect", False, True), ("zero", "zero", False, True),
+                                                   ("reflect", "zero", True, True), ("zero", "reflect", True, False)):
+            args = (w["w1"], w["b1"] if biases else None, w["w2"], w["b2"] if biases else None, 1, pads, pad_mode,
+                    w["ws"] if skip else None, w["bs"] if skip and biases else None, w["wd"],
+                    w["bd"] if biases else None, s, pads_d, pad_mode_d)
+            ref = conv.residual_block_down_torch(x, *args)
+            with ops.use_backend("triton"):
+                assert ops.block_down_backend(x, w["w1"], w["w2"], w["wd"], s) == "triton"
+                got = conv.residual_block_down(x, *args)
+                if skip and biases:
+                    cl = conv.residual_block_down(x.transpose(1, 2).contiguous().transpose(1, 2), *args)
+                    assert torch.equal(cl, got)
+            assert got.shape == (2, C_out, -(-L // s)) and got.stride(1) == 1
+            assert_close_rel(got, ref, torch.float32)
+
+
+def test_fused_block_and_downsampling_half_rules_and_fallbacks(monkeypatch):
+    """fp16 within fp16's tolerance of fp32 on the same values; bad arguments refused; what the
+    kernel does not take (over 128 outputs, the direct family, CPU tensors in auto, a padding mode
+    of its own) runs the parts apart with the same result."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    w = _block_down_weights(32, 64, 2, seed=5)
+    x = rand(2, 32, 70, seed=1)
+    args = (w["w1"], w["b1"], w["w2"], w["b2"], 1, (2, 0), "reflect", None, None, w["wd"], w["bd"], 2, (2, 0), "zero")
+    ref = conv.residual_block_down_torch(x, *args)
+    half = [a.half() if isinstance(a, torch.Tensor) else a for a in args]
+    with ops.use_backend("triton"):
+        got = conv.residual_block_down(x.half(), *half)
+        assert_close_rel(got, conv.residual_block_down_torch(x.half().float(), *[
+            a.float() if isinstance(a, torch.Tensor) else a for a in half]).half(), torch.float16)
+        with pytest.raises(ValueError, match="keep the length"):
+            conv.residual_block_down(x, *args[:5], (1, 0), *args[6:])
+        with pytest.raises(ValueError, match="downsampling weight"):
+            conv.residual_block_down(x, *args[:9], w["wd"][:, :16], *args[10:])
+        with pytest.raises(ValueError, match="negative padding"):
+            conv.residual_block_down(x, *args[:12], (-1, 0), "zero")
+        wide = rand(256, 32, 4, seed=9)
+        assert ops.block_down_backend(x, w["w1"], w["w2"], wide, 2) == "torch"  # over 128 outputs
+        apart = conv.residual_block_down(x, *args[:9], wide, None, 2, (2, 0), "zero")
+        assert_close_rel(apart, conv.residual_block_down_torch(x, *args[:9], wide, None, 2, (2, 0), "zero"),
+                         torch.float32)
+        assert_close_rel(conv.residual_block_down(x, *args[:13], "replicate"),
+                         conv.residual_block_down_torch(x, *args[:13], "replicate"), torch.float32)
+        monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "direct")
+        assert ops.block_down_backend(x, w["w1"], w["w2"], w["wd"], 2) == "torch"
+    assert ops.block_down_backend(x, w["w1"], w["w2"], w["wd"], 2) == "torch"  # CPU tensors in auto mode
+    assert torch.equal(conv.residual_block_down(x, *args), ref)
+
+
+# (C_in, C, stride): SEANet's decoder levels the fused upsampling + block takes (kernel 2 x stride), an
+# odd size that fills no tile, and the largest stride.
+UP_BLOCKS = [(64, 32, 2), (128, 64, 4), (40, 20, 5), (16, 8, 8)]
+
+
+@pytest.mark.parametrize("level", UP_BLOCKS, ids=[f"C{i}to{c}s{s}" for i, c, s in UP_BLOCKS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_upsampling_and_block(level, causal, monkeypatch):
+    """A transposed convolution (ELU first, trimmed as SConvTranspose1d trims) and the residual block
+    after it in one kernel (gemm family) against the two apart, over inputs of one frame and more,
+    both block paddings (reflect mirrors the first rows: several phases in one tile), with and
+    without biases and the conv shortcut, and both input layouts."""
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    C_in, C, s = level
+    K_U = 2 * s
+    w = _block_down_weights(C, 2 * C, s, seed=C_in + s)
+    wu, bu = rand(C_in, C, K_U, seed=C_in) / (2 * C_in) ** 0.5, rand(C, seed=C_in + 1)
+    total = K_U - s
+    start = 0 if causal else total - total // 2
+    pads = (2, 0) if causal else (1, 1)
+    for L in (1, 3, 37):
+        x = rand(2, C_in, L, seed=L + C_in)
+        length = (L - 1) * s + K_U - total
+        for pad_mode, skip, biases in (("reflect", False, True), ("zero", True, True), ("reflect", True, False)):
+            args = (wu, bu if biases else None, s, start, length, True, w["w1"], w["b1"] if biases else None,
+                    w["w2"], w["b2"] if biases else None, 1, pads, pad_mode, w["ws"] if skip else None,
+                    w["bs"] if skip and biases else None)
+            ref = conv.up_residual_block_torch(x, *args)
+            with ops.use_backend("triton"):
+                assert ops.up_block_backend(x, wu, w["w1"], w["w2"]) == "triton"
+                got = conv.up_residual_block(x, *args)
+                if skip and biases:
+                    cl = conv.up_residual_block(x.transpose(1, 2).contiguous().transpose(1, 2), *args)
+                    assert torch.equal(cl, got)
+            assert got.shape == (2, C, length) and got.stride(1) == 1
+            assert_close_rel(got, ref, torch.float32)
+
+
+def test_fused_upsampling_and_block_half_rules_and_fallbacks(monkeypatch):
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    w = _block_down_weights(32, 64, 2, seed=5)
+    x = rand(2, 64, 35, seed=1)
+    wu = rand(64, 32, 4, seed=2) / 11
+    args = (wu, None, 2, 0, 70, True, w["w1"], w["b1"], w["w2"], w["b2"], 1, (2, 0), "reflect", None, None)
+    ref = conv.up_residual_block_torch(x, *args)
+    half = [a.half() if isinstance(a, torch.Tensor) else a for a in args]
+    with ops.use_backend("triton"):
+        got = conv.up_residual_block(x.half(), *half)
+        assert_close_rel(got, conv.up_residual_block_torch(x.half().float(), *[
+            a.float() if isinstance(a, torch.Tensor) else a for a in half]).half(), torch.float16)
+        with pytest.raises(ValueError, match="does not fit weight"):
+            conv.up_residual_block(x[:, :16], *args)
+        with pytest.raises(ValueError, match="cannot keep"):
+            conv.up_residual_block(x, *args[:3], 2, 71, *args[5:])
+        with pytest.raises(ValueError, match="keep the length"):
+            conv.up_residual_block(x, *args[:11], (1, 0), *args[12:])
+        wide = rand(256, 32, 4, seed=9)
+        assert ops.up_block_backend(wide[:, :, :1], wide, w["w1"], w["w2"]) == "torch"  # over 128 inputs
+        monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "direct")
+        assert ops.up_block_backend(x, wu, w["w1"], w["w2"]) == "torch"
+    assert ops.up_block_backend(x, wu, w["w1"], w["w2"]) == "torch"  # CPU tensors in auto mode
+    assert_close_rel(got, ref.half(), torch.float16)
+    assert torch.equal(conv.up_residual_block(x, *args), ref)

@@ -267,6 +267,21 @@ def capture(full: bool, archs: tp.Sequence[int] = (90,)) -> tp.List[Launch]:
     return list(recorder.launches.values())
 
 
+def _blocks_alone(model, dtype, device) -> None:
+    """`ops.residual_block` on the 24 kHz encoder's blocks of 32 and 64 channels (10 s x 64)."""
+    import torch
+
+    from encodec_fast import ops
+    from encodec_fast.modules.seanet import SEANetResnetBlock
+    L = model.sample_rate * 10
+    for block in [m for m in model.encoder.modules() if isinstance(m, SEANetResnetBlock)][:2]:
+        convs = [m for m in block.block if hasattr(m, "paddings")]
+        C = convs[0].conv.conv.in_channels
+        x = torch.empty(64, C, L, device=device, dtype=dtype)
+        ops.residual_block(x, *block._fused_args(L, convs))
+        L //= 2
+
+
 def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
     """Every launch of both models, the RVQ kernels and the discriminator, on meta tensors."""
     import torch
@@ -311,6 +326,11 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                         frames = -(-sr * seconds // model.encoder.hop_length)
                         with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
                             dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
+                    if name == "24k":
+                        # A residual block alone (its level's resampling not fused: several blocks
+                        # in a row, or a resampling the fused levels do not take), 32 and 64 channels.
+                        with _scenario(recorder, f"{name} residual blocks alone 10s x64 {tag} {precision}", judged):
+                            _blocks_alone(model, dtype, meta)
         # Clips of different lengths in one call (encode_batch on CUDA, `RaggedRows`): every
         # convolution reads a buffer padded per row, so it launches without padding of its own.
         if name == "24k":

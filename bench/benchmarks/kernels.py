@@ -402,6 +402,155 @@ def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                                  "launches": launches,
                                  "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
                                  **roofline_ms(flops, nbytes, mode)})
+    return rows + time_block_stages(device, quick, peaks) + time_up_stages(device, quick, peaks)
+
+
+# (name, channels, downsampling stride, input length at 24 kHz x 10 s): the encoder's levels whose block
+# and downsampling run as one kernel (`ops.residual_block_down`).
+STAGE_LAYERS = [("enc stage 0", 32, 2, 240000), ("enc stage 1", 64, 4, 120000)]
+
+
+def stage_bytes(C: int, stride: int, L: int, batch: int, size: int) -> tp.Dict[str, float]:
+    """Activation bytes of a residual block (`block_bytes`) and the downsampling after it (C -> 2C,
+    kernel 2 x stride): torch adds an ELU (read and write C), a padded copy (read and write C) and the
+    convolution (read C, write 2C / stride per input position); ours apart: the fused block (2C) then
+    the convolution with ELU and padding fused (C + 2C / stride); fused: x read once (C) and the
+    downsampled output written (2C / stride)."""
+    block, down = block_bytes(C, L, batch, size), size * batch * L * 2 * C / stride
+    return {"torch": block["torch"] + size * batch * L * 5 * C + down,
+            "unfused": block["fused"] + size * batch * L * C + down, "fused": size * batch * L * C + down}
+
+
+def time_block_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """The encoder's first levels (residual block, ELU, downsampling convolution) at batch 64 x 10 s
+    in each precision mode: torch's ops (cuDNN) against our fused block and gemm convolution apart
+    (`gemm`) and both in one kernel (`fused`, the block's rows recomputed for each of the
+    downsampling's two overlapping taps), with the bytes each moves."""
+    from encodec_fast.ops import conv
+    rows = []
+    batch = SIZES["rvq"][0]
+    for name, C, stride, L in STAGE_LAYERS:
+        if not SIZES["big_checks"]:
+            C, L = max(4, C // 8), 40
+        H, K = C // 2, 2 * stride
+        pads = (K - stride, -(-L // stride) * stride - L)  # causal, upstream's extra padding on the right
+        for mode in ("exact", "tf32", "bf16"):
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            g = torch.Generator(device=device).manual_seed(C + stride)
+            x = torch.randn(batch, C, L, device=device, generator=g).to(dtype)
+            w1 = (torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype)
+            w2 = (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype)
+            ws = (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype)
+            wd = (torch.randn(2 * C, C, K, device=device, generator=g) / (K * C) ** 0.5).to(dtype)
+            b1, b2, bs, bd = (torch.zeros(n, device=device, dtype=dtype) for n in (H, C, C, 2 * C))
+            args = (x, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs, wd, bd, stride, pads, "reflect")
+
+            def unfused():
+                y = conv.residual_block(*args[:10])
+                return conv.conv1d(y, wd, bd, stride, 1, pads, "reflect", elu=True)
+
+            def fused():
+                return conv.residual_block_down(*args)
+
+            def reference():
+                return conv.residual_block_down_torch(*args)
+            block_flops = 2.0 * batch * L * (3 * C * H + H * C + C * C)
+            down_flops = 2.0 * batch * (L // stride) * K * C * 2 * C
+            size = torch.empty(0, dtype=dtype).element_size()
+            traffic = stage_bytes(C, stride, L, batch, size)
+            with torch.no_grad(), precision_modes.scope(mode, device):
+                ref = reference()
+                torch_ms = bench_ms(reference, quick)
+                for family, fn in (("gemm", unfused), ("fused", fused)):
+                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", "gemm"), ops.use_backend("triton"):
+                        got = fn()
+                        ms, launches = bench_ms_launches(fn, quick)
+                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                    nbytes = traffic[family if family == "fused" else "unfused"]
+                    # the fused kernel computes each block row twice (the downsampling's taps overlap)
+                    flops = (2 if family == "fused" else 1) * block_flops + down_flops
+                    rows.append({"op": f"block+down: {name}", "dtype": str(dtype).replace("torch.", ""),
+                                 "precision": mode, "family": family, "shape": [batch, C, L], "torch_ms": torch_ms,
+                                 "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
+                                 "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "bytes": nbytes,
+                                 "torch_bytes": traffic["torch"], "launches": launches,
+                                 "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
+                                 **roofline_ms(flops, nbytes, mode)})
+    return rows
+
+
+# (name, block channels, upsampling stride, output length at 24 kHz x 10 s): the decoder's levels whose
+# upsampling and block run as one kernel (`ops.up_residual_block`).
+UP_STAGE_LAYERS = [("dec stage 2", 64, 4, 120000), ("dec stage 3", 32, 2, 240000)]
+
+
+def up_stage_bytes(C: int, stride: int, L: int, batch: int, size: int) -> tp.Dict[str, float]:
+    """Activation bytes of the decoder's ELU -> transposed convolution (2C -> C, kernel 2 x stride) ->
+    trim -> residual block, per output position: torch's ELU (read and write 2C / stride), the
+    convolution (read 2C / stride, write C before the trim, read and write C to trim) and the block
+    (`block_bytes`); ours apart: the convolution with ELU and trim fused (2C / stride + C) then the
+    fused block (2C); fused: 2C / stride read, C written."""
+    x_in = size * batch * L * 2 * C / stride
+    block = block_bytes(C, L, batch, size)
+    return {"torch": 3 * x_in + size * batch * L * 3 * C + block["torch"],
+            "unfused": x_in + size * batch * L * C + block["fused"], "fused": x_in + size * batch * L * C}
+
+
+def time_up_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """The decoder's last levels (ELU, transposed convolution, trim, residual block) at batch 64 x
+    10 s in each precision mode: torch's ops (cuDNN) against our transposed convolution and fused
+    block apart (`gemm`) and both in one kernel (`fused`, the upsampled rows recomputed for each of
+    the block's three taps), with the bytes each moves."""
+    from encodec_fast.ops import conv
+    rows = []
+    batch = SIZES["rvq"][0]
+    for name, C, stride, L in UP_STAGE_LAYERS:
+        if not SIZES["big_checks"]:
+            C, L = max(4, C // 8), 40
+        H, K, L_in = C // 2, 2 * stride, L // stride
+        for mode in ("exact", "tf32", "bf16"):
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            g = torch.Generator(device=device).manual_seed(C + stride)
+            x = torch.randn(batch, 2 * C, L_in, device=device, generator=g).to(dtype)
+            wu = (torch.randn(2 * C, C, K, device=device, generator=g) / (4 * C) ** 0.5).to(dtype)
+            w1 = (torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype)
+            w2 = (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype)
+            ws = (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype)
+            bu, b1, b2, bs = (torch.zeros(n, device=device, dtype=dtype) for n in (C, H, C, C))
+            # causal: the whole trim on the right
+            args = (x, wu, bu, stride, 0, L_in * stride, True, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs)
+
+            def unfused():
+                y = conv.conv_transpose1d(*args[:7])
+                return conv.residual_block(y, *args[7:])
+
+            def fused():
+                return conv.up_residual_block(*args)
+
+            def reference():
+                return conv.up_residual_block_torch(*args)
+            block_flops = 2.0 * batch * L * (3 * C * H + H * C + C * C)
+            up_flops = 2.0 * batch * L * 2 * (2 * C) * C  # two taps per output position
+            size = torch.empty(0, dtype=dtype).element_size()
+            traffic = up_stage_bytes(C, stride, L, batch, size)
+            with torch.no_grad(), precision_modes.scope(mode, device):
+                ref = reference()
+                torch_ms = bench_ms(reference, quick)
+                for family, fn in (("gemm", unfused), ("fused", fused)):
+                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", "gemm"), ops.use_backend("triton"):
+                        got = fn()
+                        ms, launches = bench_ms_launches(fn, quick)
+                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                    nbytes = traffic[family if family == "fused" else "unfused"]
+                    # the fused kernel computes each upsampled row once per tap of the block (3)
+                    flops = block_flops + (3 if family == "fused" else 1) * up_flops
+                    rows.append({"op": f"up+block: {name}", "dtype": str(dtype).replace("torch.", ""),
+                                 "precision": mode, "family": family, "shape": [batch, 2 * C, L_in],
+                                 "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
+                                 "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "bytes": nbytes,
+                                 "torch_bytes": traffic["torch"], "launches": launches,
+                                 "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
+                                 **roofline_ms(flops, nbytes, mode)})
     return rows
 
 

@@ -50,16 +50,50 @@ class SEANetResnetBlock(nn.Module):
         return (plain and len(convs) == 2 and convs[1].kernel_size == 1 and convs[0].stride == 1
                 and all(isinstance(c.conv.norm, nn.Identity) for c in convs))
 
+    def _fused_args(self, length: int, convs: tp.List[SConv1d]) -> tuple:
+        """The block's arguments of `ops.residual_block` after x (weights, dilation, padding for an
+        input of `length`, shortcut)."""
+        first, second = convs[0].conv.conv, convs[1].conv.conv
+        skip = self.shortcut.conv.conv if isinstance(self.shortcut, SConv1d) else None
+        return (first.weight, first.bias, second.weight, second.bias, convs[0].dilation, convs[0].paddings(length),
+                convs[0].pad_mode, None if skip is None else skip.weight, None if skip is None else skip.bias)
+
+    def downsampled(self, x: torch.Tensor, down: SConv1d, groups: tp.Optional[Groups] = None
+                    ) -> tp.Optional[torch.Tensor]:
+        """down(ELU(self(x))) in one kernel (`ops.residual_block_down`: the block's output never
+        written) where the block fuses, `down` has no norm layer nor dilation and
+        `ops.block_down_backend` says so; None elsewhere (the caller runs the two apart)."""
+        convs = [m for m in self.block if isinstance(m, SConv1d)]
+        if (groups is not None and not groups.uniform(x)) or not self._fusable(convs) or down.dilation != 1 \
+                or not isinstance(down.conv.norm, nn.Identity):
+            return None
+        conv = down.conv.conv
+        if ops.block_down_backend(x, _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv),
+                                  _raw_weight(conv), down.stride) != "triton":
+            return None
+        return ops.residual_block_down(x, *self._fused_args(x.shape[-1], convs), conv.weight, conv.bias, down.stride,
+                                       down.paddings(x.shape[-1]), down.pad_mode)
+
+    def upsampled(self, x: torch.Tensor, up: SConvTranspose1d, elu_first: bool) -> tp.Optional[torch.Tensor]:
+        """self(up(x), ELU on x first where elu_first) in one kernel (`ops.up_residual_block`: the
+        upsampled signal never written) where the block fuses, `up` has no norm layer and
+        `ops.up_block_backend` says so; None elsewhere (the caller runs the two apart)."""
+        convs = [m for m in self.block if isinstance(m, SConv1d)]
+        convtr = up.convtr.convtr
+        if not self._fusable(convs) or not isinstance(up.convtr.norm, nn.Identity) or ops.up_block_backend(
+                x, _raw_weight(convtr), _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) != "triton":
+            return None
+        stride = convtr.stride[0]
+        length = (x.shape[-1] - 1) * stride + convtr.kernel_size[0] - sum(up.trim)
+        return ops.up_residual_block(x, convtr.weight, convtr.bias, stride, up.trim[0], length, elu_first,
+                                     *self._fused_args(length, convs))
+
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
         h = x
         convs = [m for m in self.block if isinstance(m, SConv1d)]
         if (groups is None or groups.uniform(x)) and self._fusable(convs) and ops.block_backend(
                 x, _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) == "triton":
-            first, second = convs[0].conv.conv, convs[1].conv.conv
-            skip = self.shortcut.conv.conv if isinstance(self.shortcut, SConv1d) else None
-            return ops.residual_block(x, first.weight, first.bias, second.weight, second.bias, convs[0].dilation,
-                                      convs[0].paddings(x.shape[-1]), convs[0].pad_mode,
-                                      None if skip is None else skip.weight, None if skip is None else skip.bias)
+            return ops.residual_block(x, *self._fused_args(x.shape[-1], convs))
         if (groups is None or groups.uniform(x)) and any(
                 ops.conv_backend(x, _raw_weight(c.conv.conv), "conv1d", c.stride) == "triton" for c in convs):
             # Kernels (each conv where `auto` takes ours): the shortcut first, then the block, its
@@ -114,9 +148,30 @@ def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optio
     (`elu_plan`).
 
     An ELU before a convolution runs on that convolution's input (in place: nothing else reads
-    it); an ELU after the LSTM runs inside `SLSTM`, on the LSTM's own memory layout.
+    it); an ELU after the LSTM runs inside `SLSTM`, on the LSTM's own memory layout. A residual
+    block and the ELU + convolution after it (the encoder's downsampling) run as one kernel where
+    `SEANetResnetBlock.downsampled` takes them, and a transposed convolution and the block after it
+    (the decoder's upsampling) where `SEANetResnetBlock.upsampled` does.
     """
-    for layer, with_elu in elu_plan(layers):
+    plan = elu_plan(layers)
+    skip_next = False
+    for i, (layer, with_elu) in enumerate(plan):
+        if skip_next:  # a downsampling convolution run with the block before it
+            skip_next = False
+            continue
+        after = plan[i + 1][0] if i + 1 < len(plan) else None
+        if isinstance(layer, SEANetResnetBlock) and isinstance(after, SConv1d) and plan[i + 1][1]:
+            y = layer.downsampled(x, after, groups)
+            if y is not None:
+                x, skip_next = y, True
+                if groups is not None:
+                    groups = groups.map_lengths(after.output_length)
+                continue
+        if isinstance(layer, SConvTranspose1d) and isinstance(after, SEANetResnetBlock) and groups is None:
+            y = after.upsampled(x, layer, with_elu)
+            if y is not None:
+                x, skip_next = y, True
+                continue
         if layer is None:
             x = elu(x, True) if groups is None else groups.elu_(x)
         elif isinstance(layer, SConv1d):

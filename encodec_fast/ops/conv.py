@@ -273,6 +273,20 @@ def residual_block_torch(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torc
 FUSED_BLOCK_MAX_CHANNELS = 64
 
 
+def _check_block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ws: tp.Optional[torch.Tensor], dilation: int,
+                 paddings: tp.Tuple[int, int]) -> None:
+    """ValueError unless the weights make a residual block of x's channels whose padding keeps the length."""
+    C = x.shape[1] if x.dim() == 3 else -1
+    if (x.dim() != 3 or w1.dim() != 3 or tuple(w2.shape) != (C, w1.shape[0], 1) or w1.shape[1] != C
+            or (ws is not None and tuple(ws.shape) != (C, C, 1))):
+        raise ValueError(f"residual block: input {tuple(x.shape)} does not fit weights {tuple(w1.shape)}, "
+                         f"{tuple(w2.shape)}" + ("" if ws is None else f", {tuple(ws.shape)}"))
+    left, right = paddings
+    if left < 0 or right < 0 or left + right != (w1.shape[-1] - 1) * dilation:
+        raise ValueError(f"residual block: paddings {paddings} do not keep the length (kernel {w1.shape[-1]}, "
+                         f"dilation {dilation})")
+
+
 def block_backend(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
     """'triton' where `residual_block` runs the fused kernel: the gemm kernel family
     (`conv_kernel()`), at most FUSED_BLOCK_MAX_CHANNELS channels, and the rule of `conv_backend`
@@ -290,15 +304,8 @@ def residual_block(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tens
     """SEANet's residual block, `residual_block_torch`, in one kernel where `block_backend` says so
     (x's tile and its halo on chip, the hidden activations never written): x [B, C, L], w1 [H, C,
     K], w2 [C, H, 1], shortcut ws [C, C, 1] or None -> [B, C, L] (channels-last memory from the kernel)."""
-    C = x.shape[1] if x.dim() == 3 else -1
-    if (x.dim() != 3 or w1.dim() != 3 or tuple(w2.shape) != (C, w1.shape[0], 1) or w1.shape[1] != C
-            or (ws is not None and tuple(ws.shape) != (C, C, 1))):
-        raise ValueError(f"residual block: input {tuple(x.shape)} does not fit weights {tuple(w1.shape)}, "
-                         f"{tuple(w2.shape)}" + ("" if ws is None else f", {tuple(ws.shape)}"))
+    _check_block(x, w1, w2, ws, dilation, paddings)
     left, right = paddings
-    if left < 0 or right < 0 or left + right != (w1.shape[-1] - 1) * dilation:
-        raise ValueError(f"residual block: paddings {paddings} do not keep the length (kernel {w1.shape[-1]}, "
-                         f"dilation {dilation})")
     if block_backend(x, w1, w2) != "triton" or pad_mode not in KERNEL_PAD_MODES:
         return residual_block_torch(x, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
     dtype = _compute_dtype(x)
@@ -406,3 +413,110 @@ def conv2d_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[t
     dtype = _compute_dtype(x)
     return _Conv2dLeakyReLU.apply(x, weight, bias, stride, dilation, padding, negative_slope, dtype,
                                   float(input_scale))
+
+
+def residual_block_down_torch(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,
+                              b2: tp.Optional[torch.Tensor], dilation: int, paddings: tp.Tuple[int, int],
+                              pad_mode: str, ws: tp.Optional[torch.Tensor], bs: tp.Optional[torch.Tensor],
+                              wd: torch.Tensor, bd: tp.Optional[torch.Tensor], stride: int,
+                              paddings_d: tp.Tuple[int, int], pad_mode_d: str) -> torch.Tensor:
+    """`residual_block_torch` then ELU -> pad (paddings_d, pad_mode_d) -> conv1d(wd [C_out, C, KD],
+    bd, stride): a SEANet encoder stage's residual block and its downsampling convolution."""
+    y = residual_block_torch(x, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
+    return conv1d_torch(y, wd, bd, stride, 1, paddings_d, pad_mode_d, elu=True)
+
+
+#: Output channels of the largest downsampling convolution fused with the residual block before it
+#: (`residual_block_down`; its [64, C_out] accumulator tile stays in registers).
+FUSED_DOWN_MAX_CHANNELS = 128
+
+
+def block_down_backend(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wd: torch.Tensor, stride: int) -> str:
+    """'triton' where `residual_block_down` runs one kernel: where `block_backend` fuses the block,
+    the downsampling has at most FUSED_DOWN_MAX_CHANNELS outputs and a kernel of at most twice its
+    stride (each block row is then computed at most twice: SEANet's downsampling, not the decoder's
+    last convolution, which would compute each row 7 times), and (`auto` on CUDA) the fused stage
+    was measured faster (no measurement yet: the block and the convolution run apart there)."""
+    if (conv_kernel() != "gemm" or x.shape[1] > FUSED_BLOCK_MAX_CHANNELS or wd.shape[0] > FUSED_DOWN_MAX_CHANNELS
+            or wd.shape[-1] > 2 * stride):
+        return "torch"
+    return _measured_backend(x, (w1, w2, wd), lambda: _measured_choice(
+        "residual_block_down", wd.shape[1], wd.shape[0], wd.shape[-1], stride, _compute_dtype(x), "gemm"))
+
+
+def residual_block_down(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,
+                        b2: tp.Optional[torch.Tensor], dilation: int, paddings: tp.Tuple[int, int], pad_mode: str,
+                        ws: tp.Optional[torch.Tensor], bs: tp.Optional[torch.Tensor], wd: torch.Tensor,
+                        bd: tp.Optional[torch.Tensor], stride: int, paddings_d: tp.Tuple[int, int],
+                        pad_mode_d: str) -> torch.Tensor:
+    """`residual_block_down_torch` in one kernel where `block_down_backend` says so (the block's
+    output never written: each downsampling tap recomputes the block rows it reads on chip), else
+    the fused block (where `block_backend` says so) and the convolution apart. x [B, C, L], the
+    block's weights as `residual_block`, wd [C_out, C, KD] -> [B, C_out, T_out]."""
+    _check_block(x, w1, w2, ws, dilation, paddings)
+    if wd.dim() != 3 or wd.shape[1] != x.shape[1]:
+        raise ValueError(f"block + downsampling: input {tuple(x.shape)} does not fit the downsampling weight "
+                         f"{tuple(wd.shape)}")
+    left_d, right_d = paddings_d
+    if left_d < 0 or right_d < 0:
+        raise ValueError(f"negative padding {paddings_d}")
+    if (block_down_backend(x, w1, w2, wd, stride) != "triton" or pad_mode not in KERNEL_PAD_MODES
+            or pad_mode_d not in KERNEL_PAD_MODES):
+        y = residual_block(x, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
+        return conv1d(y, wd, bd, stride, 1, paddings_d, pad_mode_d, elu=True)
+    left, right = paddings
+    dtype = _compute_dtype(x)
+    x = x.to(dtype)
+    return _kernels().residual_block_down(
+        x, _arranged(w1, "conv_kio", dtype), b1, _arranged(w2, "conv_kio", dtype)[0], b2,
+        None if ws is None else _arranged(ws, "conv_kio", dtype)[0], bs, dilation, left, right, pad_mode == "reflect",
+        _arranged(wd, "conv_kio", dtype), bd, stride, left_d, right_d, pad_mode_d == "reflect", conv_precision(),
+        dtype)
+
+
+def up_residual_block_torch(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.Tensor], stride: int,
+                            start: int, length: int, elu: bool, w1: torch.Tensor, b1: tp.Optional[torch.Tensor],
+                            w2: torch.Tensor, b2: tp.Optional[torch.Tensor], dilation: int,
+                            paddings: tp.Tuple[int, int], pad_mode: str, ws: tp.Optional[torch.Tensor],
+                            bs: tp.Optional[torch.Tensor]) -> torch.Tensor:
+    """`conv_transpose1d_torch` (ELU, wu [C_in, C, K_U], keep [start, start + length)) then
+    `residual_block_torch`: a SEANet decoder level's upsampling and the residual block after it."""
+    y = conv_transpose1d_torch(x, wu, bu, stride, start, length, elu)
+    return residual_block_torch(y, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
+
+
+def up_block_backend(x: torch.Tensor, wu: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
+    """'triton' where `up_residual_block` runs one kernel: where `block_backend` fuses the block (on
+    the upsampled signal's channels), the upsampling has at most `FUSED_UP_MAX_IN_CHANNELS` inputs,
+    and (`auto` on CUDA) the fused level was measured faster (no measurement yet: apart there)."""
+    from ..kernels.conv import FUSED_UP_MAX_IN_CHANNELS
+    if conv_kernel() != "gemm" or wu.shape[1] > FUSED_BLOCK_MAX_CHANNELS or wu.shape[0] > FUSED_UP_MAX_IN_CHANNELS:
+        return "torch"
+    return _measured_backend(x, (wu, w1, w2), lambda: _measured_choice(
+        "up_residual_block", wu.shape[0], wu.shape[1], wu.shape[-1], 1, _compute_dtype(x), "gemm"))
+
+
+def up_residual_block(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.Tensor], stride: int, start: int,
+                      length: int, elu: bool, w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,
+                      b2: tp.Optional[torch.Tensor], dilation: int, paddings: tp.Tuple[int, int], pad_mode: str,
+                      ws: tp.Optional[torch.Tensor] = None, bs: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`up_residual_block_torch` in one kernel where `up_block_backend` says so (the upsampled signal
+    never written: each of the block's taps recomputes the rows it reads on chip), else the
+    transposed convolution and the block apart. x [B, C_in, L], wu [C_in, C, K_U] (PyTorch's
+    layout), the block's weights as `residual_block` -> [B, C, length]."""
+    if x.dim() != 3 or wu.dim() != 3 or x.shape[1] != wu.shape[0]:
+        raise ValueError(f"upsampling + block: input {tuple(x.shape)} does not fit weight {tuple(wu.shape)}")
+    full = (x.shape[-1] - 1) * stride + wu.shape[-1]
+    if start < 0 or length < 0 or start + length > full:
+        raise ValueError(f"cannot keep [{start}, {start + length}) of an output of {full} samples")
+    _check_block(x.new_empty(x.shape[0], wu.shape[1], length), w1, w2, ws, dilation, paddings)
+    if up_block_backend(x, wu, w1, w2) != "triton" or pad_mode not in KERNEL_PAD_MODES:
+        y = conv_transpose1d(x, wu, bu, stride, start, length, elu)
+        return residual_block(y, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
+    dtype = _compute_dtype(x)
+    x = x.to(dtype)
+    left, right = paddings
+    return _kernels().up_residual_block(
+        x, _arranged(wu, "transposed_kio", dtype), bu, stride, start, length, elu, _arranged(w1, "conv_kio", dtype),
+        b1, _arranged(w2, "conv_kio", dtype)[0], b2, None if ws is None else _arranged(ws, "conv_kio", dtype)[0], bs,
+        dilation, left, right, pad_mode == "reflect", conv_precision(), dtype)
