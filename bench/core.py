@@ -54,6 +54,26 @@ def benchmark(name: str, title: str, priority: int, devices: tp.Sequence[str] = 
     return wrap
 
 
+class EnvSetting:
+    """Set (or, with None, unset) an environment variable inside a block."""
+
+    def __init__(self, name: str, value: tp.Optional[str]):
+        self.name, self.value, self.old = name, value, None
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        if self.value is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
 def summary(values: tp.Sequence[float]) -> tp.Dict[str, float]:
     """median, min, max and interquartile range (inclusive quartiles; 0 for one value)."""
     vals = sorted(float(v) for v in values)

@@ -59,20 +59,27 @@ class Codec:
     `decode` takes; `codes(enc)` the codes [B, K, frames] (segments concatenated)."""
 
     def __init__(self, impl: str, net: torch.nn.Module, sample_rate: int, channels: int,
-                 mode: tp.Optional[str] = None, backend: str = "auto"):
+                 mode: tp.Optional[str] = None, backend: str = "auto", conv_kernel: tp.Optional[str] = None):
         self.impl, self.net, self.sample_rate, self.channels = impl, net, sample_rate, channels
-        #: ours only: the precision mode (`encodec_fast.precision`) and ops backend of every call
-        #: (None: the model's own mode; "torch": the PyTorch path, cuDNN / cuBLAS on CUDA).
-        self.mode, self.backend = mode, backend
+        #: ours only: the precision mode (`encodec_fast.precision`), ops backend and convolution
+        #: kernel family of every call (None: the model's own mode, $ENCODEC_FAST_CONV_KERNEL's
+        #: family; backend "torch": the PyTorch path, cuDNN / cuBLAS on CUDA).
+        self.mode, self.backend, self.conv_kernel = mode, backend, conv_kernel
 
     def _calls(self):
-        """The context of a call: for ours, its precision mode and ops backend."""
+        """The context of a call: for ours, its precision mode, ops backend and kernel family."""
         if self.impl != "ours":
             return contextlib.nullcontext()
         from encodec_fast import ops
+
+        from .core import EnvSetting
         if self.mode is not None:
             self.net.set_precision(self.mode)
-        return ops.use_backend(self.backend)
+        stack = contextlib.ExitStack()
+        if self.conv_kernel is not None:
+            stack.enter_context(EnvSetting("ENCODEC_FAST_CONV_KERNEL", self.conv_kernel))
+        stack.enter_context(ops.use_backend(self.backend))
+        return stack
 
     def encode(self, x: torch.Tensor, kbps: float) -> tp.Any:
         with torch.no_grad():
@@ -203,7 +210,10 @@ def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune",
     model on the PyTorch path in the same mode (`torch <mode>`: cuDNN / cuBLAS with the mode's TF32
     switches, autocast for bf16), and that path with the encoder and decoder under
     `torch.compile(mode=compile_mode)` (`torch.compile <mode>`, compiled on first use; in `modes`
-    only, every mode when None)."""
+    only, every mode when None). Also `ours gemm <mode>` for tf32 and bf16 (the modes the
+    implicit-GEMM family is built for): every convolution on our gemm kernels, the residual blocks
+    and their resampling neighbours fused (`ENCODEC_FAST_BACKEND=triton ENCODEC_FAST_CONV_KERNEL=gemm`),
+    what `auto` would take once measured faster."""
     import copy
     out: tp.Dict[str, Codec] = {}
     compiled = copy.deepcopy(ours.net)
@@ -215,7 +225,13 @@ def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune",
         out[f"torch {mode}"] = Codec("ours", ours.net, ours.sample_rate, ours.channels, mode, "torch")
         if modes is None or mode in modes:
             out[f"torch.compile {mode}"] = Codec("ours", compiled, ours.sample_rate, ours.channels, mode, "torch")
+    for mode in GEMM_MODES:
+        out[f"ours gemm {mode}"] = Codec("ours", ours.net, ours.sample_rate, ours.channels, mode, "triton", "gemm")
     return out
+
+
+#: The precision modes `gpu_variants` runs the implicit-GEMM family in (tensor cores).
+GEMM_MODES = ("tf32", "bf16")
 
 
 def build_all(model: str, state: tp.Dict[str, torch.Tensor], impls: tp.Sequence[str] = IMPLS,

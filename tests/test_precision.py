@@ -117,8 +117,9 @@ def test_codec_benchmark_gpu_variants_run_and_say_their_settings(tmp_path):
     state, _ = peers.load_state("small", None)
     ours = peers.build("ours", "small", state)
     variants = peers.gpu_variants(ours)
-    assert set(variants) == {f"{impl} {mode}" for impl in ("ours", "torch", "torch.compile") for mode in peers.MODES}
-    live = {name: variants[name] for name in ("ours exact", "ours bf16", "torch tf32", "torch bf16")}
+    assert set(variants) == ({f"{impl} {mode}" for impl in ("ours", "torch", "torch.compile") for mode in peers.MODES}
+                             | {f"ours gemm {mode}" for mode in peers.GEMM_MODES})
+    live = {name: variants[name] for name in ("ours exact", "ours bf16", "torch tf32", "torch bf16", "ours gemm bf16")}
     ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
     x = voice_batch(24000, 0.5, 1, batch=3)
     params = codec._params("small", "encode", 3, 0.5, 6.0, "cpu")
@@ -126,11 +127,15 @@ def test_codec_benchmark_gpu_variants_run_and_say_their_settings(tmp_path):
     codec._settings(timed, live)
     assert timed["ours bf16"]["settings"]["mode"] == "bf16" and timed["torch tf32"]["settings"]["backend"] == "torch"
     assert timed["torch tf32"]["settings"]["cudnn.conv.fp32_precision"] == "tf32"
+    assert timed["ours gemm bf16"]["settings"]["conv_kernel"] == "gemm"
+    assert timed["ours gemm bf16"]["settings"]["backend"] == "triton"
+    assert timed["ours bf16"]["settings"]["conv_kernel"] == "direct"
     encoded = {name: c.encode(x, 6.0) for name, c in live.items()}
     codec._agreement_with_cpu(ctx, live, encoded, ours, x, 6.0, params)
     agree = {r["implementation"]: r["median"] for r in ctx.records if r["metric"] == "codes_equal_cpu_fp32"}
     assert agree["ours exact"] == 100.0 and agree["torch tf32"] == 100.0  # CPU: tf32 is exact
     assert 50.0 < agree["ours bf16"] < 100.0 and 50.0 < agree["torch bf16"] < 100.0
+    assert 50.0 < agree["ours gemm bf16"] <= 100.0
     assert variants["ours exact"].decode(encoded["ours exact"]).dtype == torch.float32
 
 

@@ -231,7 +231,9 @@ def _equal_share(codes: torch.Tensor, ref: torch.Tensor) -> tp.Tuple[float, int]
 def _ours_settings(c: peers.Codec) -> tp.Dict[str, str]:
     """What ours (or the torch path) computed in: precision mode, ops backend, torch's switches for it."""
     from encodec_fast import precision
-    return {"mode": c.mode, "backend": c.backend, **precision.torch_settings(c.mode)}
+    from encodec_fast.ops import conv
+    kernel = c.conv_kernel or conv.conv_kernel()
+    return {"mode": c.mode, "backend": c.backend, "conv_kernel": kernel, **precision.torch_settings(c.mode)}
 
 
 def _agreement(ctx: Context, live: tp.Dict[str, peers.Codec], encoded: tp.Dict[str, tp.Any],

@@ -33,7 +33,7 @@ import typing as tp
 import torch
 
 from bench import peers
-from bench.core import Context, benchmark, upstream_missing
+from bench.core import Context, EnvSetting, benchmark, upstream_missing
 from encodec_fast import ops
 from encodec_fast import precision as precision_modes
 from encodec_fast.ops import rvq
@@ -106,26 +106,6 @@ def make_latents(books: torch.Tensor, B: int, T: int, seed: int) -> torch.Tensor
     x = sum(books[q][idx[q]] for q in range(Q))
     x = x + 0.5 * float(books[-1].std()) * torch.randn(B * T, D, generator=g, device=books.device)
     return x.view(B, T, D).transpose(1, 2).contiguous()
-
-
-class EnvSetting:
-    """Set (or, with None, unset) an environment variable inside a block."""
-
-    def __init__(self, name: str, value: tp.Optional[str]):
-        self.name, self.value, self.old = name, value, None
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        if self.value is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
 
 
 class Precision(EnvSetting):
