@@ -141,6 +141,11 @@ def test_dispatch_table_from_a_kernels_run(tmp_path, capsys):
         records += [rec(name, mode, fam, "torch", cudnn) for fam in ("direct", "gemm")]
         records += [rec(name, mode, "direct", "triton", direct), rec(name, mode, "gemm", "triton", gemm)]
     records.append({**rec("enc res k3", "tf32", "gemm", "triton", 1.0), "na": "failed"})  # n/a: left out
+    # the fused levels (block stage, family fused) are keyed as `ops.conv` asks; the per-conv rows there are not
+    for family, ms in (("gemm", 4.0), ("fused", 3.0)):
+        for impl, t in (("torch", 5.0), ("triton", ms)):
+            records.append({**rec("", "bf16", family, impl, t), "params": {
+                "stage": "block", "op": "block+down: enc stage 0", "precision": "bf16", "family": family}})
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"records": records, "context": {"device": "GPU X"}}))
     assert dispatch_table.main([str(path), "--family", "best", "--out", str(tmp_path / "t.md")]) == 0
@@ -149,7 +154,8 @@ def test_dispatch_table_from_a_kernels_run(tmp_path, capsys):
     block = text.split("```python")[1].split("```")[0]
     table = ast.literal_eval(block[block.index("{"):block.rindex("}") + 1])
     assert table == {("conv1d", 1, 32, 7, 1): {"bf16": (2.5, 2.0)},
-                     ("conv_transpose1d", 64, 32, 4, 2): {"exact": (13.0, 8.0)}}
+                     ("conv_transpose1d", 64, 32, 4, 2): {"exact": (13.0, 8.0)},
+                     ("residual_block_down", 32, 64, 4, 2): {"bf16": (5.0, 3.0)}}
     assert "(gemm)" in block and "(direct)" in block
     assert dispatch_table.main([str(path), "--family", "gemm"]) == 0
     assert "(13.000, 9.000)" in capsys.readouterr().out

@@ -356,7 +356,7 @@ def test_fused_upsampling_and_block_within_tolerance(C, stride, mode, monkeypatc
     with torch.no_grad():
         ref = conv.up_residual_block_torch(*args)
         with precision_modes.scope(mode, DEVICE), ops.use_backend("triton"):
-            assert ops.up_block_backend(x, wu, w1, w2) == "triton"
+            assert ops.up_block_backend(x, wu, w1, w2, stride) == "triton"
             got = conv.up_residual_block(*args)
     assert _rel_err(got, ref) <= MODE_LIMITS[mode]
 

@@ -623,7 +623,7 @@ def test_fused_upsampling_and_block(level, causal, monkeypatch):
                     w["bs"] if skip and biases else None)
             ref = conv.up_residual_block_torch(x, *args)
             with ops.use_backend("triton"):
-                assert ops.up_block_backend(x, wu, w["w1"], w["w2"]) == "triton"
+                assert ops.up_block_backend(x, wu, w["w1"], w["w2"], s) == "triton"
                 got = conv.up_residual_block(x, *args)
                 if skip and biases:
                     cl = conv.up_residual_block(x.transpose(1, 2).contiguous().transpose(1, 2), *args)
@@ -651,9 +651,9 @@ def test_fused_upsampling_and_block_half_rules_and_fallbacks(monkeypatch):
         with pytest.raises(ValueError, match="keep the length"):
             conv.up_residual_block(x, *args[:11], (1, 0), *args[12:])
         wide = rand(256, 32, 4, seed=9)
-        assert ops.up_block_backend(wide[:, :, :1], wide, w["w1"], w["w2"]) == "torch"  # over 128 inputs
+        assert ops.up_block_backend(wide[:, :, :1], wide, w["w1"], w["w2"], 2) == "torch"  # over 128 inputs
         monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "direct")
-        assert ops.up_block_backend(x, wu, w["w1"], w["w2"]) == "torch"
-    assert ops.up_block_backend(x, wu, w["w1"], w["w2"]) == "torch"  # CPU tensors in auto mode
+        assert ops.up_block_backend(x, wu, w["w1"], w["w2"], 2) == "torch"
+    assert ops.up_block_backend(x, wu, w["w1"], w["w2"], 2) == "torch"  # CPU tensors in auto mode
     assert_close_rel(got, ref.half(), torch.float16)
     assert torch.equal(conv.up_residual_block(x, *args), ref)

@@ -1,6 +1,6 @@
 """The dispatch table (`encodec_fast/ops/dispatch.py`'s CONV_MS) from a GPU run of the `kernels`
-benchmark: per SEANet layer, precision mode and kernel family, cuDNN's and our milliseconds, which
-family wins, and whether it beats cuDNN.
+benchmark: per SEANet layer (and fused block or level: the gemm family's), precision mode and kernel
+family, cuDNN's and our milliseconds, which family wins, and whether it beats cuDNN.
 
     python -m tools.dispatch_table RESULTS.json [--family direct|gemm|best] [--out TABLE.md]
 
@@ -26,21 +26,35 @@ def _layer_keys() -> tp.Dict[str, tp.Tuple[str, int, int, int, int]]:
             for name, c_in, c_out, k, s, _d, _L, _res, transposed in CONV_LAYERS}
 
 
+def _fused_keys() -> tp.Dict[str, tp.Tuple[str, int, int, int, int]]:
+    """The kernels benchmark's fused stages (`block` stage, family `fused`): row name -> the key
+    `ops.conv` asks `ops.dispatch` with (residual_block: C, H, 3, 1; residual_block_down: C, C_out,
+    kernel, stride; up_residual_block: C_in, C, kernel, stride). Always the gemm family's."""
+    from bench.benchmarks.kernels import BLOCK_LAYERS, STAGE_LAYERS, UP_STAGE_LAYERS
+    keys = {f"block: {name}": ("residual_block", c, c // 2, 3, 1) for name, c, _L in BLOCK_LAYERS}
+    keys.update({f"block+down: {name}": ("residual_block_down", c, 2 * c, 2 * s, s) for name, c, s, _L in STAGE_LAYERS})
+    keys.update({f"up+block: {name}": ("up_residual_block", 2 * c, c, 2 * s, s) for name, c, s, _L in UP_STAGE_LAYERS})
+    return keys
+
+
 def measurements(results: tp.Dict[str, tp.Any]) -> tp.Dict[tp.Tuple[str, str, str], tp.Dict[str, float]]:
-    """{(layer name, mode, family): {"torch": ms, "triton": ms}} from the conv stage's records."""
+    """{(layer name, mode, family): {"torch": ms, "triton": ms}} from the conv stage's records and
+    the block stage's fused ones (family 'gemm': the fused kernels are that family's)."""
     out: tp.Dict[tp.Tuple[str, str, str], tp.Dict[str, float]] = {}
     for r in results.get("records", []):
         p = r.get("params", {})
-        if r.get("benchmark") != "kernels" or p.get("stage") != "conv" or r.get("metric") != "time" or r.get("na"):
+        stage, family = p.get("stage"), p.get("family")
+        wanted = stage == "conv" or (stage == "block" and family == "fused")
+        if r.get("benchmark") != "kernels" or not wanted or r.get("metric") != "time" or r.get("na"):
             continue
         name = str(p.get("op", "")).removeprefix("conv: ")
-        key = (name, p.get("precision"), p.get("family"))
+        key = (name, p.get("precision"), "gemm" if family == "fused" else family)
         out.setdefault(key, {})[r["implementation"]] = float(r["median"])
     return {k: v for k, v in out.items() if {"torch", "triton"} <= set(v)}
 
 
 def render(results: tp.Dict[str, tp.Any], family: str) -> str:
-    keys = _layer_keys()
+    keys = {**_layer_keys(), **_fused_keys()}
     found = measurements(results)
     if not found:
         raise ValueError("no conv-stage records of the kernels benchmark in these results")

@@ -80,10 +80,11 @@ class SEANetResnetBlock(nn.Module):
         `ops.up_block_backend` says so; None elsewhere (the caller runs the two apart)."""
         convs = [m for m in self.block if isinstance(m, SConv1d)]
         convtr = up.convtr.convtr
-        if not self._fusable(convs) or not isinstance(up.convtr.norm, nn.Identity) or ops.up_block_backend(
-                x, _raw_weight(convtr), _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) != "triton":
-            return None
         stride = convtr.stride[0]
+        if not self._fusable(convs) or not isinstance(up.convtr.norm, nn.Identity) or ops.up_block_backend(
+                x, _raw_weight(convtr), _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv),
+                stride) != "triton":
+            return None
         length = (x.shape[-1] - 1) * stride + convtr.kernel_size[0] - sum(up.trim)
         return ops.up_residual_block(x, convtr.weight, convtr.bias, stride, up.trim[0], length, elu_first,
                                      *self._fused_args(length, convs))

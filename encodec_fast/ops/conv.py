@@ -485,7 +485,7 @@ def up_residual_block_torch(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[t
     return residual_block_torch(y, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
 
 
-def up_block_backend(x: torch.Tensor, wu: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
+def up_block_backend(x: torch.Tensor, wu: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride: int) -> str:
     """'triton' where `up_residual_block` runs one kernel: where `block_backend` fuses the block (on
     the upsampled signal's channels), the upsampling has at most `FUSED_UP_MAX_IN_CHANNELS` inputs,
     and (`auto` on CUDA) the fused level was measured faster (no measurement yet: apart there)."""
@@ -493,7 +493,7 @@ def up_block_backend(x: torch.Tensor, wu: torch.Tensor, w1: torch.Tensor, w2: to
     if conv_kernel() != "gemm" or wu.shape[1] > FUSED_BLOCK_MAX_CHANNELS or wu.shape[0] > FUSED_UP_MAX_IN_CHANNELS:
         return "torch"
     return _measured_backend(x, (wu, w1, w2), lambda: _measured_choice(
-        "up_residual_block", wu.shape[0], wu.shape[1], wu.shape[-1], 1, _compute_dtype(x), "gemm"))
+        "up_residual_block", wu.shape[0], wu.shape[1], wu.shape[-1], stride, _compute_dtype(x), "gemm"))
 
 
 def up_residual_block(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.Tensor], stride: int, start: int,
@@ -510,7 +510,7 @@ def up_residual_block(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.T
     if start < 0 or length < 0 or start + length > full:
         raise ValueError(f"cannot keep [{start}, {start + length}) of an output of {full} samples")
     _check_block(x.new_empty(x.shape[0], wu.shape[1], length), w1, w2, ws, dilation, paddings)
-    if up_block_backend(x, wu, w1, w2) != "triton" or pad_mode not in KERNEL_PAD_MODES:
+    if up_block_backend(x, wu, w1, w2, stride) != "triton" or pad_mode not in KERNEL_PAD_MODES:
         y = conv_transpose1d(x, wu, bu, stride, start, length, elu)
         return residual_block(y, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
     dtype = _compute_dtype(x)

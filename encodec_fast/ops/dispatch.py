@@ -6,7 +6,10 @@ shapes and modes included. A user never gets a path measured slower by default;
 The table holds the measurement itself (milliseconds on both sides), not a verdict, and names the
 run that made it. Each entry is a SEANet layer of the 24 kHz model at batch 64 x 10 s, keyed by
 (op, C_in, C_out, kernel size, stride); a layer of another model with the same key takes the same
-choice. Modes are `encodec_fast.precision`'s: 'exact' (fp32 products), 'tf32', 'bf16'; 'fp16' and
+choice. The fused gemm-family ops ask with keys of their own: ('residual_block', C, C / 2, 3, 1),
+('residual_block_down', C, C_out, kernel, stride), ('up_residual_block', C_in, C, kernel, stride)
+(`tools/dispatch_table.py` makes them from the `kernels` benchmark's fused rows; none measured yet).
+Modes are `encodec_fast.precision`'s: 'exact' (fp32 products), 'tf32', 'bf16'; 'fp16' and
 our opt-in 'tf32x3' have no entries.
 
 The 'exact' entries' cuDNN side ran in TF32 (torch's default for cuDNN convolutions at the time):
