@@ -18,6 +18,8 @@ import torch
 
 from encodec_fast import precision
 
+from .core import EnvSetting
+
 IMPLS = ("ours", "upstream", "transformers")
 MODELS = {"24khz": "encodec_24khz", "48khz": "encodec_48khz", "small": "encodec_24khz_small"}
 
@@ -71,8 +73,6 @@ class Codec:
         if self.impl != "ours":
             return contextlib.nullcontext()
         from encodec_fast import ops
-
-        from .core import EnvSetting
         if self.mode is not None:
             self.net.set_precision(self.mode)
         stack = contextlib.ExitStack()

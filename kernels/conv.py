@@ -35,6 +35,17 @@ def _elu(v):
 
 
 @triton.jit
+def _dot_acc(acc, a, b, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation: in a's (half) dtype where HALF_DOT, else in fp32 at the
+    dot precision PRECISION ('ieee', 'tf32x3', 'tf32')."""
+    if HALF_DOT:
+        acc += tl.dot(a, b.to(a.dtype), out_dtype=tl.float32)
+    else:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _source_index(i, L, L_ext, REFLECT: tl.constexpr):
     """Index into x (or -1 for a zero) of padded position i - left = i (already shifted)."""
     if REFLECT:
@@ -197,10 +208,7 @@ def _accumulate_tap_gemm(acc, x_b, src, src_ok, w_ptr, k, o, o_ok, C_in, C_out, 
                     other=0.0)
         if ELU:
             a = _elu(a.to(tl.float32)).to(a.dtype)
-        if HALF_DOT:
-            acc += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
-        else:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        acc = _dot_acc(acc, a, w, HALF_DOT, PRECISION)
     return acc
 
 
@@ -505,10 +513,7 @@ def _block_rows(x_b, t, t_ok, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, ou
                     mask=ok[:, None] & c_ok[None, :], other=0.0)
         a = _elu(a.to(tl.float32)).to(a.dtype)
         w = tl.load(w1_ptr + (k * C + c[:, None]) * H + h[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
-        if HALF_DOT:
-            hidden += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
-        else:
-            hidden += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        hidden = _dot_acc(hidden, a, w, HALF_DOT, PRECISION)
     centre = tl.load(x_b + tl.where(t_ok, t, 0).to(tl.int64)[:, None] * sx_t + c[None, :] * sx_c,
                      mask=t_ok[:, None] & c_ok[None, :], other=0.0)
     return _block_tail(hidden, centre, t_ok, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, out_ptr, C, H, BLOCK_C,
@@ -520,27 +525,15 @@ def _up_phase(x_b, src, rows_ok, tap, wu_ptr, C_in, C, L_in, sx_c, sx_t, K_U: tl
               BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr, ELU: tl.constexpr,
               HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """A transposed convolution's products (no bias) at rows of one output phase: row i sums
-    f(x[src[i] - m]) @ W[tap + m*S] over m (f: ELU or identity); wu [K_U, C_in, C]; tap a scalar tensor."""
+    f(x[src[i] - m]) @ W[tap + m*S] over m (f: ELU or identity; `_accumulate_tap_gemm` per tap);
+    wu [K_U, C_in, C]; tap a scalar tensor."""
     c = tl.arange(0, BLOCK_C)
-    c_ok = c < C
     acc = tl.zeros([BLOCK_J, BLOCK_C], tl.float32)
     for m in tl.static_range((K_U + S - 1) // S):
         j = src - m
         ok = rows_ok & (j >= 0) & (j < L_in) & ((j * 0 + tap + m * S) < K_U)
-        rows = tl.where(ok, j, 0).to(tl.int64) * sx_t
-        k = tl.minimum(tap + m * S, K_U - 1)
-        for c0 in range(0, C_in, BLOCK_CI):
-            ci = c0 + tl.arange(0, BLOCK_CI)
-            ci_ok = ci < C_in
-            a = tl.load(x_b + rows[:, None] + ci[None, :] * sx_c, mask=ok[:, None] & ci_ok[None, :], other=0.0)
-            if ELU:
-                a = _elu(a.to(tl.float32)).to(a.dtype)
-            w = tl.load(wu_ptr + (k * C_in + ci[:, None]) * C + c[None, :], mask=ci_ok[:, None] & c_ok[None, :],
-                        other=0.0)
-            if HALF_DOT:
-                acc += tl.dot(a, w.to(a.dtype), out_dtype=tl.float32)
-            else:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        acc = _accumulate_tap_gemm(acc, x_b, tl.where(ok, j, 0), ok, wu_ptr, tl.minimum(tap + m * S, K_U - 1), c,
+                                   c < C, C_in, C, sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
     return acc
 
 
@@ -609,10 +602,7 @@ def _up_block_kernel(x_ptr, wu_ptr, bu_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_p
             centre = y
         a = _elu(y).to(act)
         w = tl.load(w1_ptr + (k * C + c[:, None]) * H + h[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
-        if HALF_DOT:
-            hidden += tl.dot(a, w.to(act), out_dtype=tl.float32)
-        else:
-            hidden += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        hidden = _dot_acc(hidden, a, w, HALF_DOT, PRECISION)
     if LEFT % DIL != 0 or LEFT // DIL >= K:  # no tap reads the row itself
         centre = _up_rows(x_b, p, p_ok, r, wu_ptr, bu_ptr, out_ptr, C_in, C, L_in, start, sx_c, sx_t, K_U, S,
                           BLOCK_J, BLOCK_CI, BLOCK_C, ELU, HAS_BU, HALF_DOT, PRECISION)
@@ -675,10 +665,7 @@ def _block_down_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ws_ptr, bs_ptr, wd
         a = _elu(y).to(act)  # the block's output as stored, then the downsampling's ELU prologue
         w = tl.load(wd_ptr + (k * C + c[:, None]) * C_out + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
                     other=0.0)
-        if HALF_DOT:
-            acc += tl.dot(a, w.to(act), out_dtype=tl.float32)
-        else:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        acc = _dot_acc(acc, a, w, HALF_DOT, PRECISION)
     _epilogue(acc, bd_ptr, out_ptr, out_ptr, b, o[None, :], o_ok[None, :], t[:, None], t_ok[:, None] & o_ok[None, :],
               0, 0, 0, so_b, so_c, so_t, HAS_BD, False)
 
@@ -997,11 +984,6 @@ def residual_block_down(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, rig
     return out
 
 
-#: Input channels of the largest transposed convolution fused with the residual block after it
-#: (`up_residual_block`: its [positions, C_in] input tile is one dot operand).
-FUSED_UP_MAX_IN_CHANNELS = 128
-
-
 def _up_block_config(C_in: int, C: int, half: bool) -> tp.Tuple[int, int, int]:
     """(BLOCK_J, BLOCK_CI, num_warps) of the fused upsampling + block: 64 positions (wgmma's M), the
     input channels in steps of 64 (half) or 32 (fp32), 4 warps, 8 for 64 output channels. Compiled
@@ -1016,8 +998,8 @@ def up_residual_block(x, wu_kio, bu, stride, start, length, elu, w1_kch, b1, w2_
     """`_up_block_kernel`: ELU (elu) -> ConvTranspose1d(wu_kio [K_U, C_in, C], bu, stride) -> keep
     [start, start + length) -> the residual block of `residual_block` (its padding (left, right) on
     the kept length) -> [B, C, length] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`,
-    C_in <= FUSED_UP_MAX_IN_CHANNELS."""
-    from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS
+    C_in <= `ops.conv.FUSED_UP_MAX_IN_CHANNELS`."""
+    from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS, FUSED_UP_MAX_IN_CHANNELS
     B, C_in, L_in = x.shape
     K_U, _, C = wu_kio.shape
     K, _, H = w1_kch.shape

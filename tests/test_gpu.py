@@ -290,6 +290,13 @@ def test_gemm_conv_layers_within_tolerance(layer, mode, monkeypatch):
     assert _rel_err(got, ref) <= MODE_LIMITS[mode]
 
 
+def _block_weights(C: int, dtype: torch.dtype, g: torch.Generator):
+    """A random residual block's w1 [C/2, C, 3], w2 [C, C/2, 1] and shortcut ws [C, C, 1] on the GPU."""
+    return ((torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype),
+            (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype),
+            (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype))
+
+
 @pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
 @pytest.mark.parametrize("C", [32, 64])
 def test_fused_residual_blocks_within_tolerance(C, mode, monkeypatch):
@@ -298,9 +305,7 @@ def test_fused_residual_blocks_within_tolerance(C, mode, monkeypatch):
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     g = torch.Generator(device=DEVICE).manual_seed(C)
     x = torch.randn(8, C, 24000 + 77, device=DEVICE, generator=g).to(dtype)
-    w1 = (torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype)
-    w2 = (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype)
-    ws = (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype)
+    w1, w2, ws = _block_weights(C, dtype, g)
     b = torch.randn(C, device=DEVICE, generator=g).to(dtype)
     with torch.no_grad():
         ref = conv.residual_block_torch(x, w1, b[: C // 2], w2, b, 1, (2, 0), "reflect", ws, b)
@@ -321,9 +326,7 @@ def test_fused_block_and_downsampling_within_tolerance(C, stride, mode, monkeypa
     g = torch.Generator(device=DEVICE).manual_seed(C)
     L = 24000 + 77
     x = torch.randn(8, C, L, device=DEVICE, generator=g).to(dtype)
-    w1 = (torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype)
-    w2 = (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype)
-    ws = (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype)
+    w1, w2, ws = _block_weights(C, dtype, g)
     wd = (torch.randn(2 * C, C, 2 * stride, device=DEVICE, generator=g) / (2 * stride * C) ** 0.5).to(dtype)
     b = torch.randn(2 * C, device=DEVICE, generator=g).to(dtype)
     args = (x, w1, b[: C // 2], w2, b[:C], 1, (2, 0), "reflect", ws, b[:C], wd, b, stride,
@@ -348,9 +351,7 @@ def test_fused_upsampling_and_block_within_tolerance(C, stride, mode, monkeypatc
     L = 24000 // stride + 7
     x = torch.randn(8, 2 * C, L, device=DEVICE, generator=g).to(dtype)
     wu = (torch.randn(2 * C, C, 2 * stride, device=DEVICE, generator=g) / (4 * C) ** 0.5).to(dtype)
-    w1 = (torch.randn(C // 2, C, 3, device=DEVICE, generator=g) / (3 * C) ** 0.5).to(dtype)
-    w2 = (torch.randn(C, C // 2, 1, device=DEVICE, generator=g) / (C // 2) ** 0.5).to(dtype)
-    ws = (torch.randn(C, C, 1, device=DEVICE, generator=g) / C ** 0.5).to(dtype)
+    w1, w2, ws = _block_weights(C, dtype, g)
     b = torch.randn(C, device=DEVICE, generator=g).to(dtype)
     args = (x, wu, b, stride, 0, L * stride, True, w1, b[: C // 2], w2, b, 1, (2, 0), "reflect", ws, b)
     with torch.no_grad():

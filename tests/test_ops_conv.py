@@ -561,6 +561,16 @@ def test_fused_block_and_downsampling(stage, causal, monkeypatch):
             assert_close_rel(got, ref, torch.float32)
 
 
+def _assert_half_matches(op, reference, x, args):
+    """op on fp16 inputs (x and every tensor of args) within fp16's tolerance of the fp32 reference
+    on the same rounded values; returns op's output."""
+    half = [a.half() if isinstance(a, torch.Tensor) else a for a in args]
+    got = op(x.half(), *half)
+    assert_close_rel(got, reference(x.half().float(), *[a.float() if isinstance(a, torch.Tensor) else a
+                                                         for a in half]).half(), torch.float16)
+    return got
+
+
 def test_fused_block_and_downsampling_half_rules_and_fallbacks(monkeypatch):
     """fp16 within fp16's tolerance of fp32 on the same values; bad arguments refused; what the
     kernel does not take (over 128 outputs, the direct family, CPU tensors in auto, a padding mode
@@ -570,11 +580,8 @@ def test_fused_block_and_downsampling_half_rules_and_fallbacks(monkeypatch):
     x = rand(2, 32, 70, seed=1)
     args = (w["w1"], w["b1"], w["w2"], w["b2"], 1, (2, 0), "reflect", None, None, w["wd"], w["bd"], 2, (2, 0), "zero")
     ref = conv.residual_block_down_torch(x, *args)
-    half = [a.half() if isinstance(a, torch.Tensor) else a for a in args]
     with ops.use_backend("triton"):
-        got = conv.residual_block_down(x.half(), *half)
-        assert_close_rel(got, conv.residual_block_down_torch(x.half().float(), *[
-            a.float() if isinstance(a, torch.Tensor) else a for a in half]).half(), torch.float16)
+        _assert_half_matches(conv.residual_block_down, conv.residual_block_down_torch, x, args)
         with pytest.raises(ValueError, match="keep the length"):
             conv.residual_block_down(x, *args[:5], (1, 0), *args[6:])
         with pytest.raises(ValueError, match="downsampling weight"):
@@ -639,11 +646,8 @@ def test_fused_upsampling_and_block_half_rules_and_fallbacks(monkeypatch):
     wu = rand(64, 32, 4, seed=2) / 11
     args = (wu, None, 2, 0, 70, True, w["w1"], w["b1"], w["w2"], w["b2"], 1, (2, 0), "reflect", None, None)
     ref = conv.up_residual_block_torch(x, *args)
-    half = [a.half() if isinstance(a, torch.Tensor) else a for a in args]
     with ops.use_backend("triton"):
-        got = conv.up_residual_block(x.half(), *half)
-        assert_close_rel(got, conv.up_residual_block_torch(x.half().float(), *[
-            a.float() if isinstance(a, torch.Tensor) else a for a in half]).half(), torch.float16)
+        got = _assert_half_matches(conv.up_residual_block, conv.up_residual_block_torch, x, args)
         with pytest.raises(ValueError, match="does not fit weight"):
             conv.up_residual_block(x[:, :16], *args)
         with pytest.raises(ValueError, match="cannot keep"):

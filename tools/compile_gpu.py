@@ -275,7 +275,7 @@ def _blocks_alone(model, dtype, device) -> None:
     from encodec_fast.modules.seanet import SEANetResnetBlock
     L = model.sample_rate * 10
     for block in [m for m in model.encoder.modules() if isinstance(m, SEANetResnetBlock)][:2]:
-        convs = [m for m in block.block if hasattr(m, "paddings")]
+        convs = block.convs()
         C = convs[0].conv.conv.in_channels
         x = torch.empty(64, C, L, device=device, dtype=dtype)
         ops.residual_block(x, *block._fused_args(L, convs))

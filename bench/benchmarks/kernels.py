@@ -331,6 +331,37 @@ def block_bytes(C: int, L: int, batch: int, size: int) -> tp.Dict[str, float]:
             "fused": size * batch * L * 2 * C}
 
 
+def _block_case_weights(C: int, dtype: torch.dtype, g: torch.Generator, device: str):
+    """w1 [C/2, C, 3], w2 [C, C/2, 1] and the shortcut's ws [C, C, 1] of a random residual block."""
+    H = C // 2
+    return ((torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype),
+            (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype),
+            (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype))
+
+
+def _family_rows(op: str, mode: str, dtype: torch.dtype, shape: list, reference: tp.Callable[[], torch.Tensor],
+                 families: tp.Sequence[tp.Tuple[str, str, tp.Callable[[], torch.Tensor], float, float]],
+                 torch_bytes: float, quick: bool, peaks: tp.Optional[dict]) -> list:
+    """One case of the `block` stage (inside its precision scope): torch's path (`reference`) timed
+    once, then each (family, kernel family, fn, FLOP, bytes) on our kernels, with its error against
+    the reference, throughput and roofline."""
+    ref = reference()
+    torch_ms = bench_ms(reference, quick)
+    rows = []
+    for family, kernel, fn, flops, nbytes in families:
+        with EnvSetting("ENCODEC_FAST_CONV_KERNEL", kernel), ops.use_backend("triton"):
+            got = fn()
+            ms, launches = bench_ms_launches(fn, quick)
+        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+        rows.append({"op": op, "dtype": str(dtype).replace("torch.", ""), "precision": mode, "family": family,
+                     "shape": shape, "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms,
+                     "rel_err": err, "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "bytes": nbytes,
+                     "torch_bytes": torch_bytes, "launches": launches,
+                     "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
+                     **roofline_ms(flops, nbytes, mode)})
+    return rows
+
+
 def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
     """The encoder's residual blocks (shortcut k1 conv + ELU -> k3 conv -> ELU -> k1 conv, causal
     padding) at batch 64 x 10 s in each precision mode: torch's ops (cuDNN) against our kernels per
@@ -347,9 +378,7 @@ def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
             dtype = torch.bfloat16 if mode == "bf16" else torch.float32
             g = torch.Generator(device=device).manual_seed(C)
             x = torch.randn(batch, C, L, device=device, generator=g).to(dtype)
-            w1 = (torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype)
-            w2 = (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype)
-            ws = (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype)
+            w1, w2, ws = _block_case_weights(C, dtype, g, device)
             b1, b2, bs = (torch.zeros(n, device=device, dtype=dtype) for n in (H, C, C))
 
             def unfused():
@@ -363,25 +392,13 @@ def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
             def reference():
                 return conv.residual_block_torch(x, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs)
             flops = 2.0 * batch * L * (3 * C * H + H * C + C * C)
-            size = torch.empty(0, dtype=dtype).element_size()
-            traffic = block_bytes(C, L, batch, size)
+            traffic = block_bytes(C, L, batch, torch.empty(0, dtype=dtype).element_size())
             with torch.no_grad(), precision_modes.scope(mode, device):
-                ref = reference()
-                torch_ms = bench_ms(reference, quick)
-                for family, fn in (("direct", unfused), ("gemm", unfused), ("fused", fused)):
-                    kernel = "direct" if family == "direct" else "gemm"
-                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", kernel), ops.use_backend("triton"):
-                        got = fn()
-                        ms, launches = bench_ms_launches(fn, quick)
-                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-                    nbytes = traffic["fused" if family == "fused" else "unfused"]
-                    rows.append({"op": f"block: {name}", "dtype": str(dtype).replace("torch.", ""), "precision": mode,
-                                 "family": family, "shape": [batch, C, L], "torch_ms": torch_ms, "triton_ms": ms,
-                                 "speedup": torch_ms / ms, "rel_err": err, "tflops": flops / ms / 1e9,
-                                 "gbs": nbytes / ms / 1e6, "bytes": nbytes, "torch_bytes": traffic["torch"],
-                                 "launches": launches,
-                                 "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
-                                 **roofline_ms(flops, nbytes, mode)})
+                rows += _family_rows(f"block: {name}", mode, dtype, [batch, C, L], reference,
+                                     [("direct", "direct", unfused, flops, traffic["unfused"]),
+                                      ("gemm", "gemm", unfused, flops, traffic["unfused"]),
+                                      ("fused", "gemm", fused, flops, traffic["fused"])],
+                                     traffic["torch"], quick, peaks)
     return rows + time_block_stages(device, quick, peaks) + time_up_stages(device, quick, peaks)
 
 
@@ -418,9 +435,7 @@ def time_block_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> lis
             dtype = torch.bfloat16 if mode == "bf16" else torch.float32
             g = torch.Generator(device=device).manual_seed(C + stride)
             x = torch.randn(batch, C, L, device=device, generator=g).to(dtype)
-            w1 = (torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype)
-            w2 = (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype)
-            ws = (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype)
+            w1, w2, ws = _block_case_weights(C, dtype, g, device)
             wd = (torch.randn(2 * C, C, K, device=device, generator=g) / (K * C) ** 0.5).to(dtype)
             b1, b2, bs, bd = (torch.zeros(n, device=device, dtype=dtype) for n in (H, C, C, 2 * C))
             args = (x, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs, wd, bd, stride, pads, "reflect")
@@ -436,26 +451,13 @@ def time_block_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> lis
                 return conv.residual_block_down_torch(*args)
             block_flops = 2.0 * batch * L * (3 * C * H + H * C + C * C)
             down_flops = 2.0 * batch * (L // stride) * K * C * 2 * C
-            size = torch.empty(0, dtype=dtype).element_size()
-            traffic = stage_bytes(C, stride, L, batch, size)
+            traffic = stage_bytes(C, stride, L, batch, torch.empty(0, dtype=dtype).element_size())
             with torch.no_grad(), precision_modes.scope(mode, device):
-                ref = reference()
-                torch_ms = bench_ms(reference, quick)
-                for family, fn in (("gemm", unfused), ("fused", fused)):
-                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", "gemm"), ops.use_backend("triton"):
-                        got = fn()
-                        ms, launches = bench_ms_launches(fn, quick)
-                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-                    nbytes = traffic[family if family == "fused" else "unfused"]
-                    # the fused kernel computes each block row twice (the downsampling's taps overlap)
-                    flops = (2 if family == "fused" else 1) * block_flops + down_flops
-                    rows.append({"op": f"block+down: {name}", "dtype": str(dtype).replace("torch.", ""),
-                                 "precision": mode, "family": family, "shape": [batch, C, L], "torch_ms": torch_ms,
-                                 "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
-                                 "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "bytes": nbytes,
-                                 "torch_bytes": traffic["torch"], "launches": launches,
-                                 "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
-                                 **roofline_ms(flops, nbytes, mode)})
+                # the fused kernel computes each block row twice (the downsampling's taps overlap)
+                rows += _family_rows(f"block+down: {name}", mode, dtype, [batch, C, L], reference,
+                                     [("gemm", "gemm", unfused, block_flops + down_flops, traffic["unfused"]),
+                                      ("fused", "gemm", fused, 2 * block_flops + down_flops, traffic["fused"])],
+                                     traffic["torch"], quick, peaks)
     return rows
 
 
@@ -493,9 +495,7 @@ def time_up_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
             g = torch.Generator(device=device).manual_seed(C + stride)
             x = torch.randn(batch, 2 * C, L_in, device=device, generator=g).to(dtype)
             wu = (torch.randn(2 * C, C, K, device=device, generator=g) / (4 * C) ** 0.5).to(dtype)
-            w1 = (torch.randn(H, C, 3, device=device, generator=g) / (3 * C) ** 0.5).to(dtype)
-            w2 = (torch.randn(C, H, 1, device=device, generator=g) / H ** 0.5).to(dtype)
-            ws = (torch.randn(C, C, 1, device=device, generator=g) / C ** 0.5).to(dtype)
+            w1, w2, ws = _block_case_weights(C, dtype, g, device)
             bu, b1, b2, bs = (torch.zeros(n, device=device, dtype=dtype) for n in (C, H, C, C))
             # causal: the whole trim on the right
             args = (x, wu, bu, stride, 0, L_in * stride, True, w1, b1, w2, b2, 1, (2, 0), "reflect", ws, bs)
@@ -511,26 +511,13 @@ def time_up_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                 return conv.up_residual_block_torch(*args)
             block_flops = 2.0 * batch * L * (3 * C * H + H * C + C * C)
             up_flops = 2.0 * batch * L * 2 * (2 * C) * C  # two taps per output position
-            size = torch.empty(0, dtype=dtype).element_size()
-            traffic = up_stage_bytes(C, stride, L, batch, size)
+            traffic = up_stage_bytes(C, stride, L, batch, torch.empty(0, dtype=dtype).element_size())
             with torch.no_grad(), precision_modes.scope(mode, device):
-                ref = reference()
-                torch_ms = bench_ms(reference, quick)
-                for family, fn in (("gemm", unfused), ("fused", fused)):
-                    with EnvSetting("ENCODEC_FAST_CONV_KERNEL", "gemm"), ops.use_backend("triton"):
-                        got = fn()
-                        ms, launches = bench_ms_launches(fn, quick)
-                    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-                    nbytes = traffic[family if family == "fused" else "unfused"]
-                    # the fused kernel computes each upsampled row once per tap of the block (3)
-                    flops = block_flops + (3 if family == "fused" else 1) * up_flops
-                    rows.append({"op": f"up+block: {name}", "dtype": str(dtype).replace("torch.", ""),
-                                 "precision": mode, "family": family, "shape": [batch, 2 * C, L_in],
-                                 "torch_ms": torch_ms, "triton_ms": ms, "speedup": torch_ms / ms, "rel_err": err,
-                                 "tflops": flops / ms / 1e9, "gbs": nbytes / ms / 1e6, "bytes": nbytes,
-                                 "torch_bytes": traffic["torch"], "launches": launches,
-                                 "roofline_fraction": None if peaks is None else nbytes / ms / 1e9 / peaks["hbm_tbs"],
-                                 **roofline_ms(flops, nbytes, mode)})
+                # the fused kernel computes each upsampled row once per tap of the block (3)
+                rows += _family_rows(f"up+block: {name}", mode, dtype, [batch, 2 * C, L_in], reference,
+                                     [("gemm", "gemm", unfused, block_flops + up_flops, traffic["unfused"]),
+                                      ("fused", "gemm", fused, block_flops + 3 * up_flops, traffic["fused"])],
+                                     traffic["torch"], quick, peaks)
     return rows
 
 

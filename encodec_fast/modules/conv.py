@@ -278,14 +278,21 @@ class SConvTranspose1d(nn.Module):
         else:
             self.trim = (total - total // 2, total // 2)
 
+    def kept(self, length: int) -> tp.Tuple[int, int]:
+        """(start, length) of the full transposed convolution's output of an input of `length`
+        frames that the trimming keeps."""
+        convtr = self.convtr.convtr
+        full = (length - 1) * convtr.stride[0] + convtr.kernel_size[0]
+        return self.trim[0], full - sum(self.trim)
+
     def forward(self, x: torch.Tensor, elu_first: bool = False, elu_inplace: bool = False):
         convtr = self.convtr.convtr
         if ops.conv_backend(x, _raw_weight(convtr), "conv_transpose1d", convtr.stride[0]) == "triton":
             stride = convtr.stride[0]
-            full = (x.shape[-1] - 1) * stride + convtr.kernel_size[0]
             if isinstance(self.convtr.norm, nn.Identity):  # trim inside the kernel
-                return ops.conv_transpose1d(x, convtr.weight, convtr.bias, stride, start=self.trim[0],
-                                            length=full - sum(self.trim), elu=elu_first)
+                start, length = self.kept(x.shape[-1])
+                return ops.conv_transpose1d(x, convtr.weight, convtr.bias, stride, start=start, length=length,
+                                            elu=elu_first)
             # A norm sees the whole output: trim after it, as upstream.
             y = ops.conv_transpose1d(x, convtr.weight, convtr.bias, stride, elu=elu_first)
             return unpad1d(self.convtr.norm(y), self.trim)

@@ -50,6 +50,10 @@ class SEANetResnetBlock(nn.Module):
         return (plain and len(convs) == 2 and convs[1].kernel_size == 1 and convs[0].stride == 1
                 and all(isinstance(c.conv.norm, nn.Identity) for c in convs))
 
+    def convs(self) -> tp.List[SConv1d]:
+        """The block's convolutions, first to last (the shortcut not included)."""
+        return [m for m in self.block if isinstance(m, SConv1d)]
+
     def _fused_args(self, length: int, convs: tp.List[SConv1d]) -> tuple:
         """The block's arguments of `ops.residual_block` after x (weights, dilation, padding for an
         input of `length`, shortcut)."""
@@ -63,7 +67,7 @@ class SEANetResnetBlock(nn.Module):
         """down(ELU(self(x))) in one kernel (`ops.residual_block_down`: the block's output never
         written) where the block fuses, `down` has no norm layer nor dilation and
         `ops.block_down_backend` says so; None elsewhere (the caller runs the two apart)."""
-        convs = [m for m in self.block if isinstance(m, SConv1d)]
+        convs = self.convs()
         if (groups is not None and not groups.uniform(x)) or not self._fusable(convs) or down.dilation != 1 \
                 or not isinstance(down.conv.norm, nn.Identity):
             return None
@@ -78,20 +82,20 @@ class SEANetResnetBlock(nn.Module):
         """self(up(x), ELU on x first where elu_first) in one kernel (`ops.up_residual_block`: the
         upsampled signal never written) where the block fuses, `up` has no norm layer and
         `ops.up_block_backend` says so; None elsewhere (the caller runs the two apart)."""
-        convs = [m for m in self.block if isinstance(m, SConv1d)]
+        convs = self.convs()
         convtr = up.convtr.convtr
         stride = convtr.stride[0]
         if not self._fusable(convs) or not isinstance(up.convtr.norm, nn.Identity) or ops.up_block_backend(
                 x, _raw_weight(convtr), _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv),
                 stride) != "triton":
             return None
-        length = (x.shape[-1] - 1) * stride + convtr.kernel_size[0] - sum(up.trim)
-        return ops.up_residual_block(x, convtr.weight, convtr.bias, stride, up.trim[0], length, elu_first,
+        start, length = up.kept(x.shape[-1])
+        return ops.up_residual_block(x, convtr.weight, convtr.bias, stride, start, length, elu_first,
                                      *self._fused_args(length, convs))
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
         h = x
-        convs = [m for m in self.block if isinstance(m, SConv1d)]
+        convs = self.convs()
         if (groups is None or groups.uniform(x)) and self._fusable(convs) and ops.block_backend(
                 x, _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) == "triton":
             return ops.residual_block(x, *self._fused_args(x.shape[-1], convs))

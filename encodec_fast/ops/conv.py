@@ -273,18 +273,28 @@ def residual_block_torch(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torc
 FUSED_BLOCK_MAX_CHANNELS = 64
 
 
-def _check_block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ws: tp.Optional[torch.Tensor], dilation: int,
-                 paddings: tp.Tuple[int, int]) -> None:
-    """ValueError unless the weights make a residual block of x's channels whose padding keeps the length."""
-    C = x.shape[1] if x.dim() == 3 else -1
-    if (x.dim() != 3 or w1.dim() != 3 or tuple(w2.shape) != (C, w1.shape[0], 1) or w1.shape[1] != C
+def _check_block(x_shape: tp.Sequence[int], w1: torch.Tensor, w2: torch.Tensor, ws: tp.Optional[torch.Tensor],
+                 dilation: int, paddings: tp.Tuple[int, int]) -> None:
+    """ValueError unless the weights make a residual block of an input of x_shape ([B, C, L]) whose
+    padding keeps the length."""
+    C = x_shape[1] if len(x_shape) == 3 else -1
+    if (len(x_shape) != 3 or w1.dim() != 3 or tuple(w2.shape) != (C, w1.shape[0], 1) or w1.shape[1] != C
             or (ws is not None and tuple(ws.shape) != (C, C, 1))):
-        raise ValueError(f"residual block: input {tuple(x.shape)} does not fit weights {tuple(w1.shape)}, "
+        raise ValueError(f"residual block: input {tuple(x_shape)} does not fit weights {tuple(w1.shape)}, "
                          f"{tuple(w2.shape)}" + ("" if ws is None else f", {tuple(ws.shape)}"))
     left, right = paddings
     if left < 0 or right < 0 or left + right != (w1.shape[-1] - 1) * dilation:
         raise ValueError(f"residual block: paddings {paddings} do not keep the length (kernel {w1.shape[-1]}, "
                          f"dilation {dilation})")
+
+
+def _block_kernel_weights(w1: torch.Tensor, b1: tp.Optional[torch.Tensor], w2: torch.Tensor,
+                          b2: tp.Optional[torch.Tensor], ws: tp.Optional[torch.Tensor], bs: tp.Optional[torch.Tensor],
+                          dtype: torch.dtype) -> tuple:
+    """A residual block's weights as the fused kernels take them: w1 [K, C, H], b1, w2 [H, C], b2,
+    the shortcut's ws [C, C] or None, bs (pre-packed once per weight, `_arranged`)."""
+    return (_arranged(w1, "conv_kio", dtype), b1, _arranged(w2, "conv_kio", dtype)[0], b2,
+            None if ws is None else _arranged(ws, "conv_kio", dtype)[0], bs)
 
 
 def block_backend(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
@@ -304,16 +314,13 @@ def residual_block(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch.Tens
     """SEANet's residual block, `residual_block_torch`, in one kernel where `block_backend` says so
     (x's tile and its halo on chip, the hidden activations never written): x [B, C, L], w1 [H, C,
     K], w2 [C, H, 1], shortcut ws [C, C, 1] or None -> [B, C, L] (channels-last memory from the kernel)."""
-    _check_block(x, w1, w2, ws, dilation, paddings)
+    _check_block(x.shape, w1, w2, ws, dilation, paddings)
     left, right = paddings
     if block_backend(x, w1, w2) != "triton" or pad_mode not in KERNEL_PAD_MODES:
         return residual_block_torch(x, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
     dtype = _compute_dtype(x)
     x = x.to(dtype)
-    w1_kch = _arranged(w1, "conv_kio", dtype)
-    w2_hc = _arranged(w2, "conv_kio", dtype)[0]
-    ws_cc = None if ws is None else _arranged(ws, "conv_kio", dtype)[0]
-    return _kernels().residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right,
+    return _kernels().residual_block(x, *_block_kernel_weights(w1, b1, w2, b2, ws, bs, dtype), dilation, left, right,
                                      pad_mode == "reflect", conv_precision(), dtype)
 
 
@@ -453,7 +460,7 @@ def residual_block_down(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch
     output never written: each downsampling tap recomputes the block rows it reads on chip), else
     the fused block (where `block_backend` says so) and the convolution apart. x [B, C, L], the
     block's weights as `residual_block`, wd [C_out, C, KD] -> [B, C_out, T_out]."""
-    _check_block(x, w1, w2, ws, dilation, paddings)
+    _check_block(x.shape, w1, w2, ws, dilation, paddings)
     if wd.dim() != 3 or wd.shape[1] != x.shape[1]:
         raise ValueError(f"block + downsampling: input {tuple(x.shape)} does not fit the downsampling weight "
                          f"{tuple(wd.shape)}")
@@ -468,10 +475,14 @@ def residual_block_down(x: torch.Tensor, w1: torch.Tensor, b1: tp.Optional[torch
     dtype = _compute_dtype(x)
     x = x.to(dtype)
     return _kernels().residual_block_down(
-        x, _arranged(w1, "conv_kio", dtype), b1, _arranged(w2, "conv_kio", dtype)[0], b2,
-        None if ws is None else _arranged(ws, "conv_kio", dtype)[0], bs, dilation, left, right, pad_mode == "reflect",
+        x, *_block_kernel_weights(w1, b1, w2, b2, ws, bs, dtype), dilation, left, right, pad_mode == "reflect",
         _arranged(wd, "conv_kio", dtype), bd, stride, left_d, right_d, pad_mode_d == "reflect", conv_precision(),
         dtype)
+
+
+#: Input channels of the largest transposed convolution fused with the residual block after it
+#: (`up_residual_block`: its [positions, C_in] input tile is read in steps of 32-64 channels).
+FUSED_UP_MAX_IN_CHANNELS = 128
 
 
 def up_residual_block_torch(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.Tensor], stride: int,
@@ -489,7 +500,6 @@ def up_block_backend(x: torch.Tensor, wu: torch.Tensor, w1: torch.Tensor, w2: to
     """'triton' where `up_residual_block` runs one kernel: where `block_backend` fuses the block (on
     the upsampled signal's channels), the upsampling has at most `FUSED_UP_MAX_IN_CHANNELS` inputs,
     and (`auto` on CUDA) the fused level was measured faster (no measurement yet: apart there)."""
-    from ..kernels.conv import FUSED_UP_MAX_IN_CHANNELS
     if conv_kernel() != "gemm" or wu.shape[1] > FUSED_BLOCK_MAX_CHANNELS or wu.shape[0] > FUSED_UP_MAX_IN_CHANNELS:
         return "torch"
     return _measured_backend(x, (wu, w1, w2), lambda: _measured_choice(
@@ -509,7 +519,7 @@ def up_residual_block(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.T
     full = (x.shape[-1] - 1) * stride + wu.shape[-1]
     if start < 0 or length < 0 or start + length > full:
         raise ValueError(f"cannot keep [{start}, {start + length}) of an output of {full} samples")
-    _check_block(x.new_empty(x.shape[0], wu.shape[1], length), w1, w2, ws, dilation, paddings)
+    _check_block((x.shape[0], wu.shape[1], length), w1, w2, ws, dilation, paddings)
     if up_block_backend(x, wu, w1, w2, stride) != "triton" or pad_mode not in KERNEL_PAD_MODES:
         y = conv_transpose1d(x, wu, bu, stride, start, length, elu)
         return residual_block(y, w1, b1, w2, b2, dilation, paddings, pad_mode, ws, bs)
@@ -517,6 +527,6 @@ def up_residual_block(x: torch.Tensor, wu: torch.Tensor, bu: tp.Optional[torch.T
     x = x.to(dtype)
     left, right = paddings
     return _kernels().up_residual_block(
-        x, _arranged(wu, "transposed_kio", dtype), bu, stride, start, length, elu, _arranged(w1, "conv_kio", dtype),
-        b1, _arranged(w2, "conv_kio", dtype)[0], b2, None if ws is None else _arranged(ws, "conv_kio", dtype)[0], bs,
-        dilation, left, right, pad_mode == "reflect", conv_precision(), dtype)
+        x, _arranged(wu, "transposed_kio", dtype), bu, stride, start, length, elu,
+        *_block_kernel_weights(w1, b1, w2, b2, ws, bs, dtype), dilation, left, right, pad_mode == "reflect",
+        conv_precision(), dtype)
