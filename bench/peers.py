@@ -210,7 +210,7 @@ def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune",
     model on the PyTorch path in the same mode (`torch <mode>`: cuDNN / cuBLAS with the mode's TF32
     switches, autocast for bf16), and that path with the encoder and decoder under
     `torch.compile(mode=compile_mode)` (`torch.compile <mode>`, compiled on first use; in `modes`
-    only, every mode when None). Also `ours gemm <mode>` for tf32 and bf16 (the modes the
+    only, every mode when None). Also `ours gemm <mode>` for tf32, bf16 and fp16 (the modes the
     implicit-GEMM family is built for): every convolution on our gemm kernels, the residual blocks
     and their resampling neighbours fused (`ENCODEC_FAST_BACKEND=triton ENCODEC_FAST_CONV_KERNEL=gemm`),
     what `auto` would take once measured faster."""
@@ -231,7 +231,7 @@ def gpu_variants(ours: "Codec", compile_mode: str = "max-autotune",
 
 
 #: The precision modes `gpu_variants` runs the implicit-GEMM family in (tensor cores).
-GEMM_MODES = ("tf32", "bf16")
+GEMM_MODES = ("tf32", "bf16", "fp16")
 
 
 def build_all(model: str, state: tp.Dict[str, torch.Tensor], impls: tp.Sequence[str] = IMPLS,

@@ -230,9 +230,10 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="State dict of a compatible model instead of the official one.")
     parser.add_argument("--repository", type=Path, help="Folder holding the official checkpoint (offline use).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
-    parser.add_argument("--precision", choices=["exact", "tf32", "bf16"], default="exact",
+    parser.add_argument("--precision", choices=["exact", "tf32", "bf16", "fp16"], default="exact",
                         help="The encoder's precision mode (default exact: fp32 products everywhere, the CPU's "
-                             "codes; tf32 and bf16 run faster on GPUs, and their codes can differ).")
+                             "codes; tf32, bf16 and fp16 run faster on GPUs, and their codes can differ: fp16 "
+                             "keeps more of them than bf16).")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="On CUDA, replay each batch shape (length bucket x clips) from a captured CUDA graph: "
                              "less launch overhead for short clips; one capture per shape.")

@@ -10,7 +10,9 @@ matters most for short clips and small batches.
 What a capture needs, and how it is met: the kernels are launched once before capturing (cuDNN
 plans, Triton compilation and autotuning happen then, on a side stream as CUDA requires); no op
 in the path reads a tensor's value on the host (the certified codebook search decides its
-rescoring on the device); the stage timers stand aside during capture (`encodec_fast.timing`).
+rescoring on the device); the stage timers stand aside during capture (`encodec_fast.timing`); in
+fp16 the capture also computes whether the latents are all finite, and a replay that overflowed is
+redone without the graph in exact.
 A graph is bound to the model's weights, bandwidth, precision mode and the ops' backend and kernel
 settings: any of those changing, or the weights being moved, makes a new capture (the key holds
 them).
@@ -29,8 +31,11 @@ REPLAY_STAGE = "encoder + RVQ search (CUDA graph)"
 
 
 class _Captured:
-    def __init__(self, graph: "torch.cuda.CUDAGraph", x: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor):
+    def __init__(self, graph: "torch.cuda.CUDAGraph", x: torch.Tensor, lengths: torch.Tensor, codes: torch.Tensor,
+                 finite: tp.Optional[torch.Tensor]):
         self.graph, self.x, self.lengths, self.codes = graph, x, lengths, codes
+        #: fp16 captures: whether the replay's latents were all finite (a device flag), else None.
+        self.finite = finite
 
 
 class EncoderGraphs:
@@ -70,6 +75,10 @@ class EncoderGraphs:
         with timing.stage(REPLAY_STAGE, x.device):
             captured.graph.replay()
         self.replays += 1
+        if captured.finite is not None and not bool(captured.finite):  # fp16 overflowed: this batch in exact
+            from . import precision
+            precision.overflow_warning("encoder")
+            return self.model._encode_rows(x, RaggedRows(lengths), "exact")
         return captured.codes.clone()
 
     def _capture(self, x: torch.Tensor, lengths: torch.Tensor) -> _Captured:
@@ -82,7 +91,8 @@ class EncoderGraphs:
                 self.model._encode_rows(static_x, RaggedRows(static_lengths))
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        flags: tp.List[tp.Optional[torch.Tensor]] = []
         with torch.no_grad(), torch.cuda.graph(graph):
-            codes = self.model._encode_rows(static_x, RaggedRows(static_lengths))
+            codes = self.model._encode_rows(static_x, RaggedRows(static_lengths), flags=flags)
         self.captures += 1
-        return _Captured(graph, static_x, static_lengths, codes)
+        return _Captured(graph, static_x, static_lengths, codes, flags[0])

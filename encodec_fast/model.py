@@ -156,14 +156,18 @@ class EncodecModel(nn.Module):
     def set_precision(self, mode: str) -> "EncodecModel":
         """The precision mode of `encode`, `decode` and `encode_batch`: 'exact' (fp32 products
         everywhere, the default; on CUDA torch's TF32 switches are turned off for the call), 'tf32'
-        (TF32 tensor cores for the convolutions and the LSTM) or 'bf16' (the encoder and decoder
-        under bf16 autocast). The codebook search runs in fp32 in every mode (see
-        `encodec_fast.precision`). Returns the model."""
+        (TF32 tensor cores for the convolutions and the LSTM), 'bf16' or 'fp16' (the encoder and
+        decoder under bf16 / fp16 autocast; fp16 keeps more of exact's codes, and a call that
+        overflows fp16's range is redone in exact, with a warning). The codebook search runs in fp32
+        in every mode (see `encodec_fast.precision`). Returns the model."""
         self.precision = precision_modes.check(mode)
         return self
 
+    def _mode(self) -> str:
+        return getattr(self, "precision", precision_modes.DEFAULT)
+
     def _precision_scope(self, device: torch.device):
-        return precision_modes.scope(getattr(self, "precision", precision_modes.DEFAULT), device)
+        return precision_modes.scope(self._mode(), device)
 
     @property
     def num_codebooks(self) -> int:
@@ -197,18 +201,33 @@ class EncodecModel(nn.Module):
         mono = x.mean(dim=1, keepdim=True)
         return 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
 
-    def _encode_rows(self, x: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows]) -> torch.Tensor:
+    def _latents(self, x: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows], mode: str) -> torch.Tensor:
+        """The encoder in precision `mode`, its latents in the codebooks' dtype (fp32: the search runs
+        in it whatever autocast left the latents in)."""
+        with precision_modes.scope(mode, x.device), timing.stage("encoder convolutions", x.device):
+            emb = self.encoder(x, groups)
+        return emb.to(self.quantizer.vq.layers[0]._codebook.embed.dtype)
+
+    def _encode_rows(self, x: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows],
+                     mode: tp.Optional[str] = None, flags: tp.Optional[list] = None) -> torch.Tensor:
         """Encoder + quantizer on a stacked batch -> codes [N, K, T] (zeros past a group's frames).
+
+        In `mode` (default: the model's); an fp16 encoder call that overflowed is redone in exact
+        (`precision.overflowed`). `flags`, a list, asks instead for the device flag `latents all
+        finite` to be appended (fp16; None in the other modes): what a CUDA graph capture needs.
 
         With `Groups` the codebook search runs per group on that group's valid frames only: a
         matrix product's bits can depend on its number of rows. With `RaggedRows` it runs once on
         every frame (the kernels' codes do not depend on the rows around them) and the frames past
         each row's end are zeroed on the device.
         """
-        with self._precision_scope(x.device), timing.stage("encoder convolutions", x.device):
-            emb = self.encoder(x, groups)
-        # the search runs in the codebooks' dtype (fp32) whatever autocast left the latents in
-        emb = emb.to(self.quantizer.vq.layers[0]._codebook.embed.dtype)
+        mode = self._mode() if mode is None else mode
+        emb = self._latents(x, groups, mode)
+        if flags is not None:  # inside a CUDA graph capture: no host synchronisation, the replay checks
+            flags.append(torch.isfinite(emb).all() if mode == "fp16" else None)
+        elif precision_modes.overflowed(mode, emb):
+            precision_modes.overflow_warning("encoder")
+            emb = self._latents(x, groups, "exact")
         with timing.stage("RVQ search", x.device):
             if groups is None:
                 return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
@@ -460,16 +479,28 @@ class EncodecModel(nn.Module):
                 chunk = indices[c:c + per_head]
                 codes = torch.cat([frames[i][0] for i in chunk]) if len(chunk) > 1 else frames[chunk[0]][0]
                 latents = self.quantizer.decode(codes.transpose(0, 1))
-                with self._precision_scope(latents.device):
-                    hidden = self.decoder.forward_head(latents)
+                hidden = self._decoder_part(self.decoder.forward_head, latents, latents.dtype)
                 for t in range(0, len(chunk), per_tail):
-                    with self._precision_scope(hidden.device):
-                        audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B]).to(latents.dtype)
+                    audio = self._decoder_part(self.decoder.forward_tail, hidden[t * B:(t + per_tail) * B],
+                                               latents.dtype)
                     for j, i in enumerate(chunk[t:t + per_tail]):
                         y = audio[j * B:(j + 1) * B]
                         scale = frames[i][1]
                         out[i] = y * scale.view(-1, 1, 1) if scale is not None else y
         return tp.cast(tp.List[torch.Tensor], out)
+
+    def _decoder_part(self, part: tp.Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """A part of the decoder in the model's precision mode; a call that overflowed fp16's range
+        is redone in exact (on x in `dtype`). The output in `dtype`."""
+        mode = self._mode()
+        with precision_modes.scope(mode, x.device):
+            y = part(x)
+        if precision_modes.overflowed(mode, y):
+            precision_modes.overflow_warning("decoder")
+            with precision_modes.scope("exact", x.device):
+                y = part(x.to(dtype))
+        return y.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))[:, :, : x.shape[-1]]

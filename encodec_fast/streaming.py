@@ -178,6 +178,16 @@ class _ELU:
         return F.elu_(x)
 
 
+def _check_range(model: tp.Any, out: torch.Tensor, what: str, sample: int) -> None:
+    """A stream cannot redo a call that overflowed fp16's range (its state has moved on, unlike
+    `encode` and `decode`, which redo it in exact): a clear error instead of codes or audio from
+    infinities."""
+    from . import precision
+    if precision.overflowed(model._mode(), out):
+        raise FloatingPointError(f"fp16 overflowed in the streaming {what} near sample {sample} (values past "
+                                 f"65504); stream this input in 'bf16' or 'exact' (model.set_precision)")
+
+
 class SEANetStream:
     """A causal SEANet encoder or decoder fed consecutive pieces of one input: each call returns
     the outputs that are final so far; `last=True` on the final piece (possibly empty) ends the
@@ -313,6 +323,7 @@ def encode_pieces(model, pieces: tp.Iterable[torch.Tensor], length: int,
             model._check_audio(x, batched=True)
             with model._precision_scope(x.device):
                 emb = streamer(x, last=b == length)
+            _check_range(model, emb, "encoder", a)
             emb = emb.to(model.quantizer.vq.layers[0]._codebook.embed.dtype)
             codes.append(model.quantizer.encode(emb, model.frame_rate, model.bandwidth).transpose(0, 1))
     windows.close()
@@ -444,6 +455,7 @@ class StreamingEncoder:
             param = next(self.model.parameters())
             with self.model._precision_scope(param.device):  # the model's precision mode, as `encode`
                 emb = self.net(x[None].to(device=param.device, dtype=param.dtype), last=last)
+            _check_range(self.model, emb, "encoder", self.samples_in)
             return _codes_of(self.model, emb, self.bandwidth)
 
     def push(self, audio: torch.Tensor):
@@ -577,7 +589,9 @@ class StreamingDecoder:
         """The decoder's stream on embeddings [1, D, t] in the model's precision mode (as `decode`)
         -> audio [C, n] in the embeddings' dtype."""
         with self.model._precision_scope(emb.device):
-            return self.net(emb, last=last)[0].to(emb.dtype)
+            audio = self.net(emb, last=last)[0]
+        _check_range(self.model, audio, "decoder", self.samples_out)
+        return audio.to(emb.dtype)
 
     def _out(self, audio: torch.Tensor) -> torch.Tensor:
         if self.length is not None:

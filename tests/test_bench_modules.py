@@ -168,6 +168,7 @@ def test_codec_benchmark_ragged_case_runs_on_cpu(tmp_path, monkeypatch, pair_24)
     batched, from CUDA graphs where there is a GPU, clip by clip), run on CPU at tiny sizes: every variant
     timed, and the share of codes equal to each clip alone recorded (100% here: CPU batches per clip)."""
     from bench.benchmarks import codec
+    from encodec_fast.precision import MODES
     monkeypatch.setattr(codec, "RAGGED_CLIPS", 3)
     monkeypatch.setattr(codec, "RAGGED_SECONDS", (0.02, 0.1))
     _, ours = pair_24
@@ -175,12 +176,12 @@ def test_codec_benchmark_ragged_case_runs_on_cpu(tmp_path, monkeypatch, pair_24)
     codec._ragged(ctx, ours, "random")
     times = [r for r in ctx.records if r["metric"] == "time"]
     timed = {r["implementation"] for r in times if r["params"]["op"] == "encode_batch"}
-    assert timed == {f"ours {m}{s}" for m in ("exact", "tf32", "bf16") for s in ("", ", CUDA graphs", ", clip by clip")}
+    assert timed == {f"ours {m}{s}" for m in MODES for s in ("", ", CUDA graphs", ", clip by clip")}
     decoded = {r["implementation"] for r in times if r["params"]["op"] == "decode_batch"}
-    assert decoded == {f"ours {m}{s}" for m in ("exact", "tf32", "bf16") for s in ("", ", clip by clip")}
+    assert decoded == {f"ours {m}{s}" for m in MODES for s in ("", ", clip by clip")}
     assert all(not r.get("na") for r in ctx.records)
     equal = [r for r in ctx.records if r["metric"] == "codes_equal_clip_alone"]
-    assert len(equal) == 6 and all(r["median"] == 100.0 for r in equal)
+    assert len(equal) == 2 * len(MODES) and all(r["median"] == 100.0 for r in equal)
     assert ours.precision == "exact" and ours._cuda_graphs is None
 
 

@@ -232,7 +232,7 @@ def test_auto_takes_our_convolution_only_where_measured_faster():
     assert _rel_err(got, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("mode", ["exact", "tf32", "bf16", "fp16"])
 def test_precision_modes_on_the_gpu(mode):
     """The shipped small model on real-ish audio in each mode against the CPU's exact codes: exact
     agrees but for ties, the others mostly; torch's switches are restored after every call."""
@@ -510,7 +510,7 @@ def test_deterministic_training_steps_repeat_their_bits(tmp_path):
     assert all(torch.equal(a, states[1][k]) for k, a in states[0].items())
 
 
-@pytest.mark.parametrize("mode", ["exact", "bf16"])
+@pytest.mark.parametrize("mode", ["exact", "bf16", "fp16"])
 def test_encode_batch_one_call_and_cuda_graphs(mode):
     """Clips of different lengths in one call per op (length buckets, `RaggedRows`): each clip's codes
     against the clip encoded alone on the GPU; replayed from CUDA graphs, the same codes bit for bit,
@@ -539,7 +539,31 @@ def test_encode_batch_one_call_and_cuda_graphs(mode):
     assert equal / total >= (0.99 if mode == "exact" else 0.9), equal / total
 
 
-@pytest.mark.parametrize("mode,tolerance", [("exact", 1e-4), ("bf16", 5e-2)])
+def test_fp16_overflow_redone_in_exact_on_the_gpu():
+    """Audio far outside [-1, 1] overflows fp16 in the encoder: each path (one call, one call per op
+    over a ragged batch, a CUDA graph replay) redoes that call in exact, with a warning, and gets
+    exact's codes."""
+    import encodec_fast
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small().to(DEVICE)
+    model.set_target_bandwidth(6.0)
+    wavs = [1e5 * voice_batch(24000, n / 24000, 1, seed=i)[0, :, :n].to(DEVICE) for i, n in enumerate((24_000, 31_111))]
+    with torch.no_grad():
+        exact = [model.encode(w[None])[0][0] for w in wavs]
+        model.set_precision("fp16")
+        with pytest.warns(RuntimeWarning, match="fp16 overflowed"):
+            alone = [model.encode(w[None])[0][0] for w in wavs]
+        with pytest.warns(RuntimeWarning, match="fp16 overflowed"):
+            batched = model.encode_batch(wavs)
+        model.use_cuda_graphs()
+        with pytest.warns(RuntimeWarning, match="fp16 overflowed"):
+            graphed = model.encode_batch(wavs)
+        assert model._cuda_graphs.captures >= 1
+    for e, a, b, g in zip(exact, alone, batched, graphed):
+        assert torch.equal(a, e) and torch.equal(b[0][0], g[0][0])
+        assert (b[0][0] == e).double().mean() >= 0.99  # one call per op: the GPU's shape-dependent roundings
+
+
+@pytest.mark.parametrize("mode,tolerance", [("exact", 1e-4), ("bf16", 5e-2), ("fp16", 2e-2)])
 def test_decode_batch_on_the_gpu(mode, tolerance):
     """Codes of clips of different lengths decoded together (bucketed, one call per op) against each
     clip decoded alone on the GPU."""

@@ -15,7 +15,7 @@ needs_fp32_precision = pytest.mark.skipif(not precision._has_fp32_precision(),
 
 
 @needs_fp32_precision
-@pytest.mark.parametrize("mode,value", [("exact", "ieee"), ("tf32", "tf32"), ("bf16", "ieee")])
+@pytest.mark.parametrize("mode,value", [("exact", "ieee"), ("tf32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")])
 def test_torch_switches_follow_the_mode_and_are_restored(mode, value):
     leaves = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul]
     before = [leaf.fp32_precision for leaf in leaves]
@@ -41,14 +41,61 @@ def test_scope_sets_the_mode_for_our_ops_and_autocast_for_bf16(monkeypatch):
         monkeypatch.setenv("ENCODEC_FAST_CONV_PRECISION", "tf32x3")  # an explicit setting wins
         assert conv.conv_precision() == "tf32x3"
     assert precision.current() is None
-    with precision.scope("bf16", "cpu"):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        y = torch.nn.functional.linear(torch.randn(2, 8), torch.randn(4, 8))
-        assert y.dtype == torch.bfloat16
-    assert not torch.is_autocast_enabled("cpu")
+    for mode, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with precision.scope(mode, "cpu"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+            y = torch.nn.functional.linear(torch.randn(2, 8), torch.randn(4, 8))
+            assert y.dtype == dtype and precision.current() == mode
+        assert not torch.is_autocast_enabled("cpu")
+        assert precision.torch_settings(mode)["autocast"] == str(dtype).replace("torch.", "")
     with pytest.raises(ValueError, match="unknown precision mode"):
         with precision.scope("fp8", "cpu"):
             pass
+
+
+def test_fp16_overflow_is_redone_in_exact():
+    """Audio far outside [-1, 1] overflows fp16's range (65504) in the encoder: the call is redone in
+    exact, with a warning, and its codes are exact's, bit for bit, one call or a batch of clips; bf16
+    (fp32's range) needs no redo. A decoder whose values overflow fp16 gives finite audio, close
+    to exact's. A stream cannot redo a call: it raises a clear error instead of codes from inf."""
+    import warnings
+
+    from encodec_fast.streaming import StreamingEncoder, encode_pieces
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small()
+    model.set_target_bandwidth(6.0)
+    loud = 1e5 * voice_batch(24000, 1.0, 1, batch=2)
+    exact = model.encode(loud)[0][0]
+    exact_batch = model.encode_batch([loud[0], loud[1, :, :20_000]])
+    with precision.scope("fp16", "cpu"):
+        assert not torch.isfinite(model.encoder(loud)).all()  # the case is real: fp16 overflows
+    model.set_precision("fp16")
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed in the encoder"):
+        got = model.encode(loud)[0][0]
+    assert torch.equal(got, exact)
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed in the encoder"):
+        batch = model.encode_batch([loud[0], loud[1, :, :20_000]])
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(batch, exact_batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.set_precision("bf16").encode(loud)
+        quiet = model.set_precision("fp16").encode(loud / 1e5)  # in range: no redo
+    assert not torch.equal(quiet[0][0], model.set_precision("exact").encode(loud / 1e5)[0][0])
+
+    model.set_precision("fp16")
+    with pytest.raises(FloatingPointError, match="fp16 overflowed in the streaming encoder"):
+        encode_pieces(model, iter([loud[:, :, :24_000]]), 24_000, chunk_seconds=0.4)
+    with pytest.raises(FloatingPointError, match="fp16 overflowed in the streaming encoder"):
+        StreamingEncoder(model, exact=False).push(loud[0])
+
+    codes = model.set_precision("exact").encode(voice_batch(24000, 1.0, 1, batch=1))
+    with torch.no_grad():  # the decoder's first convolution made loud: its values overflow fp16
+        model.decoder.model[0].conv.conv.weight_g.mul_(1e5)
+    ref = model.decode(codes)
+    model.set_precision("fp16")
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed in the decoder"):
+        audio = model.decode(codes)
+    assert torch.isfinite(audio).all() and audio.dtype == torch.float32
+    assert float((audio - ref).detach().abs().max()) <= 5e-2 * float(ref.detach().abs().max())
 
 
 def test_model_modes_on_cpu():
@@ -69,6 +116,12 @@ def test_model_modes_on_cpu():
     audio = model.decode(bf16)
     assert audio.dtype == torch.float32 and torch.isfinite(audio).all()
     assert not torch.is_autocast_enabled("cpu")
+    # fp16: the same tensor-core rate on GPUs, 3 more mantissa bits: more of exact's codes than bf16
+    fp16 = model.set_precision("fp16").encode(x)
+    agree16 = (fp16[0][0] == exact[0][0]).double().mean().item()
+    assert agree < agree16 < 1.0, (agree, agree16)
+    audio16 = model.decode(fp16)
+    assert audio16.dtype == torch.float32 and torch.isfinite(audio16).all()
     with pytest.raises(ValueError, match="unknown precision mode"):
         model.set_precision("half")
 
@@ -119,7 +172,8 @@ def test_codec_benchmark_gpu_variants_run_and_say_their_settings(tmp_path):
     variants = peers.gpu_variants(ours)
     assert set(variants) == ({f"{impl} {mode}" for impl in ("ours", "torch", "torch.compile") for mode in peers.MODES}
                              | {f"ours gemm {mode}" for mode in peers.GEMM_MODES})
-    live = {name: variants[name] for name in ("ours exact", "ours bf16", "torch tf32", "torch bf16", "ours gemm bf16")}
+    live = {name: variants[name] for name in ("ours exact", "ours bf16", "torch tf32", "torch bf16", "ours gemm bf16",
+                                              "ours fp16")}
     ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
     x = voice_batch(24000, 0.5, 1, batch=3)
     params = codec._params("small", "encode", 3, 0.5, 6.0, "cpu")
@@ -130,12 +184,13 @@ def test_codec_benchmark_gpu_variants_run_and_say_their_settings(tmp_path):
     assert timed["ours gemm bf16"]["settings"]["conv_kernel"] == "gemm"
     assert timed["ours gemm bf16"]["settings"]["backend"] == "triton"
     assert timed["ours bf16"]["settings"]["conv_kernel"] == "direct"
+    assert timed["ours fp16"]["settings"]["autocast"] == "float16"
     encoded = {name: c.encode(x, 6.0) for name, c in live.items()}
     codec._agreement_with_cpu(ctx, live, encoded, ours, x, 6.0, params)
     agree = {r["implementation"]: r["median"] for r in ctx.records if r["metric"] == "codes_equal_cpu_fp32"}
     assert agree["ours exact"] == 100.0 and agree["torch tf32"] == 100.0  # CPU: tf32 is exact
     assert 50.0 < agree["ours bf16"] < 100.0 and 50.0 < agree["torch bf16"] < 100.0
-    assert 50.0 < agree["ours gemm bf16"] <= 100.0
+    assert 50.0 < agree["ours gemm bf16"] <= 100.0 and 50.0 < agree["ours fp16"] <= 100.0
     assert variants["ours exact"].decode(encoded["ours exact"]).dtype == torch.float32
 
 
@@ -147,7 +202,7 @@ def test_codec_benchmark_measures_each_mode_on_real_audio(tmp_path):
     ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="codec")
     codec._mode_agreement(ctx)
     got = {(r["params"]["audio"], r["params"]["kbps"], r["implementation"]): r for r in ctx.records}
-    assert {impl for *_, impl in got} == {"ours exact", "ours bf16"}  # no tf32 on CPUs
+    assert {impl for *_, impl in got} == {"ours exact", "ours bf16", "ours fp16"}  # no tf32 on CPUs
     for (audio, kbps, impl), r in got.items():
         if r.get("na"):
             assert "speech" in audio and "espeak" in r["na"]
@@ -157,4 +212,28 @@ def test_codec_benchmark_measures_each_mode_on_real_audio(tmp_path):
             assert r["median"] == 100.0
         else:
             assert 0.0 < r["median"] < 100.0
+    for (audio, kbps, impl), r in got.items():  # fp16 keeps more of exact's codes than bf16
+        if impl == "ours fp16" and not r.get("na"):
+            assert r["median"] > got[(audio, kbps, "ours bf16")]["median"], (audio, kbps)
     assert any(not r.get("na") for (audio, *_), r in got.items() if "music" in audio)
+
+
+def test_precision_study_emulates_autocast():
+    """tools/precision_study: its emulation of autocast's arithmetic (operands rounded, products in
+    fp64, activations rounded where written) moves the codes as much as torch's CPU autocast does, in
+    bf16 and fp16; without rounding the codes are fp32's but for near-ties."""
+    from tools import precision_study as study
+    names = ["fp64 products (no rounding)", "bf16 everywhere (autocast's arithmetic)",
+             "fp16 everywhere (autocast's arithmetic)"]
+    result = study.study(1, 1.0, variants=names, progress=False)
+    by = {(r["variant"], r["kind"], r["kbps"]): r for r in result["rows"]}
+    assert "music" in result["clips"]
+    for kind in result["clips"]:
+        assert by[(names[0], kind, 6.0)]["codes_equal"] >= 99.0
+        assert by[(names[0], kind, 6.0)]["latent_rel_err"] < 1e-5
+        for emulated, real in ((names[1], "torch CPU autocast bfloat16"), (names[2], "torch CPU autocast float16")):
+            a, b = by[(emulated, kind, 6.0)], by[(real, kind, 6.0)]
+            assert abs(a["codes_equal"] - b["codes_equal"]) <= 6.0, (kind, a, b)
+            assert 0.5 < a["latent_rel_err"] / b["latent_rel_err"] < 2.0, (kind, a, b)
+        assert by[(names[2], kind, 6.0)]["codes_equal"] > by[(names[1], kind, 6.0)]["codes_equal"]
+    assert "| fp16 everywhere (autocast's arithmetic) |" in study.markdown(result)

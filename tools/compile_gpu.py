@@ -336,8 +336,9 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
         if name == "24k":
             from encodec_fast.modules.groups import RaggedRows
             for family, dtype, precision in [("direct", torch.float32, "ieee"), ("direct", torch.bfloat16, "ieee"),
-                                             ("gemm", torch.float32, "tf32"), ("gemm", torch.bfloat16, "ieee")]:
-                tag = ("fp32" if dtype == torch.float32 else "bf16") + f" {family}"
+                                             ("gemm", torch.float32, "tf32"), ("gemm", torch.bfloat16, "ieee"),
+                                             ("direct", torch.float16, "ieee"), ("gemm", torch.float16, "ieee")]:
+                tag = ("fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")) + f" {family}"
                 enc = model.encoder.to(dtype)
                 with _env("ENCODEC_FAST_CONV_KERNEL", family), _env("ENCODEC_FAST_CONV_PRECISION", precision), \
                         _scenario(recorder, f"{name} encoder ragged 10s x64 {tag} {precision}"):

@@ -106,7 +106,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     engine: "local" (DataLoader workers, this process encodes) or "ray" (Ray Data: decoding
     tasks and encoder actors on a cluster at `ray_address`, or a local Ray instance); the same
     output and resume either way.
-    precision: the encoder's precision mode ('exact', 'tf32', 'bf16'; `encodec_fast.precision`;
+    precision: the encoder's precision mode ('exact', 'tf32', 'bf16', 'fp16'; `encodec_fast.precision`;
     None: the model's own, 'exact' unless set). A mode other than 'exact' is part of the output's
     configuration: a resume must ask for the same one.
     cuda_graphs: on CUDA, replay each batch shape from a captured CUDA graph
