@@ -111,6 +111,7 @@ def make_model_pair(name: str, seed: int = 0):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / max(float(b.norm()), 1e-20))
 
 

@@ -189,15 +189,22 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     result.update(date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
                   cpu=platform.processor() or platform.machine(), command="python -m tools.precision_study "
                   f"--clips {args.clips} --seconds {args.seconds:g}")
-    table = markdown(result)
-    print(table)
+    print(markdown(result))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "study.json").write_text(json.dumps(result, indent=1))
-        (args.out / "STUDY.md").write_text(
-            f"# Low-precision encoder: which rounding moves the codes\n\n{result['date']}, commit {commit}, "
-            f"torch {torch.__version__}, CPU. `{result['command']}`: the shipped small model, "
-            f"{result['clips']} held-out clips of {args.seconds:g} s, codes equal to fp32's.\n\n{table}\n")
+        write(result, args.out)
+
+
+def write(result: tp.Dict[str, tp.Any], out: Path) -> None:
+    """study.json and STUDY.md in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(result, indent=1))
+    clips = " and ".join(f"{n} {kind}" for kind, n in result["clips"].items())
+    missing = "".join(f" No {kind}: {why}." for kind, why in result["missing"].items())
+    (out / "STUDY.md").write_text(
+        f"# Low-precision encoder: which rounding moves the codes\n\n{result['date']}, commit {result['commit']}, "
+        f"torch {result['torch']}, CPU ({result['cpu']}). `{result['command']}`: the shipped small model on "
+        f"{clips} held-out clips of {result['seconds']:g} s each, one call per clip; the share of codes equal to "
+        f"the fp32 encoder's.{missing}\n\n{markdown(result)}\n")
 
 
 if __name__ == "__main__":
