@@ -114,7 +114,14 @@ def test_validation_split_is_stable_and_never_everything(corpus):
 
 
 # -- one step against upstream's modules ------------------------------------------------------------
-def test_one_step_equals_a_reference_step_built_from_upstream_modules(corpus, tmp_path):
+@pytest.mark.parametrize("layout,tolerance,compared", [("nchw", 1e-6, 3), ("channels_last", 1e-4, 1)])
+def test_one_step_equals_a_reference_step_built_from_upstream_modules(corpus, tmp_path, layout, tolerance, compared,
+                                                                      monkeypatch):
+    """The trainer's steps against steps built from upstream's modules: in upstream's discriminator
+    layout three steps within 1e-6; channels-last (the CPU default) moves the discriminator's
+    gradients by fp32 rounding, which Adam's normalisation magnifies where a gradient is near zero,
+    and from the second step on a code can flip (the first step, within 1e-4)."""
+    monkeypatch.setenv("ENCODEC_FAST_DISC_LAYOUT", layout)
     trainer = T.Trainer(_config(corpus, batch_size=3), tmp_path / "run", quiet=True)
     model, disc = reference.upstream_copy(trainer)
     cfg = trainer.config
@@ -125,7 +132,7 @@ def test_one_step_equals_a_reference_step_built_from_upstream_modules(corpus, tm
     steps = {}
     for step in range(20):  # one step where the discriminator learns, one where it does not
         steps.setdefault(trainer.draws(step)[1], step)
-    order = [steps[True], steps[False], steps[True]]
+    order = [steps[True], steps[False], steps[True]][:compared]
     for n, step in enumerate(order):
         x = torch.stack([trainer.dataset[100 * n + j][0] for j in range(3)])
         bandwidth, learn_d = trainer.draws(step)
@@ -136,9 +143,9 @@ def test_one_step_equals_a_reference_step_built_from_upstream_modules(corpus, tm
         assert values is not None and values["disc_step"] == float(learn_d)
         ours, theirs = trainer.model.state_dict(), model.state_dict()
         for key in theirs:
-            assert rel_err(ours[key].float(), theirs[key].float()) < 1e-6, (n, key)
+            assert rel_err(ours[key].float(), theirs[key].float()) < tolerance, (n, key)
         for key, value in disc.state_dict().items():
-            assert rel_err(trainer.disc.state_dict()[key], value) < 1e-6, (n, key)
+            assert rel_err(trainer.disc.state_dict()[key], value) < tolerance, (n, key)
     # the codebooks were trained (k-means, EMA), not only carried along
     assert bool(trainer.model.quantizer.vq.layers[0]._codebook.inited)
 

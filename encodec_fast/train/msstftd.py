@@ -18,9 +18,27 @@ from torch.nn import functional as F
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import dsp, ops
+from ..ops.backend import env_choice
 from ..ops.conv import conv2d_backend, conv_kernel
 
 FeatureMaps = tp.List[torch.Tensor]
+
+LAYOUTS = ("channels_last", "nchw")
+
+
+def layout() -> str:
+    """The CPU layout of the discriminator's activations: $ENCODEC_FAST_DISC_LAYOUT, 'channels_last'
+    (the default: oneDNN's convolutions run about 2x faster forward, and a whole 24 kHz training
+    step 1.28x faster on 2 cores; results within fp32 rounding of NCHW's) or 'nchw' (upstream's
+    layout, upstream's bits)."""
+    return env_choice("ENCODEC_FAST_DISC_LAYOUT", LAYOUTS, "channels_last")
+
+
+def channels_last(z: torch.Tensor) -> bool:
+    """Whether the spectrogram z goes channels-last on the torch path: fp32 (autocast's inputs
+    included) on CPU only (fp64 has no oneDNN kernel, and CUDA's layouts are not measured) unless
+    `layout()` says 'nchw'."""
+    return z.device.type == "cpu" and z.dtype == torch.float32 and layout() == "channels_last"
 
 
 def _padding_2d(kernel_size: tp.Tuple[int, int], dilation: tp.Tuple[int, int] = (1, 1)) -> tp.Tuple[int, int]:
@@ -125,6 +143,8 @@ class DiscriminatorSTFT(nn.Module):
             fmap.append(z)
         else:
             z = self.spectrogram(x)
+            if channels_last(z) and conv2d_backend(z, layers[0].conv.weight) == "torch":
+                z = z.contiguous(memory_format=torch.channels_last)  # every layer after it keeps the layout
         for layer in layers:
             z = layer(z, slope) if slope is not None else act(layer(z))
             fmap.append(z)
