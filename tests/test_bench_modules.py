@@ -111,7 +111,8 @@ def test_training_corpus_tool_and_training_step(tmp_path):
     assert list((corpus / "train" / "music").glob("*.wav")) and list((corpus / "heldout" / "music").glob("*.wav"))
     from bench.benchmarks import train_step
     rows = train_step.measure("tiny", batches=[1, 2], seconds=0.3, reps=2, bandwidths=[1.5], device="cpu")
-    assert {r["implementation"] for r in rows} == {"ours exact", "torch exact", "upstream"}
+    assert {r["implementation"] for r in rows} == {"ours exact", "torch exact", "upstream",
+                                                   "ours exact, NCHW discriminator"}
     assert {r["batch"] for r in rows} == {1, 2}
     for r in rows:
         assert r["median_ms"] > 0 and len(r["times_ms"]) == 2 and r["samples_per_s"] > 0

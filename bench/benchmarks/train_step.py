@@ -20,7 +20,9 @@ the trainer's `--precision fp32|tf32|bf16`):
   the quick suite, every mode in the full one; CPU: the full suite only, exact;
 - `upstream`: the step on upstream's modules, as torch is configured (TF32 as torch's defaults);
 - `ours exact, deterministic` (CUDA): the trainer's `--deterministic` (what it costs; with it in
-  the run, CUBLAS_WORKSPACE_CONFIG=:4096:8 is set for the whole process, every variant).
+  the run, CUBLAS_WORKSPACE_CONFIG=:4096:8 is set for the whole process, every variant);
+- `ours exact, NCHW discriminator` (CPU): ours with the discriminator in upstream's layout
+  (ENCODEC_FAST_DISC_LAYOUT=nchw; the default is channels-last on CPU): what the layout buys.
 On CPU tf32 is exact (no TF32 on CPUs) and is left out; bf16 in the full suite only.
 
 Param `part` (the issue tracker's and docs' names): `step` (the whole step, wall clock: `time` in
@@ -44,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core import Context, benchmark, hwm_mb, reset_peak_rss, rss_mb, upstream_missing
+from bench.core import Context, EnvSetting, benchmark, hwm_mb, reset_peak_rss, rss_mb, upstream_missing
 
 PARTS = ("generator", "quantizer", "discriminator", "balancer", "optimizers")
 #: The trainer's --precision for each precision mode.
@@ -101,6 +103,8 @@ def variants(device: str, suite: str) -> tp.List[tp.Tuple[str, str, str]]:
             out.append((f"torch.compile {mode}", mode, "compile"))
     if cuda:  # what --deterministic costs (a CPU step is deterministic without it)
         out.append(("ours exact, deterministic", "exact", "deterministic"))
+    else:  # what the discriminator's channels-last layout buys on oneDNN
+        out.append(("ours exact, NCHW discriminator", "exact", "nchw"))
     return out
 
 
@@ -162,8 +166,10 @@ def measure(model: str, batches: tp.Sequence[int], seconds: float, reps: int, ba
                         torch_path = how in ("torch", "compile")
                         saved = core_vq.FUSED_CPU_TRAINING
                         core_vq.FUSED_CPU_TRAINING = saved and not torch_path
+                        layout = EnvSetting("ENCODEC_FAST_DISC_LAYOUT", "nchw") if how == "nchw" else \
+                            contextlib.nullcontext()
                         try:
-                            with ops.use_backend("torch") if torch_path else contextlib.nullcontext():
+                            with ops.use_backend("torch") if torch_path else contextlib.nullcontext(), layout:
                                 trainer.train_step(0, [x])
                         finally:
                             core_vq.FUSED_CPU_TRAINING = saved
