@@ -241,7 +241,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-seconds", type=float, default=120.0,
                         help="Audio per encoder call, padding included (default 120).")
     parser.add_argument("--workers", type=int, default=None,
-                        help="Decoding/resampling processes (default: CPU count - 1, at most 8; 0: in-process).")
+                        help="Decoding/resampling processes (default: CPU count - 1, at most 8 on CPU and 32 on "
+                             "CUDA, where the clips are resampled on the GPU; 0: in-process).")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: this process takes the inputs whose id hashes to i of n (for SLURM arrays or "
                              "torchrun without Ray); all shards may share one OUT_DIR.")

@@ -113,6 +113,30 @@ def test_codes_equal_upstreams_per_file_encode_24khz(tmp_path, pair_24):
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 3
 
 
+def test_resampling_in_the_encoding_process(tmp_path, pair_24):
+    """`resample_on_device` (the default on CUDA): the decoding processes only decode, the encoding
+    process resamples each clip after its copy, in a stage of its own. On CPU the same filter gives
+    upstream's codes, as the workers' resampling does; the rows' lengths are the model-rate ones."""
+    up, ours = pair_24
+    up.set_target_bandwidth(6.0)
+    paths = make_corpus(tmp_path / "corpus", 6)
+    for workers in (0, 1):
+        out = tmp_path / f"out{workers}"
+        summary = tokenize([tmp_path / "corpus"], out, model=ours, bandwidth=6.0, workers=workers, quiet=True,
+                           resample_on_device=True)
+        assert (summary.tokenized, summary.failed) == (6, 0)
+        assert summary.seconds_by_stage["resample (device)"] > 0
+        rows = {r["id"]: r for r in read_codes(out)}
+        for p in paths:
+            row = rows[p.relative_to(tmp_path / "corpus").as_posix()]
+            (ref, _), = upstream_codes(up, p)
+            assert np.array_equal(row["codes"], ref), p
+            info = sf.info(str(p))
+            assert row["num_samples"] == int(np.ceil(info.frames * 24000 / info.samplerate))
+    plain = tokenize([tmp_path / "corpus"], tmp_path / "plain", model=ours, bandwidth=6.0, workers=0, quiet=True)
+    assert "resample (device)" not in plain.seconds_by_stage  # CPU jobs resample in the decoding processes
+
+
 def test_time_breakdown_of_a_run(tmp_path, checkpoint_24, capsys):
     """The summary, the manifest and the command say where the time went: the main thread's stages
     and the model's (nested: the LSTM's time is not also the convolutions'), each once."""

@@ -92,12 +92,13 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
              chunk_seconds: float = DEFAULT_CHUNK_SECONDS, stream_seconds: float = DEFAULT_STREAM_SECONDS,
              engine: str = "local",
              ray_address: tp.Optional[str] = None, precision: tp.Optional[str] = None,
-             cuda_graphs: bool = False) -> Summary:
+             cuda_graphs: bool = False, resample_on_device: tp.Optional[bool] = None) -> Summary:
     """Tokenize every input into Parquet shards in `out_dir` (see the module docstring).
 
     model: "24khz", "48khz", or an EncodecModel (e.g. your own); checkpoint / repository as for
     the models' constructors. batch_seconds: audio per encoder call (padded). workers: decoding
-    processes (default: CPU count - 1, at most 8). shard: this job's part (i, n) or "i/n".
+    processes (default: CPU count - 1, at most 8 on CPU, where they share the CPUs with the
+    encoder, and 32 on CUDA). shard: this job's part (i, n) or "i/n".
     Failed inputs are recorded in OUT_DIR/_errors.jsonl and counted in the summary; they do not
     stop the job. A job killed at any point and run again with the same arguments finishes the
     remaining items; `overwrite` starts over. Inputs longer than `stream_seconds` are read,
@@ -111,6 +112,10 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     configuration: a resume must ask for the same one.
     cuda_graphs: on CUDA, replay each batch shape from a captured CUDA graph
     (`EncodecModel.use_cuda_graphs`; the batches are padded to length buckets either way).
+    resample_on_device: the local engine's decoding processes only decode, and the encoding
+    process resamples each clip on `device` (fp32, TF32 off) before encoding it; None: on CUDA
+    (resampling costs a CPU more than decoding a WAV file). False keeps the resampling in the
+    decoding processes on the CPU (upstream's `convert_audio` values bit for bit).
     """
     start = time.perf_counter()
     shard = parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")
@@ -138,7 +143,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         if cuda_graphs:
             net.use_cuda_graphs()
         if workers is None:
-            workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+            workers = max(0, min(32 if device.type == "cuda" else 8, (os.cpu_count() or 1) - 1))
         config = {"model": net.name, "sample_rate": net.sample_rate, "channels": net.channels, "bandwidth": bandwidth,
                   "codebooks": net.num_codebooks, "checkpoint_sha256": state_dict_sha256(net.state_dict()),
                   "encodec_fast_version": __version__}
@@ -165,7 +170,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
                                    address=ray_address, stop=stop)
             else:
                 complete = run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
-                                     stop=stop, timer=timer)
+                                     stop=stop, timer=timer, resample_on_device=resample_on_device)
                 by_stage = _by_stage(timer)
             sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed,
                                      "interrupted": not complete, "seconds_by_stage": by_stage,

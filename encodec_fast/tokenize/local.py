@@ -1,5 +1,6 @@
-"""The local engine: DataLoader workers decode and resample, the main thread encodes length-sorted
-batches, a writer thread turns codes into rows and commits shards."""
+"""The local engine: DataLoader workers decode and resample (on CUDA only decode: the clips are
+resampled on the GPU), the main thread encodes length-sorted batches, a writer thread turns codes
+into rows and commits shards."""
 
 import queue
 import sys
@@ -59,8 +60,9 @@ class Progress:
 
 
 def _batches(pool: tp.List[Loaded], budget: int) -> tp.Iterator[tp.List[Loaded]]:
-    """Length-sorted batches whose padded size (count x longest) stays within `budget` samples."""
-    for batch in length_batches([ld.wav.shape[-1] for ld in pool], budget):
+    """Length-sorted batches whose padded size (count x longest, at the model's rate) stays within
+    `budget` samples."""
+    for batch in length_batches([ld.length for ld in pool], budget):
         yield [pool[i] for i in batch]
 
 
@@ -116,7 +118,24 @@ class _Writer(threading.Thread):
 
 
 def num_samples(loaded: Loaded) -> int:
-    return loaded.long or loaded.wav.shape[-1]
+    return loaded.long or loaded.length
+
+
+#: The stage of resampling in the encoding process (`run_local(resample_on_device=True)`).
+RESAMPLE_STAGE = "resample (device)"
+
+
+def _resampled(wavs: tp.List[torch.Tensor], batch: tp.List[Loaded], sample_rate: int,
+               device: torch.device) -> tp.List[torch.Tensor]:
+    """Each clip not yet at the model's rate resampled where it lies, in exact fp32 whatever the
+    job's precision mode (the same filter as the workers', `audio.resample`)."""
+    if all(ld.rate == sample_rate for ld in batch):
+        return wavs
+    from .. import precision
+    from ..audio import resample
+    with timing.stage(RESAMPLE_STAGE, device), precision.torch_precision("exact"):
+        return [resample(w, ld.rate, sample_rate).contiguous() if ld.rate != sample_rate else w
+                for w, ld in zip(wavs, batch)]
 
 
 def segment_arrays(segments) -> tp.Tuple[np.ndarray, tp.List[float], tp.List[int]]:
@@ -185,15 +204,19 @@ def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
               long: LongInputs = LongInputs(), pool_batches: int = 4, *, stop: GracefulStop,
-              timer: tp.Optional[timing.StageTimer] = None) -> bool:
+              timer: tp.Optional[timing.StageTimer] = None, resample_on_device: tp.Optional[bool] = None) -> bool:
     """Tokenize `items` (none of them done yet) into `sink`; False when it stopped early. When `stop` is
     requested (SIGTERM, SIGINT), no new item starts; what was encoded reaches the sink, the items read
     but not yet encoded are left for the next run. `timer` (a `timing.StageTimer`) gets where the time
     went: waiting for decoded audio, copies, the model's stages, the writer thread's work; its
-    `loop_seconds` the loop's wall time."""
+    `loop_seconds` the loop's wall time. `resample_on_device` (default: on CUDA): the workers only
+    decode, and each clip is resampled on `device` after its copy (in fp32, TF32 off), off the
+    workers' CPUs; elsewhere the workers resample (upstream's values, bit for bit)."""
     cuda = device.type == "cuda"
+    on_device = cuda if resample_on_device is None else resample_on_device
     loader = torch.utils.data.DataLoader(
-        ItemAudio(items, model.sample_rate, model.channels, long_after=long.after(model.sample_rate)),
+        ItemAudio(items, model.sample_rate, model.channels, long_after=long.after(model.sample_rate),
+                  resample=not on_device),
         batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity, worker_init_fn=worker_init if workers else None,
         prefetch_factor=2 if workers else None, persistent_workers=False, pin_memory=cuda)
@@ -233,9 +256,12 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
         the batch before."""
         if not cuda:
             with timing.stage("to device", device):
-                return [ld.wav.to(device) for ld in batch], None
-        with torch.cuda.stream(copies), timing.stage("to device", device):
-            wavs = [ld.pin_memory().wav.to(device, non_blocking=True) for ld in batch]
+                wavs = [ld.wav.to(device) for ld in batch]
+            return _resampled(wavs, batch, model.sample_rate, device), None
+        with torch.cuda.stream(copies):
+            with timing.stage("to device", device):
+                wavs = [ld.pin_memory().wav.to(device, non_blocking=True) for ld in batch]
+            wavs = _resampled(wavs, batch, model.sample_rate, device)  # on the copy stream too
             done = torch.cuda.Event()
             done.record()
         return wavs, done
@@ -276,7 +302,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
                     fail(loaded, loaded.error)
                     continue
                 pool.append(loaded)
-                pooled += loaded.wav.shape[-1]
+                pooled += loaded.length
                 if pooled >= pool_batches * budget:
                     encode(pool)
                     pool, pooled = [], 0
