@@ -489,6 +489,31 @@ def test_tokenize_on_the_gpu_breaks_its_time_down(tmp_path):
     assert all(np.array_equal(runs[DEVICE][k].shape, v.shape) for k, v in runs["cpu"].items())
 
 
+def test_tokenize_resamples_on_the_gpu(tmp_path):
+    """On CUDA the clips are resampled on the GPU by default (stage `resample (device)`, GPU time):
+    the codes of resampling in the decoding processes but for rounding-level ties, the same lengths."""
+    import soundfile as sf
+
+    from encodec_fast.testing import voice
+    from encodec_fast.tokenize import read_codes, tokenize
+    (tmp_path / "in").mkdir()
+    for i, rate in enumerate((44100, 48000, 16000)):
+        sf.write(str(tmp_path / "in" / f"v{i}.wav"), voice(rate, 1.5, seed=i).reshape(-1).numpy(), rate)
+    runs = {}
+    for on_device in (True, False):
+        summary = tokenize([tmp_path / "in"], tmp_path / str(on_device), model="small", device=DEVICE, workers=1,
+                           quiet=True, resample_on_device=on_device)
+        runs[on_device] = {r["id"]: r for r in read_codes(tmp_path / str(on_device))}
+        assert ("resample (device)" in summary.gpu_stages) == on_device
+    equal = total = 0
+    for k, row in runs[False].items():
+        got = runs[True][k]
+        assert got["num_samples"] == row["num_samples"] and got["codes"].shape == row["codes"].shape
+        equal += int((got["codes"] == row["codes"]).sum())
+        total += row["codes"].size
+    assert equal / total >= 0.99, equal / total
+
+
 def test_deterministic_training_steps_repeat_their_bits(tmp_path):
     """`--deterministic` on CUDA: every op of a training step has a deterministic algorithm (none
     raises), and two runs from the same start give the same weights bit for bit."""
