@@ -6,8 +6,8 @@ Timed with `triton.testing.do_bench` (median ms), each kernel beside its PyTorch
   6 kbps (8 stages) and 24 kbps (32 stages); precisions exact (the certified search, the default),
   ieee (fp32 on CUDA cores), tf32x3, tf32, with their code agreement against exact fp32; FLOPs,
   bytes and the fraction of the roofline;
-- `conv`: each SEANet convolution kind, fused ELU + pad + conv (+ skip) against the separate torch
-  ops, fp32 and bf16;
+- `conv`, `block`: each SEANet convolution kind, fused ELU + pad + conv (+ skip) against the separate
+  torch ops, and the fused residual blocks and levels, in each codec mode (exact, tf32, fp16, bf16);
 - `stft`, `conv2d`: the MS-STFT discriminator's spectrogram front end, each Conv2d + LeakyReLU layer
   (forward and forward + backward, fp32 and bf16), the whole discriminator;
 - `training`: a quantizer training step (forward + backward, EMA update), ours on each backend and
@@ -276,7 +276,17 @@ def conv_case(device: str, layer: tuple, dtype: torch.dtype):
 
 
 #: The dense peak each precision mode's products run at (PEAKS' keys).
-MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16"}
+MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "bf16"}  # fp16's dense peak is bf16's
+#: The codec's modes the convolution stages time (fp16 before bf16: the mode that keeps the codes,
+#: docs/gpu.md, is measured first when the time budget runs short).
+CONV_MODES = ("exact", "tf32", "fp16", "bf16")
+#: The trainer's modes (`encodec-fast train --precision`), which the discriminator's stages time.
+TRAIN_MODES = ("exact", "tf32", "bf16")
+
+
+def mode_dtype(mode: str) -> torch.dtype:
+    """The activations' dtype of a precision mode: its autocast dtype, else fp32."""
+    return precision_modes.AUTOCAST.get(mode, torch.float32)
 
 
 def roofline_ms(flops: float, nbytes: float, mode: str) -> tp.Dict[str, float]:
@@ -292,13 +302,13 @@ def roofline_ms(flops: float, nbytes: float, mode: str) -> tp.Dict[str, float]:
 
 def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
     """Each SEANet convolution kind at batch 64 x 10 s (24 kHz), like for like in each precision
-    mode (`encodec_fast.precision`: exact, tf32, bf16): ELU + pad + conv (+ skip) as separate torch
+    mode (`encodec_fast.precision`: exact, tf32, fp16, bf16): ELU + pad + conv (+ skip) as separate torch
     ops (cuDNN with the mode's switches) against each kernel family (`direct`, `gemm`), with the
     layer's roofline on H100 and H200 next to the measured times."""
     rows = []
     for layer in CONV_LAYERS:
-        for mode in ("exact", "tf32", "bf16"):
-            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        for mode in CONV_MODES:
+            dtype = mode_dtype(mode)
             fn, ref_fn, name, flops, shape, nbytes = conv_case(device, layer, dtype)
             with torch.no_grad(), precision_modes.scope(mode, device):
                 ref = ref_fn()
@@ -374,8 +384,8 @@ def time_blocks(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
         if not SIZES["big_checks"]:
             C, L = max(4, C // 8), 40
         H = C // 2
-        for mode in ("exact", "tf32", "bf16"):
-            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        for mode in CONV_MODES:
+            dtype = mode_dtype(mode)
             g = torch.Generator(device=device).manual_seed(C)
             x = torch.randn(batch, C, L, device=device, generator=g).to(dtype)
             w1, w2, ws = _block_case_weights(C, dtype, g, device)
@@ -431,8 +441,8 @@ def time_block_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> lis
             C, L = max(4, C // 8), 40
         H, K = C // 2, 2 * stride
         pads = (K - stride, -(-L // stride) * stride - L)  # causal, upstream's extra padding on the right
-        for mode in ("exact", "tf32", "bf16"):
-            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        for mode in CONV_MODES:
+            dtype = mode_dtype(mode)
             g = torch.Generator(device=device).manual_seed(C + stride)
             x = torch.randn(batch, C, L, device=device, generator=g).to(dtype)
             w1, w2, ws = _block_case_weights(C, dtype, g, device)
@@ -490,8 +500,8 @@ def time_up_stages(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
         if not SIZES["big_checks"]:
             C, L = max(4, C // 8), 40
         H, K, L_in = C // 2, 2 * stride, L // stride
-        for mode in ("exact", "tf32", "bf16"):
-            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        for mode in CONV_MODES:
+            dtype = mode_dtype(mode)
             g = torch.Generator(device=device).manual_seed(C + stride)
             x = torch.randn(batch, 2 * C, L_in, device=device, generator=g).to(dtype)
             wu = (torch.randn(2 * C, C, K, device=device, generator=g) / (4 * C) ** 0.5).to(dtype)
@@ -555,7 +565,7 @@ def time_stft(device: str, quick: bool) -> list:
         with ops.use_backend(backend):
             logits, fmaps = disc(xin)
         (sum(lg.mean() for lg in logits) + sum(f.mean() for fm in fmaps for f in fm)).backward()
-    for mode in ("exact", "tf32", "bf16"):
+    for mode in TRAIN_MODES:
         with precision_modes.scope(mode, device):
             torch_ms = bench_ms(lambda: disc_step("torch"), quick)
             for family, what in (("direct", "spectrogram kernel + fused Conv2d, torch's backward"),
@@ -594,8 +604,8 @@ def time_conv2d(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
         w = module.weight().detach()
         cfg = (c.stride, c.dilation, c.padding, slope)
         B, C_in, H, W = x.shape
-        for mode in ("exact", "tf32", "bf16"):
-            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        for mode in TRAIN_MODES:
+            dtype = mode_dtype(mode)
             xd, wd, bd = x.to(dtype), w.to(dtype), c.bias.detach().to(dtype)
 
             def fwd(backend):
