@@ -37,8 +37,9 @@ def test_ray_engine_matches_local_engine_and_resumes(tmp_path, pair_24, local_ra
     first = tokenize([half], tmp_path / "ray", model=ours, bandwidth=6.0, engine="ray", quiet=True, rows_per_shard=2,
                      stream_seconds=0.8)
     assert (first.tokenized, first.failed) == (3, 0)
+    # the rest resampled in the encoder actors (the default on GPUs): the same codes
     second = tokenize([everything], tmp_path / "ray", model=ours, bandwidth=6.0, engine="ray", quiet=True,
-                      rows_per_shard=2, stream_seconds=0.8)
+                      rows_per_shard=2, stream_seconds=0.8, resample_on_device=True)
     assert (second.tokenized, second.failed, second.skipped) == (5, len(expected_errors), 3)
     # Ray's actors run torch on one thread; the local engine on one thread gives the same codes
     # (another thread count can move a near-tie code, in upstream's encoder as in ours).

@@ -112,8 +112,9 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     configuration: a resume must ask for the same one.
     cuda_graphs: on CUDA, replay each batch shape from a captured CUDA graph
     (`EncodecModel.use_cuda_graphs`; the batches are padded to length buckets either way).
-    resample_on_device: the local engine's decoding processes only decode, and the encoding
-    process resamples each clip on `device` (fp32, TF32 off) before encoding it; None: on CUDA
+    resample_on_device: the decoding processes (Ray: tasks) only decode, and the encoding process
+    (Ray: the encoder actors) resamples each clip on `device` (fp32, TF32 off) before encoding it;
+    None: on CUDA
     (resampling costs a CPU more than decoding a WAV file). False keeps the resampling in the
     decoding processes on the CPU (upstream's `convert_audio` values bit for bit).
     """
@@ -167,7 +168,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
             if engine == "ray":
                 from .ray_engine import run_ray
                 complete = run_ray(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
-                                   address=ray_address, stop=stop)
+                                   address=ray_address, stop=stop, resample_on_device=resample_on_device)
             else:
                 complete = run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
                                      stop=stop, timer=timer, resample_on_device=resample_on_device)

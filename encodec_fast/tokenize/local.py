@@ -125,17 +125,17 @@ def num_samples(loaded: Loaded) -> int:
 RESAMPLE_STAGE = "resample (device)"
 
 
-def _resampled(wavs: tp.List[torch.Tensor], batch: tp.List[Loaded], sample_rate: int,
-               device: torch.device) -> tp.List[torch.Tensor]:
-    """Each clip not yet at the model's rate resampled where it lies, in exact fp32 whatever the
-    job's precision mode (the same filter as the workers', `audio.resample`)."""
-    if all(ld.rate == sample_rate for ld in batch):
+def resampled(wavs: tp.List[torch.Tensor], rates: tp.Sequence[int], sample_rate: int,
+              device: torch.device) -> tp.List[torch.Tensor]:
+    """Each clip (at its rate in `rates`) not yet at the model's rate resampled where it lies, in
+    exact fp32 whatever the job's precision mode (the decoding processes' filter, `audio.resample`)."""
+    if all(rate == sample_rate for rate in rates):
         return wavs
     from .. import precision
     from ..audio import resample
     with timing.stage(RESAMPLE_STAGE, device), precision.torch_precision("exact"):
-        return [resample(w, ld.rate, sample_rate).contiguous() if ld.rate != sample_rate else w
-                for w, ld in zip(wavs, batch)]
+        return [resample(w, rate, sample_rate).contiguous() if rate != sample_rate else w
+                for w, rate in zip(wavs, rates)]
 
 
 def segment_arrays(segments) -> tp.Tuple[np.ndarray, tp.List[float], tp.List[int]]:
@@ -257,11 +257,11 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
         if not cuda:
             with timing.stage("to device", device):
                 wavs = [ld.wav.to(device) for ld in batch]
-            return _resampled(wavs, batch, model.sample_rate, device), None
+            return resampled(wavs, [ld.rate for ld in batch], model.sample_rate, device), None
         with torch.cuda.stream(copies):
             with timing.stage("to device", device):
                 wavs = [ld.pin_memory().wav.to(device, non_blocking=True) for ld in batch]
-            wavs = _resampled(wavs, batch, model.sample_rate, device)  # on the copy stream too
+            wavs = resampled(wavs, [ld.rate for ld in batch], model.sample_rate, device)  # on the copy stream too
             done = torch.cuda.Event()
             done.record()
         return wavs, done

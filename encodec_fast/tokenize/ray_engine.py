@@ -1,9 +1,9 @@
 """The Ray engine (`--engine ray`): the same stages on Ray Data, for clusters.
 
-read (the item list) -> decode/resample in CPU tasks -> encode in actors (one per GPU, or CPU
-actors) -> rows back to the driver, which commits shards with the local engine's sink. The sink
-(and so resume: the done-list, atomic shards, exactly-once) is the same as the local engine's;
-the driver filters done items before the dataset is built. `ray.init(address=...)` joins a
+read (the item list) -> decode/resample in CPU tasks (on GPUs: decode only, the actors resample)
+-> encode in actors (one per GPU, or CPU actors) -> rows back to the driver, which commits shards
+with the local engine's sink. The sink (and so resume: the done-list, atomic shards, exactly-once)
+is the same as the local engine's; the driver filters done items before the dataset is built. `ray.init(address=...)` joins a
 running cluster (`address="auto"` or ray://...), or starts a local instance when none is given.
 """
 
@@ -18,7 +18,7 @@ from ..jobs import GracefulStop
 from ..model import EncodecModel
 from ..streaming import LongInputs
 from .loading import load_or_error
-from .local import Progress, encode_or_errors, encode_streamed, make_row, segment_arrays
+from .local import Progress, encode_or_errors, encode_streamed, make_row, resampled, segment_arrays
 from .sink import ShardSink
 from .sources import Item
 
@@ -29,14 +29,17 @@ def _item(row: tp.Dict[str, tp.Any]) -> Item:
     return Item(str(row["id"]), str(row["path"]), seconds(row["start"]), seconds(row["end"]))
 
 
-def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int, long_after: int) -> tp.Dict[str, tp.Any]:
-    """An item -> its audio; a long one (over `long_after` samples) is left to the encoder actor,
-    which reads it piece by piece."""
+def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int, long_after: int,
+            resample_here: bool = True) -> tp.Dict[str, tp.Any]:
+    """An item -> its audio (at the model's rate, or at its own with `resample_here` False: the
+    encoder actor resamples it on its device); a long one (over `long_after` samples) is left to
+    the encoder actor, which reads it piece by piece."""
     torch.set_num_threads(1)
-    loaded = load_or_error(row["index"], _item(row), sample_rate, channels, long_after)
+    loaded = load_or_error(row["index"], _item(row), sample_rate, channels, long_after, resample_here)
     wav = loaded.wav.numpy() if loaded.wav is not None else np.zeros((channels, 0), np.float32)
     return {**row, "error": loaded.error, "source_rate": loaded.source_rate,
-            "source_channels": loaded.source_channels, "long": loaded.long, "wav": wav}
+            "source_channels": loaded.source_channels, "long": loaded.long, "wav": wav,
+            "rate": loaded.rate or sample_rate}
 
 
 class _Encoder:
@@ -56,6 +59,7 @@ class _Encoder:
                                              "source_channels": list(batch["source_channels"])}
         whole = [i for i in range(n) if not batch["error"][i] and not batch["long"][i]]
         wavs = [torch.from_numpy(np.asarray(batch["wav"][i], dtype=np.float32)).to(self.device) for i in whole]
+        wavs = resampled(wavs, [int(batch["rate"][i]) for i in whole], self.model.sample_rate, self.device)
         results = dict(zip(whole, encode_or_errors(self.model, wavs, self.budget, self.long)))
         for i, wav in zip(whole, wavs):
             out["num_samples"][i] = int(wav.shape[-1])
@@ -75,8 +79,11 @@ class _Encoder:
 
 def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
             device: torch.device, batch_seconds: float, workers: int, progress: Progress, long: LongInputs,
-            address: tp.Optional[str] = None, encoders: tp.Optional[int] = None, *, stop: GracefulStop) -> bool:
-    """Tokenize `items` into `sink` with Ray Data; False when `stop` ended it early."""
+            address: tp.Optional[str] = None, encoders: tp.Optional[int] = None, *, stop: GracefulStop,
+            resample_on_device: tp.Optional[bool] = None) -> bool:
+    """Tokenize `items` into `sink` with Ray Data; False when `stop` ended it early.
+    `resample_on_device` (default: on CUDA): the decoding tasks only decode, and the encoder actors
+    resample each clip on their device (as the local engine)."""
     import ray
     if not items:
         return True
@@ -88,8 +95,10 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
     model_ref = ray.put(copy.deepcopy(model).cpu())  # a copy: the caller's model stays where it is
     rows = [{"index": i, "id": it.id, "path": it.path, "start": it.start, "end": it.end} for i, it in enumerate(items)]
     ds = ray.data.from_items(rows)
+    on_device = cuda if resample_on_device is None else resample_on_device
     ds = ds.map(_decode, fn_kwargs={"sample_rate": model.sample_rate, "channels": model.channels,
-                                    "long_after": long.after(model.sample_rate)}, num_cpus=1)
+                                    "long_after": long.after(model.sample_rate), "resample_here": not on_device},
+                num_cpus=1)
     ds = ds.map_batches(_Encoder, fn_constructor_kwargs={
         "model_ref": model_ref, "device": "cuda" if cuda else "cpu",
         "budget": max(1, int(batch_seconds * model.sample_rate)), "long": long},
