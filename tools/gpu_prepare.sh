@@ -5,7 +5,8 @@
 # - .whl/: wheels of what the GPU image lacks (soundfile and its cffi/pycparser, upstream encodec
 #   0.1.1 for the peers' columns, vector-quantize-pytorch and its needs), manylinux x86-64;
 # - .gpu_data/clips: the benchmarks' held-out speech and music (ENCODEC_FAST_BENCH_CLIPS);
-# - .gpu_data/corpus: a small training corpus (tools/precision_curves.sh).
+# - .gpu_data/corpus: a small training corpus (tools/precision_curves.sh);
+# - .gpu_data/tokenize: the tokenize benchmark's quick corpus (24 clips, 13 MB; ENCODEC_FAST_BENCH_CORPUS).
 # Both folders are git-ignored; carry them to the GPU machine with the working tree.
 set -eu
 py=${1:-3.12}
@@ -24,4 +25,8 @@ clips, missing = heldout_clips(['speech', 'music'], 4, 8.0)
 print({k: len(v) for k, v in clips.items()}, missing or '')"
 [ -d .gpu_data/corpus/train ] || python3 -m tools.make_train_corpus .gpu_data/corpus --speech-clips 24 \
     --music-clips 16 --heldout-clips 2
-du -sh .whl .gpu_data
+python3 -c "
+from pathlib import Path
+from bench.benchmarks.tokenize import make_corpus
+print(len(make_corpus(Path('.gpu_data/tokenize'), 24, False)), 'clips for the tokenize benchmark')"
+du -sh .whl .gpu_data  # the device tool carries 64 MiB at most

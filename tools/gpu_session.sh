@@ -6,8 +6,8 @@
 #    encodec, vector-quantize-pytorch and its needs; `pip download` them where a registry is reachable);
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log);
 # 3. the benchmarks, each in a process of its own (a GPU fault in one does not take the others with
-#    it), in priority order: `rvq`, `kernels` (residual blocks and convolutions), `codec`, `quantizer`,
-#    `train_step`, bf16 and fp32 loss curves of one recipe (tools/precision_curves.sh, 60 s each, on
+#    it), in priority order: `rvq`, `kernels` (residual blocks and convolutions), `codec`, `tokenize`
+#    (on .gpu_data/tokenize when carried), `quantizer`, `train_step`, bf16 and fp32 loss curves of one recipe (tools/precision_curves.sh, 60 s each, on
 #    .gpu_data/corpus when carried), then `kernels` again for its other stages (conv2d, stft,
 #    training, model). Each gets
 #    a time limit, cut to what is left of the session; at its limit it gets SIGTERM and writes what
@@ -30,6 +30,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         >> "$log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d .gpu_data/clips ]; then export ENCODEC_FAST_BENCH_CLIPS=$PWD/.gpu_data/clips; fi
+if [ -d .gpu_data/tokenize ]; then export ENCODEC_FAST_BENCH_CORPUS=$PWD/.gpu_data/tokenize; fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 || say "pip install -e . failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$log" 2>&1
 python3 -m encodec_fast info >> "$log" 2>&1 || python3 -c "import encodec_fast" >> "$log" 2>&1
@@ -63,6 +64,7 @@ step tests "${GPU_TEST_LIMIT:-110}" python3 -m pytest -q -m gpu -rA -v -p no:cac
 bench rvq 90 rvq
 bench conv 120 kernels BENCH_KERNEL_STAGES="block conv"
 bench codec 130 codec
+bench tokenize 60 tokenize
 bench quantizer 40 quantizer
 bench train_step 80 train_step
 corpus=.gpu_data/corpus; [ -d "$corpus/train" ] || corpus=""

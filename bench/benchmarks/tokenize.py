@@ -277,7 +277,10 @@ def run(ctx: Context) -> None:
     _, left_out = ctx.in_own_process(("ours", "upstream", "transformers"))
     corpus = Path(os.environ.get("ENCODEC_FAST_BENCH_CORPUS", ctx.workdir / f"tokenize_corpus_{clips}"))
     try:
-        report = measure(clips, corpus, ctx.workdir / "tokenize_work", ctx.device, 1 if ctx.suite != "full" else None,
+        # one decoding process on CPU outside the full suite (the cores are the encoder's); on CUDA the
+        # command's default (CPU count - 1): the decoding must keep up with the GPU
+        workers = 1 if ctx.suite != "full" and ctx.device == "cpu" else None
+        report = measure(clips, corpus, ctx.workdir / "tokenize_work", ctx.device, workers,
                          hf_batch=8, smoke=ctx.suite == "smoke", skip={impl: SMOKE_LEFT_OUT for impl in left_out},
                          at_once=ctx.suite == "smoke")
     except SystemExit as err:  # the script's refusal (e.g. no espeak-ng for the speech clips): its reason

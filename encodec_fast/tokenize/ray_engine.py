@@ -3,8 +3,9 @@
 read (the item list) -> decode/resample in CPU tasks (on GPUs: decode only, the actors resample)
 -> encode in actors (one per GPU, or CPU actors) -> rows back to the driver, which commits shards
 with the local engine's sink. The sink (and so resume: the done-list, atomic shards, exactly-once)
-is the same as the local engine's; the driver filters done items before the dataset is built. `ray.init(address=...)` joins a
-running cluster (`address="auto"` or ray://...), or starts a local instance when none is given.
+is the same as the local engine's; the driver filters done items before the dataset is built.
+`ray.init(address=...)` joins a running cluster (`address="auto"` or ray://...), or starts a local
+instance when none is given.
 """
 
 import copy
