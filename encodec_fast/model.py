@@ -479,7 +479,7 @@ class EncodecModel(nn.Module):
                 chunk = indices[c:c + per_head]
                 codes = torch.cat([frames[i][0] for i in chunk]) if len(chunk) > 1 else frames[chunk[0]][0]
                 latents = self.quantizer.decode(codes.transpose(0, 1))
-                hidden = self._decoder_part(self.decoder.forward_head, latents, latents.dtype)
+                hidden = self._decoder_part(self.decoder.forward_head, latents, latents.dtype, cast=False)
                 for t in range(0, len(chunk), per_tail):
                     audio = self._decoder_part(self.decoder.forward_tail, hidden[t * B:(t + per_tail) * B],
                                                latents.dtype)
@@ -490,9 +490,9 @@ class EncodecModel(nn.Module):
         return tp.cast(tp.List[torch.Tensor], out)
 
     def _decoder_part(self, part: tp.Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype, cast: bool = True) -> torch.Tensor:
         """A part of the decoder in the model's precision mode; a call that overflowed fp16's range
-        is redone in exact (on x in `dtype`). The output in `dtype`."""
+        is redone in exact (on x in `dtype`). The output in `dtype` (with `cast`; else as computed)."""
         mode = self._mode()
         with precision_modes.scope(mode, x.device):
             y = part(x)
@@ -500,7 +500,7 @@ class EncodecModel(nn.Module):
             precision_modes.overflow_warning("decoder")
             with precision_modes.scope("exact", x.device):
                 y = part(x.to(dtype))
-        return y.to(dtype)
+        return y.to(dtype) if cast else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))[:, :, : x.shape[-1]]
