@@ -10,9 +10,9 @@ the call (the kernel's VmHWM, reset just before it) minus the RSS just before it
 models loaded, one tiny warm-up call done), with glibc set to return freed memory so that every
 case starts from the same RSS. On CUDA: torch.cuda.max_memory_allocated over the call, in this process.
 
-On CUDA, like for like: ours in each precision mode (`ours exact`, `ours tf32`, `ours bf16`;
-`encodec_fast.precision`), the same model on the PyTorch path in the same mode (`torch <mode>`:
-cuDNN and cuBLAS with the mode's TF32 switches, bf16 autocast), that path under
+On CUDA, like for like: ours in each precision mode (`ours exact`, `ours tf32`, `ours bf16`,
+`ours fp16`; `encodec_fast.precision`), the same model on the PyTorch path in the same mode
+(`torch <mode>`: cuDNN and cuBLAS with the mode's TF32 switches, bf16 / fp16 autocast), that path under
 `torch.compile(mode="max-autotune")` (`torch.compile <mode>`; the quick suite: default mode, bf16
 only, on the headline case), and upstream and transformers as torch
 is configured (their records carry the settings). Agreement: with upstream's codes on the same GPU,
