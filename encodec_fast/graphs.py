@@ -91,8 +91,12 @@ class EncoderGraphs:
                 self.model._encode_rows(static_x, RaggedRows(static_lengths))
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        flags: tp.List[tp.Optional[torch.Tensor]] = []
+        model, rows, mode = self.model, RaggedRows(static_lengths), self.model._mode()
         with torch.no_grad(), torch.cuda.graph(graph):
-            codes = self.model._encode_rows(static_x, RaggedRows(static_lengths), flags=flags)
+            # `_encode_rows` without its overflow check (a host synchronisation): the flag is
+            # computed on the device and read after each replay
+            emb = model._latents(static_x, rows, mode)
+            finite = torch.isfinite(emb).all() if mode == "fp16" else None
+            codes = model._search(emb, rows)
         self.captures += 1
-        return _Captured(graph, static_x, static_lengths, codes, flags[0])
+        return _Captured(graph, static_x, static_lengths, codes, finite)

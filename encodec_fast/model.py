@@ -209,26 +209,26 @@ class EncodecModel(nn.Module):
         return emb.to(self.quantizer.vq.layers[0]._codebook.embed.dtype)
 
     def _encode_rows(self, x: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows],
-                     mode: tp.Optional[str] = None, flags: tp.Optional[list] = None) -> torch.Tensor:
-        """Encoder + quantizer on a stacked batch -> codes [N, K, T] (zeros past a group's frames).
-
-        In `mode` (default: the model's); an fp16 encoder call that overflowed is redone in exact
-        (`precision.overflowed`). `flags`, a list, asks instead for the device flag `latents all
-        finite` to be appended (fp16; None in the other modes): what a CUDA graph capture needs.
-
-        With `Groups` the codebook search runs per group on that group's valid frames only: a
-        matrix product's bits can depend on its number of rows. With `RaggedRows` it runs once on
-        every frame (the kernels' codes do not depend on the rows around them) and the frames past
-        each row's end are zeroed on the device.
-        """
+                     mode: tp.Optional[str] = None) -> torch.Tensor:
+        """Encoder + quantizer on a stacked batch -> codes [N, K, T] (zeros past a group's frames),
+        in `mode` (default: the model's); an fp16 encoder call that overflowed is redone in exact
+        (`precision.overflowed`)."""
         mode = self._mode() if mode is None else mode
         emb = self._latents(x, groups, mode)
-        if flags is not None:  # inside a CUDA graph capture: no host synchronisation, the replay checks
-            flags.append(torch.isfinite(emb).all() if mode == "fp16" else None)
-        elif precision_modes.overflowed(mode, emb):
+        if precision_modes.overflowed(mode, emb):
             precision_modes.overflow_warning("encoder")
             emb = self._latents(x, groups, "exact")
-        with timing.stage("RVQ search", x.device):
+        return self._search(emb, groups)
+
+    def _search(self, emb: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows]) -> torch.Tensor:
+        """The codebook search on the latents of a stacked batch -> codes [N, K, T].
+
+        With `Groups` the search runs per group on that group's valid frames only: a matrix
+        product's bits can depend on its number of rows. With `RaggedRows` it runs once on every
+        frame (the kernels' codes do not depend on the rows around them) and the frames past each
+        row's end are zeroed on the device.
+        """
+        with timing.stage("RVQ search", emb.device):
             if groups is None:
                 return self.quantizer.encode(emb, self.frame_rate, self.bandwidth).transpose(0, 1)
             if isinstance(groups, RaggedRows):

@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import functools
 import typing as tp
+import warnings
 
 import torch
 
@@ -82,8 +83,7 @@ def torch_settings(mode: str) -> tp.Dict[str, str]:
 def torch_precision(mode: str) -> tp.Iterator[None]:
     """torch's fp32 math on CUDA in `mode` inside the block: cuDNN convolutions, cuDNN RNNs and
     cuBLAS matrix products with TF32 on (`tf32`) or off (`exact`, and what stays fp32 under `bf16`
-    and `fp16`),
-    each leaf set explicitly (never the deprecated global flags), restored after."""
+    and `fp16`), each leaf set explicitly (never the deprecated global flags), restored after."""
     value = "tf32" if check(mode) == "tf32" else "ieee"
     if _has_fp32_precision():
         leaves = [_leaf(g, n) for g, n in _TORCH_LEAVES]
@@ -136,7 +136,6 @@ def overflowed(mode: str, result: torch.Tensor) -> bool:
 
 
 def overflow_warning(what: str) -> None:
-    import warnings
     warnings.warn(f"fp16 overflowed in the {what} on this input (values past 65504); this call was redone "
                   f"in exact fp32 (set_precision('bf16') has fp32's range)", RuntimeWarning, stacklevel=3)
 

@@ -237,3 +237,11 @@ def test_precision_study_emulates_autocast():
             assert 0.5 < a["latent_rel_err"] / b["latent_rel_err"] < 2.0, (kind, a, b)
         assert by[(names[2], kind, 6.0)]["codes_equal"] > by[(names[1], kind, 6.0)]["codes_equal"]
     assert "| fp16 everywhere (autocast's arithmetic) |" in study.markdown(result)
+
+
+def test_the_command_offers_every_precision_mode():
+    """`tokenize --precision` lists the modes by hand (the command imports no torch to parse its
+    arguments): the same set as `precision.MODES`."""
+    from encodec_fast.cli import tokenize_parser
+    action = next(a for a in tokenize_parser()._actions if a.dest == "precision")
+    assert tuple(action.choices) == precision.MODES

@@ -7,12 +7,12 @@
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log);
 # 3. the benchmarks, each in a process of its own (a GPU fault in one does not take the others with
 #    it), in priority order: `rvq`, `kernels` (residual blocks and convolutions), `codec`, `tokenize`
-#    (on .gpu_data/tokenize when carried), `quantizer`, `train_step`, bf16 and fp32 loss curves of one recipe (tools/precision_curves.sh, 60 s each, on
-#    .gpu_data/corpus when carried), then `kernels` again for its other stages (conv2d, stft,
-#    training, model). Each gets
-#    a time limit, cut to what is left of the session; at its limit it gets SIGTERM and writes what
-#    it measured (bench/runner.py), then the next one starts; when the session's time is spent the
-#    rest are listed as not run. BENCH_ONLY="rvq codec" runs only those steps.
+#    (on .gpu_data/tokenize when carried), `quantizer`, `train_step`, bf16 and fp32 loss curves of
+#    one recipe (tools/precision_curves.sh, 60 s each, on .gpu_data/corpus when carried), then
+#    `kernels` again for its other stages (conv2d, stft, training, model). Each gets a time limit,
+#    cut to what is left of the session; at its limit it gets SIGTERM and writes what it measured
+#    (bench/runner.py), then the next one starts; when the session's time is spent the rest are
+#    listed as not run. BENCH_ONLY="rvq codec" runs only those steps.
 # Everything lands in OUT_DIR/<step>/ and, after every step, in OUT_DIR/gpu_session.tar.gz (the device
 # tool brings back a few files only). Default OUT_DIR: $OUT, else /tmp/gpu_out.
 set -u

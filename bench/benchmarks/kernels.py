@@ -33,6 +33,7 @@ import typing as tp
 import torch
 
 from bench import peers
+from bench.benchmarks.train_step import TRAINER_PRECISION
 from bench.core import Context, EnvSetting, benchmark, upstream_missing
 from encodec_fast import ops
 from encodec_fast import precision as precision_modes
@@ -281,7 +282,7 @@ MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "bf16"}  #
 #: docs/gpu.md, is measured first when the time budget runs short).
 CONV_MODES = ("exact", "tf32", "fp16", "bf16")
 #: The trainer's modes (`encodec-fast train --precision`), which the discriminator's stages time.
-TRAIN_MODES = ("exact", "tf32", "bf16")
+TRAIN_MODES = tuple(TRAINER_PRECISION)
 
 
 def mode_dtype(mode: str) -> torch.dtype:

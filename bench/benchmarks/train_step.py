@@ -95,7 +95,7 @@ class _Peak:
 def variants(device: str, suite: str) -> tp.List[tp.Tuple[str, str, str]]:
     """(name, mode, how) for this device and suite; how: 'ours', 'torch' or 'compile'."""
     cuda = device == "cuda"
-    modes = ["exact", "tf32", "bf16"] if cuda else ["exact"] + (["bf16"] if suite == "full" else [])
+    modes = list(TRAINER_PRECISION) if cuda else ["exact"] + (["bf16"] if suite == "full" else [])
     out = []
     for mode in modes:
         out += [(f"ours {mode}", mode, "ours"), (f"torch {mode}", mode, "torch")]

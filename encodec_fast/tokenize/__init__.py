@@ -114,9 +114,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
     (`EncodecModel.use_cuda_graphs`; the batches are padded to length buckets either way).
     resample_on_device: the decoding processes (Ray: tasks) only decode, and the encoding process
     (Ray: the encoder actors) resamples each clip on `device` (fp32, TF32 off) before encoding it;
-    None: on CUDA
-    (resampling costs a CPU more than decoding a WAV file). False keeps the resampling in the
-    decoding processes on the CPU (upstream's `convert_audio` values bit for bit).
+    None: on CUDA (resampling costs a CPU more than decoding a WAV file). False keeps the
+    resampling in the decoding processes on the CPU (upstream's `convert_audio` values bit for bit).
     """
     start = time.perf_counter()
     shard = parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")

@@ -14,6 +14,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from .. import precision, timing
 from ..audio import StreamingResampler, convert_channels, resample, resampled_length
 from ..jobs import ignore_stop_signals
 from .sources import Item
@@ -141,6 +142,22 @@ def load_or_error(index: int, item: Item, sample_rate: int, channels: int,
         return Loaded(index, wav, rate, n, length=length, rate=sample_rate if resample_here else rate)
     except (ValueError, OSError, MemoryError) as exc:
         return Loaded(index, None, error=str(exc) or type(exc).__name__)
+
+
+#: The stage of resampling in the encoding process (`resampled`).
+RESAMPLE_STAGE = "resample (device)"
+
+
+def resampled(wavs: tp.List[torch.Tensor], rates: tp.Sequence[int], sample_rate: int,
+              device: torch.device) -> tp.List[torch.Tensor]:
+    """What `load_item(resample_here=False)` left to its caller: each clip (at its rate in `rates`)
+    not yet at `sample_rate` resampled where it lies (e.g. on the GPU), in exact fp32 whatever the
+    job's precision mode (the same filter as `load_item`'s)."""
+    if all(rate == sample_rate for rate in rates):
+        return wavs
+    with timing.stage(RESAMPLE_STAGE, device), precision.torch_precision("exact"):
+        return [resample(w, rate, sample_rate).contiguous() if rate != sample_rate else w
+                for w, rate in zip(wavs, rates)]
 
 
 class ItemAudio(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ from .. import timing
 from ..jobs import GracefulStop
 from ..model import EncodecModel, length_batches
 from ..streaming import LongInputs, encode_long, encode_pieces
-from .loading import ItemAudio, Loaded, stream_item, worker_init
+from .loading import ItemAudio, Loaded, resampled, stream_item, worker_init
 from .sink import ShardSink
 from .sources import Item
 
@@ -113,29 +113,8 @@ class _Writer(threading.Thread):
             event.synchronize()
             self.waiting_for_device += time.perf_counter() - t0
         for item, ld, segments in zip(items, loaded, frames):
-            self.sink.add(make_row(item, ld.source_rate, ld.source_channels, num_samples(ld), segment_arrays(segments),
+            self.sink.add(make_row(item, ld.source_rate, ld.source_channels, ld.length, segment_arrays(segments),
                                    self.sample_rate, self.bandwidth, self.segmented))
-
-
-def num_samples(loaded: Loaded) -> int:
-    return loaded.long or loaded.length
-
-
-#: The stage of resampling in the encoding process (`run_local(resample_on_device=True)`).
-RESAMPLE_STAGE = "resample (device)"
-
-
-def resampled(wavs: tp.List[torch.Tensor], rates: tp.Sequence[int], sample_rate: int,
-              device: torch.device) -> tp.List[torch.Tensor]:
-    """Each clip (at its rate in `rates`) not yet at the model's rate resampled where it lies, in
-    exact fp32 whatever the job's precision mode (the decoding processes' filter, `audio.resample`)."""
-    if all(rate == sample_rate for rate in rates):
-        return wavs
-    from .. import precision
-    from ..audio import resample
-    with timing.stage(RESAMPLE_STAGE, device), precision.torch_precision("exact"):
-        return [resample(w, rate, sample_rate).contiguous() if rate != sample_rate else w
-                for w, rate in zip(wavs, rates)]
 
 
 def segment_arrays(segments) -> tp.Tuple[np.ndarray, tp.List[float], tp.List[int]]:
@@ -233,7 +212,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
             event = torch.cuda.Event()
             event.record()
         writer.put(("rows", ([items[ld.index] for ld in batch], batch, frames, event)))
-        progress.update(done=len(batch), seconds=sum(num_samples(ld) for ld in batch) / model.sample_rate)
+        progress.update(done=len(batch), seconds=sum(ld.length for ld in batch) / model.sample_rate)
 
     def fail(loaded: Loaded, error: str) -> None:
         writer.put(("error", (items[loaded.index], error)))

@@ -18,8 +18,8 @@ import torch
 from ..jobs import GracefulStop
 from ..model import EncodecModel
 from ..streaming import LongInputs
-from .loading import load_or_error
-from .local import Progress, encode_or_errors, encode_streamed, make_row, resampled, segment_arrays
+from .loading import load_or_error, resampled
+from .local import Progress, encode_or_errors, encode_streamed, make_row, segment_arrays
 from .sink import ShardSink
 from .sources import Item
 

@@ -34,11 +34,12 @@ def layout() -> str:
     return env_choice("ENCODEC_FAST_DISC_LAYOUT", LAYOUTS, "channels_last")
 
 
-def channels_last(z: torch.Tensor) -> bool:
-    """Whether the spectrogram z goes channels-last on the torch path: fp32 (autocast's inputs
-    included) on CPU only (fp64 has no oneDNN kernel, and CUDA's layouts are not measured) unless
-    `layout()` says 'nchw'."""
-    return z.device.type == "cpu" and z.dtype == torch.float32 and layout() == "channels_last"
+def channels_last(z: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the spectrogram z goes channels-last before the first conv (of `weight`): on the torch
+    path, fp32 (autocast's inputs included) on CPU only (fp64 has no oneDNN kernel, and CUDA's
+    layouts are not measured), unless `layout()` says 'nchw'."""
+    return (z.device.type == "cpu" and z.dtype == torch.float32 and layout() == "channels_last"
+            and conv2d_backend(z, weight) == "torch")
 
 
 def _padding_2d(kernel_size: tp.Tuple[int, int], dilation: tp.Tuple[int, int] = (1, 1)) -> tp.Tuple[int, int]:
@@ -143,7 +144,7 @@ class DiscriminatorSTFT(nn.Module):
             fmap.append(z)
         else:
             z = self.spectrogram(x)
-            if channels_last(z) and conv2d_backend(z, layers[0].conv.weight) == "torch":
+            if channels_last(z, layers[0].conv.weight):
                 z = z.contiguous(memory_format=torch.channels_last)  # every layer after it keeps the layout
         for layer in layers:
             z = layer(z, slope) if slope is not None else act(layer(z))
