@@ -61,9 +61,10 @@ setup(
         # other builds. duckdb and datasets: the tests read tokenize's shards with them;
         # transformers: the tokenize benchmark compares with its EncodecModel (a smoke run is a
         # test); ray: the tests run `--engine ray` on a local instance; matplotlib: `train report`.
-        # ruff: the lint gate (`ruff check .`, configured in pyproject.toml), run by CI before the tests.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "encodec==0.1.1", "torchaudio>=2.4", "duckdb>=1.0",
-                 "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9", "matplotlib>=3.5",
+        # ruff: the lint gate (`ruff check .`, configured in pyproject.toml), run by CI before the tests;
+        # pytest-xdist: the tests run in parallel workers (`-n auto`).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "encodec==0.1.1", "torchaudio>=2.4",
+                 "duckdb>=1.0", "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9", "matplotlib>=3.5",
                  "triton>=3.2; sys_platform == 'linux'", "ruff>=0.6"],
         # the `coder` benchmark compares the coder with constriction's (speed only: other bytes); the
         # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed; the

@@ -1,8 +1,8 @@
 """tools/compile_gpu.py, the ahead-of-time compile check for real GPUs: capture covers every kernel
 and scenario, a compile of real launches works without a GPU, and the judge can fail.
 
-The full check (every launch, sm_80/sm_90/sm_100) runs as its own step of .ci/run, with each tested
-triton; here it runs on the cheap kernels only, in subprocesses (this process runs Triton's
+The full check of the default launches (sm_80 and sm_90, the GPU image's triton) runs as its own
+step of .ci/run; here it runs on the cheap kernels only, in subprocesses (this process runs Triton's
 interpreter, the check compiles real GPU code)."""
 
 import json
