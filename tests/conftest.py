@@ -3,12 +3,16 @@
 import os
 import warnings
 
-# Under pytest-xdist (`-n N`), each worker gets its share of the cores: N processes each running
-# torch's default (every core) intra-op threads spin against each other, which made CPU tests
-# up to 40x slower on 2 cores. Set before torch is imported, so subprocesses inherit it too.
+from bench.core import side_by_side_env  # (imports no torch)
+
+# Under pytest-xdist (`-n N`), each worker gets its share of the cores, as the suite's processes
+# run side by side do: N processes each running torch's default (every core) intra-op threads spin
+# against each other, which made CPU tests up to 40x slower on 2 cores. Set before torch is
+# imported, so subprocesses inherit it too.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    for _key, _value in side_by_side_env(_workers).items():
+        os.environ.setdefault(_key, _value)
 
 try:
     import torch
