@@ -21,6 +21,7 @@ import math
 import typing as tp
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -92,8 +93,8 @@ def resampled_length(length: int, sr: int, target_sr: int) -> int:
         return length
     g = math.gcd(sr, target_sr)
     frames = length // (sr // g) + 1  # filter output frames, target_sr // g samples each
-    exact = torch.ceil(torch.as_tensor((target_sr // g) * length / (sr // g), dtype=torch.float32))
-    return min(frames * (target_sr // g), int(exact.item()))
+    exact = np.ceil(np.float32((target_sr // g) * length / (sr // g)))  # host arithmetic: no tensor op
+    return min(frames * (target_sr // g), int(exact))
 
 
 def apply_filters(x: torch.Tensor, filters: SincFilters) -> torch.Tensor:

@@ -11,8 +11,9 @@ What a capture needs, and how it is met: the kernels are launched once before ca
 plans, Triton compilation and autotuning happen then, on a side stream as CUDA requires); no op
 in the path reads a tensor's value on the host (the certified codebook search decides its
 rescoring on the device); the stage timers stand aside during capture (`encodec_fast.timing`); in
-fp16 the capture also computes whether the latents are all finite, and a replay that overflowed is
-redone without the graph in exact.
+fp16 the capture also computes whether the latents are all finite, a flag that `replay` returns
+unread (`EncodecModel.encode_batch_async` reads it and redoes a batch that overflowed in exact,
+without the graph).
 A graph is bound to the model's weights, bandwidth, precision mode and the ops' backend and kernel
 settings: any of those changing, or the weights being moved, makes a new capture (the key holds
 them).
@@ -39,9 +40,9 @@ class _Captured:
 
 
 class EncoderGraphs:
-    """`model._encode_rows(x, RaggedRows(lengths))` from CUDA graphs, one per key (shape, dtype,
-    device, bandwidth, precision, weights' version); at most `max_graphs` kept, the least recently
-    used dropped (its memory pool freed with it)."""
+    """`model._encode_rows_unchecked(x, RaggedRows(lengths), mode)` from CUDA graphs, one per key
+    (shape, dtype, device, bandwidth, precision, weights' version); at most `max_graphs` kept, the
+    least recently used dropped (its memory pool freed with it)."""
 
     def __init__(self, model: tp.Any, max_graphs: int = 8, warmup: int = 2):
         if max_graphs < 1:
@@ -57,8 +58,11 @@ class EncoderGraphs:
         kernels = (requested_backend(), conv_kernel(), conv_precision())  # which kernels the capture holds
         return (tuple(x.shape), x.dtype, x.device, self.model.bandwidth, self.model.precision, kernels, weights)
 
-    def run(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """x [N, C, T] on CUDA, lengths [N] int64 -> codes [N, K, T'] (a tensor of its own)."""
+    def replay(self, x: torch.Tensor, lengths: torch.Tensor) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """x [N, C, T] on CUDA, lengths [N] int64 -> (codes [N, K, T'], in fp16 whether the latents
+        were all finite, else None), tensors of their own. Nothing here waits for the device but
+        a shape's first capture; the caller reads the flag and redoes a batch that overflowed in
+        exact (`EncodecModel.encode_batch_async`)."""
         if not x.is_cuda:
             raise ValueError("CUDA graphs need a CUDA batch")
         key = self._key(x)
@@ -75,11 +79,8 @@ class EncoderGraphs:
         with timing.stage(REPLAY_STAGE, x.device):
             captured.graph.replay()
         self.replays += 1
-        if captured.finite is not None and not bool(captured.finite):  # fp16 overflowed: this batch in exact
-            from . import precision
-            precision.overflow_warning("encoder")
-            return self.model._encode_rows(x, RaggedRows(lengths), "exact")
-        return captured.codes.clone()
+        # copies queued after the replay: the next replay cannot overwrite them first
+        return captured.codes.clone(), None if captured.finite is None else captured.finite.clone()
 
     def _capture(self, x: torch.Tensor, lengths: torch.Tensor) -> _Captured:
         static_x = x.clone()
@@ -93,10 +94,8 @@ class EncoderGraphs:
         graph = torch.cuda.CUDAGraph()
         model, rows, mode = self.model, RaggedRows(static_lengths), self.model._mode()
         with torch.no_grad(), torch.cuda.graph(graph):
-            # `_encode_rows` without its overflow check (a host synchronisation): the flag is
-            # computed on the device and read after each replay
-            emb = model._latents(static_x, rows, mode)
-            finite = torch.isfinite(emb).all() if mode == "fp16" else None
-            codes = model._search(emb, rows)
+            # `_encode_rows` without reading its overflow check (a host synchronisation): the flag
+            # is computed on the device and read after each replay
+            codes, finite = model._encode_rows_unchecked(static_x, rows, mode)
         self.captures += 1
         return _Captured(graph, static_x, static_lengths, codes, finite)

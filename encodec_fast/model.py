@@ -7,6 +7,7 @@ operations (convolutions, GroupNorm) are batched across segments or clips. See
 `encodec_fast.modules.groups`.
 """
 
+import functools
 import math
 import typing as tp
 from pathlib import Path
@@ -92,6 +93,51 @@ def length_batches(lengths: tp.Sequence[int], budget: int, equal_only: bool = Fa
         batches.append(order[start:stop])
         start = stop
     return batches
+
+
+def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`; to CUDA from pinned memory, without waiting for the work
+    queued before it (a copy from pageable memory waits for the whole stream)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class PendingFrames:
+    """`EncodecModel.encode_batch_async`'s result: per clip its frames, whose codes the device may
+    still be computing, and the fp16 overflow checks not read yet. `result()` reads each check
+    (on CUDA from a pinned copy, waiting for that encoder call only, not for work queued after it),
+    redoes in exact each call whose fp16 encoder overflowed (with `encode_batch`'s warning) and
+    returns the frames, as `encode_batch` gives them."""
+
+    def __init__(self, frames: tp.List[tp.List[tp.Optional[EncodedFrame]]]):
+        self._frames = frames
+        self._checks: tp.List[tp.Tuple[torch.Tensor, tp.Any, tp.Callable[[], None]]] = []
+
+    def watch(self, finite: tp.Optional[torch.Tensor], redo: tp.Callable[[], None]) -> None:
+        """finite: a call's device flag (`precision.finite_flag`; None: nothing to check); redo: that
+        call again in exact, its frames stored."""
+        if finite is None:
+            return
+        event = None
+        if finite.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(finite.device))
+            finite = host
+        self._checks.append((finite, event, redo))
+
+    def result(self) -> tp.List[tp.List[EncodedFrame]]:
+        checks, self._checks = self._checks, []
+        for finite, event, redo in checks:
+            if event is not None:
+                event.synchronize()
+            if not bool(finite):
+                precision_modes.overflow_warning("encoder")
+                with torch.no_grad():
+                    redo()
+        return tp.cast(tp.List[tp.List[EncodedFrame]], self._frames)
 
 
 class EncodecModel(nn.Module):
@@ -220,6 +266,14 @@ class EncodecModel(nn.Module):
             emb = self._latents(x, groups, "exact")
         return self._search(emb, groups)
 
+    def _encode_rows_unchecked(self, x: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows],
+                               mode: str) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """`_encode_rows` in `mode` without reading its overflow check: (codes, the latents' finite
+        flag on the device in fp16 (`precision.finite_flag`), else None). Nothing here waits for
+        the device; the caller reads the flag and redoes the call in exact if it is false."""
+        emb = self._latents(x, groups, mode)
+        return self._search(emb, groups), precision_modes.finite_flag(mode, emb)
+
     def _search(self, emb: torch.Tensor, groups: tp.Union[None, Groups, RaggedRows]) -> torch.Tensor:
         """The codebook search on the latents of a stacked batch -> codes [N, K, T].
 
@@ -242,13 +296,6 @@ class EncodecModel(nn.Module):
                 part = self.quantizer.encode(emb[g.start:g.stop, :, :frames], self.frame_rate, self.bandwidth)
                 codes[g.start:g.stop, :, :frames] = part.transpose(0, 1)
             return codes
-
-    def _encode_ragged(self, batch: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """`_encode_rows(batch, RaggedRows(lengths))`, replayed from a CUDA graph when
-        `use_cuda_graphs` is on (one graph per batch shape, bandwidth and precision mode)."""
-        if self._cuda_graphs is not None and batch.is_cuda:
-            return self._cuda_graphs.run(batch, lengths)
-        return self._encode_rows(batch, RaggedRows(lengths))
 
     def use_cuda_graphs(self, enabled: bool = True, max_graphs: int = 8) -> "EncodecModel":
         """Replay `encode_batch`'s batches on CUDA from captured graphs (`encodec_fast.graphs`): one
@@ -332,20 +379,42 @@ class EncodecModel(nn.Module):
         its codes alone up to the device's own shape-dependent roundings (cuDNN and cuBLAS choose
         algorithms by shape), and `use_cuda_graphs` replays each batch shape from a CUDA graph.
 
-        `max_batch_samples` bounds the padded samples per encoder call.
+        `max_batch_samples` bounds the padded samples per encoder call. `encode_batch_async` is the
+        same without waiting for the device.
         """
+        return self.encode_batch_async(wavs, max_batch_samples).result()
+
+    def encode_batch_async(self, wavs: tp.Sequence[torch.Tensor], max_batch_samples: int = 24_000 * 120
+                           ) -> "PendingFrames":
+        """`encode_batch`'s work queued on the device, nothing waited for: -> `PendingFrames`, whose
+        `result()` gives what `encode_batch` returns. On CUDA the host neither reads a value from
+        the device nor copies from pageable memory here (the clips' lengths go from pinned memory),
+        so a caller can queue the next batch while this one runs (`encodec-fast tokenize` does). In
+        fp16 each encoder call's overflow check is read by `result()`, which waits for that call
+        only and redoes in exact the calls that overflowed, as `encode_batch` does."""
         for w in wavs:
             self._check_audio(w, batched=False)
         results: tp.List[tp.List[tp.Optional[EncodedFrame]]] = [
             [None] * len(self._segments(w.shape[-1])) for w in wavs]
+        pending = PendingFrames(results)
         # (clip, segment index, offset, length) for every segment of every clip.
         items = [(i, s, off, n) for i, w in enumerate(wavs) for s, (off, n) in enumerate(self._segments(w.shape[-1]))]
         ragged = self.encoder.norm != "time_group_norm"
-        device = wavs[0].device
+        device = wavs[0].device if wavs else torch.device("cpu")
         budget = max_batch_samples if _stack(device) else 0  # 0: one segment per call
         one_call = ragged and budget > 0 and device.type in ONE_CALL_DEVICES
         # with one call per batch, a batch's width is its longest clip's length bucket
         widths = [bucket_length(it[3], self.hop_length) if one_call else it[3] for it in items]
+
+        def store(chunk, scales, codes: torch.Tensor) -> None:
+            for row, (i, s, _, n) in enumerate(chunk):
+                scale = scales[row]
+                frames = math.ceil(n / self.hop_length)
+                results[i][s] = (codes[row:row + 1, :, :frames].clone(), None if scale is None else scale.view(-1, 1))
+
+        def store_exact(chunk, scales, batch: torch.Tensor, groups) -> None:  # a call that overflowed fp16, redone
+            store(chunk, scales, self._encode_rows(batch, groups, "exact"))
+
         with torch.no_grad():
             for batch_items in length_batches(widths, budget, equal_only=not ragged):
                 chunk = [items[k] for k in batch_items]
@@ -356,18 +425,20 @@ class EncodecModel(nn.Module):
                 for row, v in enumerate(views):
                     batch[row, :, : v.shape[-1]] = v / scales[row] if self.normalize else v
                 lengths = [n for _, _, _, n in chunk]
+                groups: tp.Union[None, Groups, RaggedRows]
                 if len(chunk) == 1 and lengths[0] == width:
-                    codes = self._encode_rows(batch, None)
+                    groups = None
                 elif one_call:
-                    codes = self._encode_ragged(batch, torch.tensor(lengths, dtype=torch.long).to(device))
+                    groups = RaggedRows(_on_device(torch.tensor(lengths, dtype=torch.long), device))
                 else:
-                    codes = self._encode_rows(batch, Groups([Group(row, row + 1, n) for row, n in enumerate(lengths)]))
-                for row, (i, s, _, n) in enumerate(chunk):
-                    frames = math.ceil(n / self.hop_length)
-                    scale = scales[row]
-                    results[i][s] = (codes[row:row + 1, :, :frames].clone(), None if scale is None else scale.view(-1,
-                                                                                                                   1))
-        return tp.cast(tp.List[tp.List[EncodedFrame]], results)
+                    groups = Groups([Group(row, row + 1, n) for row, n in enumerate(lengths)])
+                if isinstance(groups, RaggedRows) and self._cuda_graphs is not None and batch.is_cuda:
+                    codes, finite = self._cuda_graphs.replay(batch, groups.lengths)
+                else:
+                    codes, finite = self._encode_rows_unchecked(batch, groups, self._mode())
+                store(chunk, scales, codes)
+                pending.watch(finite, functools.partial(store_exact, chunk, scales, batch, groups))
+        return pending
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, encoded_frames: tp.List[EncodedFrame]) -> torch.Tensor:

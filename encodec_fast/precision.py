@@ -128,11 +128,19 @@ def scope(mode: str, device: tp.Union[str, torch.device] = "cuda") -> tp.Iterato
         yield
 
 
+def finite_flag(mode: str, result: torch.Tensor) -> tp.Optional[torch.Tensor]:
+    """In fp16 (the one mode whose narrow range can leave values that are not finite: bf16 has
+    fp32's exponent), whether `result` is all finite, as a 0-d bool tensor on its device, not read
+    (no synchronisation); None in the other modes."""
+    return torch.isfinite(result).all() if mode == "fp16" else None
+
+
 def overflowed(mode: str, result: torch.Tensor) -> bool:
     """Whether a call in `mode` left `result` with a value that is not finite where that can come
-    from the mode's narrow range: fp16 only (bf16 has fp32's exponent). One device-to-host
-    synchronisation in fp16, nothing in the other modes."""
-    return mode == "fp16" and not bool(torch.isfinite(result).all())
+    from the mode's narrow range (`finite_flag`, read: one device-to-host synchronisation in fp16,
+    nothing in the other modes)."""
+    flag = finite_flag(mode, result)
+    return flag is not None and not bool(flag)
 
 
 def overflow_warning(what: str) -> None:

@@ -5,10 +5,13 @@ The pairs need upstream `encodec` 0.1.1 (the test extra); the rest needs only th
 """
 
 import math
+import traceback
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import encodec_fast
 
@@ -55,6 +58,37 @@ def voice_batch(sample_rate: int, seconds: float, channels: int, batch: int = 1,
     rows = [torch.cat([voice(sample_rate, n / sample_rate, seed=seed + 7 * b + c) for c in range(channels)])
             for b in range(batch)]
     return torch.stack(rows)[..., :n]
+
+
+#: aten ops whose result the host needs before it can go on; on CUDA each one waits for the device:
+#: a value read (`item()`, `bool()`, `int()`), a comparison returning a Python bool, an output
+#: whose shape depends on the values.
+SYNCING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_static", "masked_select",
+                         "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave"})
+
+
+_PACKAGE = Path(encodec_fast.__file__).parent
+#: Where this package's code lies: the package, and its kernels (beside it in a source checkout).
+_SOURCES = (str(_PACKAGE), str(_PACKAGE.parent / "kernels"))
+
+
+class HostReads(TorchDispatchMode):
+    """Inside it, every op of `SYNCING_OPS` that runs is recorded in `reads` as (op, where: the
+    innermost calls in this package). On CPU too, so that a test without a GPU finds the reads that
+    would make the host wait for a GPU. `repeat_interleave` counts only without `output_size`."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        if name in SYNCING_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
+            ours = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()[:-1]
+                    if f.filename.startswith(_SOURCES)]
+            self.reads.append((name, " < ".join(reversed(ours[-3:]))))
+        return func(*args, **kwargs)
 
 
 def set_data_like_codebooks(model, seed: int = 0) -> None:

@@ -564,6 +564,32 @@ def test_encode_batch_one_call_and_cuda_graphs(mode):
     assert equal / total >= (0.99 if mode == "exact" else 0.9), equal / total
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["ops", "graphs"])
+@pytest.mark.parametrize("mode", ["exact", "fp16"])
+def test_queued_batches_never_wait_for_the_gpu(mode, graphs):
+    """`encode_batch_async` queues a ragged batch without one synchronisation (torch's sync debug
+    mode set to error), once its shapes are warm (kernels compiled, graphs captured); in fp16 its
+    overflow flags go through pinned memory. `result()` gives `encode_batch`'s codes."""
+    import encodec_fast
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small().to(DEVICE).set_precision(mode)
+    model.set_target_bandwidth(6.0)
+    if graphs:
+        model.use_cuda_graphs()
+    lengths = (9_000, 24_000, 50_001)
+    wavs = [voice_batch(24000, n / 24000, 1, seed=i)[0, :, :n].to(DEVICE) for i, n in enumerate(lengths)]
+    budget = 2 * 48_000  # two calls
+    with torch.no_grad():
+        first = model.encode_batch(wavs, max_batch_samples=budget)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = model.encode_batch_async(wavs, max_batch_samples=budget)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        got = pending.result()
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(first, got))
+
+
 def test_fp16_overflow_redone_in_exact_on_the_gpu():
     """Audio far outside [-1, 1] overflows fp16 in the encoder: each path (one call, one call per op
     over a ragged batch, a CUDA graph replay) redoes that call in exact, with a warning, and gets

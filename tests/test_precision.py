@@ -75,6 +75,17 @@ def test_fp16_overflow_is_redone_in_exact():
     with pytest.warns(RuntimeWarning, match="fp16 overflowed in the encoder"):
         batch = model.encode_batch([loud[0], loud[1, :, :20_000]])
     assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(batch, exact_batch))
+    # queued (`encode_batch_async`): the check is read by result(), and only the call that
+    # overflowed is redone (on CPU each clip is a call of its own)
+    quiet_clip = loud[1, :, :20_000] / 1e5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pending = model.encode_batch_async([loud[0], quiet_clip])
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed in the encoder") as record:
+        got = pending.result()
+    assert sum("fp16 overflowed" in str(w.message) for w in record) == 1
+    assert torch.equal(got[0][0][0], exact_batch[0][0][0])
+    assert torch.equal(got[1][0][0], model.encode(quiet_clip[None])[0][0])  # fp16's own codes
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.set_precision("bf16").encode(loud)

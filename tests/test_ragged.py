@@ -117,13 +117,13 @@ def test_one_call_batches_are_bucketed(pair_24, monkeypatch):
     sr = ours.sample_rate
     wavs = [make_signal(sr, n, 1, seed=n) for n in (1000, 1100, 5000)]
     widths = []
-    real = ours._encode_rows
+    real = ours._encode_rows_unchecked
 
-    def spy(x, groups):
+    def spy(x, groups, mode):
         widths.append((x.shape[0], x.shape[-1], type(groups).__name__))
-        return real(x, groups)
+        return real(x, groups, mode)
 
-    monkeypatch.setattr(ours, "_encode_rows", spy)
+    monkeypatch.setattr(ours, "_encode_rows_unchecked", spy)
     with torch.no_grad(), monkeypatch.context() as m:
         _one_call(m)
         ours.encode_batch(wavs, max_batch_samples=5120 + 2 * 1280)
@@ -163,7 +163,7 @@ def test_cuda_graphs_stand_aside_off_the_gpu(pair_24, monkeypatch):
             graphed = ours.encode_batch(wavs)
             assert ours._cuda_graphs.captures == 0
             with pytest.raises(ValueError, match="CUDA"):
-                ours._cuda_graphs.run(torch.zeros(1, 1, 320), torch.tensor([320]))
+                ours._cuda_graphs.replay(torch.zeros(1, 1, 320), torch.tensor([320]))
         finally:
             ours.use_cuda_graphs(False)
     assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(plain, graphed))
@@ -253,3 +253,31 @@ def test_decode_batch_refuses_bad_frames(pair_24):
         ours.decode_batch([[(torch.zeros(1, 33, 10, dtype=torch.long), None)]])
     with pytest.raises(ValueError, match="no frames"):
         ours.decode_batch([[(torch.zeros(1, 8, 0, dtype=torch.long), None)]])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_queued_batches_wait_for_nothing(pair_24, monkeypatch, backend):
+    """`encode_batch_async` on the one-call path (CUDA's, run here on CPU) runs no op that makes the
+    host wait for the device (`HostReads`: a value read, an output shaped by values), in any mode,
+    so the next batch can be queued while it runs; its `result()` reads one flag per encoder call
+    in fp16 and nothing in the other modes, and equals `encode_batch`."""
+    from encodec_fast.testing import HostReads
+    _, ours = pair_24
+    ours.set_target_bandwidth(6.0)
+    wavs = [make_signal(24000, n, 1, seed=n) for n in (700, 1500, 2300)]
+    try:
+        with monkeypatch.context() as m, ops.use_backend(backend):
+            _one_call(m)
+            for mode in ("exact", "bf16", "fp16"):
+                ours.set_precision(mode)
+                queued, read = HostReads(), HostReads()
+                with queued:
+                    pending = ours.encode_batch_async(wavs, max_batch_samples=2 * 2560)  # two calls
+                with read:
+                    got = pending.result()
+                assert queued.reads == [], (mode, queued.reads)
+                assert [op for op, _ in read.reads] == (["_local_scalar_dense"] * 2 if mode == "fp16" else []), mode
+                again = ours.encode_batch(wavs, max_batch_samples=2 * 2560)
+                assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(got, again)), mode
+    finally:
+        ours.set_precision("exact")

@@ -338,3 +338,62 @@ def test_shards_share_one_output_directory(tmp_path, pair_24):
     assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["items"] == 10
     again = tokenize([tmp_path / "in"], tmp_path / "out", model=ours, bandwidth=6.0, workers=0, shard="1/2", quiet=True)
     assert (again.tokenized, again.skipped) == (0, s1.tokenized)
+
+
+def test_fp16_batches_read_after_the_next_is_queued(tmp_path, monkeypatch):
+    """The local engine reads each batch's results after the next batch is queued (on CUDA the
+    device then never waits for the host between batches). In fp16 a batch whose encoder
+    overflowed is redone in exact at that read: the loud clip's codes are exact's, the others'
+    fp16's, every clip once."""
+    from encodec_fast import EncodecModel
+    from encodec_fast.tokenize import local
+    model = EncodecModel.encodec_model_24khz_small()
+    quiet = [write_clip(tmp_path / "c" / f"q{i}.wav", 24000, 0.3 + 0.1 * i, 1, seed=i) for i in range(5)]
+    loud = tmp_path / "c" / "loud.wav"
+    sf.write(str(loud), 1e5 * make_signal(24000, 9000, 1, seed=9).numpy().T, 24000, subtype="FLOAT")
+    events = []
+    real_queue = local.queue_or_errors
+
+    def spy(model, wavs, *args):
+        events.append(f"queue {len(wavs)}")
+        read = real_queue(model, wavs, *args)
+
+        def logged():
+            events.append(f"read {len(wavs)}")
+            return read()
+        return logged
+
+    monkeypatch.setattr(local, "queue_or_errors", spy)
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed in the encoder"):
+        summary = tokenize([tmp_path / "c"], tmp_path / "out", model=model, bandwidth=6.0, workers=0,
+                           batch_seconds=0.5, precision="fp16", quiet=True)
+    assert (summary.tokenized, summary.failed) == (6, 0)
+    # batches of one clip (0.5 s at most), pooled up to 4 x 0.5 s (5 clips, then the last one):
+    # within a pool, each batch's results are read after the next batch is queued
+    assert events == ["queue 1", "queue 1", "read 1", "queue 1", "read 1", "queue 1", "read 1", "queue 1", "read 1",
+                      "read 1", "queue 1", "read 1"], events
+    rows = {r["id"]: r["codes"] for r in read_codes(tmp_path / "out")}
+
+    def codes(path, mode):
+        data, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        with torch.no_grad():
+            return model.set_precision(mode).encode(torch.from_numpy(data.T.copy())[None])[0][0][0].numpy()
+    assert np.array_equal(rows["loud.wav"], codes(loud, "exact"))
+    for p in quiet:
+        assert np.array_equal(rows[p.name], codes(p, "fp16")), p
+    assert not all(np.array_equal(rows[p.name], codes(p, "exact")) for p in quiet)  # fp16 is not exact
+
+
+def test_resampling_on_the_device_waits_for_nothing():
+    """Resampling the clips on the encoder's device (`resampled`, tokenize's default on CUDA) runs no
+    op that makes the host wait for a GPU (`HostReads`, run here on CPU), so it stays queued on the
+    copy stream behind the batch's copies; mixed rates and channels, one clip at the model's rate."""
+    from encodec_fast.testing import HostReads
+    from encodec_fast.tokenize.loading import resampled
+    wavs = [make_signal(44100, 30_000, 2, seed=1), make_signal(16000, 9_000, 1, seed=2),
+            make_signal(24000, 5_000, 1, seed=3)]
+    reads = HostReads()
+    with reads:
+        out = resampled(wavs, [44100, 16000, 24000], 24000, torch.device("cpu"))
+    assert reads.reads == []
+    assert [o.shape[-1] for o in out] == [16_327, 13_500, 5_000] and torch.equal(out[2], wavs[2])

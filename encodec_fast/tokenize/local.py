@@ -2,6 +2,7 @@
 resampled on the GPU), the main thread encodes length-sorted batches, a writer thread turns codes
 into rows and commits shards."""
 
+import functools
 import queue
 import sys
 import threading
@@ -136,10 +137,12 @@ def make_row(item: Item, source_rate: int, source_channels: int, num_samples: in
             "codes": codes}
 
 
-def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, long: LongInputs):
-    """Clips [C, T_i] on the model's device -> per clip [(codes [1, K, T], scale)], as `encode`
-    gives them: long clips one by one through `encode_long` (bounded memory, the same codes), the
-    others together through `encode_batch`."""
+def encode_wavs_async(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int,
+                      long: LongInputs) -> tp.Callable[[], tp.List[tp.Any]]:
+    """Clips [C, T_i] on the model's device -> a function giving per clip [(codes [1, K, T], scale)],
+    as `encode` gives them: long clips one by one through `encode_long` (bounded memory, the same
+    codes), now; the others together through `encode_batch_async`, queued now and read (fp16
+    overflow checks included) when the function is called."""
     out: tp.List[tp.Any] = [None] * len(wavs)
     short = []
     with torch.no_grad():
@@ -148,22 +151,43 @@ def encode_wavs(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int, l
                 out[i] = encode_long(model, wav[None], long.chunk_seconds)
             else:
                 short.append(i)
-        if short:
-            for i, frames in zip(short, model.encode_batch([wavs[i] for i in short], max_batch_samples=budget)):
+        pending = model.encode_batch_async([wavs[i] for i in short], max_batch_samples=budget) if short else None
+
+    def result() -> tp.List[tp.Any]:
+        if pending is not None:
+            for i, frames in zip(short, pending.result()):
                 out[i] = frames
-    return out
+        return out
+    return result
+
+
+def queue_or_errors(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int,
+                    long: LongInputs) -> tp.Callable[[], tp.List[tp.Any]]:
+    """`encode_wavs_async`, whose function gives per clip its frames or the reason (a str) it failed:
+    where the batch fails, when queued or when read (out of memory, an input the model refuses),
+    each clip is encoded alone, so that only the culprit fails."""
+    def alone(exc: BaseException) -> tp.List[tp.Any]:
+        if len(wavs) == 1:
+            return [f"encoding failed: {exc}"]
+        return [encode_or_errors(model, [wav], budget, long)[0] for wav in wavs]
+
+    try:
+        result = encode_wavs_async(model, wavs, budget, long)
+    except (RuntimeError, ValueError) as exc:
+        return functools.partial(alone, exc)
+
+    def read() -> tp.List[tp.Any]:
+        try:
+            return result()
+        except (RuntimeError, ValueError) as exc:
+            return alone(exc)
+    return read
 
 
 def encode_or_errors(model: EncodecModel, wavs: tp.List[torch.Tensor], budget: int,
                      long: LongInputs) -> tp.List[tp.Any]:
-    """`encode_wavs`; where the batch fails (out of memory, an input the model refuses), each clip
-    alone, so that only the culprit fails: per clip its frames, or the reason (a str)."""
-    try:
-        return encode_wavs(model, wavs, budget, long)
-    except (RuntimeError, ValueError) as exc:
-        if len(wavs) == 1:
-            return [f"encoding failed: {exc}"]
-    return [encode_or_errors(model, [wav], budget, long)[0] for wav in wavs]
+    """`queue_or_errors`, read at once: per clip its frames, or the reason (a str) it failed."""
+    return queue_or_errors(model, wavs, budget, long)()
 
 
 def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.device, long: LongInputs) -> tp.Any:
@@ -248,6 +272,7 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
     def encode(pool: tp.List[Loaded]) -> None:
         batches = list(_batches(pool, budget))
         ahead = upload(batches[0]) if batches else None
+        queued = None  # the batch before, queued on the device: its results are read after this one is queued
         for k, batch in enumerate(batches):
             wavs, done = ahead
             # double buffering: the next batch's copies are queued before this batch's kernels
@@ -257,7 +282,12 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
                 stream.wait_event(done)
                 for wav in wavs:  # made on the copy stream, used on this one
                     wav.record_stream(stream)
-            submit_or_fail(batch, encode_or_errors(model, wavs, budget, long))
+            current = (batch, queue_or_errors(model, wavs, budget, long))
+            if queued is not None:  # the device has this batch's work while the host reads the one before
+                submit_or_fail(queued[0], queued[1]())
+            queued = current
+        if queued is not None:
+            submit_or_fail(queued[0], queued[1]())
 
     timer = timer if timer is not None else timing.StageTimer()
     loop_start = time.perf_counter()
