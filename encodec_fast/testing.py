@@ -6,11 +6,13 @@ The pairs need upstream `encodec` 0.1.1 (the test extra); the rest needs only th
 
 import math
 import traceback
+import typing as tp
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import encodec_fast
@@ -65,30 +67,61 @@ def voice_batch(sample_rate: int, seconds: float, channels: int, batch: int = 1,
 #: whose shape depends on the values.
 SYNCING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_static", "masked_select",
                          "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave"})
-
+#: Tensor methods that read values without an aten op on CPU (on CUDA they copy to the host first).
+SYNCING_METHODS = frozenset({"tolist", "numpy"})
 
 _PACKAGE = Path(encodec_fast.__file__).parent
 #: Where this package's code lies: the package, and its kernels (beside it in a source checkout).
 _SOURCES = (str(_PACKAGE), str(_PACKAGE.parent / "kernels"))
 
 
-class HostReads(TorchDispatchMode):
-    """Inside it, every op of `SYNCING_OPS` that runs is recorded in `reads` as (op, where: the
-    innermost calls in this package). On CPU too, so that a test without a GPU finds the reads that
-    would make the host wait for a GPU. `repeat_interleave` counts only without `output_size`."""
+class HostReads:
+    """A context in which every read of tensor values by the host is recorded in `reads` as (op,
+    where: the innermost calls in this package): the aten ops of `SYNCING_OPS` and the methods of
+    `SYNCING_METHODS`. On CPU too, so that a test without a GPU finds what would make the host wait
+    for a GPU. `repeat_interleave` counts only without `output_size`. Reads made with a frame whose
+    file path contains one of `ignore` on the stack are left out (e.g. "torch/optim": the
+    optimizers' step counters are host tensors on CUDA too)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, ignore: tp.Sequence[str] = ()):
         self.reads: list = []
+        self.ignore = tuple(ignore)
+        self._modes: list = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.__name__.split(".")[0]
-        if name in SYNCING_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
-            ours = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_stack()[:-1]
-                    if f.filename.startswith(_SOURCES)]
-            self.reads.append((name, " < ".join(reversed(ours[-3:]))))
-        return func(*args, **kwargs)
+    def _record(self, name: str) -> None:
+        stack = traceback.extract_stack()[:-2]
+        if any(part in f.filename for f in stack for part in self.ignore):
+            return
+        ours = [f"{Path(f.filename).name}:{f.lineno}" for f in stack
+                if f.filename.startswith(_SOURCES) and f.filename != __file__]
+        self.reads.append((name, " < ".join(reversed(ours[-3:]))))
+
+    def __enter__(self) -> "HostReads":
+        record = self._record
+
+        class Methods(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in SYNCING_METHODS:
+                    record(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.__name__.split(".")[0]
+                if name in SYNCING_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
+                    record(name)
+                return func(*args, **kwargs)
+
+        self._modes = [Methods(), Ops()]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        self._modes = []
 
 
 def set_data_like_codebooks(model, seed: int = 0) -> None:

@@ -221,3 +221,24 @@ def test_cpu_argmin_takes_torch_rule_for_ties_nan_and_inf():
     for t in (d, d.double(), d[:, :1], d[:0], d.t(), d[:, ::3]):
         got = rvq.argmin_rows(t)
         assert got.dtype == torch.int64 and torch.equal(got, t.argmin(-1))
+
+
+def test_a_kernel_training_step_reads_two_values(monkeypatch):
+    """On the kernels' path (CUDA's default; the interpreter here) a training step of every stage
+    reads two values on the host, each one wait for a GPU (`HostReads`): whether the codebooks are
+    initialised and every stage's count of codewords to expire, in one read."""
+    from encodec_fast import ops
+    from encodec_fast.testing import HostReads
+    torch.manual_seed(0)
+    q = ResidualVectorQuantizer(dimension=16, n_q=6, bins=64, kmeans_init=True, kmeans_iters=3,
+                                threshold_ema_dead_code=2).train()
+    g = torch.Generator().manual_seed(1)
+    with ops.use_backend("triton"):
+        q(torch.randn(2, 16, 40, generator=g), 75, 6.0)  # k-means initialisation
+        x = torch.randn(2, 16, 40, generator=g, requires_grad=True)
+        reads = HostReads()
+        with reads:
+            out = q(x, 75, 6.0)
+            (out.quantized.square().sum() + out.penalty).backward()
+    assert [op for op, _ in reads.reads] == ["_local_scalar_dense", "tolist"], reads.reads
+    assert x.grad is not None and sum(layer._codebook.replaced for layer in q.vq.layers) > 0

@@ -3,6 +3,7 @@ built from upstream's modules, resume after SIGKILL, data-parallel exactness wit
 export loaded by upstream, bad data, non-finite losses, Ctrl-C, the report."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -485,3 +486,22 @@ def test_deterministic_mode_is_scoped_to_the_step(corpus, tmp_path):
     from encodec_fast.train.command import config_from_args, get_parser
     args = get_parser().parse_args(["x", "-o", str(tmp_path / "cli"), "--deterministic"])
     assert config_from_args(args).deterministic is True
+
+
+def test_a_step_reads_its_losses_and_norms_once_per_micro_batch(corpus, tmp_path):
+    """The trainer's own reads of tensor values in a step (on a GPU each one waits for the device;
+    `HostReads`, here on CPU): per micro-batch, the losses once (the finite check and the metrics)
+    and the balancer's gradient norms once, whatever the number of losses. The optimizers' step
+    counters are host tensors, and the quantizer's reads are its own test's."""
+    from encodec_fast.testing import HostReads
+    trainer = T.Trainer(_config(corpus), tmp_path / "run", quiet=True)
+    x = torch.stack([trainer.dataset[i][0] for i in range(2)])
+    trainer.draws = lambda step: (trainer.model.target_bandwidths[0], True)
+    assert trainer.train_step(0, [x]) is not None  # k-means initialisation
+    reads = HostReads(ignore=("torch/optim",))
+    with reads:
+        logged = trainer.train_step(1, [x[:1], x[1:]])
+    innermost = [(op, where.split(":")[0]) for op, where in reads.reads]
+    own = [read for read in innermost if read[1] in ("trainer.py", "balancer.py")]
+    assert own == [("tolist", "trainer.py"), ("tolist", "balancer.py")] * 2, reads.reads
+    assert {"l1", "mel", "adv", "feat", "commit", "disc"} <= set(logged) and all(map(math.isfinite, logged.values()))

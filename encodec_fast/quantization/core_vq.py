@@ -161,7 +161,14 @@ class EuclideanCodebook(nn.Module):
         from .. import distrib
         distrib.broadcast_tensors(self.buffers())
 
-    def expire_codes_(self, batch_samples: torch.Tensor) -> None:
+    def expired_count(self) -> tp.Optional[torch.Tensor]:
+        """How many codewords `expire_codes_` would replace now, as a 0-d tensor on the codebook's
+        device (not read), or None when expiry is off."""
+        if self.threshold_ema_dead_code == 0:
+            return None
+        return (self.cluster_size < self.threshold_ema_dead_code).sum()
+
+    def expire_codes_(self, batch_samples: torch.Tensor, count: tp.Optional[int] = None) -> None:
         """Replace codewords whose EMA count fell under the threshold by batch vectors.
 
         As upstream, only `embed` is replaced, and the EMA renormalisation that follows in
@@ -172,10 +179,12 @@ class EuclideanCodebook(nn.Module):
         """
         if self.threshold_ema_dead_code == 0:
             return
-        expired = self.cluster_size < self.threshold_ema_dead_code
-        if not torch.any(expired):
+        if count is None:  # `count`: `expired_count()` already read (one read for many stages)
+            count = int(self.expired_count())
+        if count == 0:
             return
-        self.replaced += int(expired.sum())
+        expired = self.cluster_size < self.threshold_ema_dead_code
+        self.replaced += count
         samples = self._gather(batch_samples.reshape(-1, batch_samples.shape[-1]))
         vectors = sample_vectors(samples, self.codebook_size)
         self._set_embed(torch.where(expired[:, None], vectors, self.embed))
@@ -208,9 +217,11 @@ class EuclideanCodebook(nn.Module):
                 self.update_(flat, counts, embed_sum)
         return quantize, embed_ind
 
-    def update_(self, flat: torch.Tensor, counts: torch.Tensor, embed_sum: torch.Tensor) -> None:
-        """Dead-code expiry, then the EMA update from this step's (already summed) statistics."""
-        self.expire_codes_(flat)
+    def update_(self, flat: torch.Tensor, counts: torch.Tensor, embed_sum: torch.Tensor,
+                expired: tp.Optional[int] = None) -> None:
+        """Dead-code expiry (`expired`: `expired_count()`, read by the caller), then the EMA update
+        from this step's (already summed) statistics."""
+        self.expire_codes_(flat, expired)
         ema_inplace(self.cluster_size, counts, self.decay)
         ema_inplace(self.embed_avg, embed_sum, self.decay)
         cluster_size = laplace_smoothing(self.cluster_size, self.codebook_size,
@@ -382,8 +393,15 @@ class ResidualVectorQuantization(nn.Module):
                 for t in (counts, sums):
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
-        for cb, rows, counts, sums in pending:
-            cb.update_(rows, counts, sums)
+        # every stage's expiry count in one read (on a GPU, one wait for the device instead of one
+        # per stage): a stage's count depends only on its own codebook, which the stages before
+        # it in this loop do not touch
+        on_device = [cb.expired_count() for cb, *_ in pending]
+        read = iter(torch.stack([n for n in on_device if n is not None]).tolist() if any(
+            n is not None for n in on_device) else [])
+        expired = [None if n is None else next(read) for n in on_device]
+        for (cb, rows, counts, sums), n in zip(pending, expired):
+            cb.update_(rows, counts, sums, n)
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:
         """[B, D, T] -> codes [n_q, B, T] (`encodec_fast.ops.rvq_encode`).

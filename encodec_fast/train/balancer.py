@@ -51,14 +51,16 @@ class Balancer:
         unknown = sorted(set(losses) - set(self.weights))
         if unknown:
             raise KeyError(f"losses without a weight: {unknown}")
-        grads, norms = {}, {}
+        grads, on_device = {}, {}
         for name, loss in losses.items():
             (grad,) = torch.autograd.grad(loss, [input], retain_graph=True)
             if self.per_batch_item:
                 norm = grad.flatten(1).norm(dim=1).mean() if grad.dim() > 1 else grad.norm()
             else:
                 norm = grad.norm()
-            grads[name], norms[name] = grad, float(norm)
+            grads[name], on_device[name] = grad, norm
+        # the norms read in one go (on a GPU: one wait for the device, not one per loss)
+        norms = dict(zip(on_device, torch.stack(list(on_device.values())).tolist())) if on_device else {}
         averaged = distrib.average_metrics(self._average(norms), count=len(input))
         if self.monitor:
             total = sum(averaged.values())

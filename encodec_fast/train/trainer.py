@@ -434,11 +434,14 @@ class Trainer:
             logits, fmaps = self.disc(audio.reshape(-1, 1, audio.shape[-1]))
         return [v.to(self.dtype) for v in logits], [[f.to(self.dtype) for f in layer] for layer in fmaps]
 
-    def _finite(self, values: tp.Iterable[torch.Tensor]) -> bool:
-        ok = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))], device=self.device)
+    def _finite(self, values: tp.Iterable[float]) -> bool:
+        """Whether every value is finite, on every worker."""
+        ok = all(math.isfinite(v) for v in values)
         if distrib.is_distributed():
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        return bool(ok.item() > 0)
+            flag = torch.tensor([float(ok)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(flag.item() > 0)
+        return ok
 
     def train_step(self, step: int, batches: tp.Sequence[torch.Tensor]) -> tp.Optional[tp.Dict[str, float]]:
         """One optimizer step on `accumulate` micro-batches [b, C, T] -> logged values, or None
@@ -486,22 +489,21 @@ class Trainer:
                 if w["feat"] > 0:
                     losses["feat"] = relative_feature_matching(real_fmaps, fake_fmaps, average=average)
                 d_loss = discriminator_hinge_loss(real_logits, fake_logits) if learn_d else None
-            checked = [*losses.values(), penalty] + ([d_loss] if d_loss is not None else [])
-            if not self._finite(checked):
-                named = {**losses, "commit": penalty, **({"disc": d_loss} if d_loss is not None else {})}
-                return self._skip(step, {k: float(v.detach()) for k, v in named.items()})
+            named = {**losses, "commit": penalty, **({"disc": d_loss} if d_loss is not None else {})}
+            # the losses read in one go (on a GPU: one wait for the device per micro-batch)
+            values = dict(zip(named, torch.stack([v.detach().reshape(()) for v in named.values()]).tolist()))
+            if not self._finite(values.values()):
+                return self._skip(step, values)
             if cfg.commitment_weight > 0 and penalty.requires_grad:
                 with timing.stage("generator", x.device):
                     (penalty * (cfg.commitment_weight / m)).backward(retain_graph=True)
             with timing.stage("balancer", x.device):  # the backward through the generator inside is its own
                 self.balancer.backward(losses, y, scale=self.world if cfg.balancer else 1.0 / m)
-            values = {**{k: float(v.detach()) for k, v in losses.items()}, "commit": float(penalty.detach())}
             if d_loss is not None:
                 with timing.stage("discriminator", x.device):
                     params = [p for p in self.disc.parameters()]
                     for p, g in zip(params, torch.autograd.grad(d_loss / m, params)):
                         p.grad = g if p.grad is None else p.grad.add_(g)
-                values["disc"] = float(d_loss.detach())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v / m
         with timing.stage("optimizers", self.device):
