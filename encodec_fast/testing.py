@@ -68,7 +68,8 @@ def voice_batch(sample_rate: int, seconds: float, channels: int, batch: int = 1,
 SYNCING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_static", "masked_select",
                          "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave"})
 #: Tensor methods that read values without an aten op on CPU (on CUDA they copy to the host first).
-SYNCING_METHODS = frozenset({"tolist", "numpy"})
+#: Not `numpy()`: it refuses CUDA tensors, so a call to it is on a CPU-only path.
+SYNCING_METHODS = frozenset({"tolist"})
 
 _PACKAGE = Path(encodec_fast.__file__).parent
 #: Where this package's code lies: the package, and its kernels (beside it in a source checkout).
