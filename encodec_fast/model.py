@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from . import modules as m
+from . import ops, timing
 from . import precision as precision_modes
 from . import quantization as qt
-from . import timing
 from .lm import LMModel
 from .modules.groups import Group, Groups, RaggedRows
 from .pretrained import CHECKPOINTS, CheckpointError, get_checkpoint, load_state_dict_file
@@ -103,7 +103,47 @@ def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-class PendingFrames:
+class _Pending:
+    """Work queued on the device and the device flags that say whether it went right, read later:
+    on CUDA each flag is copied to pinned host memory behind an event, so `_settle()` waits for the
+    call that made it only, not for work queued after it."""
+
+    def __init__(self) -> None:
+        self._checks: tp.List[tp.Tuple[int, torch.Tensor, tp.Any, tp.Callable[[torch.Tensor], None]]] = []
+
+    def _later(self, flag: tp.Optional[torch.Tensor], on_read: tp.Callable[[torch.Tensor], None],
+               first: bool = False) -> None:
+        """on_read(flag's value on the host) at `_settle()`, `first` ones before the others (each
+        group in the order queued); flag None: nothing to read."""
+        if flag is None:
+            return
+        event = None
+        if flag.is_cuda:
+            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(flag.device))
+            flag = host
+        self._checks.append((0 if first else 1, flag, event, on_read))
+
+    def _settle(self) -> None:
+        checks, self._checks = sorted(self._checks, key=lambda c: c[0]), []
+        for _, flag, event, on_read in checks:
+            if event is not None:
+                event.synchronize()
+            with torch.no_grad():
+                on_read(flag)
+
+
+def _redo_if_overflowed(what: str, redo: tp.Callable[[], None]) -> tp.Callable[[torch.Tensor], None]:
+    def on_read(finite: torch.Tensor) -> None:
+        if not bool(finite):
+            precision_modes.overflow_warning(what)
+            redo()
+    return on_read
+
+
+class PendingFrames(_Pending):
     """`EncodecModel.encode_batch_async`'s result: per clip its frames, whose codes the device may
     still be computing, and the fp16 overflow checks not read yet. `result()` reads each check
     (on CUDA from a pinned copy, waiting for that encoder call only, not for work queued after it),
@@ -111,33 +151,48 @@ class PendingFrames:
     returns the frames, as `encode_batch` gives them."""
 
     def __init__(self, frames: tp.List[tp.List[tp.Optional[EncodedFrame]]]):
+        super().__init__()
         self._frames = frames
-        self._checks: tp.List[tp.Tuple[torch.Tensor, tp.Any, tp.Callable[[], None]]] = []
 
     def watch(self, finite: tp.Optional[torch.Tensor], redo: tp.Callable[[], None]) -> None:
         """finite: a call's device flag (`precision.finite_flag`; None: nothing to check); redo: that
         call again in exact, its frames stored."""
-        if finite is None:
-            return
-        event = None
-        if finite.is_cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(finite, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(finite.device))
-            finite = host
-        self._checks.append((finite, event, redo))
+        self._later(finite, _redo_if_overflowed("encoder", redo))
 
     def result(self) -> tp.List[tp.List[EncodedFrame]]:
-        checks, self._checks = self._checks, []
-        for finite, event, redo in checks:
-            if event is not None:
-                event.synchronize()
-            if not bool(finite):
-                precision_modes.overflow_warning("encoder")
-                with torch.no_grad():
-                    redo()
+        self._settle()
         return tp.cast(tp.List[tp.List[EncodedFrame]], self._frames)
+
+
+class PendingAudio(_Pending):
+    """`EncodecModel.decode_batch_async`'s result: per clip its audio, which the device may still be
+    computing, and the checks not read yet: whether every clip's codes were in the codebooks' range
+    (out-of-range codes were clamped so that the device never indexes past a codebook) and, in fp16,
+    whether each decoder call stayed finite. `result()` reads them (waiting for each call only),
+    raises IndexError naming the first clip whose codes were out of range, redoes in exact each
+    call that overflowed (with `decode_batch`'s warning) and returns the audio, as `decode_batch`
+    gives it."""
+
+    def __init__(self, audio: tp.List[tp.Optional[torch.Tensor]]):
+        super().__init__()
+        self._audio = audio
+
+    def watch_codes(self, in_range: torch.Tensor, clips: tp.Sequence[int], bins: int) -> None:
+        """in_range: a bool device tensor [len(clips)], whether clip clips[j]'s codes were in [0, bins)."""
+        def on_read(flags: torch.Tensor) -> None:
+            for ok, clip in zip(flags.tolist(), clips):
+                if not ok:
+                    raise IndexError(f"clip {clip}: codes out of range [0, {bins})")
+        self._later(in_range, on_read, first=True)
+
+    def watch(self, finite: tp.Optional[torch.Tensor], redo: tp.Callable[[], None]) -> None:
+        """finite: a decoder call's device flag (None: nothing to check); redo: that call in exact,
+        its audio stored."""
+        self._later(finite, _redo_if_overflowed("decoder", redo))
+
+    def result(self) -> tp.List[torch.Tensor]:
+        self._settle()
+        return tp.cast(tp.List[torch.Tensor], self._audio)
 
 
 class EncodecModel(nn.Module):
@@ -486,9 +541,19 @@ class EncodecModel(nn.Module):
         padding after a clip never reaches its samples (clips shorter than `_min_stacked_frames`,
         7 frames for the 24 kHz model, decode alone). Other models decode clip by clip (each
         clip's segments together). `max_batch_samples` bounds the padded output samples per call.
+        `decode_batch_async` is the same without waiting for the device.
         """
+        return self.decode_batch_async(frames_per_clip, max_batch_samples).result()
+
+    def decode_batch_async(self, frames_per_clip: tp.Sequence[tp.List[EncodedFrame]],
+                           max_batch_samples: int = 24_000 * 120) -> "PendingAudio":
+        """`decode_batch`'s work queued on the device, nothing waited for (on a stackable model):
+        -> `PendingAudio`, whose `result()` gives what `decode_batch` returns. The codes' range is
+        checked on the device (one flag per clip, read by `result()`, which raises IndexError for
+        codes out of range) and, in fp16, each decoder call's overflow (redone in exact by
+        `result()`). Models that decode clip by clip (48 kHz) decode here, with `decode`'s checks."""
         if not self._stackable_decoder():
-            return [self.decode(list(frames))[0] for frames in frames_per_clip]
+            return PendingAudio([self.decode(list(frames))[0] for frames in frames_per_clip])
         clips: tp.List[tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]] = []
         for i, frames in enumerate(frames_per_clip):
             if len(frames) != 1:
@@ -500,39 +565,72 @@ class EncodecModel(nn.Module):
                 raise ValueError(f"clip {i}: {codes.shape[1]} codebooks given, the model has {self.quantizer.n_q}")
             if codes.shape[-1] < 1:
                 raise ValueError(f"clip {i}: no frames to decode")
+            ops.check_codes_dtype(codes)
             clips.append((codes, scale))
+        out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(clips)
+        pending = PendingAudio(out)
         if not clips:
-            return []
+            return pending
         device = clips[0][0].device
         one_call = device.type in ONE_CALL_DEVICES
         hop = self.hop_length
-        out: tp.List[tp.Optional[torch.Tensor]] = [None] * len(clips)
+        bins = self.quantizer.bins
+        mode = self._mode()
+        # batches of clip indices, each decoded in one call; clips too short to stack alone
+        batches: tp.List[tp.Tuple[tp.List[int], int]] = []
         by_books: tp.Dict[int, tp.List[int]] = {}
         shortest = self._min_stacked_frames()
+        for i, (codes, _) in enumerate(clips):
+            if codes.shape[-1] < shortest:
+                batches.append(([i], codes.shape[-1]))
+            else:
+                by_books.setdefault(codes.shape[1], []).append(i)
+        for indices in by_books.values():
+            frames = [clips[i][0].shape[-1] for i in indices]
+            widths = [bucket_length(t * hop, hop) // hop if one_call else t for t in frames]
+            for batch in length_batches(widths, max(1, max_batch_samples // hop)):
+                batches.append(([indices[k] for k in batch], widths[batch[0]]))
+
+        def store(members: tp.List[int], audio: torch.Tensor) -> None:
+            for row, i in enumerate(members):
+                y = audio[row, :, :clips[i][0].shape[-1] * hop]
+                scale = clips[i][1]
+                out[i] = y * scale.view(-1, 1) if scale is not None else (y.clone() if len(members) > 1 else y)
+
+        def redo_exact(members: tp.List[int], codes: torch.Tensor) -> None:
+            store(members, self._decode_frames_unchecked([(codes, None)], "exact")[0][0])
+
         with torch.no_grad():
-            for i, (codes, scale) in enumerate(clips):
-                if codes.shape[-1] < shortest:
-                    out[i] = self.decode([(codes, scale)])[0]
+            for members, width in batches:
+                first = clips[members[0]][0]
+                if len(members) == 1 and first.shape[-1] == width:
+                    codes = first.clone()
                 else:
-                    by_books.setdefault(codes.shape[1], []).append(i)
-            for books, indices in by_books.items():
-                frames = [clips[i][0].shape[-1] for i in indices]
-                widths = [bucket_length(t * hop, hop) // hop if one_call else t for t in frames]
-                for batch in length_batches(widths, max(1, max_batch_samples // hop)):
-                    width = widths[batch[0]]
-                    codes = clips[indices[batch[0]]][0].new_zeros(len(batch), books, width)
-                    for row, k in enumerate(batch):
-                        codes[row, :, :frames[k]] = clips[indices[k]][0][0]
-                    audio = self._decode_frames([(codes, None)])[0]
-                    for row, k in enumerate(batch):
-                        i = indices[k]
-                        y = audio[row, :, :frames[k] * hop].clone()
-                        scale = clips[i][1]
-                        out[i] = y * scale.view(-1, 1) if scale is not None else y
-        return tp.cast(tp.List[torch.Tensor], out)
+                    codes = first.new_zeros(len(members), first.shape[1], width)
+                    for row, i in enumerate(members):
+                        codes[row, :, :clips[i][0].shape[-1]] = clips[i][0][0]
+                pending.watch_codes(((codes >= 0) & (codes < bins)).flatten(1).all(dim=1), members, bins)
+                codes.clamp_(0, bins - 1)  # the device never reads past a codebook; result() raises
+                audio, finite = self._decode_frames_unchecked([(codes, None)], mode)
+                store(members, audio[0])
+                pending.watch(finite, functools.partial(redo_exact, members, codes))
+        return pending
 
     def _decode_frames(self, frames: tp.List[EncodedFrame]) -> tp.List[torch.Tensor]:
-        """Decode each frame, frames of the same shape together.
+        """Decode each frame, frames of the same shape together, in the model's precision mode; a
+        call in fp16 that overflowed is redone in exact (with a warning)."""
+        mode = self._mode()
+        audio, finite = self._decode_frames_unchecked(frames, mode, check_codes=True)
+        if finite is not None and not bool(finite):
+            precision_modes.overflow_warning("decoder")
+            audio = self._decode_frames_unchecked(frames, "exact")[0]
+        return audio
+
+    def _decode_frames_unchecked(self, frames: tp.List[EncodedFrame], mode: str, check_codes: bool = False
+                                 ) -> tp.Tuple[tp.List[torch.Tensor], tp.Optional[torch.Tensor]]:
+        """`_decode_frames` in `mode` without reading anything from the device, unless `check_codes`
+        (one read: whether the codes are in range; else the caller has made sure): (audio per
+        frame, in fp16 a device flag whether every part of the decoder stayed finite, else None).
 
         The frame-rate part of the decoder (dequantisation, first conv, LSTM) runs on up to
         `HEAD_BATCH_ROWS` rows at once: its recurrent loop costs about the same for one segment
@@ -543,35 +641,34 @@ class EncodecModel(nn.Module):
         for i, (codes, _) in enumerate(frames):
             by_shape.setdefault(tuple(codes.shape), []).append(i)
         device = frames[0][0].device
+        flags: tp.List[torch.Tensor] = []
+
+        def watch(y: torch.Tensor) -> None:
+            flag = precision_modes.finite_flag(mode, y)
+            if flag is not None:
+                flags.append(flag)
+
         for (B, K, T), indices in by_shape.items():
             per_head = max(1, HEAD_BATCH_ROWS // B)
             per_tail = max(1, _segment_budget(device) // (B * T * self.hop_length))
             for c in range(0, len(indices), per_head):
                 chunk = indices[c:c + per_head]
                 codes = torch.cat([frames[i][0] for i in chunk]) if len(chunk) > 1 else frames[chunk[0]][0]
-                latents = self.quantizer.decode(codes.transpose(0, 1))
-                hidden = self._decoder_part(self.decoder.forward_head, latents, latents.dtype, cast=False)
+                latents = self.quantizer.decode(codes.transpose(0, 1), in_range=not check_codes)
+                with precision_modes.scope(mode, device):
+                    hidden = self.decoder.forward_head(latents)
+                watch(hidden)
                 for t in range(0, len(chunk), per_tail):
-                    audio = self._decoder_part(self.decoder.forward_tail, hidden[t * B:(t + per_tail) * B],
-                                               latents.dtype)
+                    with precision_modes.scope(mode, device):
+                        audio = self.decoder.forward_tail(hidden[t * B:(t + per_tail) * B])
+                    watch(audio)
+                    audio = audio.to(latents.dtype)
                     for j, i in enumerate(chunk[t:t + per_tail]):
                         y = audio[j * B:(j + 1) * B]
                         scale = frames[i][1]
                         out[i] = y * scale.view(-1, 1, 1) if scale is not None else y
-        return tp.cast(tp.List[torch.Tensor], out)
-
-    def _decoder_part(self, part: tp.Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                      dtype: torch.dtype, cast: bool = True) -> torch.Tensor:
-        """A part of the decoder in the model's precision mode; a call that overflowed fp16's range
-        is redone in exact (on x in `dtype`). The output in `dtype` (with `cast`; else as computed)."""
-        mode = self._mode()
-        with precision_modes.scope(mode, x.device):
-            y = part(x)
-        if precision_modes.overflowed(mode, y):
-            precision_modes.overflow_warning("decoder")
-            with precision_modes.scope("exact", x.device):
-                y = part(x.to(dtype))
-        return y.to(dtype) if cast else y
+        finite = functools.reduce(torch.logical_and, flags) if flags else None
+        return tp.cast(tp.List[torch.Tensor], out), finite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))[:, :, : x.shape[-1]]

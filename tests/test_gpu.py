@@ -590,6 +590,33 @@ def test_queued_batches_never_wait_for_the_gpu(mode, graphs):
     assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(first, got))
 
 
+@pytest.mark.parametrize("mode", ["exact", "fp16"])
+def test_queued_decode_batches_never_wait_for_the_gpu(mode):
+    """`decode_batch_async` queues clips of codes (one decoded alone, the others stacked) without one
+    synchronisation once warm; `result()` gives `decode_batch`'s audio. Codes out of range raise
+    IndexError from `result()` instead of a device-side assert."""
+    import encodec_fast
+    model = encodec_fast.EncodecModel.encodec_model_24khz_small().to(DEVICE).set_precision(mode)
+    gen = torch.Generator().manual_seed(4)
+    frames = [[(torch.randint(0, 1024, (1, 8, n), generator=gen).to(DEVICE), None)] for n in (3, 75, 130, 211)]
+    budget = 150 * model.hop_length
+    with torch.no_grad():
+        first = model.decode_batch(frames, max_batch_samples=budget)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = model.decode_batch_async(frames, max_batch_samples=budget)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        got = pending.result()
+        assert all(torch.equal(a, b) for a, b in zip(first, got))
+        bad = frames[2][0][0].clone()
+        bad[0, 3, 7] = 5000
+        with pytest.raises(IndexError, match="clip 1: codes out of range"):
+            model.decode_batch([frames[1], [(bad, None)]])
+        torch.cuda.synchronize()  # the device is still usable
+
+
 def test_fp16_overflow_redone_in_exact_on_the_gpu():
     """Audio far outside [-1, 1] overflows fp16 in the encoder: each path (one call, one call per op
     over a ragged batch, a CUDA graph replay) redoes that call in exact, with a warning, and gets

@@ -253,6 +253,31 @@ def test_decode_batch_refuses_bad_frames(pair_24):
         ours.decode_batch([[(torch.zeros(1, 33, 10, dtype=torch.long), None)]])
     with pytest.raises(ValueError, match="no frames"):
         ours.decode_batch([[(torch.zeros(1, 8, 0, dtype=torch.long), None)]])
+    with pytest.raises(TypeError, match="integers"):
+        ours.decode_batch([good, [(torch.zeros(1, 8, 10), None)]])
+
+
+@pytest.mark.parametrize("frames", [3, 40])
+def test_decode_batch_refuses_codes_out_of_range(pair_24, frames):
+    """Codes out of [0, bins) are found on the device (no read while queuing) and `result()` raises
+    IndexError naming the clip; the caller's codes are left as they were (the clamp that keeps the
+    device inside the codebooks works on a copy). 3 frames: a clip decoded alone; 40: stacked."""
+    _, ours = pair_24
+    gen = torch.Generator().manual_seed(3)
+    clips = [torch.randint(0, 1024, (1, 8, n), generator=gen) for n in (frames, frames + 2, frames)]
+    for bad in (1024, -1):
+        broken = clips[1].clone()
+        broken[0, 5, 1] = bad
+        kept = broken.clone()
+        pending = ours.decode_batch_async([[(clips[0], None)], [(broken, None)], [(clips[2], None)]])
+        with pytest.raises(IndexError, match=r"clip 1: codes out of range \[0, 1024\)"):
+            pending.result()
+        assert torch.equal(broken, kept)
+        with pytest.raises(IndexError, match="clip 1: codes out of range"):
+            ours.decode_batch([[(clips[0], None)], [(broken, None)]])
+    narrow = [[(c.to(torch.int16), None)] for c in clips]  # the other integer types the decoders take
+    wide = ours.decode_batch([[(c, None)] for c in clips])
+    assert all(torch.equal(a, b) for a, b in zip(ours.decode_batch(narrow), wide))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -279,5 +304,35 @@ def test_queued_batches_wait_for_nothing(pair_24, monkeypatch, backend):
                 assert [op for op, _ in read.reads] == (["_local_scalar_dense"] * 2 if mode == "fp16" else []), mode
                 again = ours.encode_batch(wavs, max_batch_samples=2 * 2560)
                 assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(got, again)), mode
+    finally:
+        ours.set_precision("exact")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_queued_decode_batches_wait_for_nothing(pair_24, monkeypatch, backend):
+    """`decode_batch_async` (one-call path, run here on CPU) reads nothing from the device while it
+    queues, in any mode, a clip decoded alone included; its `result()` reads one range flag per
+    decoder call (and in fp16 one overflow flag per call) and equals `decode_batch`."""
+    from encodec_fast.testing import HostReads
+    _, ours = pair_24
+    ours.set_target_bandwidth(6.0)
+    gen = torch.Generator().manual_seed(9)
+    frames = [[(torch.randint(0, 1024, (1, 8, n), generator=gen), None)] for n in (3, 20, 30, 40)]
+    try:
+        with monkeypatch.context() as m, ops.use_backend(backend):
+            _one_call(m)
+            for mode in ("exact", "bf16", "fp16"):
+                ours.set_precision(mode)
+                queued, read = HostReads(), HostReads()
+                with queued:  # the 3-frame clip alone, then buckets of 20 + 32 frames and 46 frames
+                    pending = ours.decode_batch_async(frames, max_batch_samples=80 * ours.hop_length)
+                with read:
+                    got = pending.result()
+                assert queued.reads == [], (mode, queued.reads)
+                calls = 3
+                assert [op for op, _ in read.reads] == (
+                    ["tolist"] * calls + (["_local_scalar_dense"] * calls if mode == "fp16" else [])), mode
+                again = ours.decode_batch(frames, max_batch_samples=80 * ours.hop_length)
+                assert all(torch.equal(a, b) for a, b in zip(got, again)), mode
     finally:
         ours.set_precision("exact")

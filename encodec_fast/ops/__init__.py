@@ -16,10 +16,11 @@ from .conv import (
     up_block_backend,
     up_residual_block,
 )
-from .rvq import code_agreement, nearest_code, rvq_decode, rvq_encode, vq_assign
+from .rvq import check_codes_dtype, code_agreement, nearest_code, rvq_decode, rvq_encode, vq_assign
 from .stft import spectrogram, spectrogram_view
 
 __all__ = ["BackendError", "requested_backend", "select", "triton_available", "use_backend",
            "block_backend", "block_down_backend", "conv1d", "conv2d_leaky_relu", "conv_backend", "conv_transpose1d",
            "residual_block", "residual_block_down", "up_block_backend", "up_residual_block",
-           "code_agreement", "nearest_code", "rvq_decode", "rvq_encode", "vq_assign", "spectrogram", "spectrogram_view"]
+           "check_codes_dtype", "code_agreement", "nearest_code", "rvq_decode", "rvq_encode", "vq_assign",
+           "spectrogram", "spectrogram_view"]

@@ -311,10 +311,17 @@ def _kernels():
     return k
 
 
-def _check_codes(codes: torch.Tensor, bins: int) -> None:
+def check_codes_dtype(codes: torch.Tensor) -> None:
+    """TypeError unless the codes are of an integer type the decoders take (nothing read)."""
     if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"codes must be integers, got {codes.dtype}")
-    if codes.numel() and bool(((codes < 0) | (codes >= bins)).any()):
+
+
+def _check_codes(codes: torch.Tensor, bins: int, in_range: bool) -> None:
+    """The codes' type and, unless the caller has made sure of it (`in_range`), their range: one
+    read of a device flag (out-of-range codes would index past a codebook on the device)."""
+    check_codes_dtype(codes)
+    if not in_range and codes.numel() and bool(((codes < 0) | (codes >= bins)).any()):
         raise IndexError(f"codes out of range [0, {bins})")
 
 
@@ -347,10 +354,12 @@ def rvq_encode(x: torch.Tensor, embeds: tp.Sequence[torch.Tensor], norms: tp.Seq
 
 
 def rvq_decode(codes: torch.Tensor, embeds: tp.Sequence[torch.Tensor],
-               stacked: tp.Optional[tp.Callable[[], tp.Tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
-    """codes [Q, B, T] -> [B, D, T], the sum of the stages' codewords (same bits on both paths)."""
+               stacked: tp.Optional[tp.Callable[[], tp.Tuple[torch.Tensor, torch.Tensor]]] = None,
+               in_range: bool = False) -> torch.Tensor:
+    """codes [Q, B, T] -> [B, D, T], the sum of the stages' codewords (same bits on both paths).
+    IndexError for codes out of range, unless `in_range` (the caller has made sure: no read)."""
     Q, B, T = codes.shape
-    _check_codes(codes, embeds[0].shape[0])
+    _check_codes(codes, embeds[0].shape[0], in_range)
     if select(codes, embeds[0]) == "triton":
         cb = stacked()[0] if stacked is not None else torch.stack([e.float() for e in embeds[:Q]]).contiguous()
         return _kernels().rvq_decode(codes.reshape(Q, B * T).long(), cb, B, T, embeds[0].dtype)

@@ -439,8 +439,9 @@ class ResidualVectorQuantization(nn.Module):
             out.append(idx)
         return torch.stack(out)
 
-    def decode(self, q_indices: torch.Tensor) -> torch.Tensor:
-        """codes [K, B, T] -> [B, D, T] (sum of the first K stages, in order)."""
+    def decode(self, q_indices: torch.Tensor, in_range: bool = False) -> torch.Tensor:
+        """codes [K, B, T] -> [B, D, T] (sum of the first K stages, in order); `in_range`: the
+        caller has checked the codes' range (`ops.rvq_decode` reads nothing)."""
         K = q_indices.shape[0]
         if K > len(self.layers):
             raise ValueError(f"{K} codebooks given, the quantizer has {len(self.layers)}")
@@ -453,4 +454,4 @@ class ResidualVectorQuantization(nn.Module):
                 out = out + layers[i].decode(q_indices[i])
             return out
         return ops.rvq_decode(q_indices, [layer._codebook.embed for layer in layers],
-                              stacked=lambda: self.stacked_codebooks(K))
+                              stacked=lambda: self.stacked_codebooks(K), in_range=in_range)

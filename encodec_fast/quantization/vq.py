@@ -68,6 +68,7 @@ class ResidualVectorQuantizer(nn.Module):
         """x [B, D, T] -> codes [n_q, B, T] int64."""
         return self.vq.encode(x, n_q=self.get_num_quantizers_for_bandwidth(sample_rate, bandwidth), rows=rows)
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [K, B, T] -> quantized latents [B, D, T]."""
-        return self.vq.decode(codes)
+    def decode(self, codes: torch.Tensor, in_range: bool = False) -> torch.Tensor:
+        """codes [K, B, T] -> quantized latents [B, D, T] (`in_range`: the caller has checked the
+        codes' range; nothing read)."""
+        return self.vq.decode(codes, in_range=in_range)
