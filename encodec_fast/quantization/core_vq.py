@@ -98,6 +98,7 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("embed_avg", embed.clone())
         self._norms: tp.Optional[torch.Tensor] = None
         self._norms_key: tp.Any = None
+        self._inited_seen: tp.Any = None  # (the `inited` tensor, its version) last read as True
         #: Codewords replaced by dead-code expiry since the trainer last read (and reset) it.
         self.replaced = 0
         #: Set by `ResidualVectorQuantization`: training statistics are appended here, and the
@@ -150,14 +151,28 @@ class EuclideanCodebook(nn.Module):
         return distrib.all_gather_rows(rows) if self.sync_statistics else rows
 
     @torch.jit.ignore
+    def is_inited(self) -> bool:
+        """`bool(inited)`, read from the device once: a True is remembered while the buffer is the
+        same tensor at the same version (`load_state_dict` and every in-place write on the buffer
+        itself move the version), so a training step does not wait for the device to ask."""
+        seen = self._inited_seen
+        if seen is not None and seen[0] is self.inited and seen[1] == self.inited._version:
+            return True
+        if not bool(self.inited):
+            return False
+        self._inited_seen = (self.inited, self.inited._version)
+        return True
+
+    @torch.jit.ignore
     def init_embed_(self, data: torch.Tensor) -> None:
-        if self.inited:
+        if self.is_inited():
             return
         embed, cluster_size = kmeans(self._gather(data), self.codebook_size, self.kmeans_iters)
         self._set_embed(embed)
         self.embed_avg.data.copy_(embed.clone())
         self.cluster_size.data.copy_(cluster_size)
-        self.inited.data.copy_(torch.Tensor([True]))
+        with torch.no_grad():
+            self.inited.fill_(True)
         from .. import distrib
         distrib.broadcast_tensors(self.buffers())
 
@@ -314,7 +329,7 @@ class ResidualVectorQuantization(nn.Module):
         # update changes only its own codebook, so the results are the same, and under data
         # parallelism one all-reduce carries every stage's statistics. Not on a step that runs a
         # k-means init (its random draws would move past other stages' expiry draws).
-        defer = DEFER_UPDATES and self.training and bool(torch.cat([cb.inited for cb in books]).all())
+        defer = DEFER_UPDATES and self.training and all(cb.is_inited() for cb in books)
         how = self._fused_training(x, layers) if defer else ""
         if how:
             return self._forward_fused(x, layers, how)
