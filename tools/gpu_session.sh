@@ -4,7 +4,8 @@
 #   bash tools/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser, upstream
 #    encodec, vector-quantize-pytorch and its needs; `pip download` them where a registry is reachable);
-# 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log);
+# 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log; in
+#    GPU_TEST_WORKERS processes, default 8, where pytest-xdist is installed);
 # 3. the benchmarks, each in a process of its own (a GPU fault in one does not take the others with
 #    it), in priority order: `rvq`, `kernels` (residual blocks and convolutions), `codec`, `tokenize`
 #    (on .gpu_data/tokenize when carried), `quantizer`, `train_step`, bf16 and fp32 loss curves of
@@ -59,8 +60,13 @@ bench() {  # bench STEP_NAME LIMIT BENCHMARK [ENV=VALUE...]: one benchmark in it
     step "$name" "$limit" env "$@" python3 -m bench --suite quick --device cuda --only "$which" \
         --budget-seconds $(( limit * 3 / 4 )) --out "$work/$name"
 }
-step tests "${GPU_TEST_LIMIT:-110}" python3 -m pytest -q -m gpu -rA -v -p no:cacheprovider tests/test_gpu.py \
-    --junitxml "$work/gpu_tests.xml"
+# The gpu tests in parallel processes (pytest-xdist is in the GPU image): their time goes mostly to
+# compiling kernels (one process at a time: about 85 s for the 8 checks of the 2026-11-30 run), which
+# the processes share out; the benchmarks after them find those kernels in Triton's cache.
+xdist=()
+if [ "${GPU_TEST_WORKERS:-8}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null; then xdist=(-n "${GPU_TEST_WORKERS:-8}"); fi
+step tests "${GPU_TEST_LIMIT:-110}" python3 -m pytest -q -m gpu -rA -v -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+    tests/test_gpu.py --junitxml "$work/gpu_tests.xml"
 bench rvq 90 rvq
 bench conv 120 kernels BENCH_KERNEL_STAGES="block conv"
 bench codec 130 codec
