@@ -47,7 +47,18 @@ class Balancer:
         """`scale` multiplies the output gradient (not in upstream; 1 is upstream's behaviour). The
         trainer passes the world size under data parallelism, where gradients are averaged across
         workers: each example's balanced gradient does not depend on the batch size, so N workers
-        whose gradients are averaged need the factor N to equal one worker with all the examples."""
+        whose gradients are averaged need the factor N to equal one worker with all the examples.
+        The same as `gradients` then `apply` with the norms read (in one go: on a GPU one wait for
+        the device, not one per loss)."""
+        grads, on_device = self.gradients(losses, input)
+        norms = dict(zip(on_device, torch.stack(list(on_device.values())).tolist())) if on_device else {}
+        self.apply(grads, norms, input, scale)
+
+    def gradients(self, losses: tp.Dict[str, torch.Tensor], input: torch.Tensor
+                  ) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Dict[str, torch.Tensor]]:
+        """Each loss's gradient with respect to `input` and its norm (0-d tensors on the device,
+        not read); nothing in the balancer's state changes. `apply` takes them with the norms read,
+        so a caller can read them together with its own values."""
         unknown = sorted(set(losses) - set(self.weights))
         if unknown:
             raise KeyError(f"losses without a weight: {unknown}")
@@ -59,8 +70,12 @@ class Balancer:
             else:
                 norm = grad.norm()
             grads[name], on_device[name] = grad, norm
-        # the norms read in one go (on a GPU: one wait for the device, not one per loss)
-        norms = dict(zip(on_device, torch.stack(list(on_device.values())).tolist())) if on_device else {}
+        return grads, on_device
+
+    def apply(self, grads: tp.Dict[str, torch.Tensor], norms: tp.Dict[str, float], input: torch.Tensor,
+              scale: float = 1.0) -> None:
+        """The moving averages updated with `norms` (floats, from `gradients`) and the balanced
+        gradient sent back through `input` (`backward`'s second half)."""
         averaged = distrib.average_metrics(self._average(norms), count=len(input))
         if self.monitor:
             total = sum(averaged.values())

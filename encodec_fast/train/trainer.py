@@ -11,9 +11,10 @@ One step (the paper's recipe, §3.4 and §4.4, every knob in `TrainConfig`):
 3. gradients are averaged across workers (torchrun), then one Adam step for the model and, if
    drawn, one for the discriminator; the optional EMA of the weights follows.
 
-A step whose losses are not finite is skipped (no update; the codebooks' EMA statistics of that
-forward are kept) with a warning, and `max_nonfinite` such steps in a row stop the run with a
-clear error. Checkpoints (`checkpoint.pt`: everything a resume needs, written atomically) every
+A step whose losses or the balancer's gradient norms are not finite is skipped (no update, the
+balancer's moving averages unchanged; the codebooks' EMA statistics of that forward are kept)
+with a warning, and `max_nonfinite` such steps in a row stop the run with a clear error.
+Checkpoints (`checkpoint.pt`: everything a resume needs, written atomically) every
 `checkpoint_every` steps, at the end and on Ctrl-C; `model.th` is the model alone in upstream's
 state-dict layout (the EMA weights when `ema` > 0).
 
@@ -489,16 +490,21 @@ class Trainer:
                 if w["feat"] > 0:
                     losses["feat"] = relative_feature_matching(real_fmaps, fake_fmaps, average=average)
                 d_loss = discriminator_hinge_loss(real_logits, fake_logits) if learn_d else None
+                grads, norms = self.balancer.gradients(losses, y)  # nothing read, the balancer unchanged
             named = {**losses, "commit": penalty, **({"disc": d_loss} if d_loss is not None else {})}
-            # the losses read in one go (on a GPU: one wait for the device per micro-batch)
-            values = dict(zip(named, torch.stack([v.detach().reshape(()) for v in named.values()]).tolist()))
-            if not self._finite(values.values()):
-                return self._skip(step, values)
+            # the losses and the balancer's gradient norms read in one go (on a GPU: one wait for the
+            # device per micro-batch); a step with any of them not finite is skipped before anything
+            # (the balancer's averages included) takes them in
+            read = torch.stack([v.detach().reshape(()) for v in [*named.values(), *norms.values()]]).tolist()
+            values = dict(zip(named, read))
+            norm_values = dict(zip(norms, read[len(named):]))
+            if not self._finite(read):
+                return self._skip(step, {**values, **{f"gradient norm of {k}": v for k, v in norm_values.items()}})
             if cfg.commitment_weight > 0 and penalty.requires_grad:
                 with timing.stage("generator", x.device):
                     (penalty * (cfg.commitment_weight / m)).backward(retain_graph=True)
             with timing.stage("balancer", x.device):  # the backward through the generator inside is its own
-                self.balancer.backward(losses, y, scale=self.world if cfg.balancer else 1.0 / m)
+                self.balancer.apply(grads, norm_values, y, scale=self.world if cfg.balancer else 1.0 / m)
             if d_loss is not None:
                 with timing.stage("discriminator", x.device):
                     params = [p for p in self.disc.parameters()]
