@@ -535,6 +535,43 @@ def test_deterministic_training_steps_repeat_their_bits(tmp_path):
     assert all(torch.equal(a, states[1][k]) for k, a in states[0].items())
 
 
+def test_a_training_step_waits_for_the_gpu_twice(tmp_path):
+    """A training step on CUDA from a pinned batch synchronises twice (torch's sync debug mode
+    counting): the codebooks' expiry counts and the losses with the balancer's norms. The trainer's
+    loader pins its batches on CUDA."""
+    import warnings
+
+    import soundfile as sf
+
+    from encodec_fast.testing import voice
+    from encodec_fast.train import data as D
+    from encodec_fast.train.trainer import TrainConfig, Trainer
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        sf.write(str(tmp_path / "data" / f"v{i}.wav"), voice(24000, 2.0, seed=i).reshape(-1).numpy(), 24000)
+    config = TrainConfig(data=[str(tmp_path / "data")], model="small", batch_size=4, segment_seconds=0.5,
+                         workers=0, valid_items=0, steps=3, precision="fp32", device=DEVICE, seed=1,
+                         valid_every=0, log_every=1)
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    x = torch.stack([trainer.dataset[i][0] for i in range(4)]).pin_memory()
+    trainer.draws = lambda step: (trainer.model.target_bandwidths[-1], True)
+    for step in range(2):  # k-means initialisation, then the codebooks seen initialised
+        trainer.train_step(step, [x])
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            assert trainer.train_step(2, [x]) is not None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message)[:120] for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, syncs
+    sampler = D.StepBatches(0, 1, 4, 1, 0, 1)
+    batch, _ = next(iter(D.loader(trainer.dataset, sampler, 0, pin_memory=True)))
+    assert batch.is_pinned()
+
+
 @pytest.mark.parametrize("mode", ["exact", "bf16", "fp16"])
 def test_encode_batch_one_call_and_cuda_graphs(mode):
     """Clips of different lengths in one call per op (length buckets, `RaggedRows`): each clip's codes

@@ -180,11 +180,15 @@ def collate(examples: tp.Sequence[tp.Tuple[torch.Tensor, tp.List[tp.Tuple[str, s
     return torch.stack([wav for wav, _ in examples]), [p for _, problems in examples for p in problems]
 
 
-def loader(dataset: CropDataset, sampler: StepBatches, workers: int) -> torch.utils.data.DataLoader:
+def loader(dataset: CropDataset, sampler: StepBatches, workers: int,
+           pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Workers' seeds come from a generator of their own, not from torch's global one: the training
     process's random stream (k-means, code expiry) does not depend on when loaders are made, so a
-    resumed run draws what an uninterrupted one does (the crops themselves are seeded by index)."""
+    resumed run draws what an uninterrupted one does (the crops themselves are seeded by index).
+    `pin_memory` (the trainer's on CUDA): batches in page-locked memory, whose copy to the GPU does
+    not wait for the work queued before it (a copy from pageable memory waits for the stream)."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                       pin_memory=pin_memory,
                                        persistent_workers=False, prefetch_factor=4 if workers else None,
                                        generator=torch.Generator().manual_seed(dataset.seed),
                                        worker_init_fn=_worker_init if workers else None)

@@ -650,7 +650,7 @@ class Trainer:
                        "skipped_files": len(self.skipped_files), "device": str(self.device),
                        "precision": self.precision_name, "threads": torch.get_num_threads()})
         sampler = D.StepBatches(self.step, cfg.steps, self.micro_batch, cfg.accumulate, self.rank, self.world)
-        batches = iter(D.loader(self.dataset, sampler, cfg.workers))
+        batches = iter(D.loader(self.dataset, sampler, cfg.workers, pin_memory=self.device.type == "cuda"))
         bar = _progress(cfg.steps, self.step, disable=self.quiet or self.rank != 0)
         window_start, window_steps = time.perf_counter(), 0
         audio_per_step = cfg.batch_size * cfg.segment_seconds
