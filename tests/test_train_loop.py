@@ -262,6 +262,19 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_clearly(corpus, tmp_pat
     assert any(not torch.equal(before[k], v) for k, v in state["model"].items())
 
 
+def test_a_run_in_one_process_reads_once_per_step(corpus, tmp_path):
+    """`run()` in one process adds no read of tensor values to its steps' own (`HostReads`: the
+    losses and norms, one per step): the stop check between steps stays on the host (it went through
+    the device, and on a GPU waited for the whole step, once per step)."""
+    from encodec_fast.testing import HostReads
+    trainer = T.Trainer(_config(corpus, steps=3), tmp_path / "run", quiet=True)
+    trainer.validate = lambda: []
+    with HostReads(ignore=("torch/optim", "torch/utils/data")) as reads:
+        trainer.run()
+    own = [op for op, where in reads.reads if where.startswith("trainer.py")]
+    assert own == ["tolist"] * 3, reads.reads
+
+
 def test_a_non_finite_gradient_norm_skips_the_step_before_the_balancer_takes_it(corpus, tmp_path, monkeypatch):
     """A loss whose value is finite but whose gradient is not (read with the losses, in one go)
     skips the step: no weight moves and the balancer's moving averages stay as they were (taking

@@ -623,10 +623,13 @@ class Trainer:
 
     def _stop_now(self, deadline: float, stop: GracefulStop) -> tp.Tuple[bool, int]:
         """(out of time, the signal that asks to stop or 0): every worker stops at the same step, rank 0's
-        clock and signals decide (one broadcast per step under torchrun)."""
-        flags = torch.tensor([float(time.monotonic() > deadline), float(stop.requested or 0)], device=self.device)
-        if distrib.is_distributed():
-            torch.distributed.broadcast(flags, src=0)
+        clock and signals decide (one broadcast per step under torchrun; in one process nothing goes
+        through the device, so the host does not wait for the step it has queued)."""
+        late, signum = time.monotonic() > deadline, int(stop.requested or 0)
+        if not distrib.is_distributed():
+            return late, signum
+        flags = torch.tensor([float(late), float(signum)], device=self.device)
+        torch.distributed.broadcast(flags, src=0)
         return bool(flags[0].item()), int(flags[1].item())
 
     def run(self) -> tp.Dict[str, tp.Any]:
