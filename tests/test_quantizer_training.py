@@ -223,29 +223,45 @@ def test_cpu_argmin_takes_torch_rule_for_ties_nan_and_inf():
         assert got.dtype == torch.int64 and torch.equal(got, t.argmin(-1))
 
 
-def test_a_kernel_training_step_reads_one_value(monkeypatch):
+def test_a_kernel_training_step_reads_nothing(monkeypatch):
     """On the kernels' path (CUDA's default; the interpreter here) a training step of every stage
-    reads one value on the host, one wait for a GPU (`HostReads`): every stage's count of codewords
-    to expire, in one read. Whether the codebooks are initialised is read until it is seen True,
-    then remembered while the buffer stays the same (a state dict loaded into it is read again)."""
+    reads no value from the device (`HostReads`): every stage's count of codewords to expire was
+    counted after the previous step's update and copied to the host then (read from host memory,
+    by numpy, which refuses device tensors); where a count may have changed since (a state dict
+    loaded), all are read in one go. Whether the codebooks are initialised is read until it is
+    seen True, then remembered while the buffer stays the same (a state dict loaded is read again).
+    The codebooks are the same as when the counts are read each step."""
     from encodec_fast import ops
+    from encodec_fast.quantization import core_vq
     from encodec_fast.testing import HostReads
-    torch.manual_seed(0)
-    q = ResidualVectorQuantizer(dimension=16, n_q=6, bins=64, kmeans_init=True, kmeans_iters=3,
-                                threshold_ema_dead_code=2).train()
     g = torch.Generator().manual_seed(1)
-    with ops.use_backend("triton"):
-        q(torch.randn(2, 16, 40, generator=g), 75, 6.0)  # k-means initialisation
-        with HostReads() as first:
-            q(torch.randn(2, 16, 40, generator=g), 75, 6.0)
-        assert [op for op, _ in first.reads].count("_local_scalar_dense") == 6  # each stage's `inited`, once
-        x = torch.randn(2, 16, 40, generator=g, requires_grad=True)
-        reads = HostReads()
-        with reads:
-            out = q(x, 75, 6.0)
-            (out.quantized.square().sum() + out.penalty).backward()
-    assert [op for op, _ in reads.reads] == ["tolist"], reads.reads
-    assert x.grad is not None and sum(layer._codebook.replaced for layer in q.vq.layers) > 0
+    inputs = [torch.randn(2, 16, 40, generator=g) for _ in range(5)]
+    states = []
+    for ahead in (True, False):
+        torch.manual_seed(0)
+        q = ResidualVectorQuantizer(dimension=16, n_q=6, bins=64, kmeans_init=True, kmeans_iters=3,
+                                    threshold_ema_dead_code=2).train()
+        with monkeypatch.context() as m, ops.use_backend("triton"):
+            if not ahead:  # every step's counts read when its update runs
+                m.setattr(core_vq.ResidualVectorQuantization, "_count_expiry_ahead", lambda self: None)
+            q(inputs[0], 75, 6.0)  # k-means initialisation
+            with HostReads() as first:
+                q(inputs[1], 75, 6.0)
+            assert [op for op, _ in first.reads] == ["_local_scalar_dense"] * 6 + ["tolist"]  # `inited`; counts
+            x = inputs[2].clone().requires_grad_()
+            reads = HostReads()
+            with reads:
+                out = q(x, 75, 6.0)
+                (out.quantized.square().sum() + out.penalty).backward()
+                q(inputs[3], 75, 3.0)  # fewer stages
+            assert [op for op, _ in reads.reads] == ([] if ahead else ["tolist"] * 2), reads.reads
+            q.load_state_dict(q.state_dict())  # `inited` and the counts may have changed: read again
+            with HostReads() as loaded:
+                q(inputs[4], 75, 6.0)
+            assert [op for op, _ in loaded.reads] == ["_local_scalar_dense"] * 6 + ["tolist"], loaded.reads
+        assert x.grad is not None and sum(layer._codebook.replaced for layer in q.vq.layers) > 0
+        states.append(q.state_dict())
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     books = [layer._codebook for layer in q.vq.layers]
     assert all(cb.is_inited() for cb in books)
     state = {k: v.clone() for k, v in q.state_dict().items()}

@@ -20,7 +20,9 @@ from ..ops import rvq as rvq_ops
 
 
 def ema_inplace(moving_avg: torch.Tensor, new: torch.Tensor, decay: float) -> None:
-    moving_avg.data.mul_(decay).add_(new, alpha=(1 - decay))
+    # on the buffer itself (not `.data`, upstream's): the same bits, and its version counter moves
+    with torch.no_grad():
+        moving_avg.mul_(decay).add_(new, alpha=(1 - decay))
 
 
 def laplace_smoothing(x: torch.Tensor, n_categories: int, epsilon: float = 1e-5) -> torch.Tensor:
@@ -169,9 +171,9 @@ class EuclideanCodebook(nn.Module):
             return
         embed, cluster_size = kmeans(self._gather(data), self.codebook_size, self.kmeans_iters)
         self._set_embed(embed)
-        self.embed_avg.data.copy_(embed.clone())
-        self.cluster_size.data.copy_(cluster_size)
-        with torch.no_grad():
+        with torch.no_grad():  # on the buffers themselves (not `.data`): their version counters move
+            self.embed_avg.copy_(embed)
+            self.cluster_size.copy_(cluster_size)
             self.inited.fill_(True)
         from .. import distrib
         distrib.broadcast_tensors(self.buffers())
@@ -321,6 +323,7 @@ class ResidualVectorQuantization(nn.Module):
             kwargs["warn"] = False
         self.layers = nn.ModuleList([VectorQuantization(**kwargs) for _ in range(num_quantizers)])
         self._stacked: tp.Dict[int, tp.Any] = {}
+        self._expiry_ahead: tp.Any = None  # (per stage (cluster_size, its version), counts on the host, event)
 
     def forward(self, x: torch.Tensor, n_q: tp.Optional[int] = None):
         layers = self.layers[: n_q or len(self.layers)]
@@ -395,8 +398,7 @@ class ResidualVectorQuantization(nn.Module):
         B, _, T = x.shape
         return out, codes.view(len(layers), B, T), losses.view(-1, 1)
 
-    @staticmethod
-    def _update_stages(pending: list) -> None:
+    def _update_stages(self, pending: list) -> None:
         """The deferred EMA updates, in stage order, after one all-reduce of every stage's counts
         and sums (under `sync_statistics`)."""
         if any(cb.sync_statistics for cb, *_ in pending):
@@ -408,15 +410,50 @@ class ResidualVectorQuantization(nn.Module):
                 for t in (counts, sums):
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
-        # every stage's expiry count in one read (on a GPU, one wait for the device instead of one
-        # per stage): a stage's count depends only on its own codebook, which the stages before
-        # it in this loop do not touch
-        on_device = [cb.expired_count() for cb, *_ in pending]
-        read = iter(torch.stack([n for n in on_device if n is not None]).tolist() if any(
-            n is not None for n in on_device) else [])
-        expired = [None if n is None else next(read) for n in on_device]
+        expired = self._expiry_counts([cb for cb, *_ in pending])
         for (cb, rows, counts, sums), n in zip(pending, expired):
             cb.update_(rows, counts, sums, n)
+        self._count_expiry_ahead()
+
+    def _expiry_counts(self, books: tp.List[EuclideanCodebook]) -> tp.List[tp.Optional[int]]:
+        """Each stage's expiry count (`expired_count()`; None where expiry is off) for the updates
+        about to run: counted after the previous update (`_count_expiry_ahead`) and already on the
+        host where no count it depends on has changed since, else every stage's in one read (on a
+        GPU, one wait for the device instead of one per stage). A stage's count depends only on its
+        own codebook, which the stages before it in the update loop do not touch."""
+        ahead, self._expiry_ahead = self._expiry_ahead, None
+        if ahead is not None:
+            keys, values, event = ahead
+            if len(books) <= len(keys) and all(
+                    cb is self.layers[i]._codebook and cb.cluster_size is keys[i][0]
+                    and cb.cluster_size._version == keys[i][1] for i, cb in enumerate(books)):
+                if event is not None and not event.query():
+                    event.synchronize()
+                counts = values.numpy().tolist()  # host memory (on CUDA, the pinned copy)
+                return [None if cb.threshold_ema_dead_code == 0 else int(counts[i]) for i, cb in enumerate(books)]
+        on_device = [cb.expired_count() for cb in books]
+        read = iter(torch.stack([n for n in on_device if n is not None]).tolist() if any(
+            n is not None for n in on_device) else [])
+        return [None if n is None else next(read) for n in on_device]
+
+    def _count_expiry_ahead(self) -> None:
+        """Every stage's expiry count for the next training step, counted now on the device (after
+        the update: the last change to the counts they depend on) and copied to the host without
+        waiting, so that the next step's forward finds them there instead of waiting for the
+        device in its middle (`_expiry_counts` checks that no count changed in between)."""
+        books = [layer._codebook for layer in self.layers]
+        if all(cb.threshold_ema_dead_code == 0 for cb in books):
+            return
+        values = torch.stack([cb.expired_count() if cb.threshold_ema_dead_code else
+                              cb.cluster_size.new_zeros((), dtype=torch.long) for cb in books])
+        event = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(values.device))
+            values = host
+        self._expiry_ahead = ([(cb.cluster_size, cb.cluster_size._version) for cb in books], values, event)
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:
         """[B, D, T] -> codes [n_q, B, T] (`encodec_fast.ops.rvq_encode`).
