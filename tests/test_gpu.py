@@ -567,6 +567,7 @@ def test_a_training_step_waits_for_the_gpu_once(tmp_path):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message)[:120] for w in seen if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
+    copy.deepcopy(trainer.model)  # mid-training (the EMA model's copy), counts held ahead on the GPU
     sampler = D.StepBatches(0, 1, 4, 1, 0, 1)
     batch, _ = next(iter(D.loader(trainer.dataset, sampler, 0, pin_memory=True)))
     assert batch.is_pinned()

@@ -3,6 +3,7 @@ and the two opt-in fixes of upstream's training behaviour (its issues #61 and #2
 to have the effect it claims while the default keeps upstream's behaviour."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -261,6 +262,11 @@ def test_a_kernel_training_step_reads_nothing(monkeypatch):
             assert [op for op, _ in loaded.reads] == ["_local_scalar_dense"] * 6 + ["tolist"], loaded.reads
         assert x.grad is not None and sum(layer._codebook.replaced for layer in q.vq.layers) > 0
         states.append(q.state_dict())
+        assert (q.vq._expiry_ahead is not None) == ahead
+        if ahead:  # on CUDA the counts ahead come with an event, which cannot be copied (a lock neither)
+            keys, values, _ = q.vq._expiry_ahead
+            q.vq._expiry_ahead = (keys, values, threading.Lock())
+            assert copy.deepcopy(q).vq._expiry_ahead is None and q.vq._expiry_ahead is not None
     assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     books = [layer._codebook for layer in q.vq.layers]
     assert all(cb.is_inited() for cb in books)

@@ -398,6 +398,12 @@ class ResidualVectorQuantization(nn.Module):
         B, _, T = x.shape
         return out, codes.view(len(layers), B, T), losses.view(-1, 1)
 
+    def __getstate__(self) -> tp.Dict[str, tp.Any]:
+        # copies and pickles leave the counts counted ahead behind (a CUDA event cannot be copied;
+        # a copy reads its counts at its first update)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_expiry_ahead": None}
+
     def _update_stages(self, pending: list) -> None:
         """The deferred EMA updates, in stage order, after one all-reduce of every stage's counts
         and sums (under `sync_statistics`)."""
