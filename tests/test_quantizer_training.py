@@ -256,6 +256,13 @@ def test_a_kernel_training_step_reads_nothing(monkeypatch):
                 (out.quantized.square().sum() + out.penalty).backward()
                 q(inputs[3], 75, 3.0)  # fewer stages
             assert [op for op, _ in reads.reads] == ([] if ahead else ["tolist"] * 2), reads.reads
+            q.vq.layers[2]._codebook.threshold_ema_dead_code = 3  # a threshold changed: counts read again
+            with HostReads() as changed:
+                q(inputs[3], 75, 6.0)
+            assert [op for op, _ in changed.reads] == ["tolist"], changed.reads
+            with HostReads() as mixed:  # counted ahead again, stage by stage (thresholds differ)
+                q(inputs[2], 75, 6.0)
+            assert [op for op, _ in mixed.reads] == ([] if ahead else ["tolist"]), mixed.reads
             q.load_state_dict(q.state_dict())  # `inited` and the counts may have changed: read again
             with HostReads() as loaded:
                 q(inputs[4], 75, 6.0)

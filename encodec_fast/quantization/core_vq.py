@@ -323,7 +323,8 @@ class ResidualVectorQuantization(nn.Module):
             kwargs["warn"] = False
         self.layers = nn.ModuleList([VectorQuantization(**kwargs) for _ in range(num_quantizers)])
         self._stacked: tp.Dict[int, tp.Any] = {}
-        self._expiry_ahead: tp.Any = None  # (per stage (cluster_size, its version), counts on the host, event)
+        # (per stage (cluster_size, its version, threshold), the counts on the host, an event or None)
+        self._expiry_ahead: tp.Any = None
 
     def forward(self, x: torch.Tensor, n_q: tp.Optional[int] = None):
         layers = self.layers[: n_q or len(self.layers)]
@@ -431,8 +432,8 @@ class ResidualVectorQuantization(nn.Module):
         if ahead is not None:
             keys, values, event = ahead
             if len(books) <= len(keys) and all(
-                    cb is self.layers[i]._codebook and cb.cluster_size is keys[i][0]
-                    and cb.cluster_size._version == keys[i][1] for i, cb in enumerate(books)):
+                    cb is self.layers[i]._codebook and self._same_key(keys[i], self._expiry_key(cb))
+                    for i, cb in enumerate(books)):
                 if event is not None and not event.query():
                     event.synchronize()
                 counts = values.numpy().tolist()  # host memory (on CUDA, the pinned copy)
@@ -448,10 +449,14 @@ class ResidualVectorQuantization(nn.Module):
         waiting, so that the next step's forward finds them there instead of waiting for the
         device in its middle (`_expiry_counts` checks that no count changed in between)."""
         books = [layer._codebook for layer in self.layers]
-        if all(cb.threshold_ema_dead_code == 0 for cb in books):
+        thresholds = {cb.threshold_ema_dead_code for cb in books}
+        if thresholds == {0}:
             return
-        values = torch.stack([cb.expired_count() if cb.threshold_ema_dead_code else
-                              cb.cluster_size.new_zeros((), dtype=torch.long) for cb in books])
+        if len(thresholds) == 1:  # every stage's at once
+            values = (torch.stack([cb.cluster_size for cb in books]) < thresholds.pop()).sum(dim=1)
+        else:
+            values = torch.stack([cb.expired_count() if cb.threshold_ema_dead_code else
+                                  cb.cluster_size.new_zeros((), dtype=torch.long) for cb in books])
         event = None
         if values.is_cuda:
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -459,7 +464,17 @@ class ResidualVectorQuantization(nn.Module):
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(values.device))
             values = host
-        self._expiry_ahead = ([(cb.cluster_size, cb.cluster_size._version) for cb in books], values, event)
+        self._expiry_ahead = ([self._expiry_key(cb) for cb in books], values, event)
+
+    @staticmethod
+    def _expiry_key(cb: EuclideanCodebook) -> tp.Tuple[torch.Tensor, int, int]:
+        """What a stage's expiry count depends on: its cluster sizes (the tensor, compared by
+        identity, and its version: in-place writes and `load_state_dict` move it) and threshold."""
+        return cb.cluster_size, cb.cluster_size._version, cb.threshold_ema_dead_code
+
+    @staticmethod
+    def _same_key(a: tp.Tuple[torch.Tensor, int, int], b: tp.Tuple[torch.Tensor, int, int]) -> bool:
+        return a[0] is b[0] and a[1:] == b[1:]
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:
         """[B, D, T] -> codes [n_q, B, T] (`encodec_fast.ops.rvq_encode`).
