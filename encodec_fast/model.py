@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import host, ops, timing
 from . import modules as m
-from . import ops, timing
 from . import precision as precision_modes
 from . import quantization as qt
 from .lm import LMModel
@@ -95,14 +95,6 @@ def length_batches(lengths: tp.Sequence[int], budget: int, equal_only: bool = Fa
     return batches
 
 
-def _on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`; to CUDA from pinned memory, without waiting for the work
-    queued before it (a copy from pageable memory waits for the whole stream)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
 class _Pending:
     """Work queued on the device and the device flags that say whether it went right, read later:
     on CUDA each flag is copied to pinned host memory behind an event, so `_settle()` waits for the
@@ -117,20 +109,13 @@ class _Pending:
         group in the order queued); flag None: nothing to read."""
         if flag is None:
             return
-        event = None
-        if flag.is_cuda:
-            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(flag.device))
-            flag = host
-        self._checks.append((0 if first else 1, flag, event, on_read))
+        values, event = host.to_host_later(flag)
+        self._checks.append((0 if first else 1, values, event, on_read))
 
     def _settle(self) -> None:
         checks, self._checks = sorted(self._checks, key=lambda c: c[0]), []
         for _, flag, event, on_read in checks:
-            if event is not None:
-                event.synchronize()
+            host.wait(event)
             with torch.no_grad():
                 on_read(flag)
 
@@ -484,7 +469,7 @@ class EncodecModel(nn.Module):
                 if len(chunk) == 1 and lengths[0] == width:
                     groups = None
                 elif one_call:
-                    groups = RaggedRows(_on_device(torch.tensor(lengths, dtype=torch.long), device))
+                    groups = RaggedRows(host.to_device(torch.tensor(lengths, dtype=torch.long), device))
                 else:
                     groups = Groups([Group(row, row + 1, n) for row, n in enumerate(lengths)])
                 if isinstance(groups, RaggedRows) and self._cuda_graphs is not None and batch.is_cuda:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import ops
+from .. import host, ops
 from ..ops import rvq as rvq_ops
 
 
@@ -434,8 +434,7 @@ class ResidualVectorQuantization(nn.Module):
             if len(books) <= len(keys) and all(
                     cb is self.layers[i]._codebook and self._same_key(keys[i], self._expiry_key(cb))
                     for i, cb in enumerate(books)):
-                if event is not None and not event.query():
-                    event.synchronize()
+                host.wait(event)
                 counts = values.numpy().tolist()  # host memory (on CUDA, the pinned copy)
                 return [None if cb.threshold_ema_dead_code == 0 else int(counts[i]) for i, cb in enumerate(books)]
         on_device = [cb.expired_count() for cb in books]
@@ -457,14 +456,7 @@ class ResidualVectorQuantization(nn.Module):
         else:
             values = torch.stack([cb.expired_count() if cb.threshold_ema_dead_code else
                                   cb.cluster_size.new_zeros((), dtype=torch.long) for cb in books])
-        event = None
-        if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(values.device))
-            values = host
-        self._expiry_ahead = ([self._expiry_key(cb) for cb in books], values, event)
+        self._expiry_ahead = ([self._expiry_key(cb) for cb in books], *host.to_host_later(values))
 
     @staticmethod
     def _expiry_key(cb: EuclideanCodebook) -> tp.Tuple[torch.Tensor, int, int]:

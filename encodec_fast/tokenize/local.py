@@ -229,8 +229,8 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, ba
 
     def submit(batch: tp.List[Loaded], frames) -> None:
         with timing.stage("to host", device):
-            frames = [[(c.to("cpu", non_blocking=True), s.cpu() if s is not None else None) for c, s in f]
-                      for f in frames]
+            frames = [[(c.to("cpu", non_blocking=True), s.to("cpu", non_blocking=True) if s is not None else None)
+                       for c, s in f] for f in frames]
         event = None
         if cuda:
             event = torch.cuda.Event()
