@@ -64,7 +64,13 @@ def test_outputs_and_gradients_match_upstream(channels, layout, monkeypatch):
                 assert torch.equal(a, b)
     torch.testing.assert_close(og, ug, rtol=1e-5 if last else 1e-6, atol=1e-9)
     for a, b in zip(upg, opg):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+        if last:
+            # A parameter's gradient sums B x frames x bins terms, in another order in oneDNN's
+            # channels-last kernels (which order depends on the CPU's instruction set): 3e-5 of
+            # relative difference seen on one CPU where another showed under 1e-5.
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
 
 
 def test_bad_inputs():

@@ -227,16 +227,17 @@ def _patched(owner, name: str, value):
         setattr(owner, name, old)
 
 
-def capture(full: bool, archs: tp.Sequence[int] = (90,)) -> tp.List[Launch]:
+def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["_Recorder"] = None
+            ) -> tp.List[Launch]:
     """Run every scenario on meta tensors, once per architecture (the wrappers' tables depend on
     it); returns the distinct launches in the order first seen, each with the architectures that
-    launch it."""
+    launch it (`recorder`: one that records more, tools/triton_cache.py's)."""
     import torch
 
     from encodec_fast.modules.lstm import SLSTM
     from encodec_fast.ops import backend
 
-    recorder = _Recorder()
+    recorder = recorder or _Recorder()
 
     def lstm_shape_only(self, x, elu, state=None):
         # The LSTM launches no kernel of ours, and torch runs it on meta tensors one time step at
@@ -304,11 +305,14 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                 judged = precision == "ieee"
                 enc, dec = model.encoder.to(dtype), model.decoder.to(dtype)
                 with _env("ENCODEC_FAST_CONV_PRECISION", precision):
-                    for seconds, batch in ((1, 1), (1, 64), (10, 1), (10, 64)):
-                        with _scenario(recorder, f"{name} encoder {seconds}s x{batch} {tag} {precision}", judged):
-                            enc(torch.empty(batch, ch, sr * seconds, device=meta, dtype=dtype))
-                        frames = -(-sr * seconds // model.encoder.hop_length)
-                        with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
+                    # Also a batch of 8 and a length that is no multiple of 16 (Triton specializes
+                    # integers on that): the sizes the benchmarks and tools/triton_cache.py meet.
+                    for samples, batch in ((sr, 1), (sr, 64), (10 * sr, 1), (10 * sr, 64), (sr, 8), (sr + 7, 3)):
+                        length = f"{samples // sr}s" + (f"+{samples % sr}" if samples % sr else "")
+                        with _scenario(recorder, f"{name} encoder {length} x{batch} {tag} {precision}", judged):
+                            enc(torch.empty(batch, ch, samples, device=meta, dtype=dtype))
+                        frames = -(-samples // model.encoder.hop_length)
+                        with _scenario(recorder, f"{name} decoder {length} x{batch} {tag} {precision}", judged):
                             dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
         # The implicit-GEMM kernels (ENCODEC_FAST_CONV_KERNEL=gemm) in the modes they are built for,
         # tensor cores: tf32, bf16 and fp16 are judged (tensor-core instructions required, spills
@@ -320,11 +324,12 @@ def _scenarios(recorder: "_Recorder", precisions: tp.Sequence[str]) -> None:
                 judged = not (dtype == torch.float32 and precision == "ieee")
                 enc, dec = model.encoder.to(dtype), model.decoder.to(dtype)
                 with _env("ENCODEC_FAST_CONV_PRECISION", precision):
-                    for seconds, batch in ((1, 1), (10, 64)):
-                        with _scenario(recorder, f"{name} encoder {seconds}s x{batch} {tag} {precision}", judged):
-                            enc(torch.empty(batch, ch, sr * seconds, device=meta, dtype=dtype))
-                        frames = -(-sr * seconds // model.encoder.hop_length)
-                        with _scenario(recorder, f"{name} decoder {seconds}s x{batch} {tag} {precision}", judged):
+                    for samples, batch in ((sr, 1), (10 * sr, 64), (sr + 7, 3)):
+                        length = f"{samples // sr}s" + (f"+{samples % sr}" if samples % sr else "")
+                        with _scenario(recorder, f"{name} encoder {length} x{batch} {tag} {precision}", judged):
+                            enc(torch.empty(batch, ch, samples, device=meta, dtype=dtype))
+                        frames = -(-samples // model.encoder.hop_length)
+                        with _scenario(recorder, f"{name} decoder {length} x{batch} {tag} {precision}", judged):
                             dec(torch.empty(batch, dim, frames, device=meta, dtype=dtype))
                     if name == "24k":
                         # A residual block alone (its level's resampling not fused: several blocks

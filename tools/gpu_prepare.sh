@@ -6,7 +6,10 @@
 #   0.1.1 for the peers' columns, vector-quantize-pytorch and its needs), manylinux x86-64;
 # - .gpu_data/clips: the benchmarks' held-out speech and music (ENCODEC_FAST_BENCH_CLIPS);
 # - .gpu_data/corpus: a small training corpus (tools/precision_curves.sh);
-# - .gpu_data/tokenize: the tokenize benchmark's quick corpus (24 clips, 13 MB; ENCODEC_FAST_BENCH_CORPUS).
+# - .gpu_data/tokenize: the tokenize benchmark's quick corpus (24 clips, 13 MB; ENCODEC_FAST_BENCH_CORPUS);
+# - .gpu_data/triton_cache.tar.xz: every launch of the scenarios compiled for sm_90 into Triton's cache,
+#   keyed as the GPU image's triton on its Python computes them (tools/triton_cache.py; needs this
+#   machine's python3 to have the image's triton, constraints/gpu-image.txt: about 30 min on 2 cores).
 # Both folders are git-ignored; carry them to the GPU machine with the working tree.
 set -eu
 py=${1:-3.12}
@@ -29,4 +32,23 @@ python3 -c "
 from pathlib import Path
 from bench.benchmarks.tokenize import make_corpus
 print(len(make_corpus(Path('.gpu_data/tokenize'), 24, False)), 'clips for the tokenize benchmark')"
+triton=$(sed -n 's/^triton==//p' constraints/gpu-image.txt)
+if [ -f .gpu_data/triton_cache.tar.xz ]; then
+    echo "kept .gpu_data/triton_cache.tar.xz (remove it to build it again after a kernel changes)"
+elif python3 -c "import sys, triton; sys.exit(triton.__version__ != '$triton')" 2>/dev/null; then
+    libtriton=()
+    if [ "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$py" ]; then
+        # Triton's cache key hashes libtriton.so, which differs by Python version: take the GPU
+        # machine's from the same triton's wheel for its Python.
+        tw=$(mktemp -d)
+        PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
+            --implementation cp "${platforms[@]}" -d "$tw" "triton==$triton"
+        python3 -m zipfile -e "$tw"/triton-*.whl "$tw/x" && libtriton=(--libtriton "$tw/x/triton/_C/libtriton.so")
+    fi
+    env -u TRITON_INTERPRET python3 -m tools.triton_cache build .gpu_data/triton_cache "${libtriton[@]}" \
+        && python3 -m tools.triton_cache pack .gpu_data/triton_cache .gpu_data/triton_cache.tar.xz
+    rm -rf .gpu_data/triton_cache ${tw:+"$tw"}
+else
+    echo "no .gpu_data/triton_cache.tar.xz: it needs python3 with triton $triton (constraints/gpu-image.txt)"
+fi
 du -sh .whl .gpu_data  # the device tool carries 64 MiB at most

@@ -3,7 +3,9 @@
 # that the machine cannot download go in .whl/, held-out clips made elsewhere in .gpu_data/clips):
 #   bash tools/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser, upstream
-#    encodec, vector-quantize-pytorch and its needs; `pip download` them where a registry is reachable);
+#    encodec, vector-quantize-pytorch and its needs; `pip download` them where a registry is reachable),
+#    and unpacks the kernels compiled ahead of time (.gpu_data/triton_cache.tar.xz, tools/gpu_prepare.sh)
+#    as Triton's cache; after each step the log says how many kernels were compiled here all the same;
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log; in
 #    GPU_TEST_WORKERS processes, default 8, where pytest-xdist is installed);
 # 3. the benchmarks, each in a process of its own (a GPU fault in one does not take the others with
@@ -32,12 +34,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 if [ -d .gpu_data/clips ]; then export ENCODEC_FAST_BENCH_CLIPS=$PWD/.gpu_data/clips; fi
 if [ -d .gpu_data/tokenize ]; then export ENCODEC_FAST_BENCH_CORPUS=$PWD/.gpu_data/tokenize; fi
+# Kernels compiled ahead of time into Triton's cache (tools/gpu_prepare.sh): the tests and benchmarks
+# find them instead of compiling on the GPU machine's clock.
+if [ -f .gpu_data/triton_cache.tar.xz ] && python3 -m tools.triton_cache unpack .gpu_data/triton_cache.tar.xz \
+        /tmp/triton_cache >> "$log" 2>&1; then
+    export TRITON_CACHE_DIR=/tmp/triton_cache
+fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 || say "pip install -e . failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$log" 2>&1
 python3 -m encodec_fast info >> "$log" 2>&1 || python3 -c "import encodec_fast" >> "$log" 2>&1
 git log -1 --format="commit %H %cd" >> "$log" 2>&1 || true
 git status --short >> "$log" 2>&1 || true
-say "setup done"
+say "setup done${TRITON_CACHE_DIR:+ (Triton cache carried)}"
 pack
 
 export PYTHONUNBUFFERED=1
@@ -51,6 +59,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs with min(limit, time left -
     say "$name (limit ${limit} s): $*"
     timeout -k 15 "$limit" "$@" > "$work/$name.log" 2>&1
     say "$name: exit status $?"
+    if [ -n "${TRITON_CACHE_DIR:-}" ]; then python3 -m tools.triton_cache report "$TRITON_CACHE_DIR" >> "$log" 2>&1; fi
     pack
 }
 bench() {  # bench STEP_NAME LIMIT BENCHMARK [ENV=VALUE...]: one benchmark in its own process
