@@ -333,7 +333,7 @@ def _clamped(N: int, K: int, block_n: int, block_k: int, warps: int, stages: int
             warps, stages)
 
 
-def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
+def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False, precision: str = "ieee"):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for `rvq_encode` (`encode`) or `vq_assign`.
 
     Under the interpreter, where each loop iteration costs milliseconds whatever its size: large
@@ -350,7 +350,9 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
       (3.9: at most 16 B), or 32 x 32 with 8 warps on sm_100 with 3.6 (none). Not timed.
     - training stage, fp32 rows, triton 3.6 on sm_80/sm_90: 64 x 128 with 8 warps (0.18 ms for
       4,800 rows; 32 x 32, the table before: 0.33 ms); elsewhere 16 x 64 (0.25 ms on the H200;
-      at most 292 B of spill stores elsewhere).
+      at most 292 B of spill stores elsewhere). In tf32x3 that tile needs 320 KiB of shared memory
+      on sm_90 and 196 KiB on sm_80 (over both limits: it could not launch), so tf32x3 takes
+      32 x 64 with 4 warps (97 KiB, no spills on either; not timed).
     - training stage, half rows: 16 x 32 (not timed; 32 rows spilled 3 KB on sm_90 when compiled).
     - larger D: 32 x 32 (not timed; registers grow with D)."""
     if interpreting():
@@ -368,6 +370,8 @@ def _config(N: int, D: int, K: int, encode: bool, half_input: bool = False):
                 block_n, block_k, warps, stages = 32, 32, 8, 3
         elif half_input:
             block_n, block_k, warps, stages = 16, 32, 4, 3
+        elif measured and precision == "tf32x3":
+            block_n, block_k, warps, stages = 32, 64, 4, 3
         elif measured:
             block_n, block_k, warps, stages = 64, 128, 8, 3
         else:
@@ -496,7 +500,8 @@ def vq_assign(x: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor, stat
     if N:
         _launch(_vq_assign_kernel, (x, codebook, norms, codes, quant, N, D, K, *x.stride()),
                 dict(BLOCK_D=_block_d(D), PRECISION=precision),
-                _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16)),
+                _config(N, D, K, encode=False, half_input=x.dtype in (torch.float16, torch.bfloat16),
+                        precision=precision),
                 _LISTED_CONFIGS["assign"], N, K, key=("D", "K", "PRECISION"))
     if not stats:
         return codes, quant, None, None

@@ -71,7 +71,7 @@ def test_a_built_cache_is_found_by_tritons_jit_after_it_moves(tmp_path):
     manifest = json.loads((tmp_path / "cache" / tc.MANIFEST).read_text())
     n = manifest["launches"]
     assert n >= 2 and not manifest["compile_failures"]
-    assert manifest["check"] == {"found": n, "missed": 0}
+    assert manifest["check"] == {"found": n, "missed": 0, "over_shared_memory": []}
     assert len(manifest["entries"]) == n
     # Only what a launch loads is kept: the cubin and the metadata, not the IRs.
     suffixes = {p.suffix for p in (tmp_path / "cache").glob("*/*")}
@@ -81,7 +81,7 @@ def test_a_built_cache_is_found_by_tritons_jit_after_it_moves(tmp_path):
     assert tc.unpack(tmp_path / "cache.tar.xz", tmp_path / "there") == n
     proc = run_tool("check", tmp_path / "there", "--set", "default", "--only", ONLY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"found": n, "missed": 0}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"found": n, "missed": 0, "over_shared_memory": []}
 
     # Keyed for another machine's libtriton.so: other keys, which that key's JIT finds and this
     # Python's JIT does not (it compiles every launch anew).
@@ -90,8 +90,8 @@ def test_a_built_cache_is_found_by_tritons_jit_after_it_moves(tmp_path):
     proc = run_tool("build", tmp_path / "other", "--set", "default", "--only", ONLY, "--jobs", 2, "--libtriton", other)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     theirs = json.loads((tmp_path / "other" / tc.MANIFEST).read_text())
-    assert theirs["check"] == {"found": n, "missed": 0}
+    assert theirs["check"] == {"found": n, "missed": 0, "over_shared_memory": []}
     assert not set(theirs["entries"]) & set(manifest["entries"])
     proc = run_tool("check", tmp_path / "other", "--set", "default", "--only", ONLY)
     assert proc.returncode == 1
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"found": 0, "missed": n}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"found": 0, "missed": n, "over_shared_memory": []}

@@ -149,15 +149,12 @@ class _Recorder:
         return True  # skip compiling and launching
 
 
-@contextlib.contextmanager
-def _stand_in_driver(recorder: _Recorder):
-    """A driver that reports a CUDA device (so the JIT binds and specializes arguments) and a cache
-    hook that records each launch and skips it."""
+def stand_in_driver_class(arch: tp.Callable[[], int]):
+    """A Triton driver class for a CUDA device of architecture `arch()` that is not there: the JIT
+    binds and specializes arguments for it (on `meta` tensors) and nothing can launch."""
     import torch
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
-    from triton.runtime.driver import driver
 
     class StandIn(DriverBase):
         @classmethod
@@ -168,7 +165,7 @@ def _stand_in_driver(recorder: _Recorder):
             return ty
 
         def get_current_target(self):
-            return GPUTarget("cuda", recorder.arch, 32)
+            return GPUTarget("cuda", arch(), 32)
 
         def get_active_torch_device(self):
             return torch.device("meta")
@@ -182,6 +179,17 @@ def _stand_in_driver(recorder: _Recorder):
         def get_current_stream(self, device=None):
             return 0
 
+    return StandIn
+
+
+@contextlib.contextmanager
+def _stand_in_driver(recorder: _Recorder):
+    """A driver that reports a CUDA device (so the JIT binds and specializes arguments) and a cache
+    hook that records each launch and skips it."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    StandIn = stand_in_driver_class(lambda: recorder.arch)
     previous_hook = knobs.runtime.jit_cache_hook
     driver.set_active(StandIn())
     knobs.runtime.jit_cache_hook = recorder.hook

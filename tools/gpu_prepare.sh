@@ -45,7 +45,10 @@ elif python3 -c "import sys, triton; sys.exit(triton.__version__ != '$triton')" 
             --implementation cp "${platforms[@]}" -d "$tw" "triton==$triton"
         python3 -m zipfile -e "$tw"/triton-*.whl "$tw/x" && libtriton=(--libtriton "$tw/x/triton/_C/libtriton.so")
     fi
-    env -u TRITON_INTERPRET python3 -m tools.triton_cache build .gpu_data/triton_cache "${libtriton[@]}" \
+    # A failed check (a miss, a kernel over the shared memory: printed) still leaves a useful cache.
+    env -u TRITON_INTERPRET python3 -m tools.triton_cache build .gpu_data/triton_cache ${libtriton[@]+"${libtriton[@]}"} \
+        || echo "tools.triton_cache build: problems (above); packing the cache all the same"
+    [ -f .gpu_data/triton_cache/encodec_fast_triton_cache.json ] \
         && python3 -m tools.triton_cache pack .gpu_data/triton_cache .gpu_data/triton_cache.tar.xz
     rm -rf .gpu_data/triton_cache ${tw:+"$tw"}
 else

@@ -18,7 +18,9 @@ options; a cache built here with the same key is one the GPU machine finds.
    options), then each compiled into OUT_DIR in worker processes, keeping only what a launch
    loads (cubin and metadata). Then the same scenarios once more
    through Triton's JIT itself (a stand-in driver whose launches do nothing): every launch must
-   find its kernel in OUT_DIR; one that does not is compiled there and counted as a miss.
+   find its kernel in OUT_DIR (one that does not is compiled there and counted as a miss) and fit
+   the architecture's shared memory (else it could not launch there). Exit status 1 on a compile
+   failure, a miss or a kernel over the shared memory; the cache is written all the same.
 2. Triton's key hashes its `libtriton.so`, which differs between Python versions of the same
    triton. `--libtriton PATH` names the GPU machine's (from the same triton version's wheel for its
    Python: `pip download triton==X --python-version 3.12 --no-deps`), so that the keys are the
@@ -166,48 +168,27 @@ def _compile(entry: Exact, arch: int, out: str, libtriton: tp.Optional[str]) -> 
 
 
 @contextlib.contextmanager
-def _dry_run_driver(arch: int):
+def _dry_run_driver(arch: int, over: tp.Set[str]):
     """Triton's JIT on a stand-in CUDA device of `arch`: it compiles (through its cache) and its
-    launches do nothing."""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.driver import DriverBase
+    launches do nothing. A kernel needing more shared memory than the architecture has (which
+    could not launch there) is added to `over` instead of stopping the run."""
     from triton.runtime.driver import driver
-    shared = _cg().SHARED_LIMIT.get(arch, 232448)
+    cg = _cg()
+    limit = cg.SHARED_LIMIT.get(arch, cg.SHARED_LIMIT[90])
 
     class Utils:
         @staticmethod
         def get_device_properties(device):
-            return {"max_shared_mem": shared}
+            return {"max_shared_mem": 1 << 31}
 
         @staticmethod
         def load_binary(name, kernel, shared, device):
-            return None, None, 0, 0, 1024
+            if shared > limit:
+                over.add(f"{name}: {shared} B of shared memory > {limit} B")
+            return None, None, 0, 0, 1024  # module, function, registers, spills, most threads
 
-    class DryRun(DriverBase):
+    class DryRun(cg.stand_in_driver_class(lambda: arch)):
         utils = Utils()
-
-        @classmethod
-        def is_active(cls):
-            return True
-
-        def map_python_to_cpp_type(self, ty):
-            return ty
-
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("meta")
-
-        def get_benchmarker(self):
-            raise RuntimeError("no benchmarking without a GPU")
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
 
         def launcher_cls(self, src, metadata):
             return lambda *args, **kwargs: None
@@ -240,10 +221,10 @@ def _groups(cache: Path) -> tp.Set[str]:
     return {p.parent.name for p in cache.glob("*/__grp__*.json")}
 
 
-def check(cache: Path, arch: int = 90, full: bool = True, only: tp.Optional[str] = None) -> tp.Tuple[int, int]:
+def check(cache: Path, arch: int = 90, full: bool = True, only: tp.Optional[str] = None) -> tp.Dict[str, tp.Any]:
     """The scenarios through Triton's JIT (in this process: run it in a fresh one) with its cache at
-    `cache`: (launches found there, launches compiled anew into it). Kernels `only` does not match
-    are skipped, not compiled."""
+    `cache`: launches found there, launches compiled anew into it, and the kernels that could not
+    launch on `arch` for their shared memory. Kernels `only` does not match are skipped."""
     import torch
     from triton import knobs
 
@@ -264,9 +245,10 @@ def check(cache: Path, arch: int = 90, full: bool = True, only: tp.Optional[str]
 
     cache = cache.resolve()
     before = _groups(cache)
+    over: tp.Set[str] = set()
     previous_hook = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = hook
-    with cg._env("TRITON_CACHE_DIR", str(cache)), _dry_run_driver(arch), backend.kernels_on_any_device(), \
+    with cg._env("TRITON_CACHE_DIR", str(cache)), _dry_run_driver(arch, over), backend.kernels_on_any_device(), \
             backend.use_backend("triton"), torch.no_grad(), cg._patched(SLSTM, "run", lstm_shape_only), \
             cg._env("ENCODEC_FAST_AUTOTUNE", "0"):
         from encodec_fast.kernels import tuning
@@ -277,7 +259,7 @@ def check(cache: Path, arch: int = 90, full: bool = True, only: tp.Optional[str]
             tuning._ARCHS.clear()
             knobs.runtime.jit_cache_hook = previous_hook
     missed = len(_groups(cache) - before)
-    return launches["count"] - missed, missed
+    return {"found": launches["count"] - missed, "missed": missed, "over_shared_memory": sorted(over)}
 
 
 def build(out: Path, arch: int, full: bool, libtriton: tp.Optional[str], jobs: int,
@@ -314,7 +296,10 @@ def build(out: Path, arch: int, full: bool, libtriton: tp.Optional[str], jobs: i
         (["--libtriton", libtriton] if libtriton else [])
     done = subprocess.run(command, capture_output=True, text=True)
     print(done.stdout.strip() or done.stderr.strip()[-2000:])
-    counts = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    try:
+        counts = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # the check itself failed
+        counts = {}
     manifest = {"triton": triton.__version__, "arch": arch, "set": "full" if full else "default", "only": only,
                 "libtriton": _file_hash(libtriton) if libtriton else None, "root": str(out),
                 "launches": len(entries), "compile_failures": failures, "check": counts,
@@ -322,7 +307,7 @@ def build(out: Path, arch: int, full: bool, libtriton: tp.Optional[str], jobs: i
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{len(manifest['entries'])} kernels, {size / 2**20:.1f} MiB, in {manifest['seconds']:.0f} s")
-    return 1 if failures or not counts or counts.get("missed") else 0
+    return 1 if failures or not counts or counts["missed"] or counts["over_shared_memory"] else 0
 
 
 def pack(cache: Path, tarball: Path) -> None:
@@ -401,10 +386,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return build(args.cache, args.arch, args.set == "full", args.libtriton, args.jobs, args.only)
     if args.command == "check":
         _use_libtriton(args.libtriton)  # this process's JIT computes the GPU machine's keys
-        found, missed = check(args.cache, args.arch, args.set == "full", args.only)
-        print(f"check through Triton's JIT: {found} launches found in the cache, {missed} compiled anew")
-        print(json.dumps({"found": found, "missed": missed}))
-        return 1 if missed else 0
+        counts = check(args.cache, args.arch, args.set == "full", args.only)
+        print(f"check through Triton's JIT: {counts['found']} launches found in the cache, "
+              f"{counts['missed']} compiled anew")
+        for line in counts["over_shared_memory"]:
+            print(f"  could not launch on sm_{args.arch}: {line}")
+        print(json.dumps(counts))
+        return 1 if counts["missed"] or counts["over_shared_memory"] else 0
     if args.command == "pack":
         pack(args.cache, args.tarball)
     elif args.command == "unpack":
