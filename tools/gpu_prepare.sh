@@ -9,7 +9,7 @@
 # - .gpu_data/tokenize: the tokenize benchmark's quick corpus (24 clips, 13 MB; ENCODEC_FAST_BENCH_CORPUS);
 # - .gpu_data/triton_cache.tar.xz: every launch of the scenarios compiled for sm_90 into Triton's cache,
 #   keyed as the GPU image's triton on its Python computes them (tools/triton_cache.py; needs this
-#   machine's python3 to have the image's triton, constraints/gpu-image.txt: about 30 min on 2 cores).
+#   machine's python3 to have the image's triton, constraints/gpu-image.txt: 17 min on 2 cores).
 # Both folders are git-ignored; carry them to the GPU machine with the working tree.
 set -eu
 py=${1:-3.12}
