@@ -602,6 +602,17 @@ def test_encode_batch_one_call_and_cuda_graphs(mode):
     assert equal / total >= (0.99 if mode == "exact" else 0.9), equal / total
 
 
+def _queued_without_a_sync(queue):
+    """queue() with the device idle before it and torch's sync debug mode raising on any
+    synchronisation inside it."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return queue()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["ops", "graphs"])
 @pytest.mark.parametrize("mode", ["exact", "fp16"])
 def test_queued_batches_never_wait_for_the_gpu(mode, graphs):
@@ -618,13 +629,7 @@ def test_queued_batches_never_wait_for_the_gpu(mode, graphs):
     budget = 2 * 48_000  # two calls
     with torch.no_grad():
         first = model.encode_batch(wavs, max_batch_samples=budget)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            pending = model.encode_batch_async(wavs, max_batch_samples=budget)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        got = pending.result()
+        got = _queued_without_a_sync(lambda: model.encode_batch_async(wavs, max_batch_samples=budget)).result()
     assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(first, got))
 
 
@@ -640,13 +645,7 @@ def test_queued_decode_batches_never_wait_for_the_gpu(mode):
     budget = 150 * model.hop_length
     with torch.no_grad():
         first = model.decode_batch(frames, max_batch_samples=budget)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            pending = model.decode_batch_async(frames, max_batch_samples=budget)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        got = pending.result()
+        got = _queued_without_a_sync(lambda: model.decode_batch_async(frames, max_batch_samples=budget)).result()
         assert all(torch.equal(a, b) for a, b in zip(first, got))
         bad = frames[2][0][0].clone()
         bad[0, 3, 7] = 5000

@@ -280,13 +280,23 @@ def test_decode_batch_refuses_codes_out_of_range(pair_24, frames):
     assert all(torch.equal(a, b) for a, b in zip(ours.decode_batch(narrow), wide))
 
 
+def _queued_then_read(queue):
+    """(queue().result(), the host reads while queuing, the host reads in result())."""
+    from encodec_fast.testing import HostReads
+    queued, read = HostReads(), HostReads()
+    with queued:
+        pending = queue()
+    with read:
+        got = pending.result()
+    return got, queued.reads, read.reads
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_queued_batches_wait_for_nothing(pair_24, monkeypatch, backend):
     """`encode_batch_async` on the one-call path (CUDA's, run here on CPU) runs no op that makes the
     host wait for the device (`HostReads`: a value read, an output shaped by values), in any mode,
     so the next batch can be queued while it runs; its `result()` reads one flag per encoder call
     in fp16 and nothing in the other modes, and equals `encode_batch`."""
-    from encodec_fast.testing import HostReads
     _, ours = pair_24
     ours.set_target_bandwidth(6.0)
     wavs = [make_signal(24000, n, 1, seed=n) for n in (700, 1500, 2300)]
@@ -295,13 +305,10 @@ def test_queued_batches_wait_for_nothing(pair_24, monkeypatch, backend):
             _one_call(m)
             for mode in ("exact", "bf16", "fp16"):
                 ours.set_precision(mode)
-                queued, read = HostReads(), HostReads()
-                with queued:
-                    pending = ours.encode_batch_async(wavs, max_batch_samples=2 * 2560)  # two calls
-                with read:
-                    got = pending.result()
-                assert queued.reads == [], (mode, queued.reads)
-                assert [op for op, _ in read.reads] == (["_local_scalar_dense"] * 2 if mode == "fp16" else []), mode
+                got, queued, read = _queued_then_read(
+                    lambda: ours.encode_batch_async(wavs, max_batch_samples=2 * 2560))  # two calls
+                assert queued == [], (mode, queued)
+                assert [op for op, _ in read] == (["_local_scalar_dense"] * 2 if mode == "fp16" else []), mode
                 again = ours.encode_batch(wavs, max_batch_samples=2 * 2560)
                 assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(got, again)), mode
     finally:
@@ -313,7 +320,6 @@ def test_queued_decode_batches_wait_for_nothing(pair_24, monkeypatch, backend):
     """`decode_batch_async` (one-call path, run here on CPU) reads nothing from the device while it
     queues, in any mode, a clip decoded alone included; its `result()` reads one range flag per
     decoder call (and in fp16 one overflow flag per call) and equals `decode_batch`."""
-    from encodec_fast.testing import HostReads
     _, ours = pair_24
     ours.set_target_bandwidth(6.0)
     gen = torch.Generator().manual_seed(9)
@@ -323,14 +329,12 @@ def test_queued_decode_batches_wait_for_nothing(pair_24, monkeypatch, backend):
             _one_call(m)
             for mode in ("exact", "bf16", "fp16"):
                 ours.set_precision(mode)
-                queued, read = HostReads(), HostReads()
-                with queued:  # the 3-frame clip alone, then buckets of 20 + 32 frames and 46 frames
-                    pending = ours.decode_batch_async(frames, max_batch_samples=80 * ours.hop_length)
-                with read:
-                    got = pending.result()
-                assert queued.reads == [], (mode, queued.reads)
+                # the 3-frame clip alone, then buckets of 20 + 32 frames and 46 frames
+                got, queued, read = _queued_then_read(
+                    lambda: ours.decode_batch_async(frames, max_batch_samples=80 * ours.hop_length))
+                assert queued == [], (mode, queued)
                 calls = 3
-                assert [op for op, _ in read.reads] == (
+                assert [op for op, _ in read] == (
                     ["tolist"] * calls + (["_local_scalar_dense"] * calls if mode == "fp16" else [])), mode
                 again = ours.decode_batch(frames, max_batch_samples=80 * ours.hop_length)
                 assert all(torch.equal(a, b) for a, b in zip(got, again)), mode

@@ -25,6 +25,16 @@ def ema_inplace(moving_avg: torch.Tensor, new: torch.Tensor, decay: float) -> No
         moving_avg.mul_(decay).add_(new, alpha=(1 - decay))
 
 
+def _state(t: torch.Tensor) -> tp.Tuple[torch.Tensor, int]:
+    """A buffer's state for remembering what was read from it: the tensor (compared by identity:
+    `load_state_dict` may replace it) and its version (every in-place write moves it)."""
+    return t, t._version
+
+
+def _unchanged(seen: tp.Optional[tp.Tuple[torch.Tensor, int]], t: torch.Tensor) -> bool:
+    return seen is not None and seen[0] is t and seen[1] == t._version
+
+
 def laplace_smoothing(x: torch.Tensor, n_categories: int, epsilon: float = 1e-5) -> torch.Tensor:
     return (x + epsilon) / (x.sum() + n_categories * epsilon)
 
@@ -157,12 +167,11 @@ class EuclideanCodebook(nn.Module):
         """`bool(inited)`, read from the device once: a True is remembered while the buffer is the
         same tensor at the same version (`load_state_dict` and every in-place write on the buffer
         itself move the version), so a training step does not wait for the device to ask."""
-        seen = self._inited_seen
-        if seen is not None and seen[0] is self.inited and seen[1] == self.inited._version:
+        if _unchanged(self._inited_seen, self.inited):
             return True
         if not bool(self.inited):
             return False
-        self._inited_seen = (self.inited, self.inited._version)
+        self._inited_seen = _state(self.inited)
         return True
 
     @torch.jit.ignore
@@ -323,7 +332,7 @@ class ResidualVectorQuantization(nn.Module):
             kwargs["warn"] = False
         self.layers = nn.ModuleList([VectorQuantization(**kwargs) for _ in range(num_quantizers)])
         self._stacked: tp.Dict[int, tp.Any] = {}
-        # (per stage (cluster_size, its version, threshold), the counts on the host, an event or None)
+        # (per stage ((cluster_size, its version), threshold), the counts on the host, an event or None)
         self._expiry_ahead: tp.Any = None
 
     def forward(self, x: torch.Tensor, n_q: tp.Optional[int] = None):
@@ -429,44 +438,40 @@ class ResidualVectorQuantization(nn.Module):
         GPU, one wait for the device instead of one per stage). A stage's count depends only on its
         own codebook, which the stages before it in the update loop do not touch."""
         ahead, self._expiry_ahead = self._expiry_ahead, None
-        if ahead is not None:
-            keys, values, event = ahead
-            if len(books) <= len(keys) and all(
-                    cb is self.layers[i]._codebook and self._same_key(keys[i], self._expiry_key(cb))
-                    for i, cb in enumerate(books)):
-                host.wait(event)
-                counts = values.numpy().tolist()  # host memory (on CUDA, the pinned copy)
-                return [None if cb.threshold_ema_dead_code == 0 else int(counts[i]) for i, cb in enumerate(books)]
-        on_device = [cb.expired_count() for cb in books]
-        read = iter(torch.stack([n for n in on_device if n is not None]).tolist() if any(
-            n is not None for n in on_device) else [])
-        return [None if n is None else next(read) for n in on_device]
+        if ahead is not None and len(books) <= len(ahead[0]) and all(
+                cb is self.layers[i]._codebook and _unchanged(ahead[0][i][0], cb.cluster_size)
+                and ahead[0][i][1] == cb.threshold_ema_dead_code for i, cb in enumerate(books)):
+            _, values, event = ahead
+            host.wait(event)
+            counts = values.numpy().tolist()  # host memory (on CUDA, the pinned copy)
+        else:
+            values = self._counts_on_device(books)
+            counts = values.tolist() if values is not None else []
+        return [None if cb.threshold_ema_dead_code == 0 else int(counts[i]) for i, cb in enumerate(books)]
+
+    @staticmethod
+    def _counts_on_device(books: tp.List[EuclideanCodebook]) -> tp.Optional[torch.Tensor]:
+        """Every stage's `expired_count()` in one device tensor (0 where expiry is off; one
+        comparison where the thresholds agree), not read; None when expiry is off everywhere."""
+        thresholds = {cb.threshold_ema_dead_code for cb in books}
+        if thresholds == {0}:
+            return None
+        if len(thresholds) == 1:
+            return (torch.stack([cb.cluster_size for cb in books]) < thresholds.pop()).sum(dim=1)
+        return torch.stack([cb.expired_count() if cb.threshold_ema_dead_code else
+                            cb.cluster_size.new_zeros((), dtype=torch.long) for cb in books])
 
     def _count_expiry_ahead(self) -> None:
         """Every stage's expiry count for the next training step, counted now on the device (after
         the update: the last change to the counts they depend on) and copied to the host without
         waiting, so that the next step's forward finds them there instead of waiting for the
-        device in its middle (`_expiry_counts` checks that no count changed in between)."""
+        device in its middle (`_expiry_counts` checks that no stage's cluster sizes or threshold
+        changed in between)."""
         books = [layer._codebook for layer in self.layers]
-        thresholds = {cb.threshold_ema_dead_code for cb in books}
-        if thresholds == {0}:
-            return
-        if len(thresholds) == 1:  # every stage's at once
-            values = (torch.stack([cb.cluster_size for cb in books]) < thresholds.pop()).sum(dim=1)
-        else:
-            values = torch.stack([cb.expired_count() if cb.threshold_ema_dead_code else
-                                  cb.cluster_size.new_zeros((), dtype=torch.long) for cb in books])
-        self._expiry_ahead = ([self._expiry_key(cb) for cb in books], *host.to_host_later(values))
-
-    @staticmethod
-    def _expiry_key(cb: EuclideanCodebook) -> tp.Tuple[torch.Tensor, int, int]:
-        """What a stage's expiry count depends on: its cluster sizes (the tensor, compared by
-        identity, and its version: in-place writes and `load_state_dict` move it) and threshold."""
-        return cb.cluster_size, cb.cluster_size._version, cb.threshold_ema_dead_code
-
-    @staticmethod
-    def _same_key(a: tp.Tuple[torch.Tensor, int, int], b: tp.Tuple[torch.Tensor, int, int]) -> bool:
-        return a[0] is b[0] and a[1:] == b[1:]
+        values = self._counts_on_device(books)
+        if values is not None:
+            keys = [(_state(cb.cluster_size), cb.threshold_ema_dead_code) for cb in books]
+            self._expiry_ahead = (keys, *host.to_host_later(values))
 
     def encode(self, x: torch.Tensor, n_q: tp.Optional[int] = None, rows: tp.Optional[int] = None) -> torch.Tensor:
         """[B, D, T] -> codes [n_q, B, T] (`encodec_fast.ops.rvq_encode`).
