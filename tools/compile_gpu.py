@@ -235,22 +235,30 @@ def _patched(owner, name: str, value):
         setattr(owner, name, old)
 
 
-def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["_Recorder"] = None
-            ) -> tp.List[Launch]:
-    """Run every scenario on meta tensors, once per architecture (the wrappers' tables depend on
-    it); returns the distinct launches in the order first seen, each with the architectures that
-    launch it (`recorder`: one that records more, tools/triton_cache.py's)."""
+@contextlib.contextmanager
+def on_meta():
+    """What the scenarios run under: our Triton kernels on any device (meta tensors here), no
+    autograd, and the LSTM giving its output's shape only (it launches no kernel of ours, and torch
+    runs it on meta tensors one time step at a time in Python: minutes for these scenarios)."""
     import torch
 
     from encodec_fast.modules.lstm import SLSTM
     from encodec_fast.ops import backend
 
-    recorder = recorder or _Recorder()
-
     def lstm_shape_only(self, x, elu, state=None):
-        # The LSTM launches no kernel of ours, and torch runs it on meta tensors one time step at
-        # a time in Python (minutes for these scenarios): give its output's shape only.
         return torch.empty_like(x), state
+
+    with backend.kernels_on_any_device(), backend.use_backend("triton"), torch.no_grad(), \
+            _patched(SLSTM, "run", lstm_shape_only):
+        yield
+
+
+def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["_Recorder"] = None
+            ) -> tp.List[Launch]:
+    """Run every scenario on meta tensors, once per architecture (the wrappers' tables depend on
+    it); returns the distinct launches in the order first seen, each with the architectures that
+    launch it (`recorder`: one that records more, tools/triton_cache.py's)."""
+    recorder = recorder or _Recorder()
     precisions = ("ieee", "tf32x3", "tf32") if full else ("ieee",)
 
     def every_listed_config(self, *args, **kwargs):
@@ -262,8 +270,7 @@ def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["
         self.nargs = None
 
     from triton.runtime.autotuner import Autotuner
-    with _stand_in_driver(recorder), backend.kernels_on_any_device(), backend.use_backend("triton"), \
-            torch.no_grad(), _patched(SLSTM, "run", lstm_shape_only), _patched(Autotuner, "run", every_listed_config):
+    with _stand_in_driver(recorder), on_meta(), _patched(Autotuner, "run", every_listed_config):
         from encodec_fast.kernels import tuning
         for arch in archs:
             recorder.arch = arch
