@@ -3,7 +3,8 @@
 # that the machine cannot download go in .whl/, held-out clips made elsewhere in .gpu_data/clips):
 #   bash tools/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser, upstream
-#    encodec, vector-quantize-pytorch and its needs; `pip download` them where a registry is reachable),
+#    encodec, vector-quantize-pytorch and its needs, transformers trimmed to the EnCodec model and its
+#    needs: tools/gpu_prepare.sh downloads them where a registry is reachable),
 #    and unpacks the kernels compiled ahead of time (.gpu_data/triton_cache.tar.xz, tools/gpu_prepare.sh)
 #    as Triton's cache; after each step the log says how many kernels were compiled here all the same;
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log; in
