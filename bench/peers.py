@@ -127,8 +127,29 @@ class Codec:
         return pieces
 
 
+def import_transformers():
+    """transformers, with its EnCodec model's code loaded, such that it does not take this repository's
+    kernels/ folder for PyPI's `kernels`. transformers probes for that package (find_spec, then its
+    metadata, else an import) when it loads any model's code, and caches the answer. From the repository's
+    root (`python -m bench`, the tests) the probe finds our folder; where PyPI's `kernels` is installed
+    (transformers 5.x requires it) the folder steps aside for it (kernels/__init__.py), but where it is not
+    (a GPU image with transformers 5.17 and no `kernels`) the probe's import fails and so does
+    `from transformers import EncodecModel`. So the root leaves sys.path while that import runs."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != root]
+    try:
+        import transformers
+        from transformers import EncodecModel  # noqa: F401  (loads modeling_utils: the probe runs now)
+    finally:
+        sys.path[:] = saved
+    return transformers
+
+
 def transformers_config(model: str):
-    import transformers
+    transformers = import_transformers()
     if model == "48khz":
         return transformers.EncodecConfig(sampling_rate=48000, audio_channels=2, normalize=True, chunk_length_s=1.0,
                                           overlap=0.01, use_causal_conv=False, norm_type="time_group_norm",
@@ -181,11 +202,10 @@ def build(impl: str, model: str, state: tp.Dict[str, torch.Tensor], device: str 
         net.load_state_dict(state, strict=True)
         net.eval()
     elif impl == "transformers":
-        try:
-            import transformers  # noqa: F401
+        try:  # transformers imports the model's code lazily: a missing need shows up at the model, not before
+            EncodecModel = import_transformers().EncodecModel
         except Exception as err:
             raise Unavailable(f"transformers cannot be imported ({type(err).__name__}: {err})"[:200]) from err
-        from transformers import EncodecModel
         net = EncodecModel(transformers_config(model))
         converted = to_transformers(state)
         if not set(converted) <= set(net.state_dict()):  # older transformers: weight_g / weight_v names

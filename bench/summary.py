@@ -1,4 +1,4 @@
-"""REPORT.md and the plots of a suite run (matplotlib, Agg): the headline table, throughput
+"""REPORT.md and the plots of a suite run (matplotlib, Agg, where installed): the headline table, throughput
 against batch size and clip length, memory against length, quality against bitrate, speed-ups
 (and the GPU kernels' when there are any), then every record in a table per benchmark."""
 
@@ -389,16 +389,23 @@ def detail_tables(results) -> tp.List[str]:
 
 
 def write(out: Path, results: tp.Dict[str, tp.Any]) -> None:
-    """OUT/REPORT.md and OUT/*.png from results (also callable on a saved results.json)."""
-    import matplotlib
-    matplotlib.use("Agg")
+    """OUT/REPORT.md and OUT/*.png from results (also callable on a saved results.json). Without
+    matplotlib (not a requirement of the library) the report says so instead of holding the plots;
+    `python -m bench.summary OUT` draws them later where it is installed."""
     made = []
-    for file, title, fn in PLOTS:
-        try:
-            if fn(results, out / file):
-                made.append((file, title))
-        except Exception as err:  # a plot that fails must not lose the report
-            made.append((None, f"{title}: plot failed ({type(err).__name__}: {err})"))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+    except ImportError:
+        made.append((None, "plots: not drawn, matplotlib is not installed here (pip install matplotlib; then "
+                           "`python -m bench.summary DIR` on this folder)"))
+    else:
+        for file, title, fn in PLOTS:
+            try:
+                if fn(results, out / file):
+                    made.append((file, title))
+            except Exception as err:  # a plot that fails must not lose the report
+                made.append((None, f"{title}: plot failed ({type(err).__name__}: {err})"))
     lines = [f"# encodec_fast benchmark report ({results['suite']}, {results['context']['device']})", ""]
     lines += _context_lines(results)
     lines += ["", "## Headline", "",

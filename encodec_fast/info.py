@@ -2,7 +2,7 @@
 
     encodec-fast info [--json]        (also: python -m encodec_fast info)
 
-Versions (Python, torch, triton, numpy, soundfile, torchaudio if present), whether the C++ coder
+Versions (Python, torch, triton, numpy, soundfile, pyarrow, torchaudio if present), whether the C++ coder
 extension is built, which backend each op takes here and why, and the official checkpoints in the
 cache. Every probe is guarded: a missing or broken piece is reported with what to do, never as a
 traceback. `collect()` returns the same facts as a dict (benchmark reports record it).
@@ -142,8 +142,9 @@ def collect() -> Facts:
         "encodec_fast": {"version": __version__, "path": str(Path(__file__).parent)},
         "python": {"version": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"},
         "torch": torch_facts, "triton": triton_facts, "numpy": numpy_facts,
-        "soundfile": _soundfile_facts(), "torchaudio": _version("torchaudio") if "version" in torch_facts else
-        {"installed": False}, "coder": _coder_facts(), "backend": _backend_facts(torch_facts, triton_facts),
+        "soundfile": _soundfile_facts(), "pyarrow": _version("pyarrow"),
+        "torchaudio": _version("torchaudio") if "version" in torch_facts else {"installed": False},
+        "coder": _coder_facts(), "backend": _backend_facts(torch_facts, triton_facts),
         "checkpoints": _checkpoint_facts(),
     }
 
@@ -174,12 +175,14 @@ def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> tp.Opt
 def problems(facts: Facts) -> tp.List[str]:
     """Each thing that is missing or broken, with what to do about it."""
     out = []
-    for name, fix in (("torch", "pip install torch"), ("numpy", "pip install numpy"),
-                      ("soundfile", "pip install soundfile")):
+    for name, fix, need in (("torch", "pip install torch", "required"), ("numpy", "pip install numpy", "required"),
+                            ("soundfile", "pip install soundfile", "required"),
+                            ("pyarrow", "pip install pyarrow", "required by tokenize's Parquet shards and "
+                                                               "read_codes; the rest runs without it")):
         if "error" in facts[name] or not facts[name].get("installed"):
             problem = "does not import: " + facts[name]["error"] if "error" in facts[name] else "is missing"
             out.append(f"{name} {problem}"
-                       f" (required): {fix}")
+                       f" ({need}): {fix}")
     if "error" in facts["triton"]:
         out.append(f"triton is installed but does not import ({facts['triton']['error']}): the ops use the PyTorch "
                    "reference; reinstall the triton that your torch names (pip install --force-reinstall torch)")
@@ -222,6 +225,7 @@ def format_facts(facts: Facts) -> str:
     sf = facts["soundfile"]
     lines.append(f"  soundfile   {version('soundfile')}"
                  + (f" (libsndfile {sf['libsndfile']})" if "libsndfile" in sf else ""))
+    lines.append(f"  pyarrow     {version('pyarrow')} (tokenize's Parquet shards)")
     lines.append(f"  torchaudio  {version('torchaudio')} (optional: only the tests' oracle uses it)")
     c = facts["coder"]
     lines.append("  C++ coder   " + (f"built ({Path(c['path']).name})" if c.get("built") else "NOT built (see below)"))

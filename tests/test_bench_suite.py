@@ -213,3 +213,19 @@ def test_quality_checkpoint_is_recognised_by_its_architecture(tmp_path):
     ctx.checkpoint = tmp_path / "bad.th"
     with pytest.raises(ValueError, match="loads into none"):
         quality.checkpoints(ctx)
+
+
+def test_report_without_matplotlib_says_so_and_keeps_the_tables(tmp_path, monkeypatch):
+    """matplotlib is not a requirement of the library (nor in a GPU image): the report is written all the
+    same, saying the plots were not drawn; with matplotlib the same results give the plots."""
+    from bench import summary
+    results = json.loads((ROOT / "bench/results/quantizer_cpu_2026-12-06/results.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    summary.write(tmp_path, results)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "plots: not drawn, matplotlib is not installed" in report
+    assert "| 24 kbps, stages 32, frames 600, batch 8 | upstream | time (ms) |" in report
+    assert not list(tmp_path.glob("*.png"))
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    summary.write(tmp_path, results)
+    assert (tmp_path / "speedups.png").exists() and "not drawn" not in (tmp_path / "REPORT.md").read_text()

@@ -24,7 +24,8 @@ def test_info_screen_and_json():
     proc = run_info()
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     out = proc.stdout
-    for needle in (f"torch       {torch.__version__}", "triton", "numpy", "soundfile", "torchaudio", "C++ coder",
+    for needle in (f"torch       {torch.__version__}", "triton", "numpy", "soundfile", "pyarrow", "torchaudio",
+                   "C++ coder",
                    "ops ", "checkpoints"):
         assert needle in out, out
     assert len(out.splitlines()) <= 30  # one screen
@@ -74,10 +75,12 @@ def test_problems_lists_missing_pieces_with_fixes():
     facts["triton"] = {"installed": True, "version": "3.6.0"}
     facts["numpy"] = {"installed": True, "version": "2.4.6"}
     facts["soundfile"] = {"installed": False}
+    facts["pyarrow"] = {"installed": False}
     found = info.problems(facts)
     assert any("C++ arithmetic coder is not built" in p and "--no-build-isolation" in p for p in found)
     assert any("numpy<2.4" in p for p in found)
     assert any(p.startswith("soundfile is missing") for p in found)
+    assert any(p.startswith("pyarrow is missing (required by tokenize's") for p in found)
     text = info.format_facts(facts)
     assert "soundfile   not installed" in text and "NOT built" in text
     facts = info.collect()

@@ -72,6 +72,30 @@ def test_transformers_imports_from_the_repository_root():
     assert out.stdout.split()[-1] == "EncodecModel"
 
 
+def test_transformers_peer_imports_from_the_root_without_pypi_kernels(tmp_path):
+    """transformers probes for PyPI's `kernels` when it loads a model's code; from the repository's root,
+    with that package absent, the probe finds our kernels/ folder, imports it, and fails (kernels/
+    __init__.py steps aside with nothing to hand over). bench.peers.import_transformers loads the model's
+    code with the root off sys.path, so the benchmarks' transformers column runs there too. Run in an
+    interpreter that sees torch, numpy, soundfile and transformers with their requirements but not
+    `kernels` (as the GPU image: transformers 5.17, no `kernels`)."""
+    pytest.importorskip("transformers")
+    from tools import carry_wheels
+    code = ("from bench.peers import import_transformers\nt = import_transformers()\n"
+            "m = t.EncodecModel(t.EncodecConfig(num_filters=4, hidden_size=8))\n"
+            "import torch\nprint(tuple(m(torch.randn(1, 1, 2400)).audio_values.shape))\n"
+            "import os, sys\nprint(os.path.realpath(sys.path[0] or '.'))\n")
+    (tmp_path / "site").mkdir()
+    view = dict(roots=(*carry_wheels.IMAGE_HAS, "soundfile", "tqdm", "transformers"), exclude=("kernels",))
+    out = carry_wheels.check(tmp_path / "site", code, cwd=ROOT, **view)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shape, root = out.stdout.splitlines()[-2:]
+    assert shape == "(1, 1, 2400)" and root == str(ROOT.resolve())  # the root back on sys.path after
+    # what the peer steps around: the same import without it
+    bare = carry_wheels.check(tmp_path / "site", "from transformers import EncodecModel", cwd=ROOT, **view)
+    print("bare import from the root without PyPI's kernels:", "fails" if bare.returncode else "runs")
+
+
 IMPORT_OURS = ("import importlib, encodec_fast.kernels as k\n"
                f"mods = [importlib.import_module('encodec_fast.kernels.' + n) for n in {KERNEL_MODULES!r}]\n"
                "print(k.__file__)\nprint(mods[-1].__file__)\n"

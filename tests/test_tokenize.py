@@ -397,3 +397,16 @@ def test_resampling_on_the_device_waits_for_nothing():
         out = resampled(wavs, [44100, 16000, 24000], 24000, torch.device("cpu"))
     assert reads.reads == []
     assert [o.shape[-1] for o in out] == [16_327, 13_500, 5_000] and torch.equal(out[2], wavs[2])
+
+
+def test_training_and_listing_import_without_pyarrow():
+    """pyarrow is needed for the shards only: training (which lists and loads audio with this package's
+    sources and loading) and `tokenize` itself import without it; the shards' reader says what it needs."""
+    code = ("import sys\nsys.modules['pyarrow'] = None  # as if not installed\n"
+            "import encodec_fast.train.trainer, encodec_fast.train.data\n"
+            "from encodec_fast.tokenize import list_items, tokenize\n"
+            "try:\n    from encodec_fast.tokenize import read_codes\nexcept ImportError as err:\n"
+            "    print('reader:', err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("reader: ") and "pyarrow" in proc.stdout, proc.stdout

@@ -1,100 +1,55 @@
 #!/usr/bin/env python
-"""Wheels for a machine without a registry, made small enough to carry (tools/gpu_prepare.sh).
+"""Whether the wheels carried to a GPU machine (no registry there) are enough for what runs there,
+checked on a machine that has much more installed (tools/gpu_prepare.sh).
 
-    python -m tools.carry_wheels trim WHEEL OUT_DIR --prune transformers/models --keep auto encodec
-    python -m tools.carry_wheels check SITE CODE
+    python -m tools.carry_wheels check SITE CODE [--cwd DIR]
+    python -m tools.carry_wheels bench SITE [--only codec quantizer rvq train_step]
 
-`trim`: the wheel without the subpackages a run does not import, still a valid wheel (its RECORD
-rewritten). Why: the GPU machine has no registry, and the device tool carries 64 MiB with the
-working tree. transformers' wheel is 13 MiB, nearly all of it the code of ~560 models under
-transformers/models; the benchmarks' transformers peer imports EncodecModel only (through
-transformers/models/auto's lazy maps, which name the other models as strings), so the wheel with
-models/encodec and models/auto alone is 2.1 MiB and imports and runs EncodecModel the same.
-Everything outside the pruned folder is kept, as is every file directly in it (its __init__.py).
+`check`: runs CODE in an interpreter that sees only the standard library, SITE (the carried wheels
+installed there with `pip install --target`) and what the GPU image is known to have (IMAGE_HAS and
+everything they require, as installed here; not IMAGE_LACKS). The interpreter is a venv's (no system
+site-packages) with SITE and links to those packages on its path, so the processes CODE starts are in
+it too. Why not just import things here: packages find each other (transformers imports PIL, or
+PyPI's `kernels`, where it finds them), so only a run without them shows what runs without them.
 
-`check`: runs CODE in an interpreter that sees only the standard library, SITE (the wheels installed
-there with `pip install --target`) and what the GPU image is known to have (torch and everything it
-requires, numpy, triton), so a list of wheels to carry is checked on a machine that has much more
-installed (transformers imports optional packages such as PIL when it finds them: only a run without
-them shows what it cannot do without).
+`bench`: the benchmarks the GPU session runs, in their smoke suite on CPU, from the repository's root
+in that interpreter: fails when a benchmark fails or a peer (upstream, transformers,
+vector-quantize-pytorch) reads n/a for want of a package.
 """
 
 import argparse
-import base64
-import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import typing as tp
-import zipfile
+import venv
 from pathlib import Path
 
-
-def _record_line(name: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{name},sha256={digest},{len(data)}"
-
-
-def _kept(name: str, prune: str, keep: tp.Collection[str]) -> bool:
-    if not name.startswith(prune + "/"):
-        return True
-    rest = name[len(prune) + 1:].split("/")
-    return len(rest) == 1 or rest[0] in keep
+#: What the GPU image ('cuda', of the device tool's H100 and H200) has that our runs use, besides the
+#: standard library: these distributions and everything they require. From the image's package list
+#: as read on 2026-11-17 (the device tool's KINDS.md; transformers 5.17.0, torch 2.11.0 there), which
+#: has none of soundfile, cffi, encodec, vector-quantize-pytorch and PyPI's `kernels` (IMAGE_LACKS:
+#: transformers 5.x names it as a requirement, so a check here would find it otherwise).
+IMAGE_HAS = ("torch", "torchaudio", "numpy", "triton", "transformers", "matplotlib", "pyarrow", "pytest",
+             "pytest-xdist", "einops", "tqdm")
+IMAGE_LACKS = ("kernels",)
 
 
-def trim(wheel: Path, out_dir: Path, prune: str, keep: tp.Collection[str]) -> tp.Tuple[Path, int, int]:
-    """Writes OUT_DIR/<the wheel's name> without prune/<x>/ for every x not in keep. Returns (path,
-    files kept, files dropped)."""
-    prune = prune.strip("/")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / wheel.name
-    if out.resolve() == wheel.resolve():
-        raise ValueError("the trimmed wheel would overwrite its source: choose another OUT_DIR")
-    kept = dropped = 0
-    with zipfile.ZipFile(wheel) as src:
-        names = src.namelist()
-        records = [n for n in names if n.endswith(".dist-info/RECORD") and n.count("/") == 1]
-        if len(records) != 1:
-            raise ValueError(f"{wheel.name}: not a wheel (found {len(records)} .dist-info/RECORD files)")
-        record = records[0]
-        if not any(n.startswith(prune + "/") for n in names):
-            raise ValueError(f"{wheel.name} has no {prune}/ to prune")
-        missing = [k for k in keep if not any(n.startswith(f"{prune}/{k}/") for n in names)]
-        if missing:
-            raise ValueError(f"{wheel.name} has no {', '.join(f'{prune}/{k}/' for k in missing)}")
-        lines = []
-        tmp = out.with_name(out.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
-            for info in src.infolist():
-                if info.filename == record or info.is_dir():
-                    continue
-                if not _kept(info.filename, prune, keep):
-                    dropped += 1
-                    continue
-                data = src.read(info)
-                dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-                lines.append(_record_line(info.filename, data))
-                kept += 1
-            lines.append(f"{record},,")
-            dst.writestr(record, "\n".join(lines) + "\n")
-        tmp.replace(out)
-    return out, kept, dropped
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
-#: What the GPU image is known to have besides the standard library: these distributions and
-#: everything they require (torch's requirements, theirs, and so on).
-IMAGE_HAS = ("torch", "numpy", "triton")
-
-
-def _requirement_closure(roots: tp.Iterable[str]) -> tp.Set[str]:
-    """The installed distributions named, and all they require (extras left out), recursively."""
-    seen, todo = set(), list(roots)
+def _requirement_closure(roots: tp.Iterable[str], exclude: tp.Iterable[str] = ()) -> tp.Set[str]:
+    """The installed distributions named, and all they require (extras left out), recursively; not
+    those in `exclude` (nor what only they require)."""
+    seen, todo, skip = set(), list(roots), {_normal(n) for n in exclude}
     while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-        if name in seen:
+        name = _normal(todo.pop())
+        if name in seen or name in skip:
             continue
         try:
             reqs = importlib.metadata.requires(name) or []
@@ -105,11 +60,12 @@ def _requirement_closure(roots: tp.Iterable[str]) -> tp.Set[str]:
     return seen
 
 
-def image_view(dest: Path, roots: tp.Iterable[str] = IMAGE_HAS) -> Path:
+def image_view(dest: Path, roots: tp.Iterable[str] = IMAGE_HAS, exclude: tp.Iterable[str] = IMAGE_LACKS) -> Path:
     """A folder of links to the installed files of `roots` and their requirements (modules and
-    .dist-info alike): with the standard library, what a python3 of the GPU image can import."""
+    .dist-info alike; not `exclude`): with the standard library, what a python3 of the GPU image can
+    import."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in _requirement_closure(roots):
+    for name in _requirement_closure(roots, exclude):
         dist = importlib.metadata.distribution(name)
         for f in dist.files or []:
             top = f.parts[0]
@@ -121,43 +77,85 @@ def image_view(dest: Path, roots: tp.Iterable[str] = IMAGE_HAS) -> Path:
     return dest
 
 
-def check(site: Path, code: str) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter that sees the standard library, `site` (wheels installed
-    there with `pip install --target`) and the GPU image's packages (image_view), nothing else."""
+def _image_python(tmp: Path, site: Path, roots: tp.Iterable[str] = IMAGE_HAS,
+                  exclude: tp.Iterable[str] = IMAGE_LACKS) -> Path:
+    """A venv in `tmp` (no system site-packages, no pip) whose path holds `site` and the image's
+    packages (image_view) after its own empty site-packages: a python3 like the GPU image's with the
+    carried wheels installed. Processes it starts with sys.executable are in it too."""
+    env = tmp / "env"
+    venv.create(env, with_pip=False, symlinks=True)
+    packages = next(env.glob("lib/python*/site-packages"))
+    view = image_view(tmp / "image", roots, exclude)
+    (packages / "carried.pth").write_text(f"{site.resolve()}\n{view}\n")
+    return env / "bin" / "python"
+
+
+def check(site: Path, code: str, cwd: tp.Optional[Path] = None, timeout: tp.Optional[float] = None,
+          roots: tp.Iterable[str] = IMAGE_HAS, exclude: tp.Iterable[str] = IMAGE_LACKS
+          ) -> subprocess.CompletedProcess:
+    """Runs `code` (from `cwd`) in an interpreter that sees the standard library, `site` (wheels installed
+    there with `pip install --target`) and the GPU image's packages, nothing else (_image_python; `roots`
+    and `exclude` say which installed distributions stand for the image's)."""
     with tempfile.TemporaryDirectory() as tmp:
-        view = image_view(Path(tmp) / "image")
-        boot = (f"import sys; sys.path[1:1] = [{str(site.resolve())!r}, {str(view)!r}]; "
-                f"exec(compile({code!r}, '<check>', 'exec'))")
+        python = _image_python(Path(tmp), site, roots, exclude)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        return subprocess.run([sys.executable, "-S", "-c", boot], capture_output=True, text=True, env=env,
-                              cwd=tmp)
+        return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env,
+                              cwd=cwd or tmp, timeout=timeout)
+
+
+#: The peers the GPU session's benchmarks compare with, each from a carried wheel.
+PEERS = ("upstream", "transformers", "vector-quantize-pytorch")
+
+
+def check_bench(site: Path, benchmarks: tp.Sequence[str], root: Path) -> tp.List[str]:
+    """The benchmarks' smoke suite on CPU, run as tools/gpu_session.sh runs them (`python -m bench` from
+    the repository's root `root`) with only the carried wheels and the image's packages. Returns the
+    problems: a benchmark that failed, a peer that could not run (its n/a reason)."""
+    with tempfile.TemporaryDirectory() as out:
+        code = ("import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', 'bench', '--suite', "
+                f"'smoke', '--only', *{list(benchmarks)!r}, '--out', {out!r}]))")
+        proc = check(site, code, cwd=root, timeout=1800)
+        path = Path(out) / "results.json"
+        if not path.exists():
+            return [f"the suite wrote no results (exit status {proc.returncode}): {proc.stderr[-2000:]}"]
+        results = json.loads(path.read_text())
+    problems = [f"{name}: {b.get('status')}" for name, b in results["benchmarks"].items()
+                if str(b.get("status", "")).startswith("error")]
+    seen = set()
+    for r in results["records"]:  # other n/a reasons (a case the smoke suite leaves out) are not problems
+        if (r.get("na") and r["implementation"] in PEERS and r["implementation"] not in seen
+                and re.search(r"cannot be imported|not installed", r["na"])):
+            seen.add(r["implementation"])
+            problems.append(f"{r['implementation']} ({r['benchmark']}): n/a: {r['na']}")
+    return problems
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("trim", help="a wheel without some subpackages")
-    t.add_argument("wheel", type=Path)
-    t.add_argument("out_dir", type=Path)
-    t.add_argument("--prune", required=True, help="a folder in the wheel, e.g. transformers/models")
-    t.add_argument("--keep", nargs="*", default=[], help="subfolders of --prune to keep")
     c = sub.add_parser("check", help="CODE runs with SITE and the GPU image's packages only")
     c.add_argument("site", type=Path)
     c.add_argument("code")
+    c.add_argument("--cwd", type=Path, help="where CODE runs (default: an empty folder)")
+    bc = sub.add_parser("bench", help="the GPU session's benchmarks (smoke, CPU) with SITE and the image's "
+                                      "packages only; every peer must import")
+    bc.add_argument("site", type=Path)
+    bc.add_argument("--only", nargs="+", default=["codec", "quantizer", "rvq", "train_step"])
     args = p.parse_args(argv)
     try:
-        if args.command == "trim":
-            out, kept, dropped = trim(args.wheel, args.out_dir, args.prune, set(args.keep))
-            print(f"{out}: {kept} files kept, {dropped} dropped under {args.prune}/, "
-                  f"{args.wheel.stat().st_size / 2**20:.1f} -> {out.stat().st_size / 2**20:.1f} MiB")
-            return 0
-        proc = check(args.site, args.code)
-    except (ValueError, zipfile.BadZipFile, OSError) as err:
+        if args.command == "bench":
+            problems = check_bench(args.site, args.only, Path(__file__).resolve().parents[1])
+            for line in problems:
+                print(f"problem: {line}")
+            print(f"{' '.join(args.only)}: {len(problems)} problems with {args.site} and the GPU image's packages only")
+            return 1 if problems else 0
+        proc = check(args.site, args.code, args.cwd)
+    except (ValueError, OSError, subprocess.TimeoutExpired) as err:
         print(f"carry_wheels: {err}", file=sys.stderr)
         return 2
     if proc.returncode != 0:
-        print(f"fails with {args.site} and the GPU image's packages only ({', '.join(IMAGE_HAS)} and what they "
-              f"require):\n{proc.stderr[-3000:]}")
+        print(f"fails with {args.site} and the GPU image's packages only ({', '.join(IMAGE_HAS)}, what they require, "
+              f"not {', '.join(IMAGE_LACKS)}):\n{proc.stderr[-3000:]}")
         return 1
     print(f"runs with {args.site} and the GPU image's packages only ({', '.join(IMAGE_HAS)} and what they require)")
     return 0

@@ -3,8 +3,8 @@
 # prepared on a machine that has it (run from the repository's root, with espeak-ng for speech):
 #   bash tools/gpu_prepare.sh [PYTHON_VERSION]      (the GPU machine's Python, default 3.12)
 # - .whl/: wheels of what the GPU image lacks (soundfile and its cffi/pycparser, upstream encodec
-#   0.1.1 for the peers' columns, vector-quantize-pytorch and its needs, transformers with only the
-#   EnCodec model's code and what it needs), manylinux x86-64;
+#   0.1.1 for the peers' columns, vector-quantize-pytorch and its needs), manylinux x86-64, checked
+#   to run the GPU session's benchmarks with the image's packages (tools/carry_wheels.py);
 # - .gpu_data/clips: the benchmarks' held-out speech and music (ENCODEC_FAST_BENCH_CLIPS);
 # - .gpu_data/corpus: a small training corpus (tools/precision_curves.sh);
 # - .gpu_data/tokenize: the tokenize benchmark's quick corpus (24 clips, 13 MB; ENCODEC_FAST_BENCH_CORPUS);
@@ -19,40 +19,23 @@ platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
     platforms+=(--platform "$p")
 done
-PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
-    --implementation cp "${platforms[@]}" -d .whl soundfile cffi pycparser vector-quantize-pytorch einx \
-    frozendict loguru torch-einops-utils
-PIP_CONFIG_FILE=/dev/null python3 -m pip wheel -q --no-deps -w .whl encodec==0.1.1
-# transformers' EncodecModel, the codec benchmark's `transformers` column: its wheel without the other
-# models' code (13 -> 2 MiB, tools/carry_wheels.py) and what importing and running EncodecModel needs
-# besides the image's torch and numpy (5 MiB). The same set for this machine's Python is checked to run
-# with nothing else installed.
-transformers_needs="transformers huggingface_hub safetensors regex pyyaml tqdm packaging httpx2 httpcore2 h11 idna truststore"
-carry_transformers() {  # carry_transformers PYTHON_VERSION DIR
-    local d w n; d=$(mktemp -d)
-    PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --only-binary=:all: --python-version "$1" \
-        --implementation cp "${platforms[@]}" -d "$d" transformers
-    for n in $transformers_needs; do
-        w=$(find "$d" -maxdepth 1 -iname "$(echo "$n" | tr - _)-[0-9]*.whl" | head -1)
-        if [ -z "$w" ]; then echo "transformers' wheels: no $n (its needs changed?)"; rm -rf "$d"; return 1; fi
-        if [ "$n" = transformers ]; then
-            python3 -m tools.carry_wheels trim "$w" "$2" --prune transformers/models --keep auto encodec
-        else
-            cp "$w" "$2/"
-        fi
-    done
-    rm -rf "$d"
+carry_wheels() {  # carry_wheels PYTHON_VERSION DIR: what the runs need that the GPU image lacks (its package
+    # list in the device tool's KINDS.md has transformers, matplotlib, pyarrow, pytest, einops, tqdm)
+    PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$1" \
+        --implementation cp "${platforms[@]}" -d "$2" soundfile cffi pycparser vector-quantize-pytorch einx \
+        frozendict loguru torch-einops-utils
+    PIP_CONFIG_FILE=/dev/null python3 -m pip wheel -q --no-deps -w "$2" encodec==0.1.1
 }
-rm -f .whl/transformers-*.whl
-carry_transformers "$py" .whl
+carry_wheels "$py" .whl
+# The same set for this machine's Python, with nothing else installed but what the GPU image has: the GPU
+# session's benchmarks in their smoke suite, every peer importing (tools/carry_wheels.py bench). A package
+# the peers come to need is found here, not on the GPU's clock.
 here=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 tc=$(mktemp -d); mkdir "$tc/whl"
-if carry_transformers "$here" "$tc/whl" \
+if carry_wheels "$here" "$tc/whl" \
         && python3 -m pip install -q --no-index --no-deps --target "$tc/site" "$tc"/whl/*.whl; then
-    python3 -m tools.carry_wheels check "$tc/site" "from transformers import EncodecModel, EncodecConfig
-import torch
-EncodecModel(EncodecConfig(num_filters=4, hidden_size=8))(torch.randn(1, 1, 2400))" \
-        || echo "the carried transformers will not run on the GPU machine: see above"
+    python3 -m tools.carry_wheels bench "$tc/site" \
+        || echo "the carried wheels will not run the GPU session's benchmarks: see above"
 fi
 rm -rf "$tc"
 ENCODEC_FAST_BENCH_CLIPS=.gpu_data/clips python3 -c "

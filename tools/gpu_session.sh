@@ -3,8 +3,8 @@
 # that the machine cannot download go in .whl/, held-out clips made elsewhere in .gpu_data/clips):
 #   bash tools/gpu_session.sh [OUT_DIR]
 # 1. installs ours (pip -e, no index) and the wheels in .whl/ (soundfile, cffi, pycparser, upstream
-#    encodec, vector-quantize-pytorch and its needs, transformers trimmed to the EnCodec model and its
-#    needs: tools/gpu_prepare.sh downloads them where a registry is reachable),
+#    encodec, vector-quantize-pytorch and its needs: tools/gpu_prepare.sh downloads them where a registry
+#    is reachable),
 #    and unpacks the kernels compiled ahead of time (.gpu_data/triton_cache.tar.xz, tools/gpu_prepare.sh)
 #    as Triton's cache; after each step the log says how many kernels were compiled here all the same;
 # 2. the kernels on real hardware: `python -m pytest -m gpu` (correctness, JUnit XML and -v log; in
@@ -80,7 +80,11 @@ step tests "${GPU_TEST_LIMIT:-110}" python3 -m pytest -q -m gpu -rA -v -p no:cac
 bench rvq 90 rvq
 bench conv 120 kernels BENCH_KERNEL_STAGES="block conv"
 bench codec 130 codec
-bench tokenize 60 tokenize
+if python3 -c "import pyarrow" 2>/dev/null; then  # the shards' format (in the image's package list)
+    bench tokenize 60 tokenize
+else
+    say "tokenize: not run (pyarrow, which its Parquet shards need, is not installed here)"
+fi
 bench quantizer 40 quantizer
 bench train_step 80 train_step
 corpus=.gpu_data/corpus; [ -d "$corpus/train" ] || corpus=""

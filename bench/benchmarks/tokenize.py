@@ -157,7 +157,7 @@ def run_upstream(paths: tp.List[Path], out: Path, checkpoint: Path, device: str)
 def run_transformers(paths: tp.List[Path], out: Path, checkpoint: Path, device: str, batch: int
                      ) -> tp.Dict[str, tp.Any]:
     import torch
-    import transformers
+    transformers = peers.import_transformers()
     model = transformers.EncodecModel(transformers.EncodecConfig())
     state = peers.to_transformers(torch.load(checkpoint))
     if not set(state) <= set(model.state_dict()):  # older transformers: weight norm as weight_g / weight_v

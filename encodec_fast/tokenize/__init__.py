@@ -20,11 +20,18 @@ from ..jobs import GracefulStop
 from ..model import FACTORIES, MODEL_CONFIGS, SHORT_NAMES, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
 from .local import READ_STAGE, WRITE_STAGE, Progress, run_local
-from .reader import CodesDataset, read_codes
-from .sink import ShardSink, shard_lock, state_dict_sha256
 from .sources import Item, Problem, list_items, parse_shard
 
 MODEL_NAMES = SHORT_NAMES
+
+
+def __getattr__(name: str):
+    # The shards' reader needs pyarrow; importing it when asked for keeps this package's other parts
+    # (the loading and listing that training uses) importable without pyarrow.
+    if name in ("CodesDataset", "read_codes"):
+        from . import reader
+        return getattr(reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass
@@ -131,6 +138,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
         raise ValueError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu)")
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device.type}")
+    from .sink import ShardSink, shard_lock, state_dict_sha256
     # The lock before the model loads: a second job on this output is refused at once.
     with shard_lock(out_dir, shard), GracefulStop() as stop:
         net = _model(model, checkpoint, repository).to(device).eval()

@@ -17,8 +17,10 @@ from ..jobs import GracefulStop
 from ..model import EncodecModel, length_batches
 from ..streaming import LongInputs, encode_long, encode_pieces
 from .loading import ItemAudio, Loaded, resampled, stream_item, worker_init
-from .sink import ShardSink
 from .sources import Item
+
+if tp.TYPE_CHECKING:  # pyarrow's: training imports this package's loading without it
+    from .sink import ShardSink
 
 #: The main thread's wait for decoded audio (with workers=0, the decoding itself).
 READ_STAGE = "read audio (decoding, or waiting for workers)"
@@ -70,7 +72,7 @@ def _batches(pool: tp.List[Loaded], budget: int) -> tp.Iterator[tp.List[Loaded]]
 class _Writer(threading.Thread):
     """Takes (items, loaded, frames, event) from a queue: waits for the copies, builds rows, commits."""
 
-    def __init__(self, sink: ShardSink, model: EncodecModel, bandwidth: float):
+    def __init__(self, sink: "ShardSink", model: EncodecModel, bandwidth: float):
         super().__init__(daemon=True)
         self.sink, self.bandwidth = sink, bandwidth
         self.sample_rate, self.segmented = model.sample_rate, model.segment is not None
@@ -204,7 +206,7 @@ def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.
         return f"encoding failed: {exc}"
 
 
-def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, bandwidth: float,
+def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: "ShardSink", bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
               long: LongInputs = LongInputs(), pool_batches: int = 4, *, stop: GracefulStop,
               timer: tp.Optional[timing.StageTimer] = None, resample_on_device: tp.Optional[bool] = None) -> bool:
