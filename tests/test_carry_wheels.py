@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tools import carry_wheels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +34,18 @@ def test_image_view_leaves_out_what_the_image_lacks(tmp_path):
     names = {p.name for p in view.iterdir()}
     assert "torch" in names and not any(n == "numpy" or n.startswith("numpy-") for n in names)
     assert any(n.startswith("torch-") and n.endswith(".dist-info") for n in names)  # metadata for versions
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not carry_wheels._editable_install(), reason="needs encodec_fast installed with pip install -e .")
+def test_session_check_runs_the_gpu_sessions_steps_and_names_a_missing_peer(tmp_path):
+    """The session's GPU tests collect and its codec benchmark runs (ours, upstream, transformers) with
+    the wheels gpu_prepare.sh carries (here: links to this environment's soundfile and encodec with
+    their needs beyond the image's); without upstream's wheel, the check names what fails."""
+    image = carry_wheels._requirement_closure(carry_wheels.IMAGE_HAS, carry_wheels.IMAGE_LACKS)
+    site = carry_wheels.image_view(tmp_path / "site", roots=("soundfile", "encodec"), exclude=image)
+    assert carry_wheels.check_session(site, ["codec"], ROOT) == []
+    lacking = carry_wheels.image_view(tmp_path / "lacking", roots=("soundfile",), exclude=image)
+    problems = carry_wheels.check_session(lacking, ["codec"], ROOT)
+    assert any(p.startswith("the GPU tests do not collect") and "encodec" in p for p in problems), problems
+    assert any(p.startswith("upstream (codec): n/a: encodec 0.1.1 cannot be imported") for p in problems), problems

@@ -3,7 +3,7 @@
 checked on a machine that has much more installed (tools/gpu_prepare.sh).
 
     python -m tools.carry_wheels check SITE CODE [--cwd DIR]
-    python -m tools.carry_wheels bench SITE [--only codec quantizer rvq train_step]
+    python -m tools.carry_wheels session SITE [--only codec quantizer rvq train_step]
 
 `check`: runs CODE in an interpreter that sees only the standard library, SITE (the carried wheels
 installed there with `pip install --target`) and what the GPU image is known to have (IMAGE_HAS and
@@ -12,9 +12,11 @@ site-packages) with SITE and links to those packages on its path, so the process
 it too. Why not just import things here: packages find each other (transformers imports PIL, or
 PyPI's `kernels`, where it finds them), so only a run without them shows what runs without them.
 
-`bench`: the benchmarks the GPU session runs, in their smoke suite on CPU, from the repository's root
-in that interpreter: fails when a benchmark fails or a peer (upstream, transformers,
-vector-quantize-pytorch) reads n/a for want of a package.
+`session`: what the GPU session runs, from the repository's root in that interpreter with this
+environment's editable install of encodec_fast copied in (the session's `pip install -e .`): the GPU
+tests collected, and the benchmarks in their smoke suite on CPU; fails when the tests do not collect,
+a benchmark fails or a peer (upstream, transformers, vector-quantize-pytorch) reads n/a for want of a
+package.
 """
 
 import argparse
@@ -22,8 +24,10 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import typing as tp
 import venv
@@ -77,27 +81,45 @@ def image_view(dest: Path, roots: tp.Iterable[str] = IMAGE_HAS, exclude: tp.Iter
     return dest
 
 
+def _editable_install() -> tp.List[Path]:
+    """This environment's editable install of encodec_fast (`pip install -e .`, as the GPU session
+    makes it): its .pth file, its finder module and its .dist-info; [] when there is none."""
+    for folder in map(Path, sysconfig.get_paths()["purelib"].split(os.pathsep)):
+        pth = sorted(folder.glob("__editable__.encodec_fast-*.pth"))
+        if pth:
+            return pth + sorted(folder.glob("__editable___encodec_fast_*_finder.py")) + sorted(
+                folder.glob("encodec_fast-*.dist-info"))
+    return []
+
+
 def _image_python(tmp: Path, site: Path, roots: tp.Iterable[str] = IMAGE_HAS,
-                  exclude: tp.Iterable[str] = IMAGE_LACKS) -> Path:
+                  exclude: tp.Iterable[str] = IMAGE_LACKS, ours: bool = False) -> Path:
     """A venv in `tmp` (no system site-packages, no pip) whose path holds `site` and the image's
     packages (image_view) after its own empty site-packages: a python3 like the GPU image's with the
-    carried wheels installed. Processes it starts with sys.executable are in it too."""
+    carried wheels installed. Processes it starts with sys.executable are in it too. ours: with this
+    environment's editable install of encodec_fast copied in (as the session's `pip install -e .`)."""
     env = tmp / "env"
     venv.create(env, with_pip=False, symlinks=True)
     packages = next(env.glob("lib/python*/site-packages"))
     view = image_view(tmp / "image", roots, exclude)
     (packages / "carried.pth").write_text(f"{site.resolve()}\n{view}\n")
+    if ours:
+        files = _editable_install()
+        if not files:
+            raise ValueError("encodec_fast is not installed editable here (pip install -e .)")
+        for f in files:
+            (shutil.copytree if f.is_dir() else shutil.copy)(f, packages / f.name)
     return env / "bin" / "python"
 
 
 def check(site: Path, code: str, cwd: tp.Optional[Path] = None, timeout: tp.Optional[float] = None,
-          roots: tp.Iterable[str] = IMAGE_HAS, exclude: tp.Iterable[str] = IMAGE_LACKS
+          roots: tp.Iterable[str] = IMAGE_HAS, exclude: tp.Iterable[str] = IMAGE_LACKS, ours: bool = False
           ) -> subprocess.CompletedProcess:
     """Runs `code` (from `cwd`) in an interpreter that sees the standard library, `site` (wheels installed
     there with `pip install --target`) and the GPU image's packages, nothing else (_image_python; `roots`
-    and `exclude` say which installed distributions stand for the image's)."""
+    and `exclude` say which installed distributions stand for the image's; `ours` adds encodec_fast)."""
     with tempfile.TemporaryDirectory() as tmp:
-        python = _image_python(Path(tmp), site, roots, exclude)
+        python = _image_python(Path(tmp), site, roots, exclude, ours)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env,
                               cwd=cwd or tmp, timeout=timeout)
@@ -107,20 +129,26 @@ def check(site: Path, code: str, cwd: tp.Optional[Path] = None, timeout: tp.Opti
 PEERS = ("upstream", "transformers", "vector-quantize-pytorch")
 
 
-def check_bench(site: Path, benchmarks: tp.Sequence[str], root: Path) -> tp.List[str]:
-    """The benchmarks' smoke suite on CPU, run as tools/gpu_session.sh runs them (`python -m bench` from
-    the repository's root `root`) with only the carried wheels and the image's packages. Returns the
-    problems: a benchmark that failed, a peer that could not run (its n/a reason)."""
+def check_session(site: Path, benchmarks: tp.Sequence[str], root: Path) -> tp.List[str]:
+    """What tools/gpu_session.sh runs, from the repository's root `root`, with only the carried wheels,
+    the image's packages and our editable install: the GPU tests collected (`pytest -m gpu`; they run
+    only on a GPU) and the benchmarks' smoke suite on CPU. Returns the problems: tests that do not
+    collect, a benchmark that failed, a peer that could not run (its n/a reason)."""
+    problems = []
+    tests = check(site, "import sys, pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', '--collect-only', '-p', "
+                        "'no:cacheprovider', 'tests/test_gpu.py']))", cwd=root, timeout=600, ours=True)
+    if tests.returncode != 0:
+        problems.append(f"the GPU tests do not collect: {(tests.stdout + tests.stderr)[-2000:]}")
     with tempfile.TemporaryDirectory() as out:
         code = ("import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', 'bench', '--suite', "
                 f"'smoke', '--only', *{list(benchmarks)!r}, '--out', {out!r}]))")
-        proc = check(site, code, cwd=root, timeout=1800)
+        proc = check(site, code, cwd=root, timeout=1800, ours=True)
         path = Path(out) / "results.json"
         if not path.exists():
-            return [f"the suite wrote no results (exit status {proc.returncode}): {proc.stderr[-2000:]}"]
+            return problems + [f"the suite wrote no results (exit status {proc.returncode}): {proc.stderr[-2000:]}"]
         results = json.loads(path.read_text())
-    problems = [f"{name}: {b.get('status')}" for name, b in results["benchmarks"].items()
-                if str(b.get("status", "")).startswith("error")]
+    problems += [f"{name}: {b.get('status')}" for name, b in results["benchmarks"].items()
+                 if str(b.get("status", "")).startswith("error")]
     seen = set()
     for r in results["records"]:  # other n/a reasons (a case the smoke suite leaves out) are not problems
         if (r.get("na") and r["implementation"] in PEERS and r["implementation"] not in seen
@@ -137,14 +165,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     c.add_argument("site", type=Path)
     c.add_argument("code")
     c.add_argument("--cwd", type=Path, help="where CODE runs (default: an empty folder)")
-    bc = sub.add_parser("bench", help="the GPU session's benchmarks (smoke, CPU) with SITE and the image's "
-                                      "packages only; every peer must import")
+    bc = sub.add_parser("session", help="the GPU session's tests (collected) and benchmarks (smoke, CPU) with "
+                                        "SITE and the image's packages only; every peer must import")
     bc.add_argument("site", type=Path)
     bc.add_argument("--only", nargs="+", default=["codec", "quantizer", "rvq", "train_step"])
     args = p.parse_args(argv)
     try:
-        if args.command == "bench":
-            problems = check_bench(args.site, args.only, Path(__file__).resolve().parents[1])
+        if args.command == "session":
+            problems = check_session(args.site, args.only, Path(__file__).resolve().parents[1])
             for line in problems:
                 print(f"problem: {line}")
             print(f"{' '.join(args.only)}: {len(problems)} problems with {args.site} and the GPU image's packages only")

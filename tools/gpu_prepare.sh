@@ -28,14 +28,15 @@ carry_wheels() {  # carry_wheels PYTHON_VERSION DIR: what the runs need that the
 }
 carry_wheels "$py" .whl
 # The same set for this machine's Python, with nothing else installed but what the GPU image has: the GPU
-# session's benchmarks in their smoke suite, every peer importing (tools/carry_wheels.py bench). A package
-# the peers come to need is found here, not on the GPU's clock.
+# tests collected and the session's benchmarks in their smoke suite, every peer importing
+# (tools/carry_wheels.py session; needs ours installed with pip install -e .). A package the tests or the
+# peers come to need is found here, not on the GPU's clock.
 here=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 tc=$(mktemp -d); mkdir "$tc/whl"
 if carry_wheels "$here" "$tc/whl" \
         && python3 -m pip install -q --no-index --no-deps --target "$tc/site" "$tc"/whl/*.whl; then
-    python3 -m tools.carry_wheels bench "$tc/site" \
-        || echo "the carried wheels will not run the GPU session's benchmarks: see above"
+    python3 -m tools.carry_wheels session "$tc/site" \
+        || echo "the carried wheels will not run the GPU session's tests and benchmarks: see above"
 fi
 rm -rf "$tc"
 ENCODEC_FAST_BENCH_CLIPS=.gpu_data/clips python3 -c "
