@@ -3,7 +3,7 @@
 checked on a machine that has much more installed (tools/gpu_prepare.sh).
 
     python -m tools.carry_wheels check SITE CODE [--cwd DIR]
-    python -m tools.carry_wheels session SITE [--only codec quantizer rvq train_step]
+    python -m tools.carry_wheels session SITE [--only rvq codec tokenize quantizer train_step]
 
 `check`: runs CODE in an interpreter that sees only the standard library, SITE (the carried wheels
 installed there with `pip install --target`) and what the GPU image is known to have (IMAGE_HAS and
@@ -168,7 +168,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     bc = sub.add_parser("session", help="the GPU session's tests (collected) and benchmarks (smoke, CPU) with "
                                         "SITE and the image's packages only; every peer must import")
     bc.add_argument("site", type=Path)
-    bc.add_argument("--only", nargs="+", default=["codec", "quantizer", "rvq", "train_step"])
+    bc.add_argument("--only", nargs="+", default=["rvq", "codec", "tokenize", "quantizer", "train_step"],
+                    help="benchmarks (default: those the session runs but `kernels`, which on CPU runs the "
+                         "kernels in Triton's interpreter: 5-6 minutes)")
     args = p.parse_args(argv)
     try:
         if args.command == "session":
