@@ -44,7 +44,7 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$log" 2>&1 || say "pip install -e . failed"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$log" 2>&1
 # The image's packages with their versions (tools/carry_wheels.py checks the carried wheels against a list)
-python3 -m pip list --format=freeze > "$work/pip_list.txt" 2>&1 || true
+env -u PYTHONPATH python3 -m pip list --format=freeze > "$work/pip_list.txt" 2>&1 || true
 python3 -m encodec_fast info >> "$log" 2>&1 || python3 -c "import encodec_fast" >> "$log" 2>&1
 git log -1 --format="commit %H %cd" >> "$log" 2>&1 || true
 git status --short >> "$log" 2>&1 || true
