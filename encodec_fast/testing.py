@@ -67,9 +67,12 @@ def voice_batch(sample_rate: int, seconds: float, channels: int, batch: int = 1,
 #: whose shape depends on the values.
 SYNCING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_static", "masked_select",
                          "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave"})
-#: Tensor methods that read values without an aten op on CPU (on CUDA they copy to the host first).
-#: Not `numpy()`: it refuses CUDA tensors, so a call to it is on a CPU-only path.
-SYNCING_METHODS = frozenset({"tolist"})
+#: Tensor methods that read values without an aten op on CPU (on CUDA they copy to the host first), and
+#: `cpu()`: a no-op on CPU tensors, a copy the host waits for on CUDA ones (not `to(device)`: on CPU it
+#: cannot tell a copy to the host from one to a device that is the CPU here; encodec_fast.host's copies
+#: into pinned memory do not wait). Not `numpy()`: it refuses CUDA tensors, so a call to it is on a
+#: CPU-only path.
+SYNCING_METHODS = frozenset({"tolist", "cpu"})
 
 _PACKAGE = Path(encodec_fast.__file__).parent
 #: Where this package's code lies: the package, and its kernels (beside it in a source checkout).

@@ -84,3 +84,29 @@ def test_an_exception_still_closes_the_stage_and_add_counts_outer_time():
     sec = timer.seconds()
     assert set(sec) == {"fails", "inside", "after", "elsewhere"} and sec["elsewhere"] == 2.0
     assert timer.counts()["elsewhere"] == 2
+
+
+def test_host_reads_records_what_would_wait_for_a_gpu():
+    """testing.HostReads on CPU tensors: reads of values (item, tolist, nonzero, a copy to the host with
+    cpu()) are recorded with where they were made; what stays on the device (arithmetic, a copy to another
+    dtype, numpy() of a host tensor) is not."""
+    import torch
+
+    from encodec_fast import host
+    from encodec_fast.testing import HostReads
+    x = torch.arange(6.0)
+    with HostReads() as reads:
+        y = (x * 2).to(torch.float64) + 1
+        y.numpy()
+    assert reads.reads == []
+    with HostReads() as reads:
+        y.sum().item()
+        y.tolist()
+        y.nonzero()
+        y.cpu()
+    assert [op for op, _ in reads.reads] == ["_local_scalar_dense", "tolist", "nonzero", "cpu"], reads.reads
+    assert all(where == "" for _, where in reads.reads)  # made here, in a test: none in the package
+    with HostReads() as reads:
+        later, event = host.to_host_later(y)  # on CPU the tensor itself; on CUDA a copy behind an event
+        host.wait(event)
+    assert reads.reads == [] and later is y
