@@ -48,19 +48,20 @@ def _normal(name: str) -> str:
 
 
 def _requirement_closure(roots: tp.Iterable[str], exclude: tp.Iterable[str] = ()) -> tp.Set[str]:
-    """The installed distributions named, and all they require (extras left out), recursively; not
-    those in `exclude` (nor what only they require)."""
+    """The installed distributions named, and all they require on this platform (extras left out),
+    recursively; not those in `exclude` (nor what only they require)."""
+    from packaging.requirements import Requirement
     seen, todo, skip = set(), list(roots), {_normal(n) for n in exclude}
     while todo:
         name = _normal(todo.pop())
         if name in seen or name in skip:
             continue
         try:
-            reqs = importlib.metadata.requires(name) or []
+            reqs = [Requirement(r) for r in importlib.metadata.requires(name) or []]
         except importlib.metadata.PackageNotFoundError:
             continue
         seen.add(name)
-        todo += [re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0] for r in reqs if "extra ==" not in r]
+        todo += [r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
     return seen
 
 
@@ -112,6 +113,12 @@ def _image_python(tmp: Path, site: Path, roots: tp.Iterable[str] = IMAGE_HAS,
     return env / "bin" / "python"
 
 
+def _run(python: Path, code: str, cwd: Path, timeout: tp.Optional[float]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
 def check(site: Path, code: str, cwd: tp.Optional[Path] = None, timeout: tp.Optional[float] = None,
           roots: tp.Iterable[str] = IMAGE_HAS, exclude: tp.Iterable[str] = IMAGE_LACKS, ours: bool = False
           ) -> subprocess.CompletedProcess:
@@ -119,10 +126,7 @@ def check(site: Path, code: str, cwd: tp.Optional[Path] = None, timeout: tp.Opti
     there with `pip install --target`) and the GPU image's packages, nothing else (_image_python; `roots`
     and `exclude` say which installed distributions stand for the image's; `ours` adds encodec_fast)."""
     with tempfile.TemporaryDirectory() as tmp:
-        python = _image_python(Path(tmp), site, roots, exclude, ours)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env,
-                              cwd=cwd or tmp, timeout=timeout)
+        return _run(_image_python(Path(tmp), site, roots, exclude, ours), code, cwd or Path(tmp), timeout)
 
 
 #: The peers the GPU session's benchmarks compare with, each from a carried wheel.
@@ -135,15 +139,17 @@ def check_session(site: Path, benchmarks: tp.Sequence[str], root: Path) -> tp.Li
     only on a GPU) and the benchmarks' smoke suite on CPU. Returns the problems: tests that do not
     collect, a benchmark that failed, a peer that could not run (its n/a reason)."""
     problems = []
-    tests = check(site, "import sys, pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', '--collect-only', '-p', "
-                        "'no:cacheprovider', 'tests/test_gpu.py']))", cwd=root, timeout=600, ours=True)
-    if tests.returncode != 0:
-        problems.append(f"the GPU tests do not collect: {(tests.stdout + tests.stderr)[-2000:]}")
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        python = _image_python(Path(tmp), site, ours=True)  # one interpreter for both runs
+        tests = _run(python, "import sys, pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', '--collect-only', '-p', "
+                             "'no:cacheprovider', 'tests/test_gpu.py']))", root, 600)
+        if tests.returncode != 0:
+            problems.append(f"the GPU tests do not collect: {(tests.stdout + tests.stderr)[-2000:]}")
+        out = Path(tmp) / "bench"
         code = ("import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', 'bench', '--suite', "
-                f"'smoke', '--only', *{list(benchmarks)!r}, '--out', {out!r}]))")
-        proc = check(site, code, cwd=root, timeout=1800, ours=True)
-        path = Path(out) / "results.json"
+                f"'smoke', '--only', *{list(benchmarks)!r}, '--out', {str(out)!r}]))")
+        proc = _run(python, code, root, 1800)
+        path = out / "results.json"
         if not path.exists():
             return problems + [f"the suite wrote no results (exit status {proc.returncode}): {proc.stderr[-2000:]}"]
         results = json.loads(path.read_text())
