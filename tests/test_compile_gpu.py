@@ -67,9 +67,33 @@ def test_compile_and_judge_real_launches(tmp_path):
     data = json.loads(next(out.glob("compile_gpu_*.json")).read_text())
     assert data["launches"] and all(x["results"]["90"]["ok"] for x in data["launches"])
     assert all(x["results"]["90"]["regs"] > 0 for x in data["launches"])
+    # each launch's roofline per scenario: the decode of 48,000 frames x 32 stages reads its codes (int64)
+    # and the 32 codebooks, writes [48000, 128] fp32 frames, adds 32 codewords per value (CUDA cores)
+    decode = [x["roofline"] for x in data["launches"] if x["kernel"] == "_rvq_decode_kernel"]
+    got = [r for roof in decode for label, r in roof.items() if label == "rvq decode N=48000 n_q=32 float32"]
+    assert len(got) == 1 and got[0]["calls"] == 1 and got[0]["products"] == "fp32", decode
+    assert got[0]["mbytes"] * 1e6 == 8 * 32 * 48000 + 4 * 32 * 1024 * 128 + 4 * 48000 * 128
+    assert got[0]["gflop"] * 1e9 == 48000 * 128 * 32 and got[0]["bound"] == "memory"
+    assert 0 < got[0]["predicted_ms_h200"] < got[0]["predicted_ms_h100"]
+    assert "Roofline per launch configuration" in next(out.glob("compile_gpu_*.md")).read_text()
     # A second run takes every result from the cache; a budget below zero fails every launch.
     again = run_check("--only", "rvq_decode", "--archs", "90", "--budget", "-1", cache=tmp_path / "cache")
     assert again.returncode == 1 and "0 fresh" in again.stdout and "spill stores > budget -1 B" in again.stdout
+
+
+def test_roofline_per_scenario_counts_each_scenario_once():
+    """Captured on two architectures, each scenario's launches are counted once; the models' rows say
+    the audio seconds per second their floor allows, and the certified search runs 3 bf16 passes."""
+    proc = run_check("--roofline", "--archs", "80,90")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if line.startswith("| "))}
+    # 24 kHz encoder: first conv, 4 levels of (3 block convs + downsampling), last conv; the LSTM is torch's
+    assert rows["24k encoder 10s x64 fp32 ieee"][1] == "18"
+    assert float(rows["24k encoder 10s x64 bfloat16 gemm ieee"][-1].replace(",", "")) > 30000
+    search = rows["rvq encode N=48000 n_q=32 float32 exact/bf16x3"]
+    assert float(search[2]) == pytest.approx(2 * 48000 * 1024 * 128 * 32 / 1e9, rel=1e-2)
+    assert float(search[4]) == pytest.approx(1e3 * 3 * 2 * 48000 * 1024 * 128 * 32 / 989.4e12, rel=1e-2)
 
 
 def test_certified_search_compiles_to_tensor_core_instructions(tmp_path):

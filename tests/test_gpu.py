@@ -692,3 +692,20 @@ def test_decode_batch_on_the_gpu(mode, tolerance):
             a = model.decode(f)[0]
             assert a.shape == b.shape
             assert float((a - b).abs().max()) <= tolerance * float(a.abs().max())
+
+
+def test_launch_log_puts_each_launchs_roofline_next_to_its_resources():
+    """On a GPU the benchmarks' launch log records, per distinct launch, the compiled resources and
+    the work model's calls, FLOP, bytes and floor (bench/launch_roofline.py), which the benchmarks
+    print next to the measured time (`launch_floor_ms`)."""
+    kernels.LaunchLog.install()
+    books = kernels.make_books(8, 1024, 128, seed=5, device=DEVICE)
+    x = kernels.make_latents(books, 4, 750, seed=5)
+    norms = [b.pow(2).sum(-1)[None] for b in books]
+    with ops.use_backend("triton"):
+        launches = kernels.LaunchLog.of(lambda: rvq.rvq_encode(x, list(books), norms))
+    assert len(launches) == 1 and launches[0]["registers"] > 0 and launches[0]["calls"] == 1, launches
+    assert launches[0]["flop"] == 2 * 3000 * 1024 * 128 * 8
+    floor = kernels.predicted_ms(launches, torch.cuda.get_device_name())
+    name = torch.cuda.get_device_name()
+    assert (floor is not None and floor > 0) == (("H100" in name and "PCIe" not in name) or "H200" in name)

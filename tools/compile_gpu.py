@@ -3,7 +3,7 @@
 machine without one.
 
     python -m tools.compile_gpu [--archs 80,90] [--listed-archs 90|none] [--set default|full]
-                                [--budget BYTES] [--only REGEX] [--jobs N] [--list] [--out DIR]
+                                [--budget BYTES] [--only REGEX] [--jobs N] [--list] [--roofline] [--out DIR]
 
 1. Capture. The models and ops run on `meta` tensors (shapes, no data, no memory) with the Triton
    path forced (`ops.backend.kernels_on_any_device`) under a stand-in driver that reports each
@@ -73,6 +73,9 @@ class Launch(tp.NamedTuple):
     roles: tp.Dict[int, str]            # per architecture: "judged" (a default launch, counted against
                                         # the spill budget), "default" (a default launch in a precision
                                         # mode that is not the default) or "listed" (an autotuning list's)
+    # per scenario label (the default launches only): the calls it made of this configuration and
+    # their work and roofline, added up (bench/launch_roofline.py); None where nothing was recorded
+    work: tp.Optional[tp.Dict[str, tp.Dict[str, tp.Any]]] = None
 
     def constexpr_text(self) -> str:
         names = list(self.signature)
@@ -125,6 +128,22 @@ class _Recorder:
         self.suffix = ""
         self.judged = True
         self.arch = 90
+        self.pending = None  # the launch about to reach the hook (bench.launch_roofline.Call)
+        self.roofline_arch = 90  # whose launches the roofline adds up: H100 and H200 are sm_90
+
+    def called(self, call) -> None:
+        self.pending = call
+
+    def _add_work(self, launch: Launch, label: str, kernel: str) -> None:
+        """Adds the pending launch's work to `label`'s: the default launches on `roofline_arch` only
+        (each architecture runs every scenario, some with configurations of its own)."""
+        from bench.launch_roofline import accumulate
+        call, self.pending = self.pending, None
+        if self.suffix or self.arch != self.roofline_arch or call is None or call.kernel != kernel:
+            return
+        work = call.work()
+        if work is not None:
+            accumulate(launch.work.setdefault(label, {"peak": work.peak, "passes": work.passes}), work)
 
     def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
         jit = fn.jit_function
@@ -139,13 +158,14 @@ class _Recorder:
         launch = self.launches.get(ident)
         if launch is None:
             launch = self.launches[ident] = Launch(jit.fn.__module__, jit.fn.__name__, signature, constexprs,
-                                                   dict(compile["configs"][0]), options, names, [], {})
+                                                   dict(compile["configs"][0]), options, names, [], {}, {})
         role = "listed" if self.suffix else "judged" if self.judged else "default"
         if _ROLE_RANK[role] > _ROLE_RANK.get(launch.roles.get(self.arch, ""), -1):
             launch.roles[self.arch] = role
         label = self.scenario + self.suffix
         if label not in launch.labels:
             launch.labels.append(label)
+        self._add_work(launch, label, jit.fn.__name__)
         return True  # skip compiling and launching
 
 
@@ -259,6 +279,7 @@ def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["
     it); returns the distinct launches in the order first seen, each with the architectures that
     launch it (`recorder`: one that records more, tools/triton_cache.py's)."""
     recorder = recorder or _Recorder()
+    recorder.roofline_arch = 90 if 90 in archs else archs[0]
     precisions = ("ieee", "tf32x3", "tf32") if full else ("ieee",)
 
     def every_listed_config(self, *args, **kwargs):
@@ -270,7 +291,10 @@ def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["
         self.nargs = None
 
     from triton.runtime.autotuner import Autotuner
-    with _stand_in_driver(recorder), on_meta(), _patched(Autotuner, "run", every_listed_config):
+
+    from bench.launch_roofline import recording
+    with _stand_in_driver(recorder), on_meta(), _patched(Autotuner, "run", every_listed_config), \
+            recording(recorder.called):
         from encodec_fast.kernels import tuning
         for arch in archs:
             recorder.arch = arch
@@ -681,6 +705,63 @@ def table(launches, results, archs) -> str:
     return "\n".join(rows)
 
 
+def roofline_of(launch: Launch) -> tp.Dict[str, tp.Dict[str, tp.Any]]:
+    """{scenario label: its calls of this launch, GFLOP, MB, products' precision, predicted ms on
+    H100 and H200 (each call's roofline, added) and what bounds it}: the report's `roofline` field."""
+    from bench.peaks import roofline
+    out = {}
+    for label, w in (launch.work or {}).items():
+        bound = roofline(w["flop"], w["bytes"], w["peak"], w["passes"])["bound"]
+        out[label] = {"calls": w["calls"], "gflop": w["flop"] / 1e9, "mbytes": w["bytes"] / 1e6,
+                      "products": f"{w['peak']} x{w['passes']}" if w["passes"] > 1 else w["peak"],
+                      "predicted_ms_h100": float(f"{w['predicted_ms_h100']:.5g}"),
+                      "predicted_ms_h200": float(f"{w['predicted_ms_h200']:.5g}"), "bound": bound}
+    return out
+
+
+_SCENARIO_AUDIO = re.compile(r"(?:encoder|decoder) (\d+)s(?:\+\d+)? x(\d+) ")
+
+
+def roofline_tables(launches) -> str:
+    """Markdown (the sm_90 launches, H100's and H200's): the roofline of each scenario (its launches'
+    floors added up; for the models, the audio seconds per second that floor allows) and of each
+    launch's heaviest scenario."""
+    scenarios: tp.Dict[str, tp.Dict[str, float]] = {}
+    heaviest = []
+    for i, launch in enumerate(launches):
+        per_label = roofline_of(launch)
+        for label, r in per_label.items():
+            total = scenarios.setdefault(label, {"launches": 0, "calls": 0, "gflop": 0.0, "mbytes": 0.0,
+                                                 "predicted_ms_h100": 0.0, "predicted_ms_h200": 0.0})
+            total["launches"] += 1
+            for name in ("calls", "gflop", "mbytes", "predicted_ms_h100", "predicted_ms_h200"):
+                total[name] += r[name]
+        if per_label:
+            label, r = max(per_label.items(), key=lambda item: item[1]["predicted_ms_h100"])
+            heaviest.append((i, launch, label, r))
+    rows = ["| scenario | configurations | calls | GFLOP | MB | H100 ms | H200 ms | audio-s/s at the H100 floor |",
+            "|---|---|---|---|---|---|---|---|"]
+    for label, t in scenarios.items():
+        found = _SCENARIO_AUDIO.search(label + " ")
+        audio = (f"{int(found.group(1)) * int(found.group(2)) / (t['predicted_ms_h100'] / 1e3):,.0f}"
+                 if found and int(found.group(1)) and t["predicted_ms_h100"] > 0 else "")
+        rows.append(f"| {label} | {t['launches']} | {t['calls']} | {t['gflop']:.3g} | {t['mbytes']:.3g} | "
+                    f"{t['predicted_ms_h100']:.3g} | {t['predicted_ms_h200']:.3g} | {audio} |")
+    per_launch = ["| # | kernel | configuration | heaviest scenario | calls | GFLOP | MB | products | bound | "
+                  "H100 ms | H200 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, launch, label, r in heaviest:
+        per_launch.append(f"| {i} | {launch.kernel.strip('_').replace('_kernel', '')} | {launch.constexpr_text()} | "
+                          f"{label} | {r['calls']} | {r['gflop']:.3g} | {r['mbytes']:.3g} | {r['products']} | "
+                          f"{r['bound']} | {r['predicted_ms_h100']:.3g} | {r['predicted_ms_h200']:.3g} |")
+    return ("Roofline per scenario of the sm_90 launches (bench/launch_roofline.py: each launch's FLOP at "
+            "the dense peak of its products' precision or its compulsory bytes at HBM bandwidth, whichever is "
+            "slower, added over the scenario's launches; a floor, not a forecast: the certified search's "
+            "rescoring, cache misses and launch overhead are not in it; the LSTM and other torch ops are not "
+            "Triton launches):\n\n" + "\n".join(rows)
+            + "\n\nRoofline per launch configuration (sm_90), at its heaviest scenario:\n\n"
+            + "\n".join(per_launch))
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default=None, help="comma-separated, e.g. 80,90 (default: 80, 90 and 100 "
@@ -694,6 +775,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     parser.add_argument("--only", default=None, help="regex on kernel, configuration and labels")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--list", action="store_true", help="list the captured launches, compile nothing")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print the captured launches' roofline per scenario and launch, compile nothing")
     parser.add_argument("--out", type=Path, default=None, help="save JSON and markdown here (bench/results)")
     args = parser.parse_args(argv)
 
@@ -712,6 +795,24 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         listed_archs = [int(a) for a in args.listed_archs.split(",")]
     print(f"triton {triton.__version__}: {len(launches)} launch configurations captured in "
           f"{time.time() - started:.1f} s; compiling for {', '.join(f'sm_{a}' for a in archs)}", flush=True)
+    if args.roofline:
+        md = roofline_tables(launches)
+        print(md)
+        if args.out:
+            from bench.core import context
+            date = context("cpu")["date"]
+            args.out.mkdir(parents=True, exist_ok=True)
+            stem = args.out / f"roofline_triton{triton.__version__.replace('.', '-')}_{date[:10]}"
+            stem.with_suffix(".md").write_text(
+                f"# Roofline of every captured launch (triton {triton.__version__}, {date})\n\n"
+                f"`python -m tools.compile_gpu --roofline --archs {','.join(map(str, archs))}`: a model of the work, "
+                f"nothing compiled or run.\n\n{md}\n")
+            stem.with_suffix(".json").write_text(json.dumps(
+                {"triton": triton.__version__, "date": date, "archs": archs,
+                 "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "roofline": roofline_of(x)}
+                              for x in launches if x.work]}, separators=(",", ":")))
+            print(f"saved {stem}.md and .json")
+        return 0
     if args.list:
         for i, launch in enumerate(launches):
             roles = ", ".join(f"sm_{a} {r}" for a, r in sorted(launch.roles.items()))
@@ -738,7 +839,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 "set": args.set, "seconds": elapsed, "fresh_compiles": fresh, "problems": failures,
                 "launches": [{"kernel": x.kernel, "configuration": x.constexpr_text(), "roles": {str(a): r for a,
                                                                                                  r in x.roles.items()},
-                              "labels": x.labels, "results": {str(a): results.get((i, a)) for a in archs}}
+                              "labels": x.labels, "results": {str(a): results.get((i, a)) for a in archs},
+                              "roofline": roofline_of(x)}
                              for i, x in enumerate(launches)]}
         header = (f"# Ahead-of-time compile check (triton {triton.__version__}, {data['machine']['date']})\n\n"
                   f"`python -m tools.compile_gpu --set {args.set}`: {summary}.\n\n")
@@ -746,7 +848,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         stem = args.out / f"compile_gpu_triton{triton.__version__.replace('.', '-')}_{data['machine']['date'][:10]}"
         stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
         stem.with_suffix(".md").write_text(header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md
-                                           + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n")
+                                           + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n\n"
+                                           + roofline_tables(launches) + "\n")
         print(f"saved {stem}.json and .md")
     return 1 if failures else 0
 

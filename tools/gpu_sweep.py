@@ -171,8 +171,10 @@ def sweep_conv(device: str, smoke: bool, deadline: float) -> list:
 def markdown(report: dict) -> str:
     lines = [f"# Launch-configuration sweep ({report['date']})", "",
              f"Device: {report['device']}; torch {report['torch']}, triton {report['triton']}. "
-             "Median ms (do_bench); local = local memory per thread (spills and stack) as the driver "
-             "reports it. Best first within each group.", ""]
+             "Median ms (do_bench); floor = the roofline of the launches on this GPU (bench/launch_roofline.py: "
+             "FLOP at the dense peak of the products' precision or bytes at HBM bandwidth, the slower); local = "
+             "local memory per thread (spills and stack) as the driver reports it. Best first within each group.",
+             ""]
     groups: tp.Dict[tp.Tuple[str, ...], list] = {}
     for r in report["rows"]:
         key = (r["kernel"], r.get("layer", r.get("shape", "")), r.get("dtype", "float32"), r.get("precision", ""))
@@ -181,17 +183,19 @@ def markdown(report: dict) -> str:
         ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         torch_ms = rows[0].get("torch_ms")
         lines += [f"## {kernel} {what} {dtype} {precision}" + (f" (torch {torch_ms:.3f} ms)" if torch_ms else ""), "",
-                  "| config | ms | vs torch | regs | local B | check |", "|---|---|---|---|---|---|"]
+                  "| config | ms | vs torch | floor ms | regs | local B | check |", "|---|---|---|---|---|---|---|"]
         for r in ok:
             launch = (r.get("launches") or [{}])[0]
             check = (f"{r['frames_equal']:.4f} equal, {r['non_ties']} non-ties" if "frames_equal" in r
                      else f"{r['rel_err']:.1e} rel." if "rel_err" in r else "-")
             vs = f"{torch_ms / r['ms']:.2f}x" if torch_ms else "-"
+            floor = gpu.predicted_ms(r.get("launches") or [], report["device"])
             lines.append(f"| {' '.join(f'{k}={v}' for k, v in r['config'].items())} | {r['ms']:.3f} | {vs} | "
+                         f"{'-' if floor is None else f'{floor:.3f}'} | "
                          f"{launch.get('registers', '-')} | {launch.get('local_bytes', '-')} | {check} |")
         for r in rows:
             if "error" in r:
-                lines.append(f"| {' '.join(f'{k}={v}' for k, v in r['config'].items())} | failed | | | | "
+                lines.append(f"| {' '.join(f'{k}={v}' for k, v in r['config'].items())} | failed | | | | | "
                              f"{r['error'][:80]} |")
         lines.append("")
     return "\n".join(lines)

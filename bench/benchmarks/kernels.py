@@ -32,30 +32,15 @@ import typing as tp
 
 import torch
 
-from bench import peers
+from bench import launch_roofline, peers
 from bench.benchmarks.train_step import TRAINER_PRECISION
 from bench.core import Context, EnvSetting, benchmark, upstream_missing
+from bench.peaks import MODE_PEAK, peaks_for, roofline_ms
 from encodec_fast import ops
 from encodec_fast import precision as precision_modes
 from encodec_fast.ops import rvq
 from encodec_fast.quantization import ResidualVectorQuantizer
 from encodec_fast.testing import voice_batch
-
-# Dense peaks (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets, by device name.
-PEAKS = {
-    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "hbm_tbs": 2.0},
-    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 3.35},
-    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 4.8},
-    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "hbm_tbs": 2.0},
-}
-
-
-def peaks_for(name: str) -> tp.Optional[dict]:
-    for key in sorted(PEAKS, key=len, reverse=True):
-        if key in name:
-            return PEAKS[key]
-    return None
-
 
 #: Sizes: the realistic ones, or tiny ones in Triton's interpreter (CPU; numbers mean nothing): `use_interpreter`.
 FULL_SIZES = {"rvq": (64, 750), "train": (64, 75), "model": (64, 10.0), "big_checks": True}
@@ -119,9 +104,11 @@ class Precision(EnvSetting):
 class LaunchLog:
     """Records the Triton launches made inside `record()`: kernel, constexpr block sizes, warps,
     stages and the compiled kernel's resources (from the driver: registers per thread, local memory
-    per thread, which holds spills and stack, and shared memory per block)."""
+    per thread, which holds spills and stack, and shared memory per block), and, per distinct
+    launch, its calls and their work and roofline added up (`bench.launch_roofline.accumulate`: calls,
+    flop, bytes, predicted_ms_h100, predicted_ms_h200), to read next to the measured time."""
 
-    active: tp.Optional[list] = None
+    active: tp.Optional[tp.Dict[str, dict]] = None
     installed = False
 
     @classmethod
@@ -134,16 +121,23 @@ class LaunchLog:
         def run(self, *args, grid, warmup, **kwargs):
             kernel = original(self, *args, grid=grid, warmup=warmup, **kwargs)
             if cls.active is not None and not warmup and kernel is not None:
+                name = getattr(self, "__name__", None) or self.fn.__name__
                 try:
-                    entry = {"kernel": getattr(self, "__name__", None) or self.fn.__name__}
+                    entry = {"kernel": name}
                     entry.update({k: v for k, v in kwargs.items() if k.startswith("BLOCK_")})
                     entry.update(num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
                                  registers=int(kernel.n_regs), local_bytes=4 * int(kernel.n_spills),
                                  shared_bytes=int(kernel.metadata.shared))
                 except Exception as exc:  # never let the record break a benchmark
                     entry["error"] = repr(exc)
-                if entry not in cls.active:
-                    cls.active.append(entry)
+                entry = cls.active.setdefault(repr(sorted(entry.items())), entry)
+                try:
+                    work = launch_roofline.work(self.fn.__name__, launch_roofline.bind(self, args, kwargs))
+                except Exception as exc:
+                    entry["work_error"] = repr(exc)
+                    work = None
+                if work is not None:
+                    launch_roofline.accumulate(entry, work)
             return kernel
         JITFunction.run = run
         cls.installed = True
@@ -151,13 +145,23 @@ class LaunchLog:
     @classmethod
     def of(cls, fn: tp.Callable[[], tp.Any]) -> list:
         """The distinct launches one call of fn makes."""
-        cls.active = []
+        cls.active = {}
         try:
             fn()
             sync()
-            return cls.active
+            return list(cls.active.values())
         finally:
             cls.active = None
+
+
+def predicted_ms(launches: tp.Sequence[dict], device_name: str) -> tp.Optional[float]:
+    """The roofline of everything in `launches` (`LaunchLog.of`) on this GPU (H100 or H200 by its
+    name; None for another, or where a launch has no work model)."""
+    gpu = ("h200" if "H200" in device_name else "h100" if "H100" in device_name and "PCIe" not in device_name
+           else None)  # the SXM parts' peaks
+    if gpu is None or not launches or any(f"predicted_ms_{gpu}" not in e for e in launches):
+        return None
+    return sum(e[f"predicted_ms_{gpu}"] for e in launches)
 
 
 def timed_launches(fn: tp.Callable[[], tp.Any], reps: int) -> tp.Tuple[float, list]:
@@ -276,8 +280,6 @@ def conv_case(device: str, layer: tuple, dtype: torch.dtype):
     return (lambda: fn(*args)), (lambda: ref_fn(*args)), name, flops, [batch, C_in, L], nbytes
 
 
-#: The dense peak each precision mode's products run at (PEAKS' keys).
-MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "bf16"}  # fp16's dense peak is bf16's
 #: The codec's modes the convolution stages time (fp16 before bf16: the mode that keeps the codes,
 #: docs/gpu.md, is measured first when the time budget runs short).
 CONV_MODES = ("exact", "tf32", "fp16", "bf16")
@@ -288,17 +290,6 @@ TRAIN_MODES = tuple(TRAINER_PRECISION)
 def mode_dtype(mode: str) -> torch.dtype:
     """The activations' dtype of a precision mode: its autocast dtype, else fp32."""
     return precision_modes.AUTOCAST.get(mode, torch.float32)
-
-
-def roofline_ms(flops: float, nbytes: float, mode: str) -> tp.Dict[str, float]:
-    """A layer's roofline on H100 and H200 (SXM): max(FLOP at the mode's dense peak, bytes at HBM
-    bandwidth), in ms."""
-    out = {}
-    for gpu in ("H100", "H200"):
-        p = PEAKS[gpu]
-        compute, memory = flops / (p[MODE_PEAK[mode]] * 1e12), nbytes / (p["hbm_tbs"] * 1e12)
-        out[f"predicted_ms_{gpu.lower()}"] = 1e3 * max(compute, memory)
-    return out
 
 
 def time_convs(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
@@ -756,10 +747,14 @@ def selected_stages() -> tp.List[str]:
 def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], configs: str) -> None:
     """Records of one stage's rows: a time (or throughput) record per implementation, the row's other
     measures as extras."""
+    gpu_name = torch.cuda.get_device_name() if ctx.device == "cuda" else ""
     for row in rows:
         params = {k: "x".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items() if k in PARAMS}
         params.update(stage=stage, configs=configs, device=ctx.device)
         extra = {k: row[k] for k in EXTRAS if k in row}
+        floor = predicted_ms(row.get("launches") or [], gpu_name)
+        if floor is not None:  # the launches' own roofline on this GPU, next to the measured Triton time
+            extra["launch_floor_ms"] = floor
         if stage == "conv2d":
             for impl in ("torch", "triton"):
                 for kind in ("fwd", "fwd_bwd"):
@@ -779,7 +774,9 @@ def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], 
                                "audio s / s",
                                [row[f"{label}_{op}_audio_s_per_s"]], higher_is_better=True,
                                codes_equal_to_fp32=row[f"{label}_codes_equal_to_fp32"],
-                               launches=row.get(f"launches_{op}", []) if impl == "triton" else [])
+                               launches=row.get(f"launches_{op}", []) if impl == "triton" else [],
+                               launch_floor_ms=(predicted_ms(row.get(f"launches_{op}", []), gpu_name)
+                                                if impl == "triton" else None))
         else:
             for impl in ("torch", "triton"):
                 ctx.record(params, impl, "time", "ms", [row[f"{impl}_ms"]], note="do_bench median", **extra)

@@ -29,21 +29,18 @@ import typing as tp
 import torch
 
 from bench.core import Context, benchmark
+from bench.peaks import DOT_PASSES, roofline
 from encodec_fast import ops, precision
 from encodec_fast.ops import rvq
 
-# Dense peaks (TFLOP/s) for the roofline prediction (NVIDIA data sheets, SXM parts).
-PEAK_TFLOPS = {"H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4},
-               "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}}
-#: Tensor-core passes per product and the peak each runs at.
-PASSES = {"ieee": (1, "fp32"), "tf32": (1, "tf32"), "tf32x3": (3, "tf32"), "bf16x3": (3, "bf16")}
-
 
 def predicted_ms(rows: int, K: int, D: int, stages: int, dot: str) -> tp.Dict[str, float]:
-    """The compute roofline of a search: 2 N K D FLOP per stage and pass at the dense peak."""
-    passes, peak = PASSES[dot]
-    flop = 2.0 * rows * K * D * stages * passes
-    return {f"predicted_ms_{gpu.lower()}": flop / (p[peak] * 1e12) * 1e3 for gpu, p in PEAK_TFLOPS.items()}
+    """The compute roofline of a search: 2 N K D FLOP per stage at the dense peak, once per pass of
+    its dot precision (bench.peaks.DOT_PASSES)."""
+    passes, peak = DOT_PASSES[dot]
+    out = roofline(2.0 * rows * K * D * stages, 0.0, peak, passes)
+    out.pop("bound")
+    return out
 
 
 def _latent_sets(ctx: Context, rows: int) -> tp.Iterator[tp.Tuple[str, torch.Tensor, torch.Tensor]]:

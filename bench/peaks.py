@@ -1,0 +1,54 @@
+"""GPU peaks and the roofline model the benchmarks and the compile check print next to their numbers.
+
+A roofline is the least time a piece of work can take on a GPU: max(its products' FLOP at the dense
+peak of the precision they run in, the bytes it must move at the memory bandwidth). It is a floor,
+not a forecast: launch overhead, tails, caches and the instructions besides the products are not in it.
+"""
+
+import typing as tp
+
+#: Dense peaks (TFLOP/s) and memory bandwidth (TB/s) from NVIDIA's data sheets, by device name.
+PEAKS = {
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "hbm_tbs": 2.0},
+    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 3.35},
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "hbm_tbs": 4.8},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "hbm_tbs": 2.0},
+}
+#: The GPUs every roofline is predicted for (SXM parts): the fields `predicted_ms_h100`, `predicted_ms_h200`.
+PREDICTED_FOR = ("H100", "H200")
+
+#: The dense peak each of the codec's precision modes multiplies at (fp16's dense peak is bf16's).
+MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "bf16"}
+#: A dot's precision (Triton's input_precision, and our split products) -> (tensor-core passes, the peak
+#: each pass runs at). 'ieee' is fp32 on CUDA cores.
+DOT_PASSES = {"ieee": (1, "fp32"), "tf32": (1, "tf32"), "tf32x3": (3, "tf32"), "bf16": (1, "bf16"),
+              "bf16x3": (3, "bf16")}
+
+
+def peaks_for(name: str) -> tp.Optional[dict]:
+    """The peaks of a device named `name` (torch.cuda.get_device_name()), or None if not listed."""
+    for key in sorted(PEAKS, key=len, reverse=True):
+        if key in name:
+            return PEAKS[key]
+    return None
+
+
+def roofline(flop: float, nbytes: float, peak: str, passes: int = 1) -> tp.Dict[str, tp.Any]:
+    """{'predicted_ms_h100', 'predicted_ms_h200', 'bound'}: `flop` (counted once) run `passes` times
+    at the dense `peak` ('fp32', 'tf32', 'bf16'), against `nbytes` at HBM bandwidth. `bound` says
+    which side is the larger on the H100 ('compute' or 'memory')."""
+    out: tp.Dict[str, tp.Any] = {}
+    for gpu in PREDICTED_FOR:
+        p = PEAKS[gpu]
+        compute, memory = passes * flop / (p[peak] * 1e12), nbytes / (p["hbm_tbs"] * 1e12)
+        out[f"predicted_ms_{gpu.lower()}"] = 1e3 * max(compute, memory)
+        if gpu == "H100":
+            out["bound"] = "compute" if compute >= memory else "memory"
+    return out
+
+
+def roofline_ms(flop: float, nbytes: float, mode: str) -> tp.Dict[str, float]:
+    """A layer's roofline on H100 and H200 in one of the codec's precision modes (`MODE_PEAK`), in ms."""
+    out = roofline(flop, nbytes, MODE_PEAK[mode])
+    out.pop("bound")
+    return out
