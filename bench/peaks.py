@@ -33,6 +33,16 @@ def peaks_for(name: str) -> tp.Optional[dict]:
     return None
 
 
+def predicted_key(device_name: str) -> tp.Optional[str]:
+    """The roofline field that predicts for a device named `device_name` ('predicted_ms_h100' for an
+    H100 SXM, 'predicted_ms_h200' for an H200), or None for any other device."""
+    if "H200" in device_name:
+        return "predicted_ms_h200"
+    if "H100" in device_name and "PCIe" not in device_name:
+        return "predicted_ms_h100"
+    return None
+
+
 def roofline(flop: float, nbytes: float, peak: str, passes: int = 1) -> tp.Dict[str, tp.Any]:
     """{'predicted_ms_h100', 'predicted_ms_h200', 'bound'}: `flop` (counted once) run `passes` times
     at the dense `peak` ('fp32', 'tf32', 'bf16'), against `nbytes` at HBM bandwidth. `bound` says

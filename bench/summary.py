@@ -8,6 +8,8 @@ import typing as tp
 from collections import defaultdict
 from pathlib import Path
 
+from bench.peaks import predicted_key
+
 PEERS = ("upstream", "transformers")
 COLORS = {"ours": "#d62728", "upstream": "#1f77b4", "transformers": "#2ca02c"}
 STYLES = {"24khz": "-", "48khz": "--", "small": ":"}
@@ -364,27 +366,49 @@ def _context_lines(results) -> tp.List[str]:
     return lines
 
 
+def floor_ms(record: Record, device_name: str) -> tp.Optional[float]:
+    """The roofline a time record in ms carries for the GPU it ran on: the floor of what its Triton
+    launches did (`launch_floor_ms`), else the case's own model (`predicted_ms_h100` / `_h200`)."""
+    key = predicted_key(device_name)
+    if key is None or record.get("unit") != "ms" or record.get("na"):
+        return None
+    if record.get("launch_floor_ms") is not None:
+        return record["launch_floor_ms"]
+    return record.get(key)
+
+
 def detail_tables(results) -> tp.List[str]:
+    """Every record per benchmark; on an H100 or H200, with each time's roofline floor and the share
+    of it reached (floor / median: 1 would be at the hardware's limit)."""
     lines: tp.List[str] = []
     by_bench: tp.Dict[str, tp.List[Record]] = defaultdict(list)
     for r in results["records"]:
         by_bench[r["benchmark"]].append(r)
+    gpu = results["context"].get("gpu") or ""
     for name, entry in results["benchmarks"].items():
         lines += ["", f"### {name}: {entry['title']}", "",
                   f"status: {entry.get('status')}" + (f", {entry['seconds']:.0f} s" if "seconds" in entry else "")]
         recs = by_bench.get(name, [])
         if not recs:
             continue
-        lines += ["", "| case | implementation | metric | median | IQR | min - max | n |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in recs:
+        floors = [floor_ms(r, gpu) for r in recs]
+        with_floor = any(f is not None for f in floors)
+        head = "| case | implementation | metric | median | IQR | min - max | n |"
+        lines += ["", head + (" floor ms | floor / median |" if with_floor else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|---|" if with_floor else "")]
+        for r, floor in zip(recs, floors):
             case = _label(name, r["params"]).split(": ", 1)[1]
             metric = r["metric"] + (f" ({r['unit']})" if r["unit"] else "")
             if r.get("na"):
-                lines.append(f"| {case} | {r['implementation']} | {metric} | n/a: {_short(r['na'])} | | | |")
+                lines.append(f"| {case} | {r['implementation']} | {metric} | n/a: {_short(r['na'])} | | | |"
+                             + (" | |" if with_floor else ""))
                 continue
-            lines.append(f"| {case} | {r['implementation']} | {metric} | {_fmt(r['median'])} | {_fmt(r['iqr'])} | "
-                         f"{_fmt(r['min'])} - {_fmt(r['max'])} | {r['n']} |")
+            row = (f"| {case} | {r['implementation']} | {metric} | {_fmt(r['median'])} | {_fmt(r['iqr'])} | "
+                   f"{_fmt(r['min'])} - {_fmt(r['max'])} | {r['n']} |")
+            if with_floor:
+                share = f"{floor / r['median']:.1%}" if floor is not None and r.get("median") else ""
+                row += f" {'' if floor is None else _fmt(floor)} | {share} |"
+            lines.append(row)
     return lines
 
 

@@ -232,3 +232,29 @@ def test_report_without_matplotlib_says_so_and_keeps_the_tables(tmp_path):
     assert not list(tmp_path.glob("*.png"))
     summary.write(tmp_path, json.loads(results.read_text()))
     assert (tmp_path / "speedups.png").exists() and "not drawn" not in (tmp_path / "REPORT.md").read_text()
+
+
+def test_report_puts_the_roofline_floor_next_to_gpu_times():
+    """On an H100 or H200 the detail tables show each time's floor: the floor of what its Triton
+    launches did where the record has one, else the case's own model for that GPU; a CPU run's tables
+    keep their columns."""
+    from bench import summary
+
+    def rec(impl, median, unit="ms", **extra):
+        return {"benchmark": "kernels", "params": {"op": "conv"}, "implementation": impl, "metric": "time",
+                "unit": unit, "median": median, "iqr": 0.0, "min": median, "max": median, "n": 3, **extra}
+    records = [rec("torch", 2.0, predicted_ms_h100=0.5, predicted_ms_h200=0.4),
+               rec("triton", 1.0, predicted_ms_h100=0.5, predicted_ms_h200=0.4, launch_floor_ms=0.25),
+               rec("triton", 9.0, unit="audio s / s", launch_floor_ms=0.25),
+               {"benchmark": "kernels", "params": {"op": "conv"}, "implementation": "peer", "metric": "time",
+                "unit": "ms", "na": "not installed"}]
+    results = {"records": records, "benchmarks": {"kernels": {"title": "kernels", "status": "ok"}},
+               "context": {"gpu": "NVIDIA H200"}}
+    table = [line for line in summary.detail_tables(results) if line.startswith("|")]
+    assert table[0].endswith("| floor ms | floor / median |")
+    assert table[2].endswith("| 0.4 | 20.0% |")      # torch: the case's H200 model
+    assert table[3].endswith("| 0.25 | 25.0% |")     # ours: its launches' floor
+    assert table[4].endswith("|  |  |")              # not a time in ms: no floor
+    assert len({line.count("|") for line in table}) == 1
+    results["context"] = {"gpu": None}
+    assert not any("floor" in line for line in summary.detail_tables(results))

@@ -35,7 +35,7 @@ import torch
 from bench import launch_roofline, peers
 from bench.benchmarks.train_step import TRAINER_PRECISION
 from bench.core import Context, EnvSetting, benchmark, upstream_missing
-from bench.peaks import MODE_PEAK, peaks_for, roofline_ms
+from bench.peaks import MODE_PEAK, peaks_for, predicted_key, roofline_ms
 from encodec_fast import ops
 from encodec_fast import precision as precision_modes
 from encodec_fast.ops import rvq
@@ -157,11 +157,10 @@ class LaunchLog:
 def predicted_ms(launches: tp.Sequence[dict], device_name: str) -> tp.Optional[float]:
     """The roofline of everything in `launches` (`LaunchLog.of`) on this GPU (H100 or H200 by its
     name; None for another, or where a launch has no work model)."""
-    gpu = ("h200" if "H200" in device_name else "h100" if "H100" in device_name and "PCIe" not in device_name
-           else None)  # the SXM parts' peaks
-    if gpu is None or not launches or any(f"predicted_ms_{gpu}" not in e for e in launches):
+    key = predicted_key(device_name)
+    if key is None or not launches or any(key not in e for e in launches):
         return None
-    return sum(e[f"predicted_ms_{gpu}"] for e in launches)
+    return sum(e[key] for e in launches)
 
 
 def timed_launches(fn: tp.Callable[[], tp.Any], reps: int) -> tp.Tuple[float, list]:
@@ -753,17 +752,19 @@ def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], 
         params.update(stage=stage, configs=configs, device=ctx.device)
         extra = {k: row[k] for k in EXTRAS if k in row}
         floor = predicted_ms(row.get("launches") or [], gpu_name)
-        if floor is not None:  # the launches' own roofline on this GPU, next to the measured Triton time
-            extra["launch_floor_ms"] = floor
+        # the Triton launches' own roofline on this GPU, next to the measured Triton time
+        ours = dict(extra, **({"launch_floor_ms": floor} if floor is not None else {}))
         if stage == "conv2d":
             for impl in ("torch", "triton"):
                 for kind in ("fwd", "fwd_bwd"):
                     ctx.record({**params, "pass": kind.replace("_", "+")}, impl, "time", "ms",
-                               [row[f"{impl}_{kind}_ms"]], note="do_bench median", **extra)
+                               [row[f"{impl}_{kind}_ms"]], note="do_bench median",
+                               **(ours if impl == "triton" and kind == "fwd" else extra))
         elif stage == "training":
             for impl, key in (("torch", "ours_torch_ms"), ("triton", "ours_triton_ms"), ("upstream", "upstream_ms")):
                 if row.get(key) is not None:
-                    ctx.record(params, impl, "time", "ms", [row[key]], note="do_bench median", **extra)
+                    ctx.record(params, impl, "time", "ms", [row[key]], note="do_bench median",
+                               **(ours if impl == "triton" else extra))
         elif stage == "train_step":
             ctx.record(params, row["implementation"], "time", "ms", row["times_ms"], parts_ms=row["parts_ms"])
         elif stage == "model":
@@ -779,7 +780,8 @@ def _record_rows(ctx: Context, stage: str, rows: tp.List[tp.Dict[str, tp.Any]], 
                                                 if impl == "triton" else None))
         else:
             for impl in ("torch", "triton"):
-                ctx.record(params, impl, "time", "ms", [row[f"{impl}_ms"]], note="do_bench median", **extra)
+                ctx.record(params, impl, "time", "ms", [row[f"{impl}_ms"]], note="do_bench median",
+                           **(ours if impl == "triton" else extra))
 
 
 @benchmark("kernels", "Triton kernels vs their PyTorch paths (exact fp32 and bf16), roofline fraction, launches",
