@@ -722,8 +722,9 @@ def roofline_of(launch: Launch) -> tp.Dict[str, tp.Dict[str, tp.Any]]:
 _SCENARIO_AUDIO = re.compile(r"(?:encoder|decoder) (\d+)s(?:\+\d+)? x(\d+) ")
 
 
-def roofline_tables(launches) -> str:
-    """Markdown (the sm_90 launches, H100's and H200's): the roofline of each scenario (its launches'
+def roofline_tables(launches, arch: int = 90) -> str:
+    """Markdown (the launches of sm_`arch`, whose work the capture added up: sm_90 is H100's and
+    H200's, `capture`'s choice where it ran): the roofline of each scenario (its launches'
     floors added up; for the models, the audio seconds per second that floor allows) and of each
     launch's heaviest scenario."""
     scenarios: tp.Dict[str, tp.Dict[str, float]] = {}
@@ -753,12 +754,12 @@ def roofline_tables(launches) -> str:
         per_launch.append(f"| {i} | {launch.kernel.strip('_').replace('_kernel', '')} | {launch.constexpr_text()} | "
                           f"{label} | {r['calls']} | {r['gflop']:.3g} | {r['mbytes']:.3g} | {r['products']} | "
                           f"{r['bound']} | {r['predicted_ms_h100']:.3g} | {r['predicted_ms_h200']:.3g} |")
-    return ("Roofline per scenario of the sm_90 launches (bench/launch_roofline.py: each launch's FLOP at "
+    return (f"Roofline per scenario of the sm_{arch} launches (bench/launch_roofline.py: each launch's FLOP at "
             "the dense peak of its products' precision or its compulsory bytes at HBM bandwidth, whichever is "
             "slower, added over the scenario's launches; a floor, not a forecast: the certified search's "
             "rescoring, cache misses and launch overhead are not in it; the LSTM and other torch ops are not "
             "Triton launches):\n\n" + "\n".join(rows)
-            + "\n\nRoofline per launch configuration (sm_90), at its heaviest scenario:\n\n"
+            + f"\n\nRoofline per launch configuration (sm_{arch}), at its heaviest scenario:\n\n"
             + "\n".join(per_launch))
 
 
@@ -796,7 +797,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     print(f"triton {triton.__version__}: {len(launches)} launch configurations captured in "
           f"{time.time() - started:.1f} s; compiling for {', '.join(f'sm_{a}' for a in archs)}", flush=True)
     if args.roofline:
-        md = roofline_tables(launches)
+        md = roofline_tables(launches, 90 if 90 in archs else archs[0])
         print(md)
         if args.out:
             from bench.core import context
@@ -849,7 +850,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
         stem.with_suffix(".md").write_text(header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md
                                            + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n\n"
-                                           + roofline_tables(launches) + "\n")
+                                           + roofline_tables(launches, 90 if 90 in archs else archs[0]) + "\n")
         print(f"saved {stem}.json and .md")
     return 1 if failures else 0
 
