@@ -1,7 +1,12 @@
 """`--engine ray` on a local Ray instance (CPU): the same rows and errors as the local engine, and
-resume from a partial run."""
+resume from a partial run and after the job was killed."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +18,35 @@ from encodec_fast.tokenize import read_codes, tokenize
 from test_tokenize import make_corpus, write_bad_inputs
 
 pytestmark = pytest.mark.slow  # starts a local Ray instance (CI: the readme environment only)
+
+
+def test_ray_job_killed_then_restarted_gives_every_item_exactly_once(tmp_path, checkpoint_24):
+    """The command with --engine ray, its driver killed (SIGKILL) while it commits shards, then run
+    again: every input in the shards exactly once, every failure reported once, no temporary file
+    left. (Its local Ray instance shares the driver's fate: the restart starts a new one.)"""
+    make_corpus(tmp_path / "in", 24, seconds=(0.8, 2.0))
+    write_bad_inputs(tmp_path / "in" / "bad")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "encodec_fast", "tokenize", str(tmp_path / "in"), "-o", str(out),
+            "--checkpoint", str(checkpoint_24), "--engine", "ray", "--rows-per-shard", "2", "--device", "cpu",
+            "--quiet"]
+    # a Ray instance of its own, whatever else this machine (or another test's process) runs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen(args, env=env)
+    deadline = time.time() + 300
+    while len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the job finished before it could be killed: make the corpus longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list(out.glob("part-*.parquet")))
+    assert 2 <= committed < 12
+    assert subprocess.run(args, env=env, timeout=600).returncode == 7  # the 7 bad inputs
+    ids = [r["id"] for r in read_codes(out, columns=["id"])]
+    assert len(ids) == len(set(ids)) == 24
+    errors = [json.loads(line)["id"] for line in (out / "_errors.jsonl").read_text().splitlines()]
+    assert len(errors) == len(set(errors)) == 7
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.fixture(scope="module")
