@@ -60,19 +60,20 @@ setup(
         # kernels in Triton's interpreter (CPU); torch's Linux wheels bring triton, named here for
         # other builds. duckdb and datasets: the tests read tokenize's shards with them;
         # transformers: the tokenize benchmark compares with its EncodecModel (a smoke run is a
-        # test); ray: the tests run `--engine ray` on a local instance; matplotlib: `train report`.
+        # test); ray: the tests run `--engine ray` on a local instance; matplotlib: `train report`;
+        # tensorboard: the trainer's scalars are also written for TensorBoard where it is installed.
         # ruff: the lint gate (`ruff check .`, configured in pyproject.toml), run by CI before the tests;
         # pytest-xdist: the tests run in parallel workers (`-n auto`).
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "encodec==0.1.1", "torchaudio>=2.4",
                  "duckdb>=1.0", "datasets>=2.14", "transformers>=4.40", "ray[data]>=2.9", "matplotlib>=3.5",
-                 "triton>=3.2; sys_platform == 'linux'", "ruff>=0.6"],
+                 "tensorboard>=2.14", "triton>=3.2; sys_platform == 'linux'", "ruff>=0.6"],
         # the `coder` benchmark compares the coder with constriction's (speed only: other bytes); the
         # suite's quality benchmark adds PESQ and STOI when pesq / pystoi are installed; the
         # `quantizer` benchmark adds vector-quantize-pytorch's ResidualVQ as a peer, the `rvq` one FAISS.
         "bench": ["constriction>=0.4", "faiss-cpu>=1.7.4", "pesq>=0.0.4", "pystoi>=0.4",
                   "vector-quantize-pytorch>=1.14"],
-        # `encodec-fast train report` (plots) without the test extra.
-        "train": ["matplotlib>=3.5"],
+        # `encodec-fast train report` (plots) and TensorBoard logs without the test extra.
+        "train": ["matplotlib>=3.5", "tensorboard>=2.14"],
         # --engine ray without the test extra.
         "ray": ["ray[data]>=2.9"],
     },

@@ -549,3 +549,30 @@ def test_a_step_reads_its_losses_and_norms_once_per_micro_batch(corpus, tmp_path
     own = [read for read in innermost if read[1] in ("trainer.py", "balancer.py")]
     assert own == [("tolist", "trainer.py")] * 2, reads.reads
     assert {"l1", "mel", "adv", "feat", "commit", "disc"} <= set(logged) and all(map(math.isfinite, logged.values()))
+
+
+def test_tensorboard_holds_the_metrics_lines_scalars(corpus, tmp_path):
+    """Where tensorboard is installed (the test and train extras), the run's scalars go to
+    RUN_DIR/tensorboard as well: every number of each train and valid line of metrics.jsonl, at its
+    step, under train/NAME and valid/BANDWIDTHkbps/NAME."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    trainer = T.Trainer(_config(corpus, steps=3), tmp_path / "run", quiet=True)
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / T.METRICS).read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {}
+    for row in rows:
+        if row["split"] not in ("train", "valid"):
+            continue
+        tag = row["split"] + (f"/{row['bandwidth']:g}kbps" if row["split"] == "valid" else "")
+        for key, value in row.items():
+            if key not in ("step", "time", "bandwidth") and isinstance(value, (int, float)):
+                expected.setdefault(f"{tag}/{key}", []).append((row["step"], float(value)))
+    assert "train/mel" in expected and any(t.startswith("valid/") for t in expected), sorted(expected)
+    assert tags == set(expected)
+    for tag, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert np.allclose([v for _, v in got], [v for _, v in points], rtol=1e-6, atol=0), tag  # stored as fp32
