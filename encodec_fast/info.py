@@ -33,6 +33,22 @@ def _version(module: str) -> Facts:
     return {"installed": True, "version": getattr(mod, "__version__", "unknown")}
 
 
+#: Packages only some jobs use (name, what for): reported by their installed metadata, not imported.
+OPTIONAL = (("matplotlib", "train report's plots"), ("tensorboard", "the trainer's TensorBoard logs"),
+            ("ray", "tokenize --engine ray"))
+
+
+def _optional_facts() -> Facts:
+    from importlib import metadata
+    out: Facts = {}
+    for name, _ in OPTIONAL:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _torch_facts() -> Facts:
     facts = _version("torch")
     if "version" not in facts:
@@ -145,7 +161,7 @@ def collect() -> Facts:
         "soundfile": _soundfile_facts(), "pyarrow": _version("pyarrow"),
         "torchaudio": _version("torchaudio") if "version" in torch_facts else {"installed": False},
         "coder": _coder_facts(), "backend": _backend_facts(torch_facts, triton_facts),
-        "checkpoints": _checkpoint_facts(),
+        "checkpoints": _checkpoint_facts(), "optional": _optional_facts(),
     }
 
 
@@ -227,6 +243,10 @@ def format_facts(facts: Facts) -> str:
                  + (f" (libsndfile {sf['libsndfile']})" if "libsndfile" in sf else ""))
     lines.append(f"  pyarrow     {version('pyarrow')} (tokenize's Parquet shards)")
     lines.append(f"  torchaudio  {version('torchaudio')} (optional: only the tests' oracle uses it)")
+    optional = facts.get("optional", {})
+    lines.append("  optional    " + ", ".join(f"{name} {optional.get(name) or 'not installed'}"
+                                              for name, _ in OPTIONAL))
+    lines.append("              (" + "; ".join(why for _, why in OPTIONAL) + ")")
     c = facts["coder"]
     lines.append("  C++ coder   " + (f"built ({Path(c['path']).name})" if c.get("built") else "NOT built (see below)"))
     b = facts["backend"]

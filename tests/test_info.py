@@ -25,13 +25,14 @@ def test_info_screen_and_json():
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     out = proc.stdout
     for needle in (f"torch       {torch.__version__}", "triton", "numpy", "soundfile", "pyarrow", "torchaudio",
-                   "C++ coder",
+                   "C++ coder", "optional    matplotlib",
                    "ops ", "checkpoints"):
         assert needle in out, out
     assert len(out.splitlines()) <= 30  # one screen
     facts = json.loads(run_info("--json").stdout)
     assert facts["torch"]["version"] == torch.__version__
     assert facts["backend"]["ops"] in ("torch", "triton")
+    assert set(facts["optional"]) == {"matplotlib", "tensorboard", "ray"}
     assert set(facts["checkpoints"]["files"]) == set(CHECKPOINTS)
 
 
@@ -81,8 +82,11 @@ def test_problems_lists_missing_pieces_with_fixes():
     assert any("numpy<2.4" in p for p in found)
     assert any(p.startswith("soundfile is missing") for p in found)
     assert any(p.startswith("pyarrow is missing (required by tokenize's") for p in found)
+    facts["optional"]["tensorboard"] = None
     text = info.format_facts(facts)
     assert "soundfile   not installed" in text and "NOT built" in text
+    assert "tensorboard not installed" in text and "the trainer's TensorBoard logs" in text
+    assert not any("tensorboard" in p for p in info.problems(facts))  # optional: never a problem
     facts = info.collect()
     facts["triton"] = {"installed": True, "version": "3.9.0"}
     assert not any("numpy<2.4" in p for p in info.problems(facts))
