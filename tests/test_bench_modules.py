@@ -99,6 +99,9 @@ def test_tokenize_with_every_peer(tmp_path):
     assert all("error" not in r for r in results.values()), results
     assert results["ours"]["codes_equal_upstream"] == 1.0
     assert 0 < results["transformers"]["codes_equal_upstream"] <= 1.0
+    # ours also says where its time went and how fast its reading process delivered audio
+    assert results["ours"]["seconds_by_stage"]["encoder convolutions"] > 0
+    assert results["ours"]["reading"]["processes"] == 1 and results["ours"]["reading"]["audio_seconds"] > 0
 
 
 def test_training_corpus_tool_and_training_step(tmp_path):

@@ -157,10 +157,21 @@ def test_time_breakdown_of_a_run(tmp_path, checkpoint_24, capsys):
         last = json.loads((out / "_manifest.json").read_text())["last_run"]
         assert last["seconds_by_stage"] == stages and last["gpu_stages"] == []
         assert summary.breakdown().startswith(f"time, of {summary.loop_seconds:.1f} s tokenizing: ")
+        # the reading processes' own rate: every clip was read whole (none streamed), in their time
+        assert summary.read_audio_seconds == pytest.approx(summary.audio_seconds, rel=1e-9)
+        assert summary.read_seconds > 0
+        if workers == 0:  # read in the main thread, inside its wait for audio
+            assert summary.read_seconds <= stages["read audio (decoding, or waiting for workers)"] + 1e-3
+        assert last["reading"] == {"processes": 1, "seconds": summary.read_seconds,
+                                   "audio_seconds": summary.read_audio_seconds}
+        each = summary.read_audio_seconds / summary.read_seconds
+        where = "this process (--workers 0)" if workers == 0 else "the one reading process"
+        assert f"reading audio: {each:,.0f} audio-s/s in {where}" in summary.breakdown()
     assert cli_main(["tokenize", str(tmp_path / "corpus"), "-o", str(tmp_path / "cli"), "--model", "24khz",
                      "--checkpoint", str(checkpoint_24), "--workers", "0"]) == 0
     err = capsys.readouterr().err
     assert "encoder convolutions" in err and "RVQ search" in err and "write rows (writer thread)" in err
+    assert "reading audio: " in err and "tokenizing ran at" in err
     # decoding that holds the encoder back gets a hint (where more processes are possible), else none
     read = "read audio (decoding, or waiting for workers)"
     slow = dataclasses.replace(summary, seconds_by_stage={**stages, read: 0.9 * summary.loop_seconds}, workers=0)

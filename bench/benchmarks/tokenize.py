@@ -127,7 +127,11 @@ def run_ours(corpus: Path, out: Path, checkpoint: Path, device: str, workers: in
     status = cli.main(["tokenize", str(corpus), "-o", str(out), "--checkpoint", str(checkpoint), "-b", "6",
                        "--device", device, "--workers", str(workers), "--overwrite", "--quiet", *extra])
     from encodec_fast.tokenize import read_codes
-    return {"items": sum(1 for _ in read_codes(out, columns=["id"])), "failed": status}
+    last = json.loads((out / "_manifest.json").read_text()).get("last_run", {})
+    # where the time went, and the reading processes' own rate (can the CPUs feed the encoder?)
+    return {"items": sum(1 for _ in read_codes(out, columns=["id"])), "failed": status,
+            "seconds_by_stage": last.get("seconds_by_stage", {}), "gpu_stages": last.get("gpu_stages", []),
+            "reading": last.get("reading", {})}
 
 
 def _read(path: Path, model_sr: int, channels: int):
@@ -299,7 +303,8 @@ def run(ctx: Context) -> None:
                    note="one run, in its own process (ours: the encodec-fast tokenize command)" + (
                        f"; {side_by_side_note(together)}" if together > 1 else ""),
                    threads=r["threads"],
-                   peak_rss_mb=r["peak_rss_mb"], peak_rss_worker_mb=r["peak_rss_worker_mb"])
+                   peak_rss_mb=r["peak_rss_mb"], peak_rss_worker_mb=r["peak_rss_worker_mb"],
+                   **{k: r[k] for k in ("seconds_by_stage", "gpu_stages", "reading") if k in r})
         if "codes_equal_upstream" in r:
             ctx.record(params, impl, "codes_equal_upstream", "%", [100 * r["codes_equal_upstream"]],
                        higher_is_better=True)

@@ -19,6 +19,7 @@ from .. import __version__, timing
 from ..jobs import GracefulStop
 from ..model import FACTORIES, MODEL_CONFIGS, SHORT_NAMES, EncodecModel
 from ..streaming import DEFAULT_CHUNK_SECONDS, DEFAULT_STREAM_SECONDS, LongInputs
+from .loading import ReadRate
 from .local import READ_STAGE, WRITE_STAGE, Progress, run_local
 from .sources import Item, Problem, list_items, parse_shard
 
@@ -49,6 +50,10 @@ class Summary:
     gpu_stages: tp.List[str] = dataclasses.field(default_factory=list)  # those timed on the GPU
     workers: int = 0
     loop_seconds: float = 0.0  # the part of wall_seconds spent tokenizing (after loading the model, listing)
+    # The reading processes (--workers, or this process with none; the local engine): their summed time
+    # on the items (open, decode, resample where they do) and the audio they delivered.
+    read_seconds: float = 0.0
+    read_audio_seconds: float = 0.0
 
     def line(self) -> str:
         return (f"{self.tokenized} tokenized, {self.failed} failed, {self.skipped} done before "
@@ -70,6 +75,13 @@ class Summary:
                                                 for name in self.gpu_stages if name in self.seconds_by_stage)
         if WRITE_STAGE in self.seconds_by_stage:
             out += f"; {WRITE_STAGE} {self.seconds_by_stage[WRITE_STAGE]:.2f} s, beside the rest"
+        if self.read_seconds > 0 and self.read_audio_seconds > 0:
+            each = self.read_audio_seconds / self.read_seconds
+            where = ("this process (--workers 0)" if not self.workers else "the one reading process"
+                     if self.workers == 1 else f"each of {self.workers} reading processes")
+            out += (f"\nreading audio: {each:,.0f} audio-s/s in {where} ({self.read_seconds:.2f} s for "
+                    f"{self.read_audio_seconds:.1f} s of audio), at most {each * max(self.workers, 1):,.0f} audio-s/s "
+                    f"together; tokenizing ran at {self.audio_seconds / wall:,.0f} audio-s/s")
         read = self.seconds_by_stage.get(READ_STAGE, 0.0)
         cpus = os.cpu_count() or 1
         if read > 0.25 * wall and self.workers < cpus - 1:
@@ -167,6 +179,7 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
                             quiet)
         committed = False
         timer = timing.StageTimer()
+        reading = ReadRate()
         by_stage: tp.Dict[str, float] = {}
         try:
             for p in new_problems:
@@ -178,11 +191,14 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
                                    address=ray_address, stop=stop, resample_on_device=resample_on_device)
             else:
                 complete = run_local(net, todo, sink, bandwidth, device, batch_seconds, workers, progress, long,
-                                     stop=stop, timer=timer, resample_on_device=resample_on_device)
+                                     stop=stop, timer=timer, resample_on_device=resample_on_device,
+                                     reading=reading)
                 by_stage = _by_stage(timer)
             sink.close({"last_run": {"tokenized": progress.done, "failed": progress.failed,
                                      "interrupted": not complete, "seconds_by_stage": by_stage,
-                                     "gpu_stages": sorted(timer.gpu)}})
+                                     "gpu_stages": sorted(timer.gpu),
+                                     "reading": {"processes": max(workers, 1), "seconds": reading.seconds,
+                                                 "audio_seconds": reading.audio_seconds}}})
             committed = True
         finally:
             if not committed:
@@ -195,7 +211,8 @@ def tokenize(inputs: tp.Sequence[tp.Union[str, Path]], out_dir: tp.Union[str, Pa
                    failed_before=failed_before,
                    audio_seconds=progress.seconds, wall_seconds=time.perf_counter() - start, out_dir=str(out_dir),
                    seconds_by_stage=by_stage, gpu_stages=[s for s in by_stage if s in timer.gpu], workers=workers,
-                   loop_seconds=timer.loop_seconds)
+                   loop_seconds=timer.loop_seconds, read_seconds=reading.seconds,
+                   read_audio_seconds=reading.audio_seconds)
 
 
 def _by_stage(timer: timing.StageTimer) -> tp.Dict[str, float]:

@@ -8,6 +8,7 @@ one core: 917 audio-s per CPU-s decoded and resampled, 3,591 decoded alone)."""
 import contextlib
 import dataclasses
 import os
+import time
 import typing as tp
 
 import numpy as np
@@ -33,6 +34,7 @@ class Loaded:
     length: int = 0                 # samples at the model's rate (of `wav` once resampled)
     rate: int = 0                   # the rate `wav` is at: the model's, or the source's when resampling is left
                                     # to the encoding process (`ItemAudio(resample=False)`)
+    seconds: float = 0.0            # the reading process's time on this item (open, decode, resample where it does)
 
     def pin_memory(self) -> "Loaded":
         """The audio in page-locked memory (the DataLoader's pinning thread calls this for CUDA jobs), so
@@ -173,8 +175,31 @@ class ItemAudio(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Loaded:
-        return load_or_error(index, self.items[index], self.sample_rate, self.channels, self.long_after,
-                             self.resample)
+        start = time.perf_counter()
+        loaded = load_or_error(index, self.items[index], self.sample_rate, self.channels, self.long_after,
+                               self.resample)
+        loaded.seconds = time.perf_counter() - start
+        return loaded
+
+
+@dataclasses.dataclass
+class ReadRate:
+    """What the reading processes (DataLoader workers, or this process with none) did: their summed
+    time on the items, and the audio they delivered (items read whole; those streamed later, past
+    `long_after`, are read by the encoding process and not counted)."""
+    seconds: float = 0.0
+    audio_seconds: float = 0.0
+
+    def add(self, loaded: Loaded, sample_rate: int) -> None:
+        if loaded.long:
+            return
+        self.seconds += loaded.seconds
+        if loaded.wav is not None:
+            self.audio_seconds += loaded.length / sample_rate
+
+    def per_process(self) -> float:
+        """Audio seconds one reading process delivers per second of its time (0 when nothing was read)."""
+        return self.audio_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
 def worker_init(_: int) -> None:

@@ -16,7 +16,7 @@ from .. import timing
 from ..jobs import GracefulStop
 from ..model import EncodecModel, length_batches
 from ..streaming import LongInputs, encode_long, encode_pieces
-from .loading import ItemAudio, Loaded, resampled, stream_item, worker_init
+from .loading import ItemAudio, Loaded, ReadRate, resampled, stream_item, worker_init
 from .sources import Item
 
 if tp.TYPE_CHECKING:  # pyarrow's: training imports this package's loading without it
@@ -209,14 +209,16 @@ def encode_streamed(model: EncodecModel, item: Item, length: int, device: torch.
 def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: "ShardSink", bandwidth: float,
               device: torch.device, batch_seconds: float, workers: int, progress: Progress,
               long: LongInputs = LongInputs(), pool_batches: int = 4, *, stop: GracefulStop,
-              timer: tp.Optional[timing.StageTimer] = None, resample_on_device: tp.Optional[bool] = None) -> bool:
+              timer: tp.Optional[timing.StageTimer] = None, resample_on_device: tp.Optional[bool] = None,
+              reading: tp.Optional[ReadRate] = None) -> bool:
     """Tokenize `items` (none of them done yet) into `sink`; False when it stopped early. When `stop` is
     requested (SIGTERM, SIGINT), no new item starts; what was encoded reaches the sink, the items read
     but not yet encoded are left for the next run. `timer` (a `timing.StageTimer`) gets where the time
     went: waiting for decoded audio, copies, the model's stages, the writer thread's work; its
     `loop_seconds` the loop's wall time. `resample_on_device` (default: on CUDA): the workers only
     decode, and each clip is resampled on `device` after its copy (in fp32, TF32 off), off the
-    workers' CPUs; elsewhere the workers resample (upstream's values, bit for bit)."""
+    workers' CPUs; elsewhere the workers resample (upstream's values, bit for bit). `reading` (a
+    `ReadRate`) gets the reading processes' time and the audio they delivered."""
     cuda = device.type == "cuda"
     on_device = cuda if resample_on_device is None else resample_on_device
     loader = torch.utils.data.DataLoader(
@@ -304,6 +306,8 @@ def run_local(model: EncodecModel, items: tp.Sequence[Item], sink: "ShardSink", 
                     loaded = next(loaded_items, None)
                 if loaded is None:
                     break
+                if reading is not None:
+                    reading.add(loaded, model.sample_rate)
                 if stop.requested is not None:
                     return False
                 if loaded.long:
