@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 import encodec
@@ -83,6 +84,70 @@ def test_inputs_directories_globs_manifests_and_shards(tmp_path):
     for bad in ("3/3", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError, match="shard"):
             parse_shard(bad)
+
+
+def make_tar_shards(root: Path, files: tp.Sequence[Path], base: Path) -> Path:
+    """WebDataset-style shards of `files`: two uncompressed tar archives with each clip under its path
+    relative to `base` (some as ./name), a JSON sidecar per clip and a member that is not audio, a
+    corrupt audio member, a compressed archive and a tar archive that is not one."""
+    import io
+    import tarfile
+    root.mkdir(parents=True, exist_ok=True)
+
+    def add(archive, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    half = len(files) // 2
+    for k, part in enumerate((files[:half], files[half:])):
+        with tarfile.open(root / f"shard{k}.tar", "w", format=tarfile.USTAR_FORMAT) as archive:
+            for i, f in enumerate(part):
+                name = f.relative_to(base).as_posix()
+                add(archive, str(Path(name).with_suffix(".json")), json.dumps({"key": name}).encode())  # sidecar
+                add(archive, ("./" if i % 2 else "") + name, f.read_bytes())
+            add(archive, "README.txt", b"not audio")
+            if k == 0:
+                add(archive, "broken.flac", b"fLaC" + bytes(100))
+    with tarfile.open(root / "packed.tar.gz", "w:gz") as archive:
+        add(archive, "x.wav", files[0].read_bytes())
+    (root / "fake.tar").write_bytes(b"this is not a tar archive at all" * 20)
+    return root
+
+
+def test_tar_archives_members_read_in_place(tmp_path, pair_24):
+    """Audio members of uncompressed tar archives (WebDataset shards) are items read in place, with the
+    codes of the same files read from a directory, those past `stream_seconds` streamed alike; a corrupt
+    member, a compressed archive and a file that is no tar archive are reported, the rest goes on."""
+    _, ours = pair_24
+    files = make_corpus(tmp_path / "in", 8, seconds=(0.3, 1.6))
+    shards = make_tar_shards(tmp_path / "shards", files, tmp_path / "in")
+    plain = tokenize([tmp_path / "in"], tmp_path / "plain", model=ours, bandwidth=6.0, workers=0, quiet=True,
+                     stream_seconds=0.8, rows_per_shard=3)
+    summary = tokenize([shards], tmp_path / "out", model=ours, bandwidth=6.0, workers=1, quiet=True,
+                       stream_seconds=0.8, rows_per_shard=3)
+    assert (plain.tokenized, summary.tokenized) == (8, 8)
+    assert summary.failed == 3  # broken.flac, packed.tar.gz, fake.tar
+    got = {r["id"]: r for r in read_codes(tmp_path / "out")}
+    want = {r["id"]: r for r in read_codes(tmp_path / "plain")}
+    half = len(files) // 2
+    for k, f in enumerate(files):
+        rel = f.relative_to(tmp_path / "in").as_posix()
+        row = got[f"shard{int(k >= half)}.tar/{rel}"]
+        assert np.array_equal(row["codes"], want[rel]["codes"]), rel
+        assert row["path"] == str(shards / f"shard{int(k >= half)}.tar")
+        assert (row["num_samples"], row["source_sample_rate"]) == (want[rel]["num_samples"],
+                                                                   want[rel]["source_sample_rate"])
+    errors = {json.loads(line)["id"]: json.loads(line)["error"]
+              for line in (tmp_path / "out" / "_errors.jsonl").read_text().splitlines()}
+    assert "unreadable audio" in errors["shard0.tar/broken.flac"]
+    assert "compressed tar archive" in errors["packed.tar.gz"] and "unreadable tar archive" in errors["fake.tar"]
+    # a pattern and an archive named alone list the same members; halves of a split add up to the whole
+    items, problems = list_items([str(shards / "*.tar")])
+    assert {it.id for it in items} == {f"{shards.as_posix()}/{i}" for i in list(got) + ["shard0.tar/broken.flac"]}
+    assert [p.id for p in problems] == [(shards / "fake.tar").as_posix()]
+    first, _ = list_items([shards / "shard0.tar"], (0, 2))
+    second, _ = list_items([shards / "shard0.tar"], (1, 2))
+    assert len(first) + len(second) == half + 1 and all(it.offset > 0 and it.size > 0 for it in first + second)
 
 
 def test_codes_equal_upstreams_per_file_encode_24khz(tmp_path, pair_24):

@@ -94,3 +94,20 @@ def test_ray_engine_matches_local_engine_and_resumes(tmp_path, pair_24, local_ra
     assert len(errors) == len({e["id"] for e in errors}) == len(expected_errors)
     for e in errors:
         assert expected_errors[e["path"].rsplit("/", 1)[1]] in e["error"], e
+
+
+def test_ray_engine_reads_tar_archives_in_place(tmp_path, pair_24, local_ray):
+    """Tar members (WebDataset shards) through Ray's decoding tasks and encoder actors, one of them
+    streamed: the local engine's rows and errors."""
+    from test_tokenize import make_tar_shards
+    _, ours = pair_24
+    files = make_corpus(tmp_path / "in", 6, seconds=(0.3, 1.6))
+    shards = make_tar_shards(tmp_path / "shards", files, tmp_path / "in")
+    runs = {engine: tokenize([shards], tmp_path / engine, model=ours, bandwidth=6.0, engine=engine, workers=1,
+                             quiet=True, stream_seconds=0.8) for engine in ("local", "ray")}
+    assert [(s.tokenized, s.failed) for s in runs.values()] == [(6, 3), (6, 3)]
+    local = {r["id"]: r["codes"] for r in read_codes(tmp_path / "local")}
+    got = {r["id"]: r["codes"] for r in read_codes(tmp_path / "ray")}
+    assert set(got) == set(local) and all(np.array_equal(got[k], local[k]) for k in local)
+    errors = [(tmp_path / e / "_errors.jsonl").read_text().splitlines() for e in ("local", "ray")]
+    assert sorted(json.loads(line)["id"] for line in errors[0]) == sorted(json.loads(line)["id"] for line in errors[1])

@@ -84,6 +84,24 @@ def test_crops_are_a_function_of_the_index_and_never_silent(corpus):
     assert min(rms) >= D.SILENCE_RMS  # the silent file is drawn sometimes and replaced
 
 
+def test_training_reads_tar_archives_in_place(corpus, tmp_path):
+    """Tar shards of the corpus give the same clips (ids under the archive's) and the same crops."""
+    import tarfile
+    with tarfile.open(tmp_path / "corpus.tar", "w") as archive:
+        for f in sorted(corpus.iterdir()):
+            archive.add(f, arcname=f.name)
+    clips, skipped = D.scan([str(corpus)], 0.25)
+    tar_clips, tar_skipped = D.scan([str(tmp_path / "corpus.tar")], 0.25)
+    assert [c.id.split("corpus.tar/")[-1] for c in tar_clips] == [c.id for c in clips]
+    # the same reasons, each naming its input (the member by its id)
+    assert [(s.id.split("/")[-1], s.reason.replace(s.id, "X")) for s in tar_skipped] == [
+        (s.id, s.reason.replace(s.path, "X")) for s in skipped]
+    for clip, member in zip(clips, tar_clips):
+        assert member.offset > 0 and (member.rate, member.channels, member.frames) == (clip.rate, clip.channels,
+                                                                                        clip.frames)
+        assert torch.equal(D.read_crop(member, 100, 3000, 24000, 1), D.read_crop(clip, 100, 3000, 24000, 1))
+
+
 def test_a_file_corrupt_past_its_header_is_replaced_and_reported(tmp_path):
     good = tmp_path / "good.wav"
     sf.write(good, make_signal(24000, 24000).T.numpy(), 24000)

@@ -7,6 +7,7 @@ one core: 917 audio-s per CPU-s decoded and resampled, 3,591 decoded alone)."""
 
 import contextlib
 import dataclasses
+import io
 import os
 import time
 import typing as tp
@@ -42,6 +43,59 @@ class Loaded:
         if self.wav is not None and not self.wav.is_pinned():
             self.wav = self.wav.pin_memory()
         return self
+
+
+class _Member(io.RawIOBase):
+    """`size` bytes at `offset` of the file at `path` as a seekable file of their own (a member of an
+    uncompressed tar archive, read in place)."""
+
+    def __init__(self, path: str, offset: int, size: int, label: str = ""):
+        super().__init__()
+        self._file = open(path, "rb")
+        self._offset, self._size, self._pos = offset, size, 0
+        self._label = label or f"{path}[{offset}:{offset + size}]"
+
+    def __repr__(self) -> str:  # soundfile's errors name the file by it
+        return repr(self._label)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._file.seek(self._offset + self._pos)
+        data = self._file.read(n)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def open_audio(item: Item) -> tp.Iterator[sf.SoundFile]:
+    """The item's audio file open for reading: the file at its path, or its byte range of a tar archive."""
+    if item.offset < 0:
+        with sf.SoundFile(item.path) as f:
+            yield f
+        return
+    with _Member(item.path, item.offset, item.size, item.id) as member, sf.SoundFile(member) as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -88,7 +142,7 @@ def load_item(item: Item, sample_rate: int, channels: int, long_after: tp.Option
     `stream_item`). With `resample_here` False, wav stays at the source rate (T is still the
     length at `sample_rate`): the caller resamples it (`resample`, e.g. on the GPU). ValueError
     (with the reason) for anything that cannot be tokenized."""
-    with _reading(item.path), sf.SoundFile(item.path) as f:
+    with _reading(item.path), open_audio(item) as f:
         _, count = _span(f, item, channels)
         rate, n_channels = f.samplerate, f.channels
         if count == 0:
@@ -112,7 +166,7 @@ def stream_item(item: Item, sample_rate: int, channels: int,
     resampled `block_seconds` of the source at a time (`StreamingResampler`): for items too long
     to hold. ValueError (with the reason) for anything that cannot be tokenized, also midway (a
     NaN, or a file shorter than its header says)."""
-    with _reading(item.path), sf.SoundFile(item.path) as f:
+    with _reading(item.path), open_audio(item) as f:
         _, count = _span(f, item, channels)
         rate = f.samplerate
         if count == 0:

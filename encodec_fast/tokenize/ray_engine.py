@@ -27,7 +27,8 @@ from .sources import Item
 def _item(row: tp.Dict[str, tp.Any]) -> Item:
     def seconds(v: tp.Any) -> tp.Optional[float]:  # Ray Data may hand a missing span end back as NaN
         return None if v is None or math.isnan(float(v)) else float(v)
-    return Item(str(row["id"]), str(row["path"]), seconds(row["start"]), seconds(row["end"]))
+    return Item(str(row["id"]), str(row["path"]), seconds(row["start"]), seconds(row["end"]), int(row["offset"]),
+                int(row["size"]))
 
 
 def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int, long_after: int,
@@ -66,7 +67,7 @@ class _Encoder:
             out["num_samples"][i] = int(wav.shape[-1])
         for i in range(n):
             if batch["long"][i] and not batch["error"][i]:
-                item = _item({key: batch[key][i] for key in ("id", "path", "start", "end")})
+                item = _item({key: batch[key][i] for key in ("id", "path", "start", "end", "offset", "size")})
                 results[i] = encode_streamed(self.model, item, int(batch["long"][i]), self.device, self.long)
                 out["num_samples"][i] = int(batch["long"][i])
         for i, result in results.items():
@@ -94,7 +95,8 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
     if encoders is None:
         encoders = max(1, int(ray.cluster_resources().get("GPU", 0))) if cuda else 1
     model_ref = ray.put(copy.deepcopy(model).cpu())  # a copy: the caller's model stays where it is
-    rows = [{"index": i, "id": it.id, "path": it.path, "start": it.start, "end": it.end} for i, it in enumerate(items)]
+    rows = [{"index": i, "id": it.id, "path": it.path, "start": it.start, "end": it.end, "offset": it.offset,
+             "size": it.size} for i, it in enumerate(items)]
     ds = ray.data.from_items(rows)
     on_device = cuda if resample_on_device is None else resample_on_device
     ds = ds.map(_decode, fn_kwargs={"sample_rate": model.sample_rate, "channels": model.channels,

@@ -1,9 +1,11 @@
-"""What to tokenize: inputs (directories, files, globs, manifests) -> items, and `--shard i/n`.
+"""What to tokenize: inputs (directories, files, globs, manifests, tar archives) -> items, and `--shard i/n`.
 
-An item is one row of output: a whole file, or the span [start, end) seconds of one. Its id is
-the key of resume and of the output: the path relative to the directory it was found in, the path
-as given for files and glob matches, or the manifest's `id` (default: the path, with
-`@start-end` for a span).
+An item is one row of output: a whole file, or the span [start, end) seconds of one, or an audio
+member of an uncompressed tar archive (WebDataset shards: `key.flac` next to `key.json`; the other
+members are skipped). Its id is the key of resume and of the output: the path relative to the
+directory it was found in, the path as given for files and glob matches, or the manifest's `id`
+(default: the path, with `@start-end` for a span); a tar member's is the archive's id, `/`, and the
+member's name.
 """
 
 import csv
@@ -12,12 +14,17 @@ import glob
 import json
 import math
 import os
+import tarfile
 import typing as tp
 import zlib
 from pathlib import Path
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".opus"})
 MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".jsonl", ".csv", ".tsv"})
+#: Archives whose audio members are items (read in place: a member is a byte range of the archive).
+TAR_EXTENSIONS = frozenset({".tar"})
+#: Compressed archives: a member cannot be read without decompressing what comes before it.
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +33,8 @@ class Item:
     path: str
     start: tp.Optional[float] = None  # seconds; None: from the beginning
     end: tp.Optional[float] = None    # seconds; None: to the end
+    offset: int = -1                  # >= 0: the audio is the `size` bytes at this offset of `path` (a tar member)
+    size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,24 +119,63 @@ def _read_manifest(path: Path) -> tp.Iterator[tp.Union[Item, Problem]]:
                 yield Problem(where, where, f"bad manifest line: {exc}")
 
 
+def _is_compressed_tar(name: str) -> bool:
+    return name.lower().endswith(COMPRESSED_TAR_SUFFIXES)
+
+
+def _tar_items(path: Path, archive_id: str) -> tp.Iterator[tp.Union[Item, Problem]]:
+    """The audio members of an uncompressed tar archive as items (id: archive_id/member name), each a
+    byte range of the archive; a problem for an archive that cannot be listed or holds no audio."""
+    if _is_compressed_tar(path.name):
+        yield Problem(archive_id, str(path), "compressed tar archive: its members cannot be read in place; "
+                                             "repack it uncompressed (tar -xf, then tar -cf NAME.tar)")
+        return
+    found = 0
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for member in archive:
+                if not member.isreg() or member.issparse() or Path(member.name).suffix.lower() not in AUDIO_EXTENSIONS:
+                    continue
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                found += 1
+                yield Item(f"{archive_id}/{name}", str(path), offset=member.offset_data, size=member.size)
+    except (tarfile.TarError, OSError) as exc:
+        yield Problem(archive_id, str(path), f"unreadable tar archive: {exc}")
+        return
+    if not found:
+        yield Problem(archive_id, str(path), "no audio files in this tar archive")
+
+
+def _wanted(p: Path) -> bool:
+    """A file the directory scan and patterns take: audio, or an archive of audio."""
+    suffix = p.suffix.lower()
+    return suffix in AUDIO_EXTENSIONS or suffix in TAR_EXTENSIONS or _is_compressed_tar(p.name)
+
+
+def _file_items(p: Path, item_id: str) -> tp.Iterator[tp.Union[Item, Problem]]:
+    if p.suffix.lower() in TAR_EXTENSIONS or _is_compressed_tar(p.name):
+        yield from _tar_items(p, item_id)
+    else:
+        yield Item(item_id, str(p))
+
+
 def _expand(spec: str) -> tp.Iterator[tp.Union[Item, Problem]]:
     path = Path(spec)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+        found = sorted(p for p in path.rglob("*") if _wanted(p) and p.is_file())
         for p in found:
-            yield Item(p.relative_to(path).as_posix(), str(p))
+            yield from _file_items(p, p.relative_to(path).as_posix())
         if not found:
             yield Problem(spec, spec, "no audio files in this directory")
     elif path.is_file():
         if path.suffix.lower() in MANIFEST_EXTENSIONS:
             yield from _read_manifest(path)
         else:
-            yield Item(path.as_posix(), str(path))
+            yield from _file_items(path, path.as_posix())
     else:
-        matches = sorted(m for m in glob.glob(spec, recursive=True)
-                         if Path(m).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(m))
+        matches = sorted(m for m in glob.glob(spec, recursive=True) if _wanted(Path(m)) and os.path.isfile(m))
         for m in matches:
-            yield Item(Path(m).as_posix(), m)
+            yield from _file_items(Path(m), Path(m).as_posix())
         if not matches:
             yield Problem(spec, spec, "no such file or directory, and no audio file matches it as a pattern")
 

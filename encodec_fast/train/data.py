@@ -18,12 +18,11 @@ import math
 import typing as tp
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from ..audio import convert_channels, resample
 from ..jobs import ignore_stop_signals
-from ..tokenize.loading import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from ..tokenize.loading import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, open_audio
 from ..tokenize.sources import Item, in_shard, list_items
 
 #: A crop whose RMS is under this (-60 dBFS) counts as silent and is drawn again.
@@ -39,10 +38,15 @@ class Clip:
     channels: int
     first: int
     frames: int
+    offset: int = -1  # a tar archive's member: its byte range of `path` (`Item.offset`, `Item.size`)
+    size: int = 0
 
     @property
     def seconds(self) -> float:
         return self.frames / self.rate
+
+    def item(self) -> Item:
+        return Item(self.id, self.path, offset=self.offset, size=self.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +58,10 @@ class Skipped:
 
 def _clip(item: Item, min_seconds: float) -> Clip:
     try:
-        info = sf.info(item.path)
+        with open_audio(item) as f:
+            rate, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or OSError
         raise ValueError(f"unreadable audio: {exc}") from None
-    rate, frames = int(info.samplerate), int(info.frames)
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise ValueError(f"unsupported sample rate {rate} Hz")
     first = 0 if item.start is None else int(round(item.start * rate))
@@ -65,7 +69,7 @@ def _clip(item: Item, min_seconds: float) -> Clip:
     count = max(0, last - first)
     if count < math.ceil(min_seconds * rate):
         raise ValueError(f"too short: {count / rate:.3f} s, a crop needs {min_seconds:g} s")
-    return Clip(item.id, item.path, rate, int(info.channels), first, count)
+    return Clip(item.id, item.path, rate, channels, first, count, item.offset, item.size)
 
 
 def scan(inputs: tp.Sequence[str], min_seconds: float) -> tp.Tuple[tp.List[Clip], tp.List[Skipped]]:
@@ -108,7 +112,7 @@ def read_crop(clip: Clip, offset: int, count: int, sample_rate: int, channels: i
     ValueError when the file cannot be decoded there."""
     need = min(clip.frames - offset, math.ceil(count * clip.rate / sample_rate) + 64)
     try:
-        with sf.SoundFile(clip.path) as f:
+        with open_audio(clip.item()) as f:
             f.seek(clip.first + offset)
             data = f.read(need, dtype="float32", always_2d=True)
     except Exception as exc:
