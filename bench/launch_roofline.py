@@ -22,12 +22,9 @@ decide (measured per input, `ops.rvq` stats), re-reads that miss the caches, lau
 import contextlib
 import typing as tp
 
-from bench.peaks import DOT_PASSES, roofline
+import torch
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - torch is a requirement
-    torch = None
+from bench.peaks import DOT_PASSES, bound, roofline
 
 
 class Work(tp.NamedTuple):
@@ -36,8 +33,13 @@ class Work(tp.NamedTuple):
     peak: str      # 'fp32', 'tf32', 'bf16': the dense peak the products run at
     passes: int    # tensor-core passes per product (3 for tf32x3 and bf16x3)
 
-    def roofline(self) -> tp.Dict[str, tp.Any]:
+    def predicted(self) -> tp.Dict[str, float]:
+        """predicted_ms_h100, predicted_ms_h200 (`bench.peaks.roofline`)."""
         return roofline(self.flop, self.bytes, self.peak, self.passes)
+
+    def roofline(self) -> tp.Dict[str, tp.Any]:
+        """`predicted` and what bounds it on the H100 ('compute' or 'memory')."""
+        return dict(self.predicted(), bound=bound(self.flop, self.bytes, self.peak, self.passes))
 
 
 class Call(tp.NamedTuple):
@@ -57,7 +59,7 @@ def bind(fn, args: tp.Sequence[tp.Any], kwargs: tp.Dict[str, tp.Any]) -> tp.Dict
 
 
 def _is_tensor(value) -> bool:
-    return torch is not None and isinstance(value, torch.Tensor)
+    return isinstance(value, torch.Tensor)
 
 
 def _nbytes(t) -> float:
@@ -144,28 +146,28 @@ def _stage_fractions(a, stages: int, names: tp.Sequence[str]) -> tp.Dict[str, fl
 
 
 # kernel name -> (FLOP of its products, whether they are dot products (else elementwise, CUDA cores),
-#                 the fractions of its stacked tensors it touches)
-_MODELS: tp.Dict[str, tp.Tuple[tp.Callable, bool, tp.Callable]] = {
-    "_conv1d_kernel": (_conv1d, True, lambda a: {}),
-    "_conv1d_gemm_kernel": (_conv1d, True, lambda a: {}),
-    "_conv_transpose1d_kernel": (_conv_transpose1d, True, lambda a: {}),
-    "_conv_transpose1d_gemm_kernel": (_conv_transpose1d, True, lambda a: {}),
-    "_conv2d_leaky_relu_kernel": (_conv2d, True, lambda a: {}),
-    "_conv2d_gemm_kernel": (_conv2d, True, lambda a: {}),
-    "_conv2d_input_grad_gemm_kernel": (lambda a: _conv2d(a, "dx_ptr"), True, lambda a: {}),
-    "_conv2d_weight_grad_gemm_kernel": (_weight_grad, True, lambda a: {}),
-    "_residual_block_kernel": (_residual_block, True, lambda a: {}),
-    "_block_down_kernel": (_block_down, True, lambda a: {}),
-    "_up_block_kernel": (_up_block, True, lambda a: {}),
+#                 the fractions of its stacked tensors it touches, or None: every tensor whole)
+_MODELS: tp.Dict[str, tp.Tuple[tp.Callable, bool, tp.Optional[tp.Callable]]] = {
+    "_conv1d_kernel": (_conv1d, True, None),
+    "_conv1d_gemm_kernel": (_conv1d, True, None),
+    "_conv_transpose1d_kernel": (_conv_transpose1d, True, None),
+    "_conv_transpose1d_gemm_kernel": (_conv_transpose1d, True, None),
+    "_conv2d_leaky_relu_kernel": (_conv2d, True, None),
+    "_conv2d_gemm_kernel": (_conv2d, True, None),
+    "_conv2d_input_grad_gemm_kernel": (lambda a: _conv2d(a, "dx_ptr"), True, None),
+    "_conv2d_weight_grad_gemm_kernel": (_weight_grad, True, None),
+    "_residual_block_kernel": (_residual_block, True, None),
+    "_block_down_kernel": (_block_down, True, None),
+    "_up_block_kernel": (_up_block, True, None),
     "_rvq_encode_kernel": (_search, True, lambda a: _stage_fractions(a, a["n_q"], ("cb_ptr", "norm_ptr"))),
     "_rvq_train_kernel": (_search, True, lambda a: _stage_fractions(a, a["n_q"], ("cb_ptr", "norm_ptr"))),
-    "_vq_assign_kernel": (_search, True, lambda a: {}),
+    "_vq_assign_kernel": (_search, True, None),
     "_rvq_decode_kernel": (lambda a: float(a["N"] * a["D"] * a["n_q"]), False,
                            lambda a: _stage_fractions(a, a["n_q"], ("cb_ptr",))),
     "_rvq_train_backward_kernel": (lambda a: 3.0 * a["N"] * a["D"] * a["stages"], False,
                                    lambda a: _stage_fractions(a, a["stages"], ("cb_ptr", "codes_ptr", "inputs_ptr"))),
-    "_segment_sums_kernel": (lambda a: float(a["x_ptr"].numel()), False, lambda a: {}),
-    "_scaled_copy_kernel": (lambda a: float(a["numel"]), False, lambda a: {}),
+    "_segment_sums_kernel": (lambda a: float(a["x_ptr"].numel()), False, None),
+    "_scaled_copy_kernel": (lambda a: float(a["numel"]), False, None),
 }
 
 
@@ -182,7 +184,7 @@ def work(kernel: str, a: tp.Dict[str, tp.Any]) -> tp.Optional[Work]:
         return None
     flop_of, dot, fractions = model
     passes, peak = dot_passes(a) if dot else (1, "fp32")
-    return Work(float(flop_of(a)), tensor_bytes(a, fractions(a)), peak, passes)
+    return Work(float(flop_of(a)), tensor_bytes(a, fractions(a) if fractions else None), peak, passes)
 
 
 def accumulate(entry: tp.Dict[str, tp.Any], work: Work) -> tp.Dict[str, tp.Any]:
@@ -191,9 +193,8 @@ def accumulate(entry: tp.Dict[str, tp.Any], work: Work) -> tp.Dict[str, tp.Any]:
     entry["calls"] = entry.get("calls", 0) + 1
     entry["flop"] = entry.get("flop", 0.0) + work.flop
     entry["bytes"] = entry.get("bytes", 0.0) + work.bytes
-    for name, value in work.roofline().items():
-        if name.startswith("predicted_ms"):
-            entry[name] = entry.get(name, 0.0) + value
+    for name, value in work.predicted().items():
+        entry[name] = entry.get(name, 0.0) + value
     return entry
 
 

@@ -43,22 +43,26 @@ def predicted_key(device_name: str) -> tp.Optional[str]:
     return None
 
 
-def roofline(flop: float, nbytes: float, peak: str, passes: int = 1) -> tp.Dict[str, tp.Any]:
-    """{'predicted_ms_h100', 'predicted_ms_h200', 'bound'}: `flop` (counted once) run `passes` times
-    at the dense `peak` ('fp32', 'tf32', 'bf16'), against `nbytes` at HBM bandwidth. `bound` says
-    which side is the larger on the H100 ('compute' or 'memory')."""
-    out: tp.Dict[str, tp.Any] = {}
-    for gpu in PREDICTED_FOR:
-        p = PEAKS[gpu]
-        compute, memory = passes * flop / (p[peak] * 1e12), nbytes / (p["hbm_tbs"] * 1e12)
-        out[f"predicted_ms_{gpu.lower()}"] = 1e3 * max(compute, memory)
-        if gpu == "H100":
-            out["bound"] = "compute" if compute >= memory else "memory"
-    return out
+def _seconds(gpu: str, flop: float, nbytes: float, peak: str, passes: int) -> tp.Tuple[float, float]:
+    """(compute, memory) seconds of the work on `gpu`: `flop` run `passes` times at the dense `peak`,
+    `nbytes` at HBM bandwidth."""
+    p = PEAKS[gpu]
+    return passes * flop / (p[peak] * 1e12), nbytes / (p["hbm_tbs"] * 1e12)
+
+
+def roofline(flop: float, nbytes: float, peak: str, passes: int = 1) -> tp.Dict[str, float]:
+    """{'predicted_ms_h100', 'predicted_ms_h200'}: the slower of `flop` (counted once) run `passes`
+    times at the dense `peak` ('fp32', 'tf32', 'bf16') and `nbytes` at HBM bandwidth, in ms."""
+    return {f"predicted_ms_{gpu.lower()}": 1e3 * max(_seconds(gpu, flop, nbytes, peak, passes))
+            for gpu in PREDICTED_FOR}
+
+
+def bound(flop: float, nbytes: float, peak: str, passes: int = 1) -> str:
+    """Which side of `roofline` is the larger on the H100: 'compute' or 'memory'."""
+    compute, memory = _seconds("H100", flop, nbytes, peak, passes)
+    return "compute" if compute >= memory else "memory"
 
 
 def roofline_ms(flop: float, nbytes: float, mode: str) -> tp.Dict[str, float]:
     """A layer's roofline on H100 and H200 in one of the codec's precision modes (`MODE_PEAK`), in ms."""
-    out = roofline(flop, nbytes, MODE_PEAK[mode])
-    out.pop("bound")
-    return out
+    return roofline(flop, nbytes, MODE_PEAK[mode])

@@ -273,13 +273,18 @@ def on_meta():
         yield
 
 
+def roofline_arch(archs: tp.Sequence[int]) -> int:
+    """The architecture whose launches the roofline adds up: sm_90 (H100's and H200's) where captured."""
+    return 90 if 90 in archs else archs[0]
+
+
 def capture(full: bool, archs: tp.Sequence[int] = (90,), recorder: tp.Optional["_Recorder"] = None
             ) -> tp.List[Launch]:
     """Run every scenario on meta tensors, once per architecture (the wrappers' tables depend on
     it); returns the distinct launches in the order first seen, each with the architectures that
     launch it (`recorder`: one that records more, tools/triton_cache.py's)."""
     recorder = recorder or _Recorder()
-    recorder.roofline_arch = 90 if 90 in archs else archs[0]
+    recorder.roofline_arch = roofline_arch(archs)
     precisions = ("ieee", "tf32x3", "tf32") if full else ("ieee",)
 
     def every_listed_config(self, *args, **kwargs):
@@ -708,14 +713,14 @@ def table(launches, results, archs) -> str:
 def roofline_of(launch: Launch) -> tp.Dict[str, tp.Dict[str, tp.Any]]:
     """{scenario label: its calls of this launch, GFLOP, MB, products' precision, predicted ms on
     H100 and H200 (each call's roofline, added) and what bounds it}: the report's `roofline` field."""
-    from bench.peaks import roofline
+    from bench.peaks import bound
     out = {}
     for label, w in (launch.work or {}).items():
-        bound = roofline(w["flop"], w["bytes"], w["peak"], w["passes"])["bound"]
         out[label] = {"calls": w["calls"], "gflop": w["flop"] / 1e9, "mbytes": w["bytes"] / 1e6,
                       "products": f"{w['peak']} x{w['passes']}" if w["passes"] > 1 else w["peak"],
                       "predicted_ms_h100": float(f"{w['predicted_ms_h100']:.5g}"),
-                      "predicted_ms_h200": float(f"{w['predicted_ms_h200']:.5g}"), "bound": bound}
+                      "predicted_ms_h200": float(f"{w['predicted_ms_h200']:.5g}"),
+                      "bound": bound(w["flop"], w["bytes"], w["peak"], w["passes"])}
     return out
 
 
@@ -797,7 +802,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     print(f"triton {triton.__version__}: {len(launches)} launch configurations captured in "
           f"{time.time() - started:.1f} s; compiling for {', '.join(f'sm_{a}' for a in archs)}", flush=True)
     if args.roofline:
-        md = roofline_tables(launches, 90 if 90 in archs else archs[0])
+        md = roofline_tables(launches, roofline_arch(archs))
         print(md)
         if args.out:
             from bench.core import context
@@ -850,7 +855,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
         stem.with_suffix(".md").write_text(header + "Worst default launch per kernel:\n\n" + worst + "\n\n" + md
                                            + "\n\n" + "\n".join(f"- {f}" for f in failures) + "\n\n"
-                                           + roofline_tables(launches, 90 if 90 in archs else archs[0]) + "\n")
+                                           + roofline_tables(launches, roofline_arch(archs)) + "\n")
         print(f"saved {stem}.json and .md")
     return 1 if failures else 0
 

@@ -132,7 +132,7 @@ class LaunchLog:
                     entry["error"] = repr(exc)
                 entry = cls.active.setdefault(repr(sorted(entry.items())), entry)
                 try:
-                    work = launch_roofline.work(self.fn.__name__, launch_roofline.bind(self, args, kwargs))
+                    work = launch_roofline.work(name, launch_roofline.bind(self, args, kwargs))
                 except Exception as exc:
                     entry["work_error"] = repr(exc)
                     work = None

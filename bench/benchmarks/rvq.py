@@ -38,9 +38,7 @@ def predicted_ms(rows: int, K: int, D: int, stages: int, dot: str) -> tp.Dict[st
     """The compute roofline of a search: 2 N K D FLOP per stage at the dense peak, once per pass of
     its dot precision (bench.peaks.DOT_PASSES)."""
     passes, peak = DOT_PASSES[dot]
-    out = roofline(2.0 * rows * K * D * stages, 0.0, peak, passes)
-    out.pop("bound")
-    return out
+    return roofline(2.0 * rows * K * D * stages, 0.0, peak, passes)
 
 
 def _latent_sets(ctx: Context, rows: int) -> tp.Iterator[tp.Tuple[str, torch.Tensor, torch.Tensor]]:

@@ -251,10 +251,6 @@ class ReadRate:
         if loaded.wav is not None:
             self.audio_seconds += loaded.length / sample_rate
 
-    def per_process(self) -> float:
-        """Audio seconds one reading process delivers per second of its time (0 when nothing was read)."""
-        return self.audio_seconds / self.seconds if self.seconds > 0 else 0.0
-
 
 def worker_init(_: int) -> None:
     ignore_stop_signals()  # the main process stops the job at a safe point, then shuts the workers down

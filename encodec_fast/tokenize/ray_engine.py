@@ -9,6 +9,7 @@ instance when none is given.
 """
 
 import copy
+import dataclasses
 import math
 import typing as tp
 
@@ -23,12 +24,17 @@ from .local import Progress, encode_or_errors, encode_streamed, make_row, segmen
 from .sink import ShardSink
 from .sources import Item
 
+#: An item's fields, as the dataset's rows carry them.
+ITEM_FIELDS = tuple(f.name for f in dataclasses.fields(Item))
+
 
 def _item(row: tp.Dict[str, tp.Any]) -> Item:
     def seconds(v: tp.Any) -> tp.Optional[float]:  # Ray Data may hand a missing span end back as NaN
         return None if v is None or math.isnan(float(v)) else float(v)
-    return Item(str(row["id"]), str(row["path"]), seconds(row["start"]), seconds(row["end"]), int(row["offset"]),
-                int(row["size"]))
+    fields = {name: row[name] for name in ITEM_FIELDS}  # Ray's batches hold numpy scalars: back to Python's
+    fields.update(id=str(fields["id"]), path=str(fields["path"]), start=seconds(fields["start"]),
+                  end=seconds(fields["end"]), offset=int(fields["offset"]), size=int(fields["size"]))
+    return Item(**fields)
 
 
 def _decode(row: tp.Dict[str, tp.Any], sample_rate: int, channels: int, long_after: int,
@@ -67,7 +73,7 @@ class _Encoder:
             out["num_samples"][i] = int(wav.shape[-1])
         for i in range(n):
             if batch["long"][i] and not batch["error"][i]:
-                item = _item({key: batch[key][i] for key in ("id", "path", "start", "end", "offset", "size")})
+                item = _item({key: batch[key][i] for key in ITEM_FIELDS})
                 results[i] = encode_streamed(self.model, item, int(batch["long"][i]), self.device, self.long)
                 out["num_samples"][i] = int(batch["long"][i])
         for i, result in results.items():
@@ -95,8 +101,7 @@ def run_ray(model: EncodecModel, items: tp.Sequence[Item], sink: ShardSink, band
     if encoders is None:
         encoders = max(1, int(ray.cluster_resources().get("GPU", 0))) if cuda else 1
     model_ref = ray.put(copy.deepcopy(model).cpu())  # a copy: the caller's model stays where it is
-    rows = [{"index": i, "id": it.id, "path": it.path, "start": it.start, "end": it.end, "offset": it.offset,
-             "size": it.size} for i, it in enumerate(items)]
+    rows = [{"index": i, **dataclasses.asdict(it)} for i, it in enumerate(items)]
     ds = ray.data.from_items(rows)
     on_device = cuda if resample_on_device is None else resample_on_device
     ds = ds.map(_decode, fn_kwargs={"sample_rate": model.sample_rate, "channels": model.channels,

@@ -146,14 +146,17 @@ def _tar_items(path: Path, archive_id: str) -> tp.Iterator[tp.Union[Item, Proble
         yield Problem(archive_id, str(path), "no audio files in this tar archive")
 
 
+def _is_tar(p: Path) -> bool:
+    return p.suffix.lower() in TAR_EXTENSIONS or _is_compressed_tar(p.name)
+
+
 def _wanted(p: Path) -> bool:
     """A file the directory scan and patterns take: audio, or an archive of audio."""
-    suffix = p.suffix.lower()
-    return suffix in AUDIO_EXTENSIONS or suffix in TAR_EXTENSIONS or _is_compressed_tar(p.name)
+    return p.suffix.lower() in AUDIO_EXTENSIONS or _is_tar(p)
 
 
 def _file_items(p: Path, item_id: str) -> tp.Iterator[tp.Union[Item, Problem]]:
-    if p.suffix.lower() in TAR_EXTENSIONS or _is_compressed_tar(p.name):
+    if _is_tar(p):
         yield from _tar_items(p, item_id)
     else:
         yield Item(item_id, str(p))
