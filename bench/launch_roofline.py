@@ -145,6 +145,15 @@ def _stage_fractions(a, stages: int, names: tp.Sequence[str]) -> tp.Dict[str, fl
     return {n: min(1.0, stages / max(1, a[n].shape[0])) for n in names if _is_tensor(a.get(n)) and a[n].dim() >= 2}
 
 
+def _search_fractions(a, stages: int) -> tp.Dict[str, float]:
+    """The searches' stacked tensors: the codebooks the products read (the fp32 ones, or their bf16
+    halves where the operands are split ahead: then the fp32 ones only for rescoring, not counted)."""
+    fractions = _stage_fractions(a, stages, ("cb_ptr", "hi_ptr", "lo_ptr", "norm_ptr"))
+    if a.get("SPLIT"):
+        fractions["cb_ptr"] = 0.0
+    return fractions
+
+
 # kernel name -> (FLOP of its products, whether they are dot products (else elementwise, CUDA cores),
 #                 the fractions of its stacked tensors it touches, or None: every tensor whole)
 _MODELS: tp.Dict[str, tp.Tuple[tp.Callable, bool, tp.Optional[tp.Callable]]] = {
@@ -159,8 +168,8 @@ _MODELS: tp.Dict[str, tp.Tuple[tp.Callable, bool, tp.Optional[tp.Callable]]] = {
     "_residual_block_kernel": (_residual_block, True, None),
     "_block_down_kernel": (_block_down, True, None),
     "_up_block_kernel": (_up_block, True, None),
-    "_rvq_encode_kernel": (_search, True, lambda a: _stage_fractions(a, a["n_q"], ("cb_ptr", "norm_ptr"))),
-    "_rvq_train_kernel": (_search, True, lambda a: _stage_fractions(a, a["n_q"], ("cb_ptr", "norm_ptr"))),
+    "_rvq_encode_kernel": (_search, True, lambda a: _search_fractions(a, a["n_q"])),
+    "_rvq_train_kernel": (_search, True, lambda a: _search_fractions(a, a["n_q"])),
     "_vq_assign_kernel": (_search, True, None),
     "_rvq_decode_kernel": (lambda a: float(a["N"] * a["D"] * a["n_q"]), False,
                            lambda a: _stage_fractions(a, a["n_q"], ("cb_ptr",))),

@@ -22,7 +22,7 @@ MODE_PEAK = {"exact": "fp32", "tf32": "tf32", "bf16": "bf16", "fp16": "bf16"}
 #: A dot's precision (Triton's input_precision, and our split products) -> (tensor-core passes, the peak
 #: each pass runs at). 'ieee' is fp32 on CUDA cores.
 DOT_PASSES = {"ieee": (1, "fp32"), "tf32": (1, "tf32"), "tf32x3": (3, "tf32"), "bf16": (1, "bf16"),
-              "bf16x3": (3, "bf16")}
+              "bf16x3": (3, "bf16"), "bf16x3-triton": (3, "bf16")}
 
 
 def peaks_for(name: str) -> tp.Optional[dict]:

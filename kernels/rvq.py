@@ -4,7 +4,10 @@
   residual stays in registers between stages. Distances are `||e||^2 - 2 x.e` (the `||x||^2`
   term does not change the argmin); ties go to the lowest index. `exact` (the default): distances
   on tensor cores, certified row by row, rows the certificate cannot decide searched again in fp32
-  (`_certified_nearest`): the codes of `ieee` (fp32 products on CUDA cores) on every input.
+  (`_certified_nearest`): the codes of `ieee` (fp32 products on CUDA cores) on every input. The
+  default tensor-core products are bf16x3 on operands split ahead (`split_codebooks`: the codebooks'
+  bf16 halves, made once per codebook version; the rows' halves once per stage), which the
+  interpreter computes on the same rounded values.
 - `rvq_decode`: gather-and-sum of the stages' codewords, in stage order (the same fp32 additions
   as the reference, so the same bits).
 - `vq_assign`: one stage's fp32 search (`ieee`) or approximate one (tf32), the chosen codewords,
@@ -18,6 +21,7 @@ tensors already validated by `encodec_fast.ops.rvq`; call that module, not these
 """
 
 import typing as tp
+import weakref
 
 import torch
 import triton
@@ -34,6 +38,48 @@ def _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K: tl.constex
     k_ok = ks < K
     e = tl.load(cb_ptr + ks[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     dot = tl.dot(r, tl.trans(e.to(tl.float32)), input_precision=PRECISION)
+    norm = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
+    dist = norm[None, :] - 2.0 * dot
+    return tl.where(k_ok[None, :], dist, float("inf")), ks, k_ok, norm
+
+
+@triton.jit
+def _round_bf16(v):
+    """v rounded to the nearest bf16 (ties to even), as fp32: integer operations, so the same values
+    on a GPU and under the interpreter (whose fp32 -> bf16 cast does not round to nearest)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_bf16(r, SPLIT_BF16: tl.constexpr):
+    """r [BLOCK_N, BLOCK_D] fp32 -> (hi, lo): hi = bf16(r), lo = bf16(r - hi) (r - hi is exact), as
+    bf16 for the tensor cores (SPLIT_BF16) or as fp32 holding those values (the interpreter)."""
+    hi = _round_bf16(r)
+    lo = _round_bf16(r - hi)
+    if SPLIT_BF16:
+        hi, lo = hi.to(tl.bfloat16), lo.to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _split_block_distances(r_hi, r_lo, hi_ptr, lo_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K: tl.constexpr,
+                           SPLIT_BF16: tl.constexpr):
+    """`_block_distances` in bf16x3 from operands split ahead: the codebook's halves stored as bf16
+    ([K, D] each, loaded straight into the products), the rows' split once per stage; the three
+    products hi.lo, lo.hi, hi.hi chained into one fp32 accumulator (the bf16x3 bound's model)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    at = ks[:, None] * D + d[None, :]
+    m = k_ok[:, None] & d_ok[None, :]
+    e_hi = tl.load(hi_ptr + at, mask=m, other=0.0)
+    e_lo = tl.load(lo_ptr + at, mask=m, other=0.0)
+    if not SPLIT_BF16:
+        e_hi, e_lo = e_hi.to(tl.float32), e_lo.to(tl.float32)
+    dot = tl.dot(r_hi, tl.trans(e_lo))
+    dot = tl.dot(r_lo, tl.trans(e_hi), dot)
+    dot = tl.dot(r_hi, tl.trans(e_hi), dot)
     norm = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
     dist = norm[None, :] - 2.0 * dot
     return tl.where(k_ok[None, :], dist, float("inf")), ks, k_ok, norm
@@ -62,14 +108,20 @@ def _nearest(r, cb_ptr, norm_ptr, K, D, d, d_ok, BLOCK_N: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
-                perturb, lp_a, lp_b, seed, BLOCK_K: tl.constexpr, LOWP: tl.constexpr, PERTURB: tl.constexpr):
+def _lower_ends(r, r_hi, r_lo, xnorm, rows, cb_ptr, hi_ptr, lo_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b,
+                cert_z, rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_K: tl.constexpr, LOWP: tl.constexpr,
+                PERTURB: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BF16: tl.constexpr):
     """Low-precision distances d~ [BLOCK_N, BLOCK_K] of a block and the lower ends of their
     intervals, d~_k - e_k + q(|x|) with e_k = p |x| r_k + b (|x| + r_k)^2 + z (|x| + r_k) written
     as P r_k + S_k + q: P = (p + 2 b) |x| per row, S_k = b r_k^2 + z r_k per codeword, q = b |x|^2 +
     z |x| per row (left out here, added to the upper end). PERTURB (tests only) moves each d~ by up
-    to `perturb` times the low-precision side's own bound, deterministically per (row, codeword)."""
-    dist, ks, k_ok, norm = _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K, LOWP)
+    to `perturb` times the low-precision side's own bound, deterministically per (row, codeword).
+    SPLIT: the distances from `_split_block_distances` (r_hi, r_lo and the codebook's halves)."""
+    if SPLIT:
+        dist, ks, k_ok, norm = _split_block_distances(r_hi, r_lo, hi_ptr, lo_ptr, norm_ptr, k0, K, D, d, d_ok,
+                                                      BLOCK_K, SPLIT_BF16)
+    else:
+        dist, ks, k_ok, norm = _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_K, LOWP)
     rad = tl.sqrt(norm * rad_c1) * rad_c2  # >= |e_k|
     if PERTURB:
         x = xnorm[:, None]
@@ -82,9 +134,10 @@ def _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cer
 
 
 @triton.jit
-def _certified_nearest(r, rows, row_ok, cb_ptr, norm_ptr, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
-                       perturb, lp_a, lp_b, seed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_KR: tl.constexpr, LOWP: tl.constexpr, PERTURB: tl.constexpr):
+def _certified_nearest(r, rows, row_ok, cb_ptr, hi_ptr, lo_ptr, norm_ptr, K, D, d, d_ok, cert_p, cert_b, cert_z,
+                       rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_KR: tl.constexpr, LOWP: tl.constexpr, PERTURB: tl.constexpr, SPLIT: tl.constexpr,
+                       SPLIT_BF16: tl.constexpr):
     """`_nearest`'s codes, from distances on tensor cores (LOWP) certified row by row.
 
     Pass 1 (blocks of BLOCK_K codewords): low-precision distances d~ and the intervals
@@ -98,27 +151,38 @@ def _certified_nearest(r, rows, row_ok, cb_ptr, norm_ptr, K, D, d, d_ok, cert_p,
     its products are one fused multiply-add chain per element in the order of D, whatever the
     tile (Triton's FMA dot lowering; the interpreter runs the same shapes in both kernels), and
     blocks without a candidate hold neither the exact argmin nor a codeword tied with it.
+    SPLIT: LOWP is bf16x3 with the operands split ahead (the codebook's bf16 halves at hi_ptr and
+    lo_ptr, the rows here, once): the same products and bound as Triton's own bf16x3, without
+    splitting a codebook block in every program and iteration.
     -> (codes [BLOCK_N] int32, uncertified [BLOCK_N] bool, exact blocks searched: int32 scalar)."""
     xnorm = tl.sqrt(tl.sum(r * r, axis=1))
-    best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_i = tl.zeros([BLOCK_N], tl.int32)
-    others = tl.full([BLOCK_N], float("inf"), tl.float32)
+    if SPLIT:
+        r_hi, r_lo = _split_bf16(r, SPLIT_BF16)
+    else:
+        r_hi, r_lo = r, r
+    # Pass 1 keeps, per row and slot j of the block (the codewords j, j + BLOCK_K, ...), the slot's
+    # lowest d~ (first of equals), its codeword and lower end, and the lowest lower end of the
+    # slot's other codewords: element-wise updates, no reduction across the block per iteration.
+    slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    slot_low = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    slot_others = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    slot_i = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        dist, low = _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b, cert_z,
-                                rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_K, LOWP, PERTURB)
-        block_min = tl.min(dist, axis=1)
-        block_arg = tl.argmin(dist, axis=1).to(tl.int32)
-        at = tl.arange(0, BLOCK_K)[None, :] == block_arg[:, None]
-        others = tl.minimum(others, tl.min(tl.where(at, float("inf"), low), axis=1))
-        block_low = tl.min(tl.where(at, low, float("inf")), axis=1)
-        better = block_min < best
-        # whichever of the two bests loses joins the others (its lower end: recomputed from its norm)
-        best_norm = tl.load(norm_ptr + best_i)
-        best_rad = tl.sqrt(best_norm * rad_c1) * rad_c2
-        best_low = best - (cert_p + 2.0 * cert_b) * xnorm * best_rad - (cert_b * best_rad + cert_z) * best_rad
-        others = tl.minimum(others, tl.where(better, best_low, block_low))
-        best = tl.where(better, block_min, best)
-        best_i = tl.where(better, block_arg + k0, best_i)
+        dist, low = _lower_ends(r, r_hi, r_lo, xnorm, rows, cb_ptr, hi_ptr, lo_ptr, norm_ptr, k0, K, D, d, d_ok,
+                                cert_p, cert_b, cert_z, rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_K, LOWP,
+                                PERTURB, SPLIT, SPLIT_BF16)
+        better = dist < slot_best
+        # whichever of the two loses joins the slot's others
+        slot_others = tl.minimum(slot_others, tl.where(better, slot_low, low))
+        slot_low = tl.where(better, low, slot_low)
+        slot_best = tl.where(better, dist, slot_best)
+        slot_i = tl.where(better, k0 + tl.arange(0, BLOCK_K)[None, :], slot_i)
+    # then across the slots, once: k* (any of equal d~: equal ones leave the row uncertified), and
+    # the lowest lower end of every codeword but k*
+    best = tl.min(slot_best, axis=1)
+    at = tl.arange(0, BLOCK_K)[None, :] == tl.argmin(slot_best, axis=1)[:, None]
+    best_i = tl.max(tl.where(at, slot_i, 0), axis=1)
+    others = tl.minimum(tl.min(slot_others, axis=1), tl.min(tl.where(at, float("inf"), slot_low), axis=1))
     # the upper end of k*: d~ + e (with the q(|x|) the lower ends left out, twice)
     best_rad = tl.sqrt(tl.load(norm_ptr + best_i) * rad_c1) * rad_c2
     q = (cert_b * xnorm + cert_z) * xnorm
@@ -131,8 +195,9 @@ def _certified_nearest(r, rows, row_ok, cb_ptr, norm_ptr, K, D, d, d_ok, cert_p,
         exact = tl.full([BLOCK_N], float("inf"), tl.float32)
         exact_i = tl.zeros([BLOCK_N], tl.int32)
         for k0 in range(0, K, BLOCK_KR):
-            dist, low = _lower_ends(r, xnorm, rows, cb_ptr, norm_ptr, k0, K, D, d, d_ok, cert_p, cert_b, cert_z,
-                                    rad_c1, rad_c2, perturb, lp_a, lp_b, seed, BLOCK_KR, LOWP, PERTURB)
+            dist, low = _lower_ends(r, r_hi, r_lo, xnorm, rows, cb_ptr, hi_ptr, lo_ptr, norm_ptr, k0, K, D, d,
+                                    d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2, perturb, lp_a, lp_b, seed,
+                                    BLOCK_KR, LOWP, PERTURB, SPLIT, SPLIT_BF16)
             cand = ((low <= upper[:, None]) | whole[:, None]) & uncertified[:, None]
             if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
                 dist_e, ks, k_ok, norm = _block_distances(r, cb_ptr, norm_ptr, k0, K, D, d, d_ok, BLOCK_KR, "ieee")
@@ -158,14 +223,15 @@ def _row_tile(N, T, D, stride_b, stride_t, BLOCK_N: tl.constexpr, BLOCK_D: tl.co
 # n_q is not specialized: with n_q == 1 as a constant, the unrolled single stage compiled to 32
 # registers and 7.5 KB of spills per thread on sm_90 (the loop: 255 registers, 256 B).
 @triton.jit(do_not_specialize=["n_q"])
-def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K, n_q,
+def _rvq_encode_kernel(x_ptr, cb_ptr, hi_ptr, lo_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K, n_q,
                        stride_xb, stride_xd, stride_xt, cert_p, cert_b, cert_z, rad_c1, rad_c2,
                        perturb, lp_a, lp_b, seed,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr, CERTIFY: tl.constexpr, PERTURB: tl.constexpr,
-                       STATS: tl.constexpr):
+                       STATS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BF16: tl.constexpr):
     """x [B, D, T] (rows n = b * T + t) -> codes [n_q, N] int64. CERTIFY: `_certified_nearest` with
-    PRECISION as the low precision; STATS: per program and stage, the uncertified rows and the exact
+    PRECISION as the low precision (SPLIT: bf16x3 from the codebooks' bf16 halves at hi_ptr and
+    lo_ptr, [Q, K, D] each); STATS: per program and stage, the uncertified rows and the exact
     blocks searched, stats [programs, n_q, 2] int32."""
     rows, row_ok, d, d_ok, mask, row_start = _row_tile(N, T, D, stride_xb, stride_xt, BLOCK_N, BLOCK_D)
     r = tl.load(x_ptr + row_start[:, None] + d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
@@ -174,8 +240,9 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K
         cb_q = cb_ptr + q * K * D
         if CERTIFY:
             idx, uncertified, searched = _certified_nearest(
-                r, rows, row_ok, cb_q, norm_ptr + q * K, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
-                perturb, lp_a, lp_b, seed + q, BLOCK_N, BLOCK_K, BLOCK_KR, PRECISION, PERTURB)
+                r, rows, row_ok, cb_q, hi_ptr + q * K * D, lo_ptr + q * K * D, norm_ptr + q * K, K, D, d, d_ok,
+                cert_p, cert_b, cert_z, rad_c1, rad_c2, perturb, lp_a, lp_b, seed + q, BLOCK_N, BLOCK_K, BLOCK_KR,
+                PRECISION, PERTURB, SPLIT, SPLIT_BF16)
             if STATS:
                 out = stats_ptr + (tl.program_id(0) * n_q + q) * 2
                 tl.store(out, tl.sum(uncertified.to(tl.int32), axis=0))
@@ -189,10 +256,11 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, stats_ptr, N, T, D, K
 
 
 @triton.jit(do_not_specialize=["n_q"])
-def _rvq_train_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, inputs_ptr, out_ptr, sqerr_ptr, N, T, D, K, n_q,
-                      stride_xb, stride_xd, stride_xt, cert_p, cert_b, cert_z, rad_c1, rad_c2,
+def _rvq_train_kernel(x_ptr, cb_ptr, hi_ptr, lo_ptr, norm_ptr, codes_ptr, inputs_ptr, out_ptr, sqerr_ptr, N, T, D,
+                      K, n_q, stride_xb, stride_xd, stride_xt, cert_p, cert_b, cert_z, rad_c1, rad_c2,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr, CERTIFY: tl.constexpr):
+                      PRECISION: tl.constexpr, CERTIFY: tl.constexpr, SPLIT: tl.constexpr,
+                      SPLIT_BF16: tl.constexpr):
     """The training forward of every stage for a block of rows (upstream's values, stage by stage):
     r_0 = x; code_i = nearest(r_i); st_i = r_i + (e_i - r_i) (the straight-through value);
     out = sum of st_i; r_(i+1) = r_i - st_i. Writes codes [n_q, N], each
@@ -210,8 +278,9 @@ def _rvq_train_kernel(x_ptr, cb_ptr, norm_ptr, codes_ptr, inputs_ptr, out_ptr, s
         stage_inputs += N * D
         if CERTIFY:
             idx, uncertified, searched = _certified_nearest(
-                r, rows, row_ok, cb_q, norm_ptr + q * K, K, D, d, d_ok, cert_p, cert_b, cert_z, rad_c1, rad_c2,
-                0.0, 0.0, 0.0, 0, BLOCK_N, BLOCK_K, BLOCK_KR, PRECISION, False)
+                r, rows, row_ok, cb_q, hi_ptr + q * K * D, lo_ptr + q * K * D, norm_ptr + q * K, K, D, d, d_ok,
+                cert_p, cert_b, cert_z, rad_c1, rad_c2, 0.0, 0.0, 0.0, 0, BLOCK_N, BLOCK_K, BLOCK_KR, PRECISION,
+                False, SPLIT, SPLIT_BF16)
         else:
             idx = _nearest(r, cb_q, norm_ptr + q * K, K, D, d, d_ok, BLOCK_N, BLOCK_K, PRECISION)
         tl.store(codes_ptr + q * N + rows64, idx.to(tl.int64), mask=row_ok)
@@ -383,9 +452,11 @@ def _certified_config(N: int, D: int, K: int):
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the certified search. Not timed yet (no GPU
     since it was written); chosen by compiling the candidates with triton 3.6 and 3.9 for sm_80 and
     sm_90 (tools/compile_gpu.py): 64 rows (wgmma needs 64 per warpgroup on sm_90) x 32 codewords
-    with 8 warps is the largest bf16x3 tile within the spill budget on both (at most 324 B of spill
-    stores; 64 x 64 spills 772 B on sm_80 with 3.6); tf32 and tf32x3 take the same tile (tf32: no
-    spills; tf32x3 spills 0.8-1.1 KB at any 64-row tile: not a default). Larger D: 32 x 32."""
+    with 8 warps. With the per-slot pass 1 and bf16x3 on split operands (the default), triton 3.6:
+    no spills on sm_90 (212 registers), 100-108 B of spill stores on sm_80; Triton's own bf16x3
+    lowering spills 288-380 B there; tf32 none; tf32x3 spills at any 64-row tile (not a default).
+    64 x 64 also compiles without spills on sm_90 (250 registers; 784 B on sm_80): an autotuning
+    candidate. Larger D: 32 x 32."""
     if interpreting():
         block_n, block_k, warps, stages = 128, 256, 4, 1
     elif _block_d(D) > 128:
@@ -424,8 +495,39 @@ def _launch(kernel, args, constants, default, listed, N, K, key, reset_to_zero=(
                   key=key, size=N, extents={"BLOCK_N": N, "BLOCK_K": K}, reset_to_zero=reset_to_zero)
 
 
+#: The last codebooks split into bf16 halves: [(weak reference, version, hi, lo)], newest last.
+_SPLITS: tp.List[tp.Tuple[tp.Any, int, torch.Tensor, torch.Tensor]] = []
+
+
+def split_codebooks(codebooks: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """[Q, K, D] fp32 -> (hi, lo) bf16 [Q, K, D]: hi = bf16(c), lo = bf16(c - hi), rounded to nearest
+    as `ops.rvq.lowp_dot('bf16x3')` and the kernel's rows. Kept for the last few codebook tensors
+    until they change (inference splits a model's codebooks once; training, once per step)."""
+    for ref, version, hi, lo in _SPLITS:
+        if ref() is codebooks and version == codebooks._version:
+            return hi, lo
+    hi = codebooks.to(torch.bfloat16)
+    lo = (codebooks - hi.float()).to(torch.bfloat16)
+    _SPLITS.append((weakref.ref(codebooks), codebooks._version, hi, lo))
+    del _SPLITS[:-4]
+    return hi, lo
+
+
+def _split_args(codebooks: torch.Tensor, split: bool) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    return split_codebooks(codebooks) if split else (codebooks, codebooks)
+
+
 #: Launch arguments of the certified search that only tests change (`rvq_encode`'s `perturb`).
 _NO_PERTURBATION = dict(perturb=0.0, lp_a=0.0, lp_b=0.0, seed=0)
+
+
+def _dot_precision(mode: str) -> str:
+    """`tl.dot`'s input_precision for a search mode (bf16x3-triton: Triton's bf16x3; bf16x3's
+    products take split operands, SPLIT). The interpreter computes every tl.dot in fp32 and knows
+    only tf32, tf32x3 and ieee."""
+    if interpreting():
+        return "ieee"
+    return "bf16x3" if mode == "bf16x3-triton" else mode
 
 
 def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_q: int,
@@ -454,13 +556,13 @@ def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, n_
         if perturb:
             extra.update(perturb=float(perturb), lp_a=cert.lp_a, lp_b=cert.lp_b, seed=1234)
         radius = ref.radius_factors(D)
-        # the interpreter computes every tl.dot in fp32 and knows only tf32, tf32x3 and ieee
-        dot = (lowp if certify else precision) if not interpreting() else "ieee"
-        args = (x, codebooks, norms, codes, counts, N, T, D, K, n_q, *x.stride(), cert.a, cert.b, cert.z,
-                *radius, extra["perturb"], extra["lp_a"], extra["lp_b"], extra["seed"])
+        split = certify and lowp == "bf16x3"
+        dot = _dot_precision(lowp if certify else precision)
+        args = (x, codebooks, *_split_args(codebooks, split), norms, codes, counts, N, T, D, K, n_q, *x.stride(),
+                cert.a, cert.b, cert.z, *radius, extra["perturb"], extra["lp_a"], extra["lp_b"], extra["seed"])
         consts = dict(BLOCK_D=_block_d(D), BLOCK_KR=_block_kr(K, config[1]), PRECISION=dot, CERTIFY=certify,
-                      PERTURB=bool(perturb),
-                      STATS=stats and certify)
+                      PERTURB=bool(perturb), STATS=stats and certify, SPLIT=split,
+                      SPLIT_BF16=split and not interpreting())
         listed = _LISTED_CONFIGS["certified" if certify else "encode"]
         if stats and certify:
             listed = []  # one launch: the counts are per program of the default tile
@@ -545,10 +647,12 @@ def rvq_train_forward(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Ten
     certify = precision == "exact"
     config = _certified_config(N, D, K) if certify else _config(N, D, K, encode=True)
     cert = ref.certificate(lowp, D) if certify else ref.Certificate(0.0, 0.0, 0.0, 0.0, 0.0)
-    dot = (lowp if certify else precision) if not interpreting() else "ieee"
-    args = (x, codebooks, norms, codes, inputs, out, sqerr, N, T, D, K, n_q, *x.stride(), cert.a, cert.b, cert.z,
-            *ref.radius_factors(D))
-    consts = dict(BLOCK_D=_block_d(D), BLOCK_KR=_block_kr(K, config[1]), PRECISION=dot, CERTIFY=certify)
+    split = certify and lowp == "bf16x3"
+    args = (x, codebooks, *_split_args(codebooks, split), norms, codes, inputs, out, sqerr, N, T, D, K, n_q,
+            *x.stride(), cert.a, cert.b, cert.z, *ref.radius_factors(D))
+    consts = dict(BLOCK_D=_block_d(D), BLOCK_KR=_block_kr(K, config[1]),
+                  PRECISION=_dot_precision(lowp if certify else precision), CERTIFY=certify, SPLIT=split,
+                  SPLIT_BF16=split and not interpreting())
     _launch(_rvq_train_kernel, args, consts, config, [], N, K, key=())
     if detach:  # one straight-through estimator on the sum: x + (sum - x), elementwise in fp32 as torch
         rows = x.detach().float().transpose(1, 2).reshape(N, D)

@@ -62,6 +62,7 @@ def test_rvq_benchmark_gpu_part_in_the_interpreter(tmp_path):
     """The `rvq` benchmark's GPU part runs in the interpreter: every implementation timed or n/a with a
     reason, ours exact's codes equal to ours ieee's, each record with its roofline prediction."""
     from bench.benchmarks import rvq as bench_rvq
+    from encodec_fast.ops import rvq
     ctx = core.Context(suite="smoke", device="cpu", workdir=tmp_path, benchmark="rvq")
     bench_rvq.time_kernels(ctx, device="cpu")
     timed = [r for r in ctx.records if r["metric"] == "time"]
@@ -73,7 +74,7 @@ def test_rvq_benchmark_gpu_part_in_the_interpreter(tmp_path):
             assert "smoke" in r["na"]
             continue
         assert r["frames_equal_to_ieee"] == 1.0 and r["predicted_ms_h200"] > 0, r
-    assert {r["params"]["lowp"] for r in ctx.records if r["metric"] == "rescored_rows"} == {"tf32", "tf32x3", "bf16x3"}
+    assert {r["params"]["lowp"] for r in ctx.records if r["metric"] == "rescored_rows"} == set(rvq.LOW_PRECISION)
 
 
 @interpreter

@@ -100,7 +100,8 @@ def test_certified_search_compiles_to_tensor_core_instructions(tmp_path):
     """The default RVQ search's launches: wgmma (64-row tile) or mma.sync (16-row tile) in their PTX
     for sm_90, recorded as `mma` per launch and architecture."""
     out = tmp_path / "results"
-    proc = run_check("--only", "certified fp32/i32", "--archs", "90", "--listed-archs", "none", "--out", out,
+    proc = run_check("--only", "certified SPLIT SPLIT_BF16 fp32/bf16/i32", "--archs", "90", "--listed-archs", "none",
+                     "--out", out,
                      cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(next(out.glob("compile_gpu_*.json")).read_text())

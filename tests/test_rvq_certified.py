@@ -16,6 +16,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from encodec_fast.kernels import rvq as krvq
 
 from encodec_fast import ops
@@ -23,12 +25,13 @@ from encodec_fast.ops import rvq
 from encodec_fast.testing import adversarial_rows, near_tie_books
 
 MODES = tuple(rvq.LOW_PRECISION)
+EMULATED = rvq.DISTINCT_LOW_PRECISION  # bf16x3-triton is bf16x3's arithmetic: emulated once
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -- the bound -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", MODES + ("ieee",))
+@pytest.mark.parametrize("mode", EMULATED + ("ieee",))
 @pytest.mark.parametrize("D", [16, 128, 130])
 def test_dot_error_stays_within_the_bound(mode, D):
     """|fl(x.c) - x.c| <= g sum|x_i c_i| for the emulated tensor-core products (and for torch's
@@ -57,7 +60,7 @@ def test_bounds_order_and_values():
 
 # -- the algorithm, emulated ------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", EMULATED)
 @pytest.mark.parametrize("K,D", [(64, 16), (300, 128), (1024, 128)])
 def test_emulated_certified_codes_are_the_reference_codes(mode, K, D):
     books = near_tie_books(K, D, seed=K + D)
@@ -101,7 +104,7 @@ def test_emulated_non_finite_rows_take_the_reference_code():
     assert bool(stage.rescored[:4].all())
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", EMULATED)
 def test_emulated_every_stage_count(mode):
     """Every bandwidth: 1..32 stages of trained-like codebooks, codes equal to rvq_encode_torch."""
     g = torch.Generator().manual_seed(11)
@@ -141,6 +144,86 @@ def test_kernel_codes_are_the_fp32_kernels(lowp, K, D, Q, N):
     for s in (stats, pstats):
         assert int(s[0, 0]) > 0 and int(s[0, 1]) > 0
         assert int(s[:, 0].sum()) < 0.5 * N * Q
+
+
+@triton.jit
+def _split_rows_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + i[None, :] + tl.zeros([16, 1], tl.int32))  # 16 equal rows: a 2-D tile
+    hi, lo = krvq._split_bf16(x, False)
+    tl.store(hi_ptr + i, tl.max(hi, axis=0))
+    tl.store(lo_ptr + i, tl.max(lo, axis=0))
+
+
+def _bf16_split_torch(x: torch.Tensor):
+    hi = x.bfloat16().float()
+    return hi, (x - hi).bfloat16().float()
+
+
+def test_kernel_row_split_rounds_as_torch():
+    """The kernel's split of the rows (integer rounding to nearest even, the same on a GPU and in the
+    interpreter) gives torch's bf16 values: ties both ways, signs, subnormals, overflow to inf, zero."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, generator=g) * torch.logspace(-30, 30, 256)
+    bits = x.view(torch.int32)
+    x[:32] = ((bits[:32] & ~0xFFFF) | 0x8000).view(torch.float32)  # halfway: ties to even
+    x[32:48] = ((bits[32:48] & ~0xFFFF) | 0x18000).view(torch.float32)
+    x[48:52] = torch.tensor([0.0, -0.0, 3.0e38, -3.4e38])  # 3.4e38 rounds past bf16's largest finite
+    x[52:56] = torch.tensor([1e-40, -3e-39, 2.0 ** -133, 1e-45])  # subnormal
+    x = x.to(DEVICE)
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_rows_kernel[(1,)](x, hi, lo, N=256)
+    want_hi, want_lo = _bf16_split_torch(x.cpu())
+    finite = torch.isfinite(want_hi)
+    assert torch.equal(hi.cpu().view(torch.int32), want_hi.view(torch.int32))
+    assert torch.equal(lo.cpu()[finite].view(torch.int32), want_lo[finite].view(torch.int32))
+    assert bool(torch.isinf(hi.cpu()[51])) and not bool(finite.all())
+
+
+def test_split_codebooks_cached_until_changed():
+    g = torch.Generator().manual_seed(1)
+    books = (torch.randn(3, 64, 16, generator=g) * 10).to(DEVICE)
+    hi, lo = krvq.split_codebooks(books)
+    want_hi, want_lo = _bf16_split_torch(books.cpu())
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.float().cpu(), want_hi) and torch.equal(lo.float().cpu(), want_lo)
+    assert float(((hi.float() + lo.float() - books).abs() / books.abs()).max()) <= 2.0 ** -16
+    assert krvq.split_codebooks(books)[0] is hi  # cached
+    books.mul_(2)  # in place: a new version
+    hi2, _ = krvq.split_codebooks(books)
+    assert hi2 is not hi and torch.equal(hi2.float(), 2 * hi.float())
+    assert krvq.split_codebooks(books.clone())[0] is not hi2  # another tensor
+
+
+@pytest.mark.parametrize("K,D,N", [(300, 32, 600), (1024, 128, 260)])
+def test_kernel_split_products_round_as_tensor_cores_do(K, D, N, monkeypatch):
+    """In the interpreter too, bf16x3 runs on bf16-rounded operands (split ahead: exact in fp32, so
+    numpy's products see the tensor cores' values). With the bound: codes of the fp32 kernel and as
+    many rows left uncertified as the emulation leaves (to a few rows: fp32 against fp64 sums).
+    With the bound set to zero: the rounding shows, codes flip on near-ties as the emulation's do,
+    where the same search on unrounded operands (bf16x3-triton in the interpreter) flips none."""
+    books = near_tie_books(K, D, seed=D)
+    x = adversarial_rows(books, N, seed=D)
+    norms = books.pow(2).sum(1)
+    emulated = rvq.certified_nearest_torch(x, books, norms, "bf16x3")
+    xg, bg, ng = x.t()[None].contiguous().to(DEVICE), books[None].to(DEVICE), norms[None].to(DEVICE)
+    with ops.use_backend("triton"):
+        ieee = krvq.rvq_encode(xg, bg, ng, 1, "ieee")
+        codes, stats = krvq.rvq_encode(xg, bg, ng, 1, "exact", "bf16x3", stats=True)
+        assert torch.equal(codes, ieee)
+        want = int(emulated.rescored.sum())
+        assert abs(int(stats[0, 0]) - want) <= 2 + N // 100, (int(stats[0, 0]), want)
+        if DEVICE != "cpu":
+            return
+        monkeypatch.setattr(rvq, "certificate", lambda mode, D: rvq.Certificate(0.0, 0.0, 0.0, 0.0, 0.0))
+        rounded = krvq.rvq_encode(xg, bg, ng, 1, "exact", "bf16x3")
+        unrounded = krvq.rvq_encode(xg, bg, ng, 1, "exact", "bf16x3-triton")
+    finite = torch.isfinite(x).all(1) & (x.abs().amax(1) < 1e15)
+    lowp = (norms[None] - 2 * rvq.lowp_dot(x, books, "bf16x3")).argmin(1)
+    flips = (rounded[0] != ieee[0]) & finite
+    assert int(flips.sum()) > 0, "bf16 rounding must flip some near-ties when nothing certifies"
+    assert bool((rounded[0][flips] == lowp[flips]).float().mean() > 0.8)
+    assert int(((unrounded[0] != ieee[0]) & finite).sum()) < int(flips.sum()) // 4
 
 
 def test_kernel_perturbation_past_the_bound_changes_codes():

@@ -94,7 +94,8 @@ class Launch(tp.NamedTuple):
                 parts.append(f"{label}{value}")
             else:
                 parts.append(str(value))
-        ptr_types = sorted({t[1:] for t in self.signature.values() if t.startswith("*")} - {"i64"})
+        # pointer types in the order of first appearance (the first argument's first: the input's)
+        ptr_types = dict.fromkeys(t[1:] for t in self.signature.values() if t.startswith("*") and t != "*i64")
         return " ".join(parts + ["/".join(ptr_types)] + [f"w{self.options['num_warps']}",
                                                            f"s{self.options['num_stages']}"])
 

@@ -203,7 +203,7 @@ def time_rvq(device: str, quick: bool, peaks: tp.Optional[dict]) -> list:
                                                  quick)
             agreement = rvq.code_agreement(x, books, ref, got)
             # exact: the certified search's tensor-core products (bf16x3 by default: 3 bf16 passes)
-            lowp_peak = "bf16" if rvq.certify_with() == "bf16x3" else "tf32"
+            lowp_peak = "bf16" if rvq.certify_with().startswith("bf16") else "tf32"
             kind = {"ieee": "fp32", "exact": lowp_peak}.get(precision, "tf32")
             peak = None if peaks is None else peaks[kind]
             rows.append({

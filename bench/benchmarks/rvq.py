@@ -1,10 +1,11 @@
 """`rvq`: the codebook search (RVQ encode) and how often the certified search rescores.
 
 1. Rescoring, on every device, for each low precision the certified search can use (tf32, bf16x3,
-   tf32x3): the fraction of rows whose certificate fails, per stage (mean over stages and the worst
-   stage), and the fraction of (64-row tile, 16-codeword block) pairs searched again in fp32 (what
-   rescoring costs). Latents: the shipped small model's encoder on held-out speech and music (its own
-   codebooks), the 24 kHz model with random weights and data-like codebooks on speech-like audio,
+   tf32x3; on CUDA also bf16x3-triton, the same arithmetic through Triton's lowering): the fraction
+   of rows whose certificate fails, per stage (mean over stages and the worst stage), and the
+   fraction of (64-row tile, 16-codeword block) pairs searched again in fp32 (what rescoring costs).
+   Latents: the shipped small model's encoder on held-out speech and music (its own codebooks), the
+   24 kHz model with random weights and data-like codebooks on speech-like audio,
    and random codebooks with latents near sums of codewords (the `kernels` benchmark's). On CPU the
    tensor cores are emulated (`encodec_fast.ops.rvq.certified_nearest_torch`: operands rounded as
    they round them); on CUDA the kernel's own counters give the fractions, on this GPU's tensor
@@ -86,7 +87,7 @@ def _rescoring_emulated(ctx: Context, rows: int) -> None:
         Q, K, D = books.shape
         embeds, norms = list(books), [b.pow(2).sum(1)[None] for b in books]
         ref = rvq.rvq_encode_torch(x.clone(), embeds, norms)
-        for lowp in rvq.LOW_PRECISION:
+        for lowp in rvq.DISTINCT_LOW_PRECISION:  # bf16x3-triton: bf16x3's arithmetic, emulated once
             codes, stages = rvq.rvq_encode_certified_torch(x.clone(), embeds, norms, lowp)
             per_stage = [float(s.rescored.float().mean()) for s in stages]
             blocks = [_tile_blocks(s.candidates) for s in stages]

@@ -151,7 +151,15 @@ LOW_PRECISION = {
     "tf32": (2 * 2.0 ** -10 + 2.0 ** -20, 1),
     "tf32x3": (2.0 ** -20 + 2.0 ** -22 + 2.0 ** -29, 3),
     "bf16x3": (3 * 2.0 ** -16 * (1 + 2.0 ** -7), 3),
+    # the same products left to Triton's bf16x3 lowering (each codebook block split in every program
+    # and iteration); 'bf16x3' splits the codebooks once (kernels.rvq.split_codebooks) and the rows
+    # once per stage, and writes the three products out: same operands, passes and bound
+    "bf16x3-triton": (3 * 2.0 ** -16 * (1 + 2.0 ** -7), 3),
 }
+#: Modes that are another mode's arithmetic, lowered another way (the same emulation and bound).
+SAME_ARITHMETIC = {"bf16x3-triton": "bf16x3"}
+#: The low precisions with arithmetic of their own (what an emulation needs to run).
+DISTINCT_LOW_PRECISION = tuple(m for m in LOW_PRECISION if m not in SAME_ARITHMETIC)
 #: Tensor-core accumulation is modelled as fp32 with truncation (unit 2^-23), doubled for the
 #: alignment of the products inside one instruction (Fasi et al. 2021 measured truncation there).
 TC_ACCUMULATION_UNIT = 2.0 ** -22
@@ -230,6 +238,7 @@ def lowp_dot(x: torch.Tensor, e: torch.Tensor, mode: str) -> torch.Tensor:
         sx, se = _tf32(x - bx), _tf32(e - be)
         bx, be, sx, se = bx.double(), be.double(), sx.double(), se.double()
         return (bx @ be.t() + bx @ se.t() + sx @ be.t()).float()
+    mode = SAME_ARITHMETIC.get(mode, mode)
     if mode == "bf16x3":
         hx, he = x.bfloat16().float(), e.bfloat16().float()
         mx, me = (x - hx).bfloat16().double(), (e - he).bfloat16().double()
