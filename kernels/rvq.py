@@ -21,7 +21,6 @@ tensors already validated by `encodec_fast.ops.rvq`; call that module, not these
 """
 
 import typing as tp
-import weakref
 
 import torch
 import triton
@@ -495,21 +494,19 @@ def _launch(kernel, args, constants, default, listed, N, K, key, reset_to_zero=(
                   key=key, size=N, extents={"BLOCK_N": N, "BLOCK_K": K}, reset_to_zero=reset_to_zero)
 
 
-#: The last codebooks split into bf16 halves: [(weak reference, version, hi, lo)], newest last.
-_SPLITS: tp.List[tp.Tuple[tp.Any, int, torch.Tensor, torch.Tensor]] = []
-
-
 def split_codebooks(codebooks: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """[Q, K, D] fp32 -> (hi, lo) bf16 [Q, K, D]: hi = bf16(c), lo = bf16(c - hi), rounded to nearest
-    as `ops.rvq.lowp_dot('bf16x3')` and the kernel's rows. Kept for the last few codebook tensors
-    until they change (inference splits a model's codebooks once; training, once per step)."""
-    for ref, version, hi, lo in _SPLITS:
-        if ref() is codebooks and version == codebooks._version:
-            return hi, lo
+    as `ops.rvq.lowp_dot('bf16x3')` and the kernel's rows. Kept on the codebooks tensor itself until
+    it changes (inference splits a model's stacked codebooks once, training once per step): the
+    halves live exactly as long as the tensor they were made from (a CUDA graph that captured a
+    search holds both)."""
+    key = (codebooks._version, codebooks.data_ptr())
+    cached = getattr(codebooks, "_encodec_fast_split", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
     hi = codebooks.to(torch.bfloat16)
     lo = (codebooks - hi.float()).to(torch.bfloat16)
-    _SPLITS.append((weakref.ref(codebooks), codebooks._version, hi, lo))
-    del _SPLITS[:-4]
+    codebooks._encodec_fast_split = (key, hi, lo)
     return hi, lo
 
 
