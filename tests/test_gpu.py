@@ -88,24 +88,35 @@ def test_tensor_core_dot_error_is_within_the_certificates_bound(mode):
     import triton.language as tl
 
     @triton.jit
-    def dot_kernel(a_ptr, b_ptr, o_ptr, D: tl.constexpr, P: tl.constexpr):
+    def dot_kernel(a_ptr, b_ptr, hi_ptr, lo_ptr, o_ptr, D: tl.constexpr, P: tl.constexpr, SPLIT: tl.constexpr):
         i = tl.program_id(0) * 64 + tl.arange(0, 64)
         j = tl.program_id(1) * 64 + tl.arange(0, 64)
         d = tl.arange(0, D)
         a = tl.load(a_ptr + i[:, None] * D + d[None, :])
-        b = tl.load(b_ptr + j[:, None] * D + d[None, :])
-        tl.store(o_ptr + i[:, None] * 1024 + j[None, :], tl.dot(a, tl.trans(b), input_precision=P))
+        if SPLIT:  # the search's own bf16x3: rows split in the kernel, codewords' halves split ahead
+            a_hi, a_lo = krvq._split_bf16(a, True)
+            b_hi = tl.load(hi_ptr + j[:, None] * D + d[None, :])
+            b_lo = tl.load(lo_ptr + j[:, None] * D + d[None, :])
+            out = tl.dot(a_hi, tl.trans(b_lo))
+            out = tl.dot(a_lo, tl.trans(b_hi), out)
+            out = tl.dot(a_hi, tl.trans(b_hi), out)
+        else:
+            b = tl.load(b_ptr + j[:, None] * D + d[None, :])
+            out = tl.dot(a, tl.trans(b), input_precision=P)
+        tl.store(o_ptr + i[:, None] * 1024 + j[None, :], out)
 
     D = 128
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(1024, D, device=DEVICE, generator=g) * torch.logspace(-2, 2, D, device=DEVICE)
     c = torch.randn(1024, D, device=DEVICE, generator=g) * torch.logspace(2, -2, D, device=DEVICE)
     c[:512] = x[:512] + 1e-3 * c[:512]
+    hi, lo = krvq.split_codebooks(c)
     scale = x.double().abs() @ c.double().abs().t()
     exact = x.double() @ c.double().t()
     for precision in (mode, "ieee"):
         out = torch.empty(1024, 1024, device=DEVICE)
-        dot_kernel[(16, 16)](x, c, out, D=D, P=precision, num_warps=4)
+        dot_kernel[(16, 16)](x, c, hi, lo, out, D=D, P=krvq._dot_precision(precision), SPLIT=precision == "bf16x3",
+                             num_warps=4)
         ratio = float(((out.double() - exact).abs() / scale).max())
         assert ratio <= rvq.dot_error_bound(precision, D), (precision, ratio)
 
