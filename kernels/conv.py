@@ -79,16 +79,19 @@ def _accumulate_tap(acc, x_b, src, src_ok, w_ptr, k, o, o_ok, C_in, C_out, sx_c,
 
 @triton.jit
 def _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o2, o_ok2, t2, mask, sr_b, sr_c, sr_t, so_b, so_c, so_t,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """Bias, residual and the one store of a 1-d convolution's output tile in either orientation:
-    o2 and t2 are the output-channel and position indices shaped [n, 1] and [1, m] (direct kernels)
-    or [1, n] and [m, 1] (implicit-GEMM kernels), o_ok2 the channels' mask in o2's shape, mask the
-    tile's."""
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ELU_OUT: tl.constexpr = False):
+    """Bias, residual, the ELU of the result where ELU_OUT (for a convolution whose only reader
+    applies ELU first: once per element here instead of once per tap and output-channel block
+    there) and the one store of a 1-d convolution's output tile in either orientation: o2 and t2
+    are the output-channel and position indices shaped [n, 1] and [1, m] (direct kernels) or [1, n]
+    and [m, 1] (implicit-GEMM kernels), o_ok2 the channels' mask in o2's shape, mask the tile's."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + o2, mask=o_ok2, other=0.0).to(tl.float32)
     if HAS_RES:
         acc += tl.load(res_ptr + b * sr_b + o2.to(tl.int64) * sr_c + t2.to(tl.int64) * sr_t,
                        mask=mask, other=0.0).to(tl.float32)
+    if ELU_OUT:
+        acc = _elu(acc)
     tl.store(out_ptr + b * so_b + o2.to(tl.int64) * so_c + t2.to(tl.int64) * so_t,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -99,7 +102,7 @@ def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
                    sx_b, sx_c, sx_t, sr_b, sr_c, sr_t, so_b, so_c, so_t,
                    K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
                    ELU: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                   HALF_DOT: tl.constexpr, PRECISION: tl.constexpr, ELU_OUT: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_o = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -114,7 +117,7 @@ def _conv1d_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
         acc = _accumulate_tap(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
                               BLOCK_CI, ELU, HALF_DOT, PRECISION)
     _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o[:, None], o_ok[:, None], t[None, :], o_ok[:, None] & t_ok[None, :],
-              sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES)
+              sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES, ELU_OUT)
 
 
 @triton.jit
@@ -218,7 +221,7 @@ def _conv1d_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
                         sx_b, sx_c, sx_t, sr_b, sr_c, sr_t, so_b, so_c, so_t,
                         K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
                         ELU: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                        HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                        HALF_DOT: tl.constexpr, PRECISION: tl.constexpr, ELU_OUT: tl.constexpr):
     """`_conv1d_kernel` as an implicit GEMM with the positions as M: [BLOCK_T, BLOCK_CO] tiles,
     the tensor cores' shape (wgmma's M is 64) whatever the channel counts."""
     pid_t = tl.program_id(0)
@@ -235,7 +238,7 @@ def _conv1d_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
         acc = _accumulate_tap_gemm(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
                                    BLOCK_CI, ELU, HALF_DOT, PRECISION)
     _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o[None, :], o_ok[None, :], t[:, None], t_ok[:, None] & o_ok[None, :],
-              sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES)
+              sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES, ELU_OUT)
 
 
 @triton.jit
@@ -752,9 +755,11 @@ def _channels_last(B: int, C: int, T: int, device, dtype) -> torch.Tensor:
     return torch.empty(B, T, C, device=device, dtype=dtype).transpose(1, 2)
 
 
-def conv1d_gemm(x, weight_kio, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype):
+def conv1d_gemm(x, weight_kio, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype,
+                elu_out=False):
     """`conv1d` as an implicit GEMM on tensor cores: x [B, C_in, L] (any strides; channels-last is
-    the fast layout), weight_kio [K, C_in, C_out]; returns [B, C_out, T_out] stored channels-last."""
+    the fast layout), weight_kio [K, C_in, C_out]; returns [B, C_out, T_out] stored channels-last
+    (its ELU: `elu_out`)."""
     B, C_in, L = x.shape
     K, _, C_out = weight_kio.shape
     T_out = (left + L + right - (K - 1) * dilation - 1) // stride + 1
@@ -769,7 +774,8 @@ def conv1d_gemm(x, weight_kio, bias, stride, dilation, left, right, reflect, elu
         x, weight_kio, bias if bias is not None else weight_kio, res, out,
         C_in, C_out, L, L_ext, T_out, left, stride, dilation, *x.stride(), *res.stride(), *out.stride(),
         K=K, BLOCK_T=bt, BLOCK_CO=bco, BLOCK_CI=bci, ELU=elu, REFLECT=reflect, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, HALF_DOT=half, PRECISION=precision, num_warps=warps, num_stages=stages,
+        HAS_RES=residual is not None, HALF_DOT=half, PRECISION=precision, ELU_OUT=elu_out, num_warps=warps,
+        num_stages=stages,
         **tuning.LAUNCH_OPTIONS)
     return out
 
@@ -1029,8 +1035,9 @@ def up_residual_block(x, wu_kio, bu, stride, start, length, elu, w1_kch, b1, w2_
     return out
 
 
-def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype):
-    """x [B, C_in, L]; weight_kco [K, C_out, C_in]; returns [B, C_out, T_out]."""
+def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype,
+           elu_out=False):
+    """x [B, C_in, L]; weight_kco [K, C_out, C_in]; returns [B, C_out, T_out] (its ELU: `elu_out`)."""
     B, C_in, L = x.shape
     K, C_out, _ = weight_kco.shape
     padded = left + L + right
@@ -1044,10 +1051,10 @@ def conv1d(x, weight_kco, bias, stride, dilation, left, right, reflect, elu, res
     args = (x, weight_kco, bias if bias is not None else weight_kco, res, out,
             C_in, C_out, L, L_ext, T_out, left, stride, dilation, *x.stride(), *res.stride(), *out.stride())
     constants = dict(K=K, ELU=elu, REFLECT=reflect, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                     HALF_DOT=_half_dot(x), PRECISION=precision)
+                     HALF_DOT=_half_dot(x), PRECISION=precision, ELU_OUT=elu_out)
     _launch(_conv1d_kernel, args, constants, C_in, C_out, T_out, "BLOCK_T",
             lambda bco, bt: (triton.cdiv(T_out, bt), triton.cdiv(C_out, bco), B),
-            key=("C_in", "C_out", "stride", "dilation", "K", "ELU", "HAS_RES", "PRECISION"))
+            key=("C_in", "C_out", "stride", "dilation", "K", "ELU", "HAS_RES", "PRECISION", "ELU_OUT"))
     return out
 
 

@@ -98,6 +98,28 @@ def test_conv1d_residual_bias_free_and_strided_input(kernel):
     assert_close_rel(got, ref, torch.float32)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv1d_elu_out_is_the_readers_elu(residual, kernel):
+    """`elu_out`: the ELU of the result, in the kernel's epilogue, with the bits the next
+    convolution's own ELU prologue would give it (fp32): the two placements give the same output."""
+    x = rand(2, 32, 45, seed=11)
+    w1, b1 = rand(48, 32, 3, seed=12) / 9, rand(48, seed=13)
+    w2, b2 = rand(40, 48, 4, seed=14) / 13, rand(40, seed=15)
+    res = rand(2, 48, 45, seed=16) if residual else None
+    pads1, pads2 = paddings(3, 1, 2, 45, False), paddings(4, 2, 1, 45, True)
+    ref = torch.nn.functional.elu(conv.conv1d_torch(x, w1, b1, 1, 2, pads1, "reflect", True, res))
+    with ops.use_backend("torch"):
+        assert torch.equal(conv.conv1d(x, w1, b1, 1, 2, pads1, "reflect", True, res, elu_out=True), ref)
+    with ops.use_backend("triton"):
+        h = conv.conv1d(x, w1, b1, 1, 2, pads1, "reflect", True, res, elu_out=True)
+        y = conv.conv1d(h, w2, b2, 2, 1, pads2, "reflect", False)
+        h_plain = conv.conv1d(x, w1, b1, 1, 2, pads1, "reflect", True, res)
+        y_plain = conv.conv1d(h_plain, w2, b2, 2, 1, pads2, "reflect", True)
+    assert_close_rel(h, ref, torch.float32)
+    assert bool((h >= -1).all()) and bool((h_plain < 0).any())
+    assert torch.equal(y, y_plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_conv1d_half(dtype, kernel):
     x = rand(2, 32, 50, seed=7, dtype=dtype)
@@ -192,10 +214,12 @@ def test_models_with_triton_convolutions(name, request, kernel, monkeypatch):
     model.set_target_bandwidth(6.0)
     sr = model.sample_rate
     x = torch.stack([make_signal(sr, sr // 5 + 77, model.channels, seed=s) for s in (3, 4)]).to(DEVICE)
-    fused, fused_up = [], []
-    real, real_up = ops.residual_block_down, ops.up_residual_block
+    fused, fused_up, elu_out = [], [], []
+    real, real_up, real_conv = ops.residual_block_down, ops.up_residual_block, ops.conv1d
     monkeypatch.setattr(ops, "residual_block_down", lambda x, *a: fused.append(x.shape[1]) or real(x, *a))
     monkeypatch.setattr(ops, "up_residual_block", lambda x, *a: fused_up.append(x.shape[1]) or real_up(x, *a))
+    monkeypatch.setattr(ops, "conv1d", lambda x, w, *a, **k: (k.get("elu_out") and elu_out.append(w.shape[0]))
+                        or real_conv(x, w, *a, **k))
     with torch.no_grad():
         frames_ref = model.encode(x)
         audio_ref = model.decode(frames_ref)
@@ -212,6 +236,10 @@ def test_models_with_triton_convolutions(name, request, kernel, monkeypatch):
     # convolutions apart)
     assert sorted(set(fused)) == ([32, 64] if kernel == "gemm" and name == "24khz" else [])
     assert sorted(set(fused_up)) == ([64, 128] if kernel == "gemm" and name == "24khz" else [])
+    # the blocks that run conv by conv apply the next layer's ELU in their convolutions' epilogues
+    # (the 48 kHz model's norm comes after the convolution: its ELU runs after the norm)
+    assert sorted(set(elu_out)) == ([] if name == "48khz" else [64, 128, 256] if kernel == "gemm" else
+                                    [16, 32, 64, 128, 256])
     if model.segment_length is None:  # one frame: its codes come from `emb`
         codes = frames[0][0].transpose(0, 1)
         with torch.no_grad():

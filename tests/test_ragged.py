@@ -140,9 +140,17 @@ def test_one_call_encoder_with_our_kernels(pair_24, monkeypatch):
     batch = torch.zeros(len(lengths), 1, T)
     for r, n in enumerate(lengths):
         batch[r, :, :n] = make_signal(sr, n, 1, seed=r)
+    elu_out, real_conv = [], ops.conv1d
+    monkeypatch.setattr(ops, "conv1d", lambda x, w, *a, **k: (k.get("elu_out") and elu_out.append(w.shape[0]))
+                        or real_conv(x, w, *a, **k))
     with torch.no_grad():
         with ops.use_backend("triton"):
             got = ours.encoder(batch, RaggedRows(torch.tensor(lengths)))
+        # each residual block's first convolution applies the second one's ELU in its epilogue;
+        # the downsampling's ELU runs once on the block's output (after the shortcut's sum, which
+        # ragged rows do not fuse), not in the downsampling's prologue (ELU commutes with the rows'
+        # reflect padding)
+        assert sorted(set(elu_out)) == [16, 32, 64, 128]
         with ops.use_backend("torch"):
             for r, n in enumerate(lengths):
                 ref = ours.encoder(batch[r:r + 1, :, :n].contiguous())

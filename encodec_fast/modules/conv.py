@@ -183,10 +183,11 @@ class SConv1d(nn.Module):
         """ceil(length / stride), for a number or a tensor of lengths."""
         return -(-length // self.stride)
 
-    def _ragged(self, x: torch.Tensor, rows: RaggedRows, elu_first: bool, elu_inplace: bool) -> torch.Tensor:
+    def _ragged(self, x: torch.Tensor, rows: RaggedRows, elu_first: bool, elu_inplace: bool,
+                elu_out: bool = False) -> torch.Tensor:
         """Every row padded by one gather (`RaggedRows.padded`), then one convolution (ours where
-        `auto` takes it, ELU fused) over the whole batch; a row's outputs past ceil(L / stride) are
-        not valid."""
+        `auto` takes it, ELU fused, and the output's ELU where `elu_out`) over the whole batch; a
+        row's outputs past ceil(L / stride) are not valid."""
         conv = self.conv.conv
         if self.stride == 1 and self.padding_total == 0:
             buf, own = x, False
@@ -197,28 +198,42 @@ class SConv1d(nn.Module):
         if ops.conv_backend(buf, _raw_weight(conv), "conv1d", self.stride) == "triton":
             # no padding left to add (the mode only names the kernel's variant: the same launches as
             # a batch of equal lengths)
-            return self.conv.norm(ops.conv1d(buf, conv.weight, conv.bias, self.stride, self.dilation, (0, 0),
-                                             self.pad_mode, elu=elu_first))
+            plain = isinstance(self.conv.norm, nn.Identity)
+            y = self.conv.norm(ops.conv1d(buf, conv.weight, conv.bias, self.stride, self.dilation, (0, 0),
+                                          self.pad_mode, elu=elu_first, elu_out=elu_out and plain))
+            return elu(y, True) if elu_out and not plain else y
         if elu_first:
             buf = elu(buf, own or elu_inplace)
-        return self.conv(buf)
+        y = self.conv(buf)
+        return elu(y, True) if elu_out else y
 
     def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu_first: bool = False,
-                elu_inplace: bool = False, residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+                elu_inplace: bool = False, residual: tp.Optional[torch.Tensor] = None,
+                elu_out: bool = False) -> torch.Tensor:
         """Optionally apply ELU to the input (upstream's preceding `nn.ELU`), pad, convolve, norm,
-        and add `residual` to the result.
+        and add `residual` to the result; `elu_out`: then ELU (the next layer's, for a result that
+        nothing else reads).
 
         `elu_inplace` says the caller does not need `x` afterwards. On the Triton backend the ELU,
-        padding, convolution and residual sum are one kernel (`encodec_fast.ops.conv1d`).
+        padding, convolution, residual sum and output ELU are one kernel (`encodec_fast.ops.conv1d`).
         """
         uniform = groups is None or groups.uniform(x)
         conv = self.conv.conv
         if uniform and ops.conv_backend(x, _raw_weight(conv), "conv1d", self.stride) == "triton":
-            fuse = residual is not None and isinstance(self.conv.norm, nn.Identity)
+            plain = isinstance(self.conv.norm, nn.Identity)
+            fuse = residual is not None and plain
             y = ops.conv1d(x, conv.weight, conv.bias, self.stride, self.dilation, self.paddings(x.shape[-1]),
-                           self.pad_mode, elu=elu_first, residual=residual if fuse else None)
+                           self.pad_mode, elu=elu_first, residual=residual if fuse else None,
+                           elu_out=elu_out and (plain and (fuse or residual is None)))
+            if plain and (fuse or residual is None):
+                return y
             y = self.conv.norm(y)
-            return y if fuse or residual is None else y + residual
+            y = y if fuse or residual is None else y + residual
+            return elu(y, True) if elu_out else y
+        if isinstance(groups, RaggedRows) and residual is None:
+            return self._ragged(x, groups, elu_first, elu_inplace, elu_out)
+        if elu_out:
+            return elu(self.forward(x, groups, elu_first, elu_inplace, residual), True)
         if residual is not None:
             return residual + self.forward(x, groups, elu_first, elu_inplace)
         if isinstance(groups, RaggedRows):

@@ -93,30 +93,43 @@ class SEANetResnetBlock(nn.Module):
         return ops.up_residual_block(x, convtr.weight, convtr.bias, stride, start, length, elu_first,
                                      *self._fused_args(length, convs))
 
-    def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: tp.Optional[Groups] = None, elu_out: bool = False) -> torch.Tensor:
+        """x + block(x) (or the shortcut's); `elu_out` (without groups or with ragged rows): its ELU
+        (the next layer's, when nothing else reads the block's output)."""
+        if elu_out and groups is not None and not isinstance(groups, RaggedRows):
+            raise ValueError("elu_out is for calls without groups or with ragged rows")
         h = x
         convs = self.convs()
         if (groups is None or groups.uniform(x)) and self._fusable(convs) and ops.block_backend(
                 x, _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) == "triton":
-            return ops.residual_block(x, *self._fused_args(x.shape[-1], convs))
+            y = ops.residual_block(x, *self._fused_args(x.shape[-1], convs))
+            return elu(y, True) if elu_out else y
         if (groups is None or groups.uniform(x)) and any(
                 ops.conv_backend(x, _raw_weight(c.conv.conv), "conv1d", c.stride) == "triton" for c in convs):
             # Kernels (each conv where `auto` takes ours): the shortcut first, then the block, its
-            # last conv adding the shortcut.
+            # last conv adding the shortcut. Each conv's output is read only by the next conv's
+            # ELU: each applies it on its output (once per element, in the kernel's epilogue)
+            # instead of the next one on its input (once per tap and output-channel block).
             skip = self.shortcut(x) if isinstance(self.shortcut, SConv1d) else x
+            last = len(convs) - 1
             for i, conv in enumerate(convs):
-                h = conv(h, elu_first=True, residual=skip if i == len(convs) - 1 else None)
+                h = conv(h, elu_first=i == 0, residual=skip if i == last else None, elu_out=i < last or elu_out)
             return h
         for i, conv in enumerate(convs):
-            if i == 0 or groups is None or isinstance(groups, RaggedRows) or groups.uniform(h):
+            if isinstance(groups, RaggedRows):
+                # every row in one call per conv: as above, each output's ELU in its conv
+                h = conv(h, groups, elu_first=i == 0, elu_inplace=i > 0, elu_out=i < len(convs) - 1)
+            elif i == 0 or groups is None or groups.uniform(h):
                 # x itself is needed by the shortcut: only later ELUs may run in place.
                 h = conv(h, groups, elu_first=True, elu_inplace=i > 0)
             else:
                 h = conv(groups.elu_(h), groups)
         skip = self.shortcut(x, groups) if isinstance(self.shortcut, SConv1d) else x
         if torch.is_grad_enabled() or skip is x:
-            return skip + h
-        return skip.add_(h)
+            y = skip + h
+        else:
+            y = skip.add_(h)
+        return elu(y, True) if elu_out else y
 
 
 def elu_plan(layers: tp.Sequence[nn.Module]) -> tp.List[tp.Tuple[tp.Optional[nn.Module], bool]]:
@@ -159,11 +172,13 @@ def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optio
     (the decoder's upsampling) where `SEANetResnetBlock.upsampled` does.
     """
     plan = elu_plan(layers)
-    skip_next = False
+    skip_next = elu_done = False
     for i, (layer, with_elu) in enumerate(plan):
         if skip_next:  # a downsampling convolution run with the block before it
             skip_next = False
             continue
+        if elu_done:  # the layer before applied this layer's ELU to its own output
+            with_elu, elu_done = False, False
         after = plan[i + 1][0] if i + 1 < len(plan) else None
         if isinstance(layer, SEANetResnetBlock) and isinstance(after, SConv1d) and plan[i + 1][1]:
             y = layer.downsampled(x, after, groups)
@@ -190,7 +205,11 @@ def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optio
         elif isinstance(layer, SLSTM):
             x = layer(x, groups, elu=with_elu)
         elif isinstance(layer, SEANetResnetBlock):
-            x = layer(x, groups)
+            # a convolution after it with an ELU first: the block applies it to its output (its
+            # last convolution's epilogue on the Triton backend; nothing else reads the output)
+            elu_done = (groups is None or isinstance(groups, RaggedRows)) and plan[i + 1][1] and isinstance(
+                after, (SConv1d, SConvTranspose1d))
+            x = layer(x, groups, elu_out=elu_done)
         else:
             x = layer(x)
     return x

@@ -201,19 +201,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], stride: int = 1,
            dilation: int = 1, paddings: tp.Tuple[int, int] = (0, 0), pad_mode: str = "reflect",
-           elu: bool = False, residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-    """ELU -> pad -> Conv1d (+ residual), fused into one kernel on the Triton backend.
+           elu: bool = False, residual: tp.Optional[torch.Tensor] = None, elu_out: bool = False) -> torch.Tensor:
+    """ELU -> pad -> Conv1d (+ residual) (-> ELU where `elu_out`), fused into one kernel on the
+    Triton backend.
 
     x [B, C_in, L], weight [C_out, C_in, K], bias [C_out] or None, paddings (left, right),
     residual [B, C_out, T] or None -> [B, C_out, T], T = (left + L + right - (K-1)*dilation - 1) // stride + 1.
+    `elu_out` gives the ELU of the result: for a convolution whose only reader applies ELU to its
+    input (the same values as that reader's own ELU; the kernel computes it once per element).
     """
     if x.dim() != 3 or weight.dim() != 3 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv1d: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     backend = conv_backend(x, weight, "conv1d", stride)
     if backend == "cudnn":
-        return _cudnn(lambda: conv1d_torch(x, weight, bias, stride, dilation, paddings, pad_mode, elu, residual))
+        y = _cudnn(lambda: conv1d_torch(x, weight, bias, stride, dilation, paddings, pad_mode, elu, residual))
+        return _elu_after(y, elu_out)
     if backend != "triton" or pad_mode not in KERNEL_PAD_MODES:
-        return conv1d_torch(x, weight, bias, stride, dilation, paddings, pad_mode, elu, residual)
+        return _elu_after(conv1d_torch(x, weight, bias, stride, dilation, paddings, pad_mode, elu, residual), elu_out)
     left, right = paddings
     if left < 0 or right < 0:
         raise ValueError(f"negative padding {paddings}")
@@ -224,9 +228,16 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor
     x = x.to(dtype)
     if conv_kernel() == "gemm":
         return _kernels().conv1d_gemm(x, _arranged(weight, "conv_kio", dtype), bias, stride, dilation, left, right,
-                                      pad_mode == "reflect", elu, residual, conv_precision(), dtype)
+                                      pad_mode == "reflect", elu, residual, conv_precision(), dtype, elu_out)
     return _kernels().conv1d(x, _arranged(weight, "conv", dtype), bias, stride, dilation, left, right,
-                             pad_mode == "reflect", elu, residual, conv_precision(), dtype)
+                             pad_mode == "reflect", elu, residual, conv_precision(), dtype, elu_out)
+
+
+def _elu_after(y: torch.Tensor, elu_out: bool) -> torch.Tensor:
+    """y, or its ELU (in place where autograd is off: y is the caller's own new tensor)."""
+    if not elu_out:
+        return y
+    return F.elu_(y) if not torch.is_grad_enabled() else F.elu(y)
 
 
 def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], stride: int,
