@@ -22,10 +22,9 @@ import typing as tp
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import ops
-from ..ops.conv import pad1d  # noqa: F401  (re-exported: upstream's modules.conv has it)
+from ..ops.conv import elu, pad1d  # noqa: F401  (pad1d re-exported: upstream's modules.conv has it)
 from .groups import Groups, RaggedRows
 
 CONV_NORMALIZATIONS = frozenset(["none", "weight_norm", "time_group_norm"])
@@ -147,13 +146,6 @@ def _raw_weight(conv: nn.Module) -> torch.Tensor:
     return conv._parameters["weight_v"] if "weight_v" in conv._parameters else conv.weight
 
 
-def elu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """ELU(alpha=1) as `nn.ELU`; in place only when the caller owns `x` and autograd is off."""
-    if inplace and not torch.is_grad_enabled():
-        return F.elu_(x)
-    return F.elu(x)
-
-
 class SConv1d(nn.Module):
     """Conv1d with EnCodec's causal / non-causal reflect padding and normalization.
 
@@ -220,15 +212,12 @@ class SConv1d(nn.Module):
         uniform = groups is None or groups.uniform(x)
         conv = self.conv.conv
         if uniform and ops.conv_backend(x, _raw_weight(conv), "conv1d", self.stride) == "triton":
-            plain = isinstance(self.conv.norm, nn.Identity)
-            fuse = residual is not None and plain
-            y = ops.conv1d(x, conv.weight, conv.bias, self.stride, self.dilation, self.paddings(x.shape[-1]),
-                           self.pad_mode, elu=elu_first, residual=residual if fuse else None,
-                           elu_out=elu_out and (plain and (fuse or residual is None)))
-            if plain and (fuse or residual is None):
-                return y
-            y = self.conv.norm(y)
-            y = y if fuse or residual is None else y + residual
+            if isinstance(self.conv.norm, nn.Identity):  # residual and ELU fused
+                return ops.conv1d(x, conv.weight, conv.bias, self.stride, self.dilation, self.paddings(x.shape[-1]),
+                                  self.pad_mode, elu=elu_first, residual=residual, elu_out=elu_out)
+            y = self.conv.norm(ops.conv1d(x, conv.weight, conv.bias, self.stride, self.dilation,
+                                          self.paddings(x.shape[-1]), self.pad_mode, elu=elu_first))
+            y = y if residual is None else y + residual
             return elu(y, True) if elu_out else y
         if isinstance(groups, RaggedRows) and residual is None:
             return self._ragged(x, groups, elu_first, elu_inplace, elu_out)
@@ -236,8 +225,6 @@ class SConv1d(nn.Module):
             return elu(self.forward(x, groups, elu_first, elu_inplace, residual), True)
         if residual is not None:
             return residual + self.forward(x, groups, elu_first, elu_inplace)
-        if isinstance(groups, RaggedRows):
-            return self._ragged(x, groups, elu_first, elu_inplace)
         if self.stride == 1 and self.padding_total == 0:
             # No padding at all (kernel 1): padding rows never reach valid outputs.
             if elu_first:

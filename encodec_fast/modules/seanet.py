@@ -100,6 +100,7 @@ class SEANetResnetBlock(nn.Module):
             raise ValueError("elu_out is for calls without groups or with ragged rows")
         h = x
         convs = self.convs()
+        last = len(convs) - 1
         if (groups is None or groups.uniform(x)) and self._fusable(convs) and ops.block_backend(
                 x, _raw_weight(convs[0].conv.conv), _raw_weight(convs[1].conv.conv)) == "triton":
             y = ops.residual_block(x, *self._fused_args(x.shape[-1], convs))
@@ -111,14 +112,13 @@ class SEANetResnetBlock(nn.Module):
             # ELU: each applies it on its output (once per element, in the kernel's epilogue)
             # instead of the next one on its input (once per tap and output-channel block).
             skip = self.shortcut(x) if isinstance(self.shortcut, SConv1d) else x
-            last = len(convs) - 1
             for i, conv in enumerate(convs):
                 h = conv(h, elu_first=i == 0, residual=skip if i == last else None, elu_out=i < last or elu_out)
             return h
         for i, conv in enumerate(convs):
             if isinstance(groups, RaggedRows):
                 # every row in one call per conv: as above, each output's ELU in its conv
-                h = conv(h, groups, elu_first=i == 0, elu_inplace=i > 0, elu_out=i < len(convs) - 1)
+                h = conv(h, groups, elu_first=i == 0, elu_inplace=i > 0, elu_out=i < last)
             elif i == 0 or groups is None or groups.uniform(h):
                 # x itself is needed by the shortcut: only later ELUs may run in place.
                 h = conv(h, groups, elu_first=True, elu_inplace=i > 0)
@@ -207,8 +207,8 @@ def run_layers(layers: tp.Sequence[nn.Module], x: torch.Tensor, groups: tp.Optio
         elif isinstance(layer, SEANetResnetBlock):
             # a convolution after it with an ELU first: the block applies it to its output (its
             # last convolution's epilogue on the Triton backend; nothing else reads the output)
-            elu_done = (groups is None or isinstance(groups, RaggedRows)) and plan[i + 1][1] and isinstance(
-                after, (SConv1d, SConvTranspose1d))
+            elu_done = (groups is None or isinstance(groups, RaggedRows)) and isinstance(
+                after, (SConv1d, SConvTranspose1d)) and plan[i + 1][1]
             x = layer(x, groups, elu_out=elu_done)
         else:
             x = layer(x)

@@ -233,11 +233,16 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor
                              pad_mode == "reflect", elu, residual, conv_precision(), dtype, elu_out)
 
 
+def elu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """ELU(alpha=1) as `nn.ELU`; in place only when the caller owns `x` and autograd is off."""
+    if inplace and not torch.is_grad_enabled():
+        return F.elu_(x)
+    return F.elu(x)
+
+
 def _elu_after(y: torch.Tensor, elu_out: bool) -> torch.Tensor:
-    """y, or its ELU (in place where autograd is off: y is the caller's own new tensor)."""
-    if not elu_out:
-        return y
-    return F.elu_(y) if not torch.is_grad_enabled() else F.elu(y)
+    """y, or its ELU (in place: y is the caller's own new tensor)."""
+    return elu(y, True) if elu_out else y
 
 
 def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: tp.Optional[torch.Tensor], stride: int,

@@ -151,13 +151,13 @@ LOW_PRECISION = {
     "tf32": (2 * 2.0 ** -10 + 2.0 ** -20, 1),
     "tf32x3": (2.0 ** -20 + 2.0 ** -22 + 2.0 ** -29, 3),
     "bf16x3": (3 * 2.0 ** -16 * (1 + 2.0 ** -7), 3),
-    # the same products left to Triton's bf16x3 lowering (each codebook block split in every program
-    # and iteration); 'bf16x3' splits the codebooks once (kernels.rvq.split_codebooks) and the rows
-    # once per stage, and writes the three products out: same operands, passes and bound
-    "bf16x3-triton": (3 * 2.0 ** -16 * (1 + 2.0 ** -7), 3),
 }
-#: Modes that are another mode's arithmetic, lowered another way (the same emulation and bound).
+#: Modes that are another mode's arithmetic, lowered another way (the same emulation and bound):
+#: bf16x3-triton leaves the split to Triton's bf16x3 lowering (each codebook block split in every
+#: program and iteration); 'bf16x3' splits the codebooks once (kernels.rvq.split_codebooks) and the
+#: rows once per stage, and writes the three products out.
 SAME_ARITHMETIC = {"bf16x3-triton": "bf16x3"}
+LOW_PRECISION.update({mode: LOW_PRECISION[same] for mode, same in SAME_ARITHMETIC.items()})
 #: The low precisions with arithmetic of their own (what an emulation needs to run).
 DISTINCT_LOW_PRECISION = tuple(m for m in LOW_PRECISION if m not in SAME_ARITHMETIC)
 #: Tensor-core accumulation is modelled as fp32 with truncation (unit 2^-23), doubled for the
