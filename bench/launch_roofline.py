@@ -177,6 +177,7 @@ _MODELS: tp.Dict[str, tp.Tuple[tp.Callable, bool, tp.Optional[tp.Callable]]] = {
                                    lambda a: _stage_fractions(a, a["stages"], ("cb_ptr", "codes_ptr", "inputs_ptr"))),
     "_segment_sums_kernel": (lambda a: float(a["x_ptr"].numel()), False, None),
     "_scaled_copy_kernel": (lambda a: float(a["numel"]), False, None),
+    "_leaky_relu_grad_kernel": (lambda a: float(a["numel"]), False, None),
 }
 
 

@@ -317,29 +317,29 @@ def _conv2d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
 
 
 @triton.jit
-def _activation_grad(g_ptr, y_ptr, off_g, off_y, mask, slope, ACTIVATE: tl.constexpr):
-    """The gradient at a conv's output through its LeakyReLU: g where the output is positive, g *
-    slope elsewhere (the output has the pre-activation's sign for a slope >= 0)."""
-    g = tl.load(g_ptr + off_g, mask=mask, other=0.0)
-    if ACTIVATE:  # in fp32, one rounding back to g's dtype (the interpreter has no bf16 arithmetic)
-        y = tl.load(y_ptr + off_y, mask=mask, other=0.0).to(tl.float32)
-        gf = g.to(tl.float32)
-        g = tl.where(y > 0, gf, gf * slope).to(g.dtype)
-    return g
+def _leaky_relu_grad_kernel(g_ptr, y_ptr, out_ptr, slope, numel, BLOCK: tl.constexpr):
+    """out = g where y > 0, else g * slope: the gradient at a conv's output through its LeakyReLU,
+    from the saved output (which has the pre-activation's sign for a slope >= 0); g, y and out
+    share one memory layout (flat). In fp32, one rounding back to g's dtype."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < numel
+    g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx, tl.where(y > 0, g, g * slope).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
-                                   C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, x_scale,
+def _conv2d_input_grad_gemm_kernel(g_ptr, w_ptr, dx_ptr,
+                                   C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, x_scale,
                                    n_blocks,
-                                   sg_b, sg_c, sg_h, sg_w, sy_b, sy_c, sy_h, sy_w, sd_b, sd_c, sd_h, sd_w,
+                                   sg_b, sg_c, sg_h, sg_w, sd_b, sd_c, sd_h, sd_w,
                                    KH: tl.constexpr, KW: tl.constexpr,
                                    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-                                   ACTIVATE: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                                   H_FAST: tl.constexpr):
-    """The input gradient of conv2d + LeakyReLU as an implicit GEMM: M = input positions, N = input
-    channels, K = output channels x taps; the LeakyReLU's derivative (from the saved output) is the
-    A tile's prologue; W as [taps, C_out, C_in]. One phase r of the width stride per program (the
+                                   HALF_DOT: tl.constexpr, PRECISION: tl.constexpr, H_FAST: tl.constexpr):
+    """The input gradient of a conv2d as an implicit GEMM: M = input positions, N = input channels,
+    K = output channels x taps; g is the gradient at the conv's output (through its activation
+    already: `_leaky_relu_grad_kernel`, once per element rather than once per tap and channel
+    block); W as [taps, C_out, C_in]. One phase r of the width stride per program (the
     columns w = j * sw + r): a tap kw reaches them only if (r + pw - kw * dw) is a multiple of sw,
     a test per program, so no product is masked out along the width. H_FAST: the positions
     enumerate frames fastest (a gradient stored frames first); `x_scale` as the forward's."""
@@ -360,7 +360,6 @@ def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
     co = tl.arange(0, BLOCK_CO)
     acc = tl.zeros([BLOCK_P, BLOCK_CI], tl.float32)
     g_b = g_ptr + b * sg_b
-    y_b = y_ptr + b * sy_b
     for kh in tl.static_range(KH):
         num_h = h + ph - kh * dh
         h_o = tl.maximum(num_h, 0) // sh
@@ -373,13 +372,11 @@ def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
                 h_s = tl.where(ok, h_o, 0).to(tl.int64)
                 w_s = tl.where(ok, w_o, 0).to(tl.int64)
                 off_g = h_s * sg_h + w_s * sg_w
-                off_y = h_s * sy_h + w_s * sy_w
                 for c0 in range(0, C_out, BLOCK_CO):
                     c = c0 + co
                     c_ok = c < C_out
-                    a = _activation_grad(g_b, y_b, off_g[:, None] + c[None, :].to(tl.int64) * sg_c,
-                                         off_y[:, None] + c[None, :].to(tl.int64) * sy_c,
-                                         ok[:, None] & c_ok[None, :], slope, ACTIVATE)
+                    a = tl.load(g_b + off_g[:, None] + c[None, :].to(tl.int64) * sg_c,
+                                mask=ok[:, None] & c_ok[None, :], other=0.0)
                     wt = tl.load(w_ptr + ((kh * KW + kw) * C_out + c[:, None]) * C_in + i[None, :],
                                  mask=c_ok[:, None] & i_ok[None, :], other=0.0)
                     if HALF_DOT:
@@ -392,18 +389,19 @@ def _conv2d_input_grad_gemm_kernel(g_ptr, y_ptr, w_ptr, dx_ptr,
 
 
 @triton.jit
-def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr,
-                                    C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, slope, N, chunk,
-                                    sg_b, sg_c, sg_h, sg_w, sy_b, sy_c, sy_h, sy_w, sx_b, sx_c, sx_h, sx_w,
+def _conv2d_weight_grad_gemm_kernel(g_ptr, x_ptr, part_ptr, bias_part_ptr,
+                                    C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, N, chunk,
+                                    sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w,
                                     KW: tl.constexpr,
                                     BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-                                    ACTIVATE: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
+                                    HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr,
                                     PRECISION: tl.constexpr, H_FAST: tl.constexpr):
-    """The weight (and bias) gradient of conv2d + LeakyReLU as GEMMs: for one tap, one block of
-    output and input channels and one chunk of the N = B x H_out x W_out positions, M = output
-    channels, N = input channels, K = positions. Each program writes its partial sums to its own
-    slot ([chunks, taps, C_out, C_in]); the caller adds the chunks in a fixed order: no atomics,
-    the same bits on every run."""
+    """The weight (and bias) gradient of a conv2d as GEMMs, g the gradient at its output (through
+    its activation already): for one tap, one block of output and input channels and one chunk of
+    the N = B x H_out x W_out positions, M = output channels, N = input channels, K = positions.
+    Each program writes its partial sums to its own slot ([chunks, taps, C_out, C_in]); the caller
+    adds the chunks in a fixed order: no atomics, the same bits on every run. The bias sums run in
+    the programs that store them only (tap 0, the first block of input channels)."""
     pid_n = tl.program_id(0)
     tap = tl.program_id(1)
     n_i = tl.cdiv(C_in, BLOCK_CI)
@@ -416,6 +414,7 @@ def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr
     P = H_out * W_out
     acc = tl.zeros([BLOCK_CO, BLOCK_CI], tl.float32)
     bias_acc = tl.zeros([BLOCK_CO], tl.float32)
+    bias_here = (tap == 0) & (tl.program_id(2) % n_i == 0)
     start = pid_n * chunk
     stop = tl.minimum(start + chunk, N)
     for k0 in range(start, stop, BLOCK_K):
@@ -429,12 +428,8 @@ def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr
         else:
             h = p // W_out
             w_o = p % W_out
-        g = _activation_grad(g_ptr, y_ptr,
-                             (b * sg_b + h.to(tl.int64) * sg_h + w_o.to(tl.int64) * sg_w)[None, :]
-                             + o[:, None].to(tl.int64) * sg_c,
-                             (b * sy_b + h.to(tl.int64) * sy_h + w_o.to(tl.int64) * sy_w)[None, :]
-                             + o[:, None].to(tl.int64) * sy_c,
-                             o_ok[:, None] & n_ok[None, :], slope, ACTIVATE)
+        g = tl.load(g_ptr + (b * sg_b + h.to(tl.int64) * sg_h + w_o.to(tl.int64) * sg_w)[None, :]
+                    + o[:, None].to(tl.int64) * sg_c, mask=o_ok[:, None] & n_ok[None, :], other=0.0)
         h_in = h * sh + kh * dh - ph
         w_in = w_o * sw + kw * dw - pw
         x_ok = n_ok & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
@@ -446,13 +441,13 @@ def _conv2d_weight_grad_gemm_kernel(g_ptr, y_ptr, x_ptr, part_ptr, bias_part_ptr
         else:
             acc += tl.dot(g.to(tl.float32), xt.to(tl.float32), input_precision=PRECISION)
         if HAS_BIAS:
-            bias_acc += tl.sum(g.to(tl.float32), axis=1)
+            if bias_here:
+                bias_acc += tl.sum(g.to(tl.float32), axis=1)
     n_taps = tl.num_programs(1)
     slot = (pid_n * n_taps + tap).to(tl.int64) * C_out * C_in
     tl.store(part_ptr + slot + o[:, None] * C_in + i[None, :], acc, mask=o_ok[:, None] & i_ok[None, :])
-    if HAS_BIAS:
-        if (tap == 0) & (tl.program_id(2) % n_i == 0):
-            tl.store(bias_part_ptr + pid_n * C_out + o, bias_acc, mask=o_ok)
+    if HAS_BIAS & bias_here:
+        tl.store(bias_part_ptr + pid_n * C_out + o, bias_acc, mask=o_ok)
 
 
 @triton.jit
@@ -841,12 +836,33 @@ def conv2d_gemm(x, weight_kio, KH, KW, bias, stride, dilation, padding, slope, p
     return out
 
 
-def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilation, padding, slope, precision,
-                           out_dtype, x_scale: float = 1.0, frames_first: bool = False):
-    """d loss / d x of `conv2d_leaky_relu` (implicit GEMM, `_conv2d_input_grad_gemm_kernel`): grad and
-    the saved output y [B, C_out, H_out, W_out] (any strides), weight_kco [KH*KW, C_out, C_in];
-    returns [B, C_in, H, W] stored channels-last (torch.stft's real view's own order: its gradient
-    needs no copy), or with `frames_first` as [B, W, H, C_in] (an input stored that way)."""
+def leaky_relu_grad(grad: torch.Tensor, y: torch.Tensor, slope: float) -> torch.Tensor:
+    """The gradient at a conv's output through its LeakyReLU (`_leaky_relu_grad_kernel`): grad where
+    the saved output y > 0, else grad * slope, in grad's dtype and y's memory layout (y dense: the
+    forward's output). A gradient laid out otherwise (e.g. broadcast) is copied into that layout
+    first."""
+    if grad.shape != y.shape:
+        raise ValueError(f"leaky_relu_grad: gradient {tuple(grad.shape)} and output {tuple(y.shape)} differ")
+    out = torch.empty_like(y, dtype=grad.dtype)
+    if out.stride() != y.stride():
+        raise ValueError("leaky_relu_grad: the saved output is not dense")
+    if grad.stride() != y.stride():
+        grad = torch.empty_like(out).copy_(grad)
+    numel = out.numel()
+    if numel:
+        block = 1 << 16 if interpreting() else 1024
+        _leaky_relu_grad_kernel[(triton.cdiv(numel, block),)](grad, y, out, float(slope), numel, BLOCK=block,
+                                                             num_warps=4, **tuning.LAUNCH_OPTIONS)
+    return out
+
+
+def conv2d_input_grad_gemm(grad, weight_kco, x_shape, KH, KW, stride, dilation, padding, precision, out_dtype,
+                           x_scale: float = 1.0, frames_first: bool = False):
+    """d loss / d x of a conv2d (implicit GEMM, `_conv2d_input_grad_gemm_kernel`): grad at its output
+    [B, C_out, H_out, W_out] (any strides; through the activation already, `leaky_relu_grad`),
+    weight_kco [KH*KW, C_out, C_in]; returns [B, C_in, H, W] stored channels-last (torch.stft's real
+    view's own order: its gradient needs no copy), or with `frames_first` as [B, W, H, C_in] (an
+    input stored that way)."""
     B, C_in, H, W = x_shape
     _, C_out, _ = weight_kco.shape
     H_out, W_out = grad.shape[-2:]
@@ -863,12 +879,10 @@ def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilatio
     positions = H * -(-W // sw)  # the largest phase's
     bp, bci, bco, warps, stages = _gemm_blocks(C_out, C_in, positions, half)
     n_blocks = triton.cdiv(positions, bp)
-    yy = y if slope is not None else grad
     _conv2d_input_grad_gemm_kernel[(n_blocks * sw, triton.cdiv(C_in, bci), B)](
-        grad, yy, weight_kco, dx, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
-        0.0 if slope is None else float(slope), float(x_scale), n_blocks, *grad.stride(), *yy.stride(),
-        *dx.stride(), KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, ACTIVATE=slope is not None,
-        HALF_DOT=half, PRECISION=precision, H_FAST=frames_first and H > 1, num_warps=warps, num_stages=stages,
+        grad, weight_kco, dx, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, float(x_scale), n_blocks,
+        *grad.stride(), *dx.stride(), KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, HALF_DOT=half,
+        PRECISION=precision, H_FAST=frames_first and H > 1, num_warps=warps, num_stages=stages,
         **tuning.LAUNCH_OPTIONS)
     return dx
 
@@ -877,11 +891,10 @@ def conv2d_input_grad_gemm(grad, y, weight_kco, x_shape, KH, KW, stride, dilatio
 WEIGHT_GRAD_CHUNKS = 32
 
 
-def conv2d_weight_grad_gemm(grad, y, x, KH, KW, stride, dilation, padding, slope, has_bias, precision,
-                            x_scale: float = 1.0):
-    """(d loss / d weight [KH*KW, C_out, C_in] fp32, d loss / d bias [C_out] fp32 or None) of
-    `conv2d_leaky_relu` (`_conv2d_weight_grad_gemm_kernel`; the input taken as x * x_scale):
-    deterministic, its chunks' partial sums added in a fixed order."""
+def conv2d_weight_grad_gemm(grad, x, KH, KW, stride, dilation, padding, has_bias, precision, x_scale: float = 1.0):
+    """(d loss / d weight [KH*KW, C_out, C_in] fp32, d loss / d bias [C_out] fp32 or None) of a conv2d
+    (`_conv2d_weight_grad_gemm_kernel`; grad at its output, through the activation already; the input
+    taken as x * x_scale): deterministic, its chunks' partial sums added in a fixed order."""
     B, C_in, H, W = x.shape
     _, C_out, H_out, W_out = grad.shape
     N = B * H_out * W_out
@@ -897,12 +910,10 @@ def conv2d_weight_grad_gemm(grad, y, x, KH, KW, stride, dilation, padding, slope
     bias_part = torch.zeros(n_chunks, C_out, device=grad.device, dtype=torch.float32) if has_bias else part
     if N > 0:
         (sh, sw), (dh, dw), (ph, pw) = stride, dilation, padding
-        yy = y if slope is not None else grad
         grid = (n_chunks, taps, triton.cdiv(C_out, block_co) * triton.cdiv(C_in, block_ci))
         _conv2d_weight_grad_gemm_kernel[grid](
-            grad, yy, x, part, bias_part, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw,
-            0.0 if slope is None else float(slope), N, chunk, *grad.stride(), *yy.stride(), *x.stride(),
-            KW=KW, BLOCK_K=block_k, BLOCK_CO=block_co, BLOCK_CI=block_ci, ACTIVATE=slope is not None,
+            grad, x, part, bias_part, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, N, chunk,
+            *grad.stride(), *x.stride(), KW=KW, BLOCK_K=block_k, BLOCK_CO=block_co, BLOCK_CI=block_ci,
             HAS_BIAS=has_bias, HALF_DOT=half, PRECISION=precision, H_FAST=frames_fastest(x), num_warps=4,
             num_stages=2, **tuning.LAUNCH_OPTIONS)
     taps = part.sum(0)

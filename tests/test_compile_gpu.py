@@ -37,7 +37,8 @@ def test_capture_covers_every_kernel_and_scenario(listing):
     for kernel in ("_conv1d_kernel", "_conv_transpose1d_kernel", "_conv2d_leaky_relu_kernel", "_rvq_encode_kernel",
                    "_vq_assign_kernel", "_rvq_decode_kernel", "_scaled_copy_kernel", "_segment_sums_kernel",
                    "_rvq_train_kernel", "_rvq_train_backward_kernel", "_conv1d_gemm_kernel",
-                   "_conv_transpose1d_gemm_kernel"):
+                   "_conv_transpose1d_gemm_kernel", "_conv2d_input_grad_gemm_kernel",
+                   "_conv2d_weight_grad_gemm_kernel", "_leaky_relu_grad_kernel"):
         assert kernel in listing, kernel
     for scenario in ("24k encoder 10s x64 fp32 ieee", "48k decoder 1s x1 bfloat16", "24k decoder 10s x1 float16",
                      "msstftd n_fft=2048", "spectrogram n_fft=512 backward", "rvq train stage N=1 stats=True",

@@ -378,6 +378,32 @@ def test_conv2d_gemm_backward_shapes(case, monkeypatch):
         assert all(torch.equal(a, c) for a, c in zip(out[1], out[2]))  # deterministic
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_leaky_relu_grad_is_the_derivative_in_one_rounding(dtype):
+    """The gemm backward's first pass: grad where the saved output is positive, grad * slope
+    elsewhere (zero outputs included), computed in fp32 and rounded once to grad's dtype, stored in
+    the output's layout (channels-last, frames-first); a gradient laid out otherwise (transposed,
+    broadcast) gives the same values; shapes that differ are refused."""
+    from encodec_fast.kernels import conv as kconv
+    y = rand(2, 5, 7, 9, seed=31, dtype=dtype)
+    y[0, 1] = 0
+    g = rand(2, 5, 7, 9, seed=32, dtype=dtype) * 100
+    want = torch.where(y.float() > 0, g.float(), g.float() * 0.2).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        yl, gl = y.contiguous(memory_format=layout), g.contiguous(memory_format=layout)
+        got = kconv.leaky_relu_grad(gl, yl, 0.2)
+        assert got.dtype == dtype and got.stride() == yl.stride()
+        assert torch.equal(got, want)
+        assert torch.equal(kconv.leaky_relu_grad(g.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2), yl, 0.2),
+                           want)
+    frames_first = torch.empty(2, 9, 7, 5, dtype=dtype).permute(0, 3, 2, 1).copy_(y)
+    assert torch.equal(kconv.leaky_relu_grad(g, frames_first, 0.2), want)
+    one = torch.full((1, 1, 1, 1), 3.0, dtype=dtype).expand_as(y)  # d(sum y) / dy
+    assert torch.equal(kconv.leaky_relu_grad(one, y, 0.2), torch.where(y > 0, 3.0, 3.0 * 0.2).to(dtype))
+    with pytest.raises(ValueError, match="differ"):
+        kconv.leaky_relu_grad(g[:, :, :3], y, 0.2)
+
+
 @pytest.mark.parametrize("layout", ["bins_first", "frames_first"])
 def test_conv2d_gemm_reads_the_stft_view_with_its_scale(layout, monkeypatch):
     """The fused front end's first conv: the input is a strided real view of a spectrogram,

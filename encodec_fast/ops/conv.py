@@ -344,9 +344,9 @@ class _Conv2dLeakyReLU(torch.autograd.Function):
     """Forward: the fused kernel of the family `conv_kernel()` names. Backward: the activation's
     derivative from the saved output (its sign is the pre-activation's for a slope >= 0, so the
     pre-activation is never stored), then the convolution's gradients: with the `gemm` family, our
-    implicit-GEMM kernels (input gradient with the derivative as their prologue; weight and bias
-    gradients summed per chunk of positions, the chunks added in a fixed order: deterministic);
-    with `direct`, torch's."""
+    kernels (the derivative applied in one elementwise pass, then the implicit-GEMM input gradient
+    and the weight and bias gradients summed per chunk of positions, the chunks added in a fixed
+    order: deterministic); with `direct`, torch's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, dilation, padding, slope, dtype, x_scale=1.0):
@@ -387,16 +387,18 @@ class _Conv2dLeakyReLU(torch.autograd.Function):
 def _conv2d_gemm_backward(ctx, grad, x, weight, y):
     stride, dilation, padding, slope, bias_dtype, _, dot, dtype, x_scale = ctx.conf
     KH, KW = weight.shape[-2:]
-    grad = grad.to(dtype)
-    grad_x = grad_w = grad_b = None
     k = _kernels()
+    grad = grad.to(dtype)
+    if slope is not None:  # through the LeakyReLU once, for both products
+        grad = k.leaky_relu_grad(grad, y, slope)
+    grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = k.conv2d_input_grad_gemm(grad, y, _arranged(weight, "conv2d", dtype), x.shape, KH, KW, stride,
-                                          dilation, padding, slope, dot, x.dtype, x_scale, k.frames_fastest(x))
+        grad_x = k.conv2d_input_grad_gemm(grad, _arranged(weight, "conv2d", dtype), x.shape, KH, KW, stride,
+                                          dilation, padding, dot, x.dtype, x_scale, k.frames_fastest(x))
     want_b = bias_dtype is not None and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[1] or want_b:
-        taps, bias = k.conv2d_weight_grad_gemm(grad, y, x.to(dtype), KH, KW, stride, dilation, padding, slope,
-                                               want_b, dot, x_scale)
+        taps, bias = k.conv2d_weight_grad_gemm(grad, x.to(dtype), KH, KW, stride, dilation, padding, want_b, dot,
+                                               x_scale)
         if ctx.needs_input_grad[1]:
             grad_w = taps.view(KH, KW, *taps.shape[1:]).permute(2, 3, 0, 1).to(weight.dtype)
         if want_b:
