@@ -195,23 +195,37 @@ def _conv2d_leaky_relu_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
 # -- implicit GEMM on tensor cores: M = output positions, N = output channels, K = input channels x taps --
 
 @triton.jit
+def _gemm_step(acc, x_b, rows, rows_ok, w_ptr, k, c, o, o_ok, C_in, C_out, sx_c,
+               ELU: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[t, o] += sum_{i in c} f(x[i, row t]) * W[k, i, o], W as [taps, C_in, C_out]: one tap and
+    one block c of input channels, the rows given as offsets (`_row_offsets`). A is a [positions,
+    channels] tile (each row one contiguous C-vector when x is channels-last), B a [channels,
+    outputs] tile (contiguous along the outputs)."""
+    c_ok = c < C_in
+    a = tl.load(x_b + rows[:, None] + c[None, :] * sx_c, mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + (k * C_in + c[:, None]) * C_out + o[None, :], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+    if ELU:
+        a = _elu(a.to(tl.float32)).to(a.dtype)
+    return _dot_acc(acc, a, w, HALF_DOT, PRECISION)
+
+
+@triton.jit
+def _row_offsets(src, sx_t):
+    """Offsets of source rows src (-1 or any negative: padding) for `_gemm_step`: padding rows read
+    row 0 under a false mask, so no negative address is ever formed (a pipelined masked load may
+    still issue it)."""
+    return tl.maximum(src, 0).to(tl.int64) * sx_t
+
+
+@triton.jit
 def _accumulate_tap_gemm(acc, x_b, src, src_ok, w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
                          BLOCK_CI: tl.constexpr, ELU: tl.constexpr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc[t, o] += sum_i f(x[i, src[t]]) * W[k, i, o], W as [taps, C_in, C_out]: A is a [positions,
-    channels] tile (each row one contiguous C-vector when x is channels-last), B a [channels,
-    outputs] tile (contiguous along the outputs). Padding positions (src < 0) read row 0 under a
-    false mask: no negative address is ever formed (a pipelined masked load may still issue it)."""
+    """`_gemm_step` over every block of input channels of tap k."""
     ci = tl.arange(0, BLOCK_CI)
-    rows = tl.maximum(src, 0).to(tl.int64) * sx_t
+    rows = _row_offsets(src, sx_t)
     for c0 in range(0, C_in, BLOCK_CI):
-        c = c0 + ci
-        c_ok = c < C_in
-        a = tl.load(x_b + rows[:, None] + c[None, :] * sx_c, mask=src_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + (k * C_in + c[:, None]) * C_out + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
-                    other=0.0)
-        if ELU:
-            a = _elu(a.to(tl.float32)).to(a.dtype)
-        acc = _dot_acc(acc, a, w, HALF_DOT, PRECISION)
+        acc = _gemm_step(acc, x_b, rows, src_ok, w_ptr, k, c0 + ci, o, o_ok, C_in, C_out, sx_c, ELU, HALF_DOT,
+                         PRECISION)
     return acc
 
 
@@ -233,10 +247,24 @@ def _conv1d_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
     o_ok = o < C_out
     acc = tl.zeros([BLOCK_T, BLOCK_CO], tl.float32)
     x_b = x_ptr + b * sx_b
-    for k in tl.static_range(K):
-        src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
-        acc = _accumulate_tap_gemm(acc, x_b, src, t_ok & (src >= 0), w_ptr, k, o, o_ok, C_in, C_out, sx_c, sx_t,
-                                   BLOCK_CI, ELU, HALF_DOT, PRECISION)
+    ci = tl.arange(0, BLOCK_CI)
+    n_cb = tl.cdiv(C_in, BLOCK_CI)
+    # One loop over (tap, block of input channels), taps outer as in a loop per tap (the same sums):
+    # one software pipeline for the whole reduction, the next tap's loads in flight during this
+    # one's products (a 32-channel layer has one block per tap); a tap's source rows computed once.
+    k = 0
+    cb = 0
+    src = _source_index(t * stride - left, L, L_ext, REFLECT)
+    rows, rows_ok = _row_offsets(src, sx_t), t_ok & (src >= 0)
+    for _ in range(K * n_cb):
+        acc = _gemm_step(acc, x_b, rows, rows_ok, w_ptr, k, cb * BLOCK_CI + ci, o, o_ok, C_in, C_out, sx_c, ELU,
+                         HALF_DOT, PRECISION)
+        cb += 1
+        if cb == n_cb:
+            cb = 0
+            k += 1
+            src = _source_index(t * stride + k * dilation - left, L, L_ext, REFLECT)
+            rows, rows_ok = _row_offsets(src, sx_t), t_ok & (src >= 0)
     _epilogue(acc, b_ptr, res_ptr, out_ptr, b, o[None, :], o_ok[None, :], t[:, None], t_ok[:, None] & o_ok[None, :],
               sr_b, sr_c, sr_t, so_b, so_c, so_t, HAS_BIAS, HAS_RES, ELU_OUT)
 
@@ -261,15 +289,37 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     o_ok = o < C_out
     acc = tl.zeros([BLOCK_J, BLOCK_CO], tl.float32)
     x_b = x_ptr + b * sx_b
-    for m in tl.static_range((K + S - 1) // S):
-        k = r + m * S
-        src = j - m
-        src_ok = keep & (src >= 0) & (src < L) & ((j * 0 + k) < K)
-        acc = _accumulate_tap_gemm(acc, x_b, tl.where(src_ok, src, 0), src_ok, w_ptr, tl.minimum(k, K - 1), o, o_ok,
-                                   C_in, C_out, sx_c, sx_t, BLOCK_CI, ELU, HALF_DOT, PRECISION)
+    ci = tl.arange(0, BLOCK_CI)
+    n_cb = tl.cdiv(C_in, BLOCK_CI)
+    # (tap, channel block) in one pipelined loop, a tap's rows computed once: as in conv1d. Tap m
+    # is k = r + m S, reading input j - m; a phase with fewer taps than (K + S - 1) // S masks the
+    # last one out.
+    m = 0
+    cb = 0
+    rows_ok = keep & (j < L) & (r < K)
+    rows = _row_offsets(tl.where(rows_ok, j, 0), sx_t)
+    for _ in range(((K + S - 1) // S) * n_cb):
+        acc = _gemm_step(acc, x_b, rows, rows_ok, w_ptr, tl.minimum(r + m * S, K - 1), cb * BLOCK_CI + ci, o, o_ok,
+                         C_in, C_out, sx_c, ELU, HALF_DOT, PRECISION)
+        cb += 1
+        if cb == n_cb:
+            cb = 0
+            m += 1
+            src = j - m
+            rows_ok = keep & (src >= 0) & (src < L) & (r + m * S < K)
+            rows = _row_offsets(tl.where(rows_ok, src, 0), sx_t)
     pos = tp - start
     _epilogue(acc, b_ptr, out_ptr, out_ptr, b, o[None, :], o_ok[None, :], pos[:, None], keep[:, None] & o_ok[None, :],
               0, 0, 0, so_b, so_c, so_t, HAS_BIAS, False)
+
+
+@triton.jit
+def _conv2d_rows(h, w_out, p_ok, kh, kw, H, W, sh, sw, dh, dw, ph, pw, sx_h, sx_w):
+    """(offsets, mask) of the input rows tap (kh, kw) reads for output positions (h, w_out)."""
+    h_in = h * sh + kh * dh - ph
+    w_in = w_out * sw + kw * dw - pw
+    ok = p_ok & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+    return tl.where(ok, h_in.to(tl.int64) * sx_h + w_in.to(tl.int64) * sx_w, 0), ok
 
 
 @triton.jit
@@ -297,15 +347,26 @@ def _conv2d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     o_ok = o < C_out
     acc = tl.zeros([BLOCK_P, BLOCK_CO], tl.float32)
     x_b = x_ptr + b * sx_b
-    for kh in tl.static_range(KH):
-        h_in = h * sh + kh * dh - ph
-        row_ok = p_ok & (h_in >= 0) & (h_in < H)
-        for kw in range(KW):  # a loop, as in the direct kernel (27 unrolled taps spill)
-            w_in = w_out * sw + kw * dw - pw
-            src_ok = row_ok & (w_in >= 0) & (w_in < W)
-            src = tl.where(src_ok, h_in.to(tl.int64) * sx_h + w_in.to(tl.int64) * sx_w, 0)
-            acc = _accumulate_tap_gemm(acc, x_b, src, src_ok, w_ptr, kh * KW + kw, o, o_ok, C_in, C_out, sx_c, 1,
-                                       BLOCK_CI, False, HALF_DOT, PRECISION)
+    ci = tl.arange(0, BLOCK_CI)
+    n_cb = tl.cdiv(C_in, BLOCK_CI)
+    # One loop over (tap, block of input channels), taps in (kh, kw) order: the whole reduction in
+    # one software pipeline, the next tap's loads in flight during this one's products (32-channel
+    # layers have one block per tap); a tap's source rows computed once.
+    kh = 0
+    kw = 0
+    cb = 0
+    rows, rows_ok = _conv2d_rows(h, w_out, p_ok, 0, 0, H, W, sh, sw, dh, dw, ph, pw, sx_h, sx_w)
+    for _ in range(KH * KW * n_cb):
+        acc = _gemm_step(acc, x_b, rows, rows_ok, w_ptr, kh * KW + kw, cb * BLOCK_CI + ci, o, o_ok, C_in, C_out, sx_c,
+                         False, HALF_DOT, PRECISION)
+        cb += 1
+        if cb == n_cb:
+            cb = 0
+            kw += 1
+            if kw == KW:
+                kw = 0
+                kh += 1
+            rows, rows_ok = _conv2d_rows(h, w_out, p_ok, kh, kw, H, W, sh, sw, dh, dw, ph, pw, sx_h, sx_w)
     acc = acc * x_scale
     if HAS_BIAS:
         acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
@@ -750,11 +811,24 @@ def _channels_last(B: int, C: int, T: int, device, dtype) -> torch.Tensor:
     return torch.empty(B, T, C, device=device, dtype=dtype).transpose(1, 2)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, L] with each position's channels one contiguous vector (channels-last), copied there
+    if it is not. The GEMM kernels' A tiles are rows of channels gathered at computed positions
+    (strides, taps, reflection): from channels-last they load 16 bytes at a time (cp.async); from
+    channels-first (the 48 kHz model's norm output, the decoder's latent) one element per load, a
+    stride apart, staged through registers (sm_90, triton 3.6: 64 loads and 64 shared stores per
+    thread per step of a K8 downsampling conv, against 6 cp.async). One copy costs less."""
+    if x.shape[1] == 1 or x.stride(1) == 1:
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def conv1d_gemm(x, weight_kio, bias, stride, dilation, left, right, reflect, elu, residual, precision, out_dtype,
                 elu_out=False):
     """`conv1d` as an implicit GEMM on tensor cores: x [B, C_in, L] (any strides; channels-last is
     the fast layout), weight_kio [K, C_in, C_out]; returns [B, C_out, T_out] stored channels-last
     (its ELU: `elu_out`)."""
+    x = _rows(x)
     B, C_in, L = x.shape
     K, _, C_out = weight_kio.shape
     T_out = (left + L + right - (K - 1) * dilation - 1) // stride + 1
@@ -778,6 +852,7 @@ def conv1d_gemm(x, weight_kio, bias, stride, dilation, left, right, reflect, elu
 def conv_transpose1d_gemm(x, weight_kio, bias, stride, start, length, elu, precision, out_dtype):
     """`conv_transpose1d` as an implicit GEMM on tensor cores: weight_kio [K, C_in, C_out]; returns
     [B, C_out, length] stored channels-last."""
+    x = _rows(x)
     B, C_in, L = x.shape
     K, _, C_out = weight_kio.shape
     out = _channels_last(B, C_out, length, x.device, out_dtype)
@@ -925,6 +1000,7 @@ def residual_block(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, right, r
     shortcut's ws_cc [C, C] or None (identity) -> shortcut(x) + conv_k1(ELU(conv_K(ELU(x))))
     [B, C, L] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`."""
     from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS
+    x = _rows(x)
     B, C, L = x.shape
     K, _, H = w1_kch.shape
     if C > FUSED_BLOCK_MAX_CHANNELS:
@@ -974,6 +1050,7 @@ def residual_block_down(x, w1_kch, b1, w2_hc, b2, ws_cc, bs, dilation, left, rig
     [B, C_out, T_out] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`, C_out <=
     `ops.conv.FUSED_DOWN_MAX_CHANNELS`."""
     from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS, FUSED_DOWN_MAX_CHANNELS
+    x = _rows(x)
     B, C, L = x.shape
     K, _, H = w1_kch.shape
     KD, _, C_out = wd_kio.shape
@@ -1017,6 +1094,7 @@ def up_residual_block(x, wu_kio, bu, stride, start, length, elu, w1_kch, b1, w2_
     the kept length) -> [B, C, length] stored channels-last. C <= `ops.conv.FUSED_BLOCK_MAX_CHANNELS`,
     C_in <= `ops.conv.FUSED_UP_MAX_IN_CHANNELS`."""
     from ..ops.conv import FUSED_BLOCK_MAX_CHANNELS, FUSED_UP_MAX_IN_CHANNELS
+    x = _rows(x)
     B, C_in, L_in = x.shape
     K_U, _, C = wu_kio.shape
     K, _, H = w1_kch.shape

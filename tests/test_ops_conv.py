@@ -156,6 +156,39 @@ def test_conv_transpose1d(layer, trim, kernel):
         assert_close_rel(got, ref, torch.float32)
 
 
+def test_gemm_reduction_over_taps_and_channel_blocks(monkeypatch):
+    """The implicit-GEMM kernels run one loop over (tap, block of input channels), a tap's rows
+    computed when the tap changes: more input channels than one block holds (the interpreter's
+    blocks are up to 128), with strides, dilation, reflection, every transposed phase (taps that
+    fall off the kernel included) and a 2-d kernel, against the references. A channels-first input
+    reaches the kernels channels-last (`_rows`), with the same results."""
+    from bench import launch_roofline as lr
+    monkeypatch.setenv("ENCODEC_FAST_CONV_KERNEL", "gemm")
+    x = rand(2, 200, 29, seed=41)
+    w = rand(24, 200, 5, seed=42) / 30
+    b = rand(24, seed=43)
+    pads = paddings(5, 2, 3, 29, False)
+    ref = conv.conv1d_torch(x, w, b, 2, 3, pads, "reflect", True)
+    calls = []
+    with ops.use_backend("triton"), lr.recording(calls.append):
+        got = conv.conv1d(x, w, b, 2, 3, pads, "reflect", True)
+        got_last = conv.conv1d(x.transpose(1, 2).contiguous().transpose(1, 2), w, b, 2, 3, pads, "reflect", True)
+    assert_close_rel(got, ref, torch.float32)
+    assert torch.equal(got, got_last)
+    assert [c.args["sx_c"] for c in calls if c.kernel == "_conv1d_gemm_kernel"] == [1, 1]
+    for s in (3, 4):  # K = 7 over stride 3 and 4: phases with 3 and with 2 taps
+        xt = rand(2, 160, 11, seed=44)
+        wt = rand(160, 12, 7, seed=45) / 13
+        ref = conv.conv_transpose1d_torch(xt, wt, None, s, 1, 10 * s + 5, True)
+        with ops.use_backend("triton"):
+            assert_close_rel(conv.conv_transpose1d(xt, wt, None, s, 1, 10 * s + 5, True), ref, torch.float32)
+    x2 = rand(2, 136, 5, 13, seed=46)
+    w2 = rand(8, 136, 3, 4, seed=47) / 40
+    ref = conv.conv2d_leaky_relu_torch(x2, w2, None, (1, 2), (2, 1), (2, 1), 0.2)
+    with ops.use_backend("triton"):
+        assert_close_rel(conv.conv2d_leaky_relu(x2, w2, None, (1, 2), (2, 1), (2, 1), 0.2), ref, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_conv_transpose1d_half_and_single_frame(dtype, kernel):
     for L in (1, 9):
