@@ -19,6 +19,7 @@ multiply in their own dtype (HALF_DOT) with fp32 accumulation. The wrappers in
 """
 
 
+import math
 import typing as tp
 
 import torch
@@ -390,9 +391,21 @@ def _leaky_relu_grad_kernel(g_ptr, y_ptr, out_ptr, slope, numel, BLOCK: tl.const
 
 
 @triton.jit
+def _input_grad_rows(h, w, r, q_ok, kh, kw, H_out, W_out, sh, sw, dh, ph, pw, dw, sg_h, sg_w):
+    """(offsets into g, mask) of the output positions tap (kh, kw) takes input positions (h, w) of
+    phase r to; kw reaches the phase (r + pw - kw dw is a multiple of sw, so the division is exact
+    in either rounding)."""
+    num_h = h + ph - kh * dh
+    h_o = tl.maximum(num_h, 0) // sh
+    w_o = (w - r) // sw + (r + pw - kw * dw) // sw
+    ok = q_ok & (num_h >= 0) & (num_h % sh == 0) & (h_o < H_out) & (w_o >= 0) & (w_o < W_out)
+    return tl.where(ok, h_o, 0).to(tl.int64) * sg_h + tl.where(ok, w_o, 0).to(tl.int64) * sg_w, ok
+
+
+@triton.jit
 def _conv2d_input_grad_gemm_kernel(g_ptr, w_ptr, dx_ptr,
                                    C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, x_scale,
-                                   n_blocks,
+                                   n_blocks, kw_step,
                                    sg_b, sg_c, sg_h, sg_w, sd_b, sd_c, sd_h, sd_w,
                                    KH: tl.constexpr, KW: tl.constexpr,
                                    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
@@ -402,8 +415,11 @@ def _conv2d_input_grad_gemm_kernel(g_ptr, w_ptr, dx_ptr,
     already: `_leaky_relu_grad_kernel`, once per element rather than once per tap and channel
     block); W as [taps, C_out, C_in]. One phase r of the width stride per program (the
     columns w = j * sw + r): a tap kw reaches them only if (r + pw - kw * dw) is a multiple of sw,
-    a test per program, so no product is masked out along the width. H_FAST: the positions
-    enumerate frames fastest (a gradient stored frames first); `x_scale` as the forward's."""
+    that is kw = kw0 + n * kw_step (kw_step = sw / gcd(dw, sw)), so the program runs those taps
+    only and no product is masked out along the width. One pipelined loop over (kh, reaching kw,
+    block of output channels), in that order, a tap's rows computed when the tap changes (as the
+    forward's). H_FAST: the positions enumerate frames fastest (a gradient stored frames first);
+    `x_scale` as the forward's."""
     pid = tl.program_id(0)
     r = pid // n_blocks
     Wr = (W - r + sw - 1) // sw  # columns of phase r
@@ -421,29 +437,35 @@ def _conv2d_input_grad_gemm_kernel(g_ptr, w_ptr, dx_ptr,
     co = tl.arange(0, BLOCK_CO)
     acc = tl.zeros([BLOCK_P, BLOCK_CI], tl.float32)
     g_b = g_ptr + b * sg_b
-    for kh in tl.static_range(KH):
-        num_h = h + ph - kh * dh
-        h_o = tl.maximum(num_h, 0) // sh
-        h_ok = q_ok & (num_h >= 0) & (num_h % sh == 0) & (h_o < H_out)
-        for kw in range(KW):
-            num_w = r + pw - kw * dw
-            if num_w % sw == 0:
-                w_o = (w - r) // sw + num_w // sw
-                ok = h_ok & (w_o >= 0) & (w_o < W_out)
-                h_s = tl.where(ok, h_o, 0).to(tl.int64)
-                w_s = tl.where(ok, w_o, 0).to(tl.int64)
-                off_g = h_s * sg_h + w_s * sg_w
-                for c0 in range(0, C_out, BLOCK_CO):
-                    c = c0 + co
-                    c_ok = c < C_out
-                    a = tl.load(g_b + off_g[:, None] + c[None, :].to(tl.int64) * sg_c,
-                                mask=ok[:, None] & c_ok[None, :], other=0.0)
-                    wt = tl.load(w_ptr + ((kh * KW + kw) * C_out + c[:, None]) * C_in + i[None, :],
-                                 mask=c_ok[:, None] & i_ok[None, :], other=0.0)
-                    if HALF_DOT:
-                        acc += tl.dot(a, wt.to(a.dtype), out_dtype=tl.float32)
-                    else:
-                        acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision=PRECISION)
+    kw0 = KW  # the first tap that reaches phase r (KW: none does)
+    for t in range(kw_step):
+        if ((r + pw - t * dw) % sw == 0) & (kw0 == KW):
+            kw0 = t
+    n_kw = tl.maximum(KW - kw0 + kw_step - 1, 0) // kw_step
+    n_cb = tl.cdiv(C_out, BLOCK_CO)
+    kh = 0
+    n = 0
+    cb = 0
+    off_g, ok = _input_grad_rows(h, w, r, q_ok, 0, kw0, H_out, W_out, sh, sw, dh, ph, pw, dw, sg_h, sg_w)
+    for _ in range(KH * n_kw * n_cb):
+        c = cb * BLOCK_CO + co
+        c_ok = c < C_out
+        a = tl.load(g_b + off_g[:, None] + c[None, :].to(tl.int64) * sg_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + ((kh * KW + kw0 + n * kw_step) * C_out + c[:, None]) * C_in + i[None, :],
+                     mask=c_ok[:, None] & i_ok[None, :], other=0.0)
+        if HALF_DOT:
+            acc += tl.dot(a, wt.to(a.dtype), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision=PRECISION)
+        cb += 1
+        if cb == n_cb:
+            cb = 0
+            n += 1
+            if n == n_kw:
+                n = 0
+                kh += 1
+            off_g, ok = _input_grad_rows(h, w, r, q_ok, kh, kw0 + n * kw_step, H_out, W_out, sh, sw, dh, ph, pw, dw,
+                                         sg_h, sg_w)
     off = h.to(tl.int64) * sd_h + w.to(tl.int64) * sd_w
     tl.store(dx_ptr + b * sd_b + off[:, None] + i[None, :].to(tl.int64) * sd_c,
              (acc * x_scale).to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & i_ok[None, :])
@@ -956,8 +978,8 @@ def conv2d_input_grad_gemm(grad, weight_kco, x_shape, KH, KW, stride, dilation, 
     n_blocks = triton.cdiv(positions, bp)
     _conv2d_input_grad_gemm_kernel[(n_blocks * sw, triton.cdiv(C_in, bci), B)](
         grad, weight_kco, dx, C_in, C_out, H, W, H_out, W_out, sh, sw, dh, dw, ph, pw, float(x_scale), n_blocks,
-        *grad.stride(), *dx.stride(), KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco, HALF_DOT=half,
-        PRECISION=precision, H_FAST=frames_first and H > 1, num_warps=warps, num_stages=stages,
+        sw // math.gcd(dw, sw), *grad.stride(), *dx.stride(), KH=KH, KW=KW, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_CO=bco,
+        HALF_DOT=half, PRECISION=precision, H_FAST=frames_first and H > 1, num_warps=warps, num_stages=stages,
         **tuning.LAUNCH_OPTIONS)
     return dx
 

@@ -187,6 +187,19 @@ def test_gemm_reduction_over_taps_and_channel_blocks(monkeypatch):
     ref = conv.conv2d_leaky_relu_torch(x2, w2, None, (1, 2), (2, 1), (2, 1), 0.2)
     with ops.use_backend("triton"):
         assert_close_rel(conv.conv2d_leaky_relu(x2, w2, None, (1, 2), (2, 1), (2, 1), 0.2), ref, torch.float32)
+    # The input gradient over output-channel blocks, width taps kw0 + n * kw_step: dilation 2 over
+    # stride 2 reaches the odd columns with every tap and the even ones with none (zero gradient).
+    x3 = rand(2, 6, 4, 15, seed=48)
+    w3 = rand(136, 6, 3, 5, seed=49) / 12
+    g3 = rand(2, 136, 4, 5, seed=50)
+    grads = []
+    for backend in ("torch", "triton"):
+        xs = x3.clone().requires_grad_(True)
+        with ops.use_backend(backend):
+            conv.conv2d_leaky_relu(xs, w3, None, (1, 2), (1, 2), (1, 1), 0.2).backward(g3)
+        grads.append(xs.grad)
+    assert_close_rel(grads[1], grads[0], torch.float32)
+    assert not grads[1][..., 0::2].any() and grads[1][..., 1::2].abs().min() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
