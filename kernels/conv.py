@@ -297,7 +297,7 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     # last one out.
     m = 0
     cb = 0
-    rows_ok = keep & (j < L) & (r < K)
+    rows_ok = keep & (j < L) & ((j * 0 + r) < K)  # a vector mask: triton 3.9's interpreter refuses a scalar one
     rows = _row_offsets(tl.where(rows_ok, j, 0), sx_t)
     for _ in range(((K + S - 1) // S) * n_cb):
         acc = _gemm_step(acc, x_b, rows, rows_ok, w_ptr, tl.minimum(r + m * S, K - 1), cb * BLOCK_CI + ci, o, o_ok,
@@ -307,7 +307,7 @@ def _conv_transpose1d_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
             cb = 0
             m += 1
             src = j - m
-            rows_ok = keep & (src >= 0) & (src < L) & (r + m * S < K)
+            rows_ok = keep & (src >= 0) & (src < L) & ((src * 0 + r + m * S) < K)
             rows = _row_offsets(tl.where(rows_ok, src, 0), sx_t)
     pos = tp - start
     _epilogue(acc, b_ptr, out_ptr, out_ptr, b, o[None, :], o_ok[None, :], pos[:, None], keep[:, None] & o_ok[None, :],
